@@ -1,0 +1,1 @@
+"""The model backend: transformers models run by an engine inside a worker OS process."""

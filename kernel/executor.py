@@ -1,0 +1,196 @@
+"""The kernel's side of one model worker: an actor that owns the worker process and its socket.
+
+It starts the worker OS process, forwards ``Encode``/``Add``/``Abort`` to it, turns the
+worker's frames into messages for the ProcessManager, and notices when the worker dies
+(exit, or silence past the heartbeat deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from llmos.kernel import messages as m
+from llmos.kernel.actor import Actor
+from llmos.syscalls import codec
+from llmos.syscalls.errors import DeviceError, error_from_errno
+
+WORKER_SILENCE_S = 60.0  # a worker that sends nothing for this long (not even heartbeats) is dead
+_ids = itertools.count(1)
+
+
+class Executor(Actor):
+    """One model instance in one worker process. ``ready`` resolves once the model is loaded."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, run_dir: Path, model_path: str, procman: Actor,
+                 on_gone: Any, log_dir: Path, max_batch: int = 16, device: str | None = None) -> None:
+        self.id = f"w{next(_ids)}"
+        super().__init__(f"executor:{self.id}")
+        self.model_path = model_path
+        self.procman = procman
+        self.on_gone = on_gone  # callable(key): tells the model manager this executor is gone
+        self.max_batch = max_batch
+        self.device = device
+        self.address = f"ipc://{run_dir / f'worker-{os.getpid()}-{self.id}.sock'}"
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.log_path = log_dir / f"worker-{self.id}.log"
+        self.proc: subprocess.Popen | None = None
+        self.ready: asyncio.Future = asyncio.get_event_loop().create_future()
+        self.info: dict[str, Any] = {}
+        self.dead: str | None = None
+        self.last_seen = time.monotonic()
+        self.running = 0
+        self._pending: dict[int, asyncio.Future] = {}
+        self._rids = itertools.count(1)
+        self._tasks: list[asyncio.Task] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def launch(self) -> "Executor":
+        self.sock.bind(self.address)
+        cmd = [sys.executable, "-m", "llmos.drivers.model.worker", "--address", self.address,
+               "--model", self.model_path, "--max-batch", str(self.max_batch)]
+        if self.device:
+            cmd += ["--device", self.device]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self.log.info("worker_started", worker_pid=self.proc.pid, model=self.model_path)
+        self.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read()), loop.create_task(self._watch())]
+        return self
+
+    async def on_stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.sock.send(codec.encode({"op": "shutdown"}), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            deadline = time.monotonic() + 3.0
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        self.sock.close(linger=0)
+        self._fail_all("executor stopped")
+        path = self.address[len("ipc://"):]
+        if os.path.exists(path):
+            os.unlink(path)
+
+    # -- messages --------------------------------------------------------------------------
+    async def receive(self, msg: Any) -> Any:
+        if isinstance(msg, m.Encode):
+            fut = asyncio.get_running_loop().create_future()
+            if self.dead:
+                fut.set_exception(DeviceError(self.dead))
+                return fut
+            rid = next(self._rids)
+            self._pending[rid] = fut
+            await self.sock.send(codec.encode({"op": "encode", "rid": rid, "prompt": msg.prompt,
+                                               "messages": msg.messages}))
+            return fut
+        if isinstance(msg, m.Add):
+            await self.sock.send(codec.encode({"op": "add", "pid": msg.pid, "ids": msg.prompt_ids,
+                                               "params": msg.params}))
+            return None
+        if isinstance(msg, m.Abort):
+            await self.sock.send(codec.encode({"op": "abort", "pid": msg.pid}))
+            return None
+        if isinstance(msg, m.FromWorker):
+            return self._from_worker(msg.msg)
+        if isinstance(msg, m.Died):
+            return self._died(msg.message)
+        raise TypeError(f"executor cannot handle {type(msg).__name__}")
+
+    def _from_worker(self, msg: dict) -> None:
+        self.last_seen = time.monotonic()
+        op = msg.get("op")
+        if op == "step":
+            self.running = msg.get("running", 0)
+            self.procman.tell(m.StepEvents(self.id, msg["events"], self.running))
+        elif op == "encoded":
+            fut = self._pending.pop(msg["rid"], None)
+            if fut is not None and not fut.done():
+                if "ids" in msg:
+                    fut.set_result(msg["ids"])
+                else:
+                    fut.set_exception(error_from_errno(msg["errno"], msg["message"]))
+        elif op == "ready":
+            self.info = msg["info"]
+            self.log.info("worker_ready", **{k: self.info.get(k) for k in ("device", "parameters", "load_s")})
+            if not self.ready.done():
+                self.ready.set_result(self)
+        elif op == "failed":
+            self._died(msg["message"])
+        elif op == "hb":
+            pass
+
+    def _died(self, message: str) -> None:
+        if self.dead:
+            return
+        self.dead = message
+        self.log.error("worker_died", message=message)
+        if not self.ready.done():
+            self.ready.set_exception(DeviceError(message))
+            self.ready.exception()  # mark retrieved: the waiter may be gone
+        self._fail_all(message)
+        self.procman.tell(m.WorkerDied(self.id, message))
+        self.on_gone(self)
+
+    def _fail_all(self, message: str) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(DeviceError(message))
+        self._pending.clear()
+
+    # -- background tasks (they only talk to the actor by messages) --------------------------
+    async def _read(self) -> None:
+        while True:
+            raw = await self.sock.recv()
+            try:
+                msg = codec.decode(raw)
+            except Exception as exc:
+                self.log.error("bad_worker_frame", error=repr(exc))
+                continue
+            if isinstance(msg, dict):
+                self.tell(m.FromWorker(msg))
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            code = self.proc.poll() if self.proc else None
+            if code is not None:
+                tail = _tail(self.log_path)
+                self.tell(m.Died(f"model worker for {self.model_path} exited with code {code}"
+                                 + (f": {tail}" if tail else "")))
+                return
+            if time.monotonic() - self.last_seen > WORKER_SILENCE_S:
+                self.proc.kill()
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model_path, "executor": self.id,
+                "worker_pid": self.proc.pid if self.proc else None,
+                "running": self.running, "device": self.info.get("device"),
+                "parameters": self.info.get("parameters"), "context_len": self.info.get("context_len"),
+                "ready": self.ready.done() and not self.dead}
+
+
+def _tail(path: Path, limit: int = 400) -> str:
+    try:
+        data = path.read_bytes()[-4096:].decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    lines = [ln for ln in data if ln.strip()]
+    return lines[-1][-limit:] if lines else ""

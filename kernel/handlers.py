@@ -1,0 +1,101 @@
+"""Syscall handlers: each ``sys_<name>`` takes validated args, delegates to an actor, shapes the reply.
+
+Handlers hold no state of their own; the table in ``llmos.syscalls.table`` says which exist,
+and tests/syscalls/test_table.py proves every syscall has one here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from llmos.kernel import __version__
+from llmos.kernel import messages as m
+from llmos.syscalls import protocol
+from llmos.syscalls.errors import InvalidArgument, ProtocolError, TimedOut
+
+Emit = Callable[[Any], Awaitable[None]]
+
+
+@dataclass
+class Caller:
+    """Who is calling: the bus identity and the user it announced in ``hello``."""
+
+    identity: bytes
+    user: str
+
+
+class Handlers:
+    def __init__(self, kernel: Any) -> None:
+        self.k = kernel  # the Kernel: its actors and identity; handlers only read it
+
+    async def sys_hello(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        if args["version"] != protocol.PROTOCOL_VERSION:
+            raise ProtocolError(f"client speaks protocol {args['version']}, kernel speaks "
+                                f"{protocol.PROTOCOL_VERSION}")
+        return {"version": protocol.PROTOCOL_VERSION, "kernel_version": __version__, "pid": os.getpid(),
+                "max_frame_bytes": protocol.MAX_FRAME_BYTES}
+
+    async def sys_ping(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return {"time": time.time()}
+
+    async def sys_kernel_info(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        counts = await self.k.procman.ask(m.Counts())
+        models = await self.k.models.ask(m.ListModels())
+        return {"pid": os.getpid(), "address": self.k.address, "uptime_s": time.time() - self.k.started,
+                "version": __version__, "home": str(self.k.home), "processes": counts, "models": models}
+
+    async def sys_shutdown(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        self.k.request_shutdown(f"shutdown syscall from {caller.user}")
+        return {"stopping": True}
+
+    async def sys_spawn(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        prompt, messages = args.pop("prompt"), args.pop("messages")
+        if (prompt is None) == (messages is None):
+            raise InvalidArgument("give exactly one of 'prompt' and 'messages'")
+        model, priority = args.pop("model"), args.pop("priority")
+        path, ready = await self.k.models.ask(m.Acquire(model))
+        executor = await ready
+        prompt_ids = await (await executor.ask(m.Encode(prompt, messages)))
+        pid = await self.k.procman.ask(m.Spawn(caller.user, path, executor, prompt_ids, priority, args))
+        return {"pid": pid}
+
+    async def sys_wait(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        fut = await self.k.procman.ask(m.Wait(args["pid"], caller.user, args["reap"]))
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), args["timeout"])
+        except asyncio.TimeoutError:
+            self.k.procman.tell(m.CancelWait(args["pid"], fut))
+            raise TimedOut(f"process {args['pid']} did not finish within {args['timeout']} s") from None
+
+    async def sys_kill(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await self.k.procman.ask(m.Kill(args["pid"], args["signal"], caller.user))
+
+    async def sys_ps(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return {"processes": await self.k.procman.ask(m.Ps())}
+
+    async def sys_stat(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await self.k.procman.ask(m.Stat(args["pid"]))
+
+    async def sys_stream(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        from llmos.kernel.procman import END
+
+        q = await self.k.procman.ask(m.Subscribe(args["pid"], caller.user))
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, tuple) and item[0] is END:
+                    return item[1]
+                await emit(item)
+        finally:
+            try:
+                self.k.procman.tell(m.Unsubscribe(args["pid"], q))
+            except Exception:
+                pass
+
+
+def handler_for(handlers: Handlers, name: str) -> Callable | None:
+    return getattr(handlers, "sys_" + name, None)

@@ -1,0 +1,69 @@
+"""The Kernel: composes the actors (ProcessManager, ModelManager), the handlers and the Bus.
+
+``Kernel.serve()`` runs until a shutdown is requested (syscall, signal, parent death), then
+stops in order: bus (bye frames), model workers, actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import zmq.asyncio
+
+from llmos.kernel import messages as m
+from llmos.kernel.bus import Bus
+from llmos.kernel.handlers import Handlers
+from llmos.kernel.log import get_logger
+from llmos.kernel.models import ModelManager
+from llmos.kernel.procman import ProcessManager
+
+
+class Kernel:
+    def __init__(self, home: Path, address: str, max_batch: int = 16) -> None:
+        self.home = home
+        self.address = address
+        self.max_batch = max_batch
+        self.run_dir = home / "run"
+        self.log_dir = home / "log"
+        self.started = time.time()
+        self.log = get_logger("kernel")
+        self._stop = asyncio.Event()
+        self._stop_reason = ""
+
+    async def start(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.procman = ProcessManager().start()
+        self.models = ModelManager(self.ctx, self.run_dir, self.log_dir, self.procman,
+                                   max_batch=self.max_batch).start()
+        self.handlers = Handlers(self)
+        self.bus = Bus(self.ctx, self.address, self.handlers)
+        self.bus.bind()
+        self.bus.start()
+        self.log.info("kernel_started", pid=os.getpid(), address=self.address, home=str(self.home))
+
+    def request_shutdown(self, reason: str) -> None:
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
+
+    async def serve(self) -> None:
+        await self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        self.log.info("kernel_stopping", reason=self._stop_reason)
+        await self.bus.close(self._stop_reason or "kernel stopping")
+        try:
+            await asyncio.wait_for(self.models.ask(m.StopAll()), 15)
+        except Exception as exc:
+            self.log.error("stop_models_failed", error=repr(exc))
+        await self.models.stop()
+        await self.procman.stop()
+        self.ctx.destroy(linger=200)
+        self.log.info("kernel_stopped")

@@ -1,0 +1,128 @@
+"""Messages between the kernel's actors. Plain dataclasses: the actor contract is the type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+# -- to the ProcessManager -----------------------------------------------------------------
+@dataclass
+class Spawn:
+    owner: str
+    model: str
+    executor: Any  # the Executor actor that will run it
+    prompt_ids: list[int]
+    priority: int
+    params: dict[str, Any]
+
+
+@dataclass
+class Wait:
+    pid: int
+    owner: str
+    reap: bool
+
+
+@dataclass
+class CancelWait:
+    pid: int
+    future: Any
+
+
+@dataclass
+class Kill:
+    pid: int
+    signal: str
+    owner: str
+
+
+@dataclass
+class Ps:
+    pass
+
+
+@dataclass
+class Stat:
+    pid: int
+
+
+@dataclass
+class Subscribe:
+    pid: int
+    owner: str
+
+
+@dataclass
+class Unsubscribe:
+    pid: int
+    queue: Any
+
+
+@dataclass
+class StepEvents:
+    executor: str
+    events: list[list]
+    running: int = 0
+
+
+@dataclass
+class WorkerDied:
+    executor: str
+    message: str
+
+
+@dataclass
+class Counts:
+    pass
+
+
+# -- to an Executor ------------------------------------------------------------------------
+@dataclass
+class Encode:
+    prompt: str | None
+    messages: list[dict] | None
+
+
+@dataclass
+class Add:
+    pid: int
+    prompt_ids: list[int]
+    params: dict[str, Any]
+
+
+@dataclass
+class Abort:
+    pid: int
+
+
+@dataclass
+class FromWorker:
+    msg: dict[str, Any]
+
+
+@dataclass
+class Died:
+    message: str
+
+
+# -- to the ModelManager -------------------------------------------------------------------
+@dataclass
+class Acquire:
+    model: str | None
+
+
+@dataclass
+class ExecutorGone:
+    key: str
+
+
+@dataclass
+class ListModels:
+    pass
+
+
+@dataclass
+class StopAll:
+    pass
+

@@ -1,0 +1,146 @@
+"""LLM processes and the process table: states, records, results, pid allocation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from llmos.syscalls.errors import InvalidArgument, NoSuchProcess
+
+
+class State(str, Enum):
+    NEW = "NEW"  # created, prompt not yet accepted by a model
+    READY = "READY"  # waiting in a run queue
+    RUNNING = "RUNNING"  # in a model's current batch
+    BLOCKED = "BLOCKED"  # a session waiting for stdin (sessions come in a later issue)
+    STOPPED = "STOPPED"  # suspended by SIGSTOP (a later issue)
+    ZOMBIE = "ZOMBIE"  # finished; keeps its result until reaped
+
+
+# Which transitions are legal; anything else is a kernel bug and raises.
+_TRANSITIONS: dict[State, set[State]] = {
+    State.NEW: {State.READY, State.ZOMBIE},
+    State.READY: {State.RUNNING, State.ZOMBIE},
+    State.RUNNING: {State.READY, State.BLOCKED, State.STOPPED, State.ZOMBIE},
+    State.BLOCKED: {State.READY, State.ZOMBIE},
+    State.STOPPED: {State.READY, State.ZOMBIE},
+    State.ZOMBIE: set(),
+}
+
+
+@dataclass
+class LLMProcess:
+    """One generation on one model. Owned by the ProcessManager; nobody else mutates it."""
+
+    pid: int
+    owner: str
+    model: str
+    priority: int
+    params: dict[str, Any]
+    prompt_ids: list[int]
+    created: float = field(default_factory=time.time)
+    state: State = State.NEW
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finished_at: float | None = None
+    token_ids: list[int] = field(default_factory=list)
+    text_parts: list[str] = field(default_factory=list)
+    final_text: str | None = None
+    finish_reason: str | None = None
+    error: dict[str, Any] | None = None
+    signal: str | None = None
+
+    def transition(self, new: State) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"pid {self.pid}: illegal transition {self.state.value} -> {new.value}")
+        self.state = new
+
+    @property
+    def text(self) -> str:
+        return self.final_text if self.final_text is not None else "".join(self.text_parts)
+
+    def stats(self) -> dict[str, Any]:
+        n = len(self.token_ids)
+        end = self.finished_at or time.time()
+        queue = (self.admitted_at or end) - self.created
+        ttft = (self.first_token_at - self.created) if self.first_token_at else None
+        tpot = None
+        if self.first_token_at and self.last_token_at and n > 1:
+            tpot = (self.last_token_at - self.first_token_at) / (n - 1)
+        return {
+            "prompt_tokens": len(self.prompt_ids),
+            "output_tokens": n,
+            "queue_time_s": queue,
+            "ttft_s": ttft,
+            "tpot_s": tpot,
+            "total_time_s": end - self.created,
+        }
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "owner": self.owner,
+            "model": self.model,
+            "priority": self.priority,
+            "state": self.state.value,
+            "prompt_tokens": len(self.prompt_ids),
+            "output_tokens": len(self.token_ids),
+            "created": self.created,
+            "finish_reason": self.finish_reason,
+        }
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "state": self.state.value,
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "finish_reason": self.finish_reason,
+            "error": self.error,
+            "signal": self.signal,
+            "stats": self.stats(),
+        }
+
+
+class ProcessTable:
+    """pid -> LLMProcess. Pids grow monotonically and are never reused within a kernel's life."""
+
+    def __init__(self) -> None:
+        self._procs: dict[int, LLMProcess] = {}
+        self._next_pid = 1
+
+    def create(self, *, owner: str, model: str, priority: int, params: dict[str, Any],
+               prompt_ids: list[int]) -> LLMProcess:
+        if not prompt_ids:
+            raise InvalidArgument("empty prompt")
+        proc = LLMProcess(self._next_pid, owner, model, priority, params, list(prompt_ids))
+        self._procs[proc.pid] = proc
+        self._next_pid += 1
+        return proc
+
+    def get(self, pid: int) -> LLMProcess:
+        try:
+            return self._procs[pid]
+        except KeyError:
+            raise NoSuchProcess(f"no process {pid}") from None
+
+    def reap(self, pid: int) -> LLMProcess:
+        proc = self.get(pid)
+        if proc.state is not State.ZOMBIE:
+            raise RuntimeError(f"pid {pid} is {proc.state.value}, not a ZOMBIE")
+        return self._procs.pop(pid)
+
+    def __iter__(self):
+        return iter(list(self._procs.values()))
+
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in State}
+        for p in self._procs.values():
+            out[p.state.value] += 1
+        return out

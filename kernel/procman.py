@@ -1,0 +1,200 @@
+"""The ProcessManager actor: owns the process table and the run queues, and applies signals.
+
+Every state change of every LLM process happens here, one message at a time. Executors
+report tokens with ``StepEvents``; syscall handlers ask for spawn, wait, kill, ps, stat and
+stream subscriptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from llmos.kernel import messages as m
+from llmos.kernel.actor import Actor
+from llmos.kernel.process import LLMProcess, ProcessTable, State
+from llmos.kernel.scheduler import RunQueue, admit
+from llmos.syscalls.errors import Errno, NotPermitted
+
+END = object()  # put on a stream queue after the final chunk
+
+
+class ProcessManager(Actor):
+    def __init__(self) -> None:
+        super().__init__("procman")
+        self.table = ProcessTable()
+        self.executors: dict[str, Any] = {}  # executor id -> Executor actor
+        self.queues: dict[str, RunQueue] = {}  # executor id -> its READY processes
+        self.placement: dict[int, str] = {}  # pid -> executor id (until ZOMBIE)
+        self.running: dict[str, set[int]] = {}  # executor id -> pids in its batch
+        self.waiters: dict[int, list[tuple[asyncio.Future, bool]]] = {}
+        self.subscribers: dict[int, list[asyncio.Queue]] = {}
+
+    async def receive(self, msg: Any) -> Any:
+        handler = getattr(self, "on_" + type(msg).__name__, None)
+        if handler is None:
+            raise TypeError(f"procman cannot handle {type(msg).__name__}")
+        return handler(msg)
+
+    # -- syscalls --------------------------------------------------------------------------
+    def on_Spawn(self, msg: m.Spawn) -> int:
+        ex = msg.executor
+        proc = self.table.create(owner=msg.owner, model=msg.model, priority=msg.priority,
+                                 params=msg.params, prompt_ids=msg.prompt_ids)
+        self.executors[ex.id] = ex
+        self.queues.setdefault(ex.id, RunQueue())
+        self.running.setdefault(ex.id, set())
+        self.placement[proc.pid] = ex.id
+        proc.transition(State.READY)
+        self.queues[ex.id].push(proc.pid, proc.priority)
+        self.log.info("spawn", pid=proc.pid, owner=proc.owner, model=proc.model, priority=proc.priority,
+                      prompt_tokens=len(proc.prompt_ids))
+        self._schedule(ex.id)
+        return proc.pid
+
+    def on_Wait(self, msg: m.Wait) -> asyncio.Future:
+        proc = self._owned(msg.pid, msg.owner)
+        fut = asyncio.get_running_loop().create_future()
+        if proc.state is State.ZOMBIE:
+            fut.set_result(proc.result())
+            if msg.reap:
+                self._reap(proc.pid)
+        else:
+            self.waiters.setdefault(proc.pid, []).append((fut, msg.reap))
+        return fut
+
+    def on_CancelWait(self, msg: m.CancelWait) -> None:
+        lst = self.waiters.get(msg.pid, [])
+        self.waiters[msg.pid] = [(f, r) for f, r in lst if f is not msg.future]
+
+    def on_Kill(self, msg: m.Kill) -> dict:
+        proc = self._owned(msg.pid, msg.owner)
+        if proc.state is State.ZOMBIE:
+            return {"pid": proc.pid, "state": proc.state.value}
+        proc.signal = msg.signal
+        ex_id = self.placement.get(proc.pid)
+        if proc.state in (State.NEW, State.READY):
+            if ex_id:
+                self.queues[ex_id].remove(proc.pid)
+            self._finish(proc, "killed")
+        elif msg.signal == "KILL":
+            self._abort_on_worker(proc.pid, ex_id)
+            self._finish(proc, "killed")
+        else:  # TERM on a running process: the worker flushes what it has, then reports "killed"
+            self._abort_on_worker(proc.pid, ex_id)
+        self.log.info("signal", pid=proc.pid, signal=msg.signal, state=proc.state.value)
+        return {"pid": proc.pid, "state": proc.state.value}
+
+    def on_Ps(self, msg: m.Ps) -> list[dict]:
+        return [p.record() for p in self.table]
+
+    def on_Stat(self, msg: m.Stat) -> dict:
+        proc = self.table.get(msg.pid)
+        return {**proc.record(), "text": proc.text, "stats": proc.stats()}
+
+    def on_Counts(self, msg: m.Counts) -> dict:
+        return self.table.counts()
+
+    def on_Subscribe(self, msg: m.Subscribe) -> asyncio.Queue:
+        proc = self._owned(msg.pid, msg.owner)
+        q: asyncio.Queue = asyncio.Queue()
+        if proc.token_ids or proc.text_parts:
+            q.put_nowait({"text": "".join(proc.text_parts), "token_ids": list(proc.token_ids)})
+        if proc.state is State.ZOMBIE:
+            q.put_nowait((END, proc.result()))
+        else:
+            self.subscribers.setdefault(proc.pid, []).append(q)
+        return q
+
+    def on_Unsubscribe(self, msg: m.Unsubscribe) -> None:
+        lst = self.subscribers.get(msg.pid)
+        if lst and msg.queue in lst:
+            lst.remove(msg.queue)
+
+    # -- executor events -------------------------------------------------------------------
+    def on_StepEvents(self, msg: m.StepEvents) -> None:
+        now = time.time()
+        for pid, token_ids, text, reason, final_text, error in msg.events:
+            try:
+                proc = self.table.get(pid)
+            except Exception:
+                continue  # killed and reaped meanwhile
+            if proc.state is not State.RUNNING:
+                continue  # e.g. KILLed: the worker's late tokens are dropped
+            if token_ids:
+                if proc.first_token_at is None:
+                    proc.first_token_at = now
+                proc.last_token_at = now
+                proc.token_ids.extend(token_ids)
+            if text:
+                proc.text_parts.append(text)
+            if token_ids or text:
+                for q in self.subscribers.get(pid, []):
+                    q.put_nowait({"text": text, "token_ids": list(token_ids)})
+            if reason is not None:
+                self._finish(proc, reason, final_text, error)
+        self._schedule(msg.executor)
+
+    def on_WorkerDied(self, msg: m.WorkerDied) -> None:
+        err = {"errno": int(Errno.EIO), "error": "EIO", "message": msg.message}
+        for pid in list(self.running.get(msg.executor, set())) + self.queues.get(msg.executor, RunQueue()).order():
+            proc = self.table.get(pid)
+            if proc.state is not State.ZOMBIE:
+                self._finish(proc, "error", error=err)
+        self.executors.pop(msg.executor, None)
+        self.queues.pop(msg.executor, None)
+        self.running.pop(msg.executor, None)
+
+    # -- internals -------------------------------------------------------------------------
+    def _owned(self, pid: int, owner: str) -> LLMProcess:
+        proc = self.table.get(pid)
+        if owner != proc.owner and owner != "root":
+            raise NotPermitted(f"process {pid} belongs to {proc.owner}, not {owner}")
+        return proc
+
+    def _schedule(self, ex_id: str) -> None:
+        ex = self.executors.get(ex_id)
+        if ex is None or ex.dead:
+            return
+        running = self.running[ex_id]
+        for pid in admit(self.queues[ex_id], ex.max_batch - len(running)):
+            proc = self.table.get(pid)
+            proc.transition(State.RUNNING)
+            proc.admitted_at = time.time()
+            running.add(pid)
+            ex.tell(m.Add(pid, proc.prompt_ids, proc.params))
+
+    def _abort_on_worker(self, pid: int, ex_id: str | None) -> None:
+        ex = self.executors.get(ex_id) if ex_id else None
+        if ex is not None and not ex.dead:
+            ex.tell(m.Abort(pid))
+
+    def _finish(self, proc: LLMProcess, reason: str, final_text: str | None = None,
+                error: dict | None = None) -> None:
+        proc.transition(State.ZOMBIE)
+        proc.finished_at = time.time()
+        proc.finish_reason = reason
+        proc.error = error
+        if final_text is not None:
+            proc.final_text = final_text
+        ex_id = self.placement.pop(proc.pid, None)
+        if ex_id and ex_id in self.running:
+            self.running[ex_id].discard(proc.pid)
+            self._schedule(ex_id)
+        result = proc.result()
+        self.log.info("exit", pid=proc.pid, reason=reason, output_tokens=len(proc.token_ids),
+                      **({"error": error["message"]} if error else {}))
+        for q in self.subscribers.pop(proc.pid, []):
+            q.put_nowait((END, result))
+        reap = False
+        for fut, r in self.waiters.pop(proc.pid, []):
+            if not fut.done():
+                fut.set_result(result)
+                reap = reap or r
+        if reap:
+            self._reap(proc.pid)
+
+    def _reap(self, pid: int) -> None:
+        self.table.reap(pid)
+        self.subscribers.pop(pid, None)

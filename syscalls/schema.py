@@ -1,0 +1,132 @@
+"""Typed fields for request and reply schemas, and the validator the kernel runs on every request.
+
+A schema is a tuple of :class:`Field`. ``validate`` checks names, types and ranges and fills in
+defaults; any fault raises InvalidArgument naming the field, so the caller learns what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from llmos.syscalls.errors import InvalidArgument
+
+_MISSING = object()
+
+# Wire types: "int", "float", "str", "bool", "map", "any", "list[str]", "list[int]", "list[map]".
+_SCALARS = {"int", "float", "str", "bool", "map", "any"}
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: str
+    doc: str = ""
+    default: Any = _MISSING  # _MISSING: required (unless nullable)
+    nullable: bool = False
+    min: float | None = None
+    max: float | None = None
+    choices: tuple | None = None
+    max_len: int | None = None  # for strings and lists
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING and not self.nullable
+
+    def default_value(self) -> Any:
+        if self.default is _MISSING:
+            return None
+        return list(self.default) if isinstance(self.default, (list, tuple)) else self.default
+
+    def describe(self) -> str:
+        parts = [self.type + ("?" if self.nullable else "")]
+        if self.choices:
+            parts.append("one of " + ", ".join(map(str, self.choices)))
+        if self.min is not None or self.max is not None:
+            parts.append(f"range [{_fmt(self.min)}, {_fmt(self.max)}]")
+        if self.default is not _MISSING:
+            parts.append(f"default {self.default!r}")
+        elif self.nullable:
+            parts.append("default null")
+        else:
+            parts.append("required")
+        return "; ".join(parts)
+
+
+def _fmt(v: float | None) -> str:
+    return "-inf" if v is None else str(v)
+
+
+def _check_scalar(field: Field, kind: str, value: Any, where: str) -> Any:
+    if kind == "any":
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{where} must be a bool, got {type(value).__name__}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidArgument(f"{where} must be an int, got {type(value).__name__}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidArgument(f"{where} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise InvalidArgument(f"{where} must be finite")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{where} must be a string, got {type(value).__name__}")
+        return value
+    if kind == "map":
+        if not isinstance(value, dict):
+            raise InvalidArgument(f"{where} must be a map, got {type(value).__name__}")
+        return value
+    raise AssertionError(f"unknown schema type {kind}")
+
+
+def check(field: Field, value: Any) -> Any:
+    """Validate one value against its field; return the normalised value."""
+    if value is None:
+        if field.nullable:
+            return None
+        raise InvalidArgument(f"field '{field.name}' must not be null")
+    if field.type.startswith("list["):
+        item = field.type[5:-1]
+        if not isinstance(value, (list, tuple)):
+            raise InvalidArgument(f"field '{field.name}' must be a list, got {type(value).__name__}")
+        if field.max_len is not None and len(value) > field.max_len:
+            raise InvalidArgument(f"field '{field.name}' has {len(value)} items, at most {field.max_len} allowed")
+        return [_check_scalar(field, item, v, f"item {i} of '{field.name}'") for i, v in enumerate(value)]
+    value = _check_scalar(field, field.type, value, f"field '{field.name}'")
+    if field.choices is not None and value not in field.choices:
+        raise InvalidArgument(f"field '{field.name}' must be one of {', '.join(map(str, field.choices))}; got {value!r}")
+    if field.min is not None and value < field.min:
+        raise InvalidArgument(f"field '{field.name}' must be >= {field.min}; got {value!r}")
+    if field.max is not None and value > field.max:
+        raise InvalidArgument(f"field '{field.name}' must be <= {field.max}; got {value!r}")
+    if field.max_len is not None and isinstance(value, str) and len(value) > field.max_len:
+        raise InvalidArgument(f"field '{field.name}' is longer than {field.max_len} characters")
+    return value
+
+
+def validate(fields: tuple[Field, ...], args: Any) -> dict[str, Any]:
+    """Validate a request's ``args`` map against ``fields``; unknown names are refused."""
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise InvalidArgument(f"'args' must be a map, got {type(args).__name__}")
+    known = {f.name: f for f in fields}
+    unknown = [k for k in args if k not in known]
+    if unknown:
+        raise InvalidArgument(f"unknown field(s): {', '.join(map(str, unknown))}; known: {', '.join(known) or 'none'}")
+    out: dict[str, Any] = {}
+    for f in fields:
+        if f.name in args:
+            out[f.name] = check(f, args[f.name])
+        elif f.required:
+            raise InvalidArgument(f"missing required field '{f.name}'")
+        else:
+            out[f.name] = f.default_value()
+    return out

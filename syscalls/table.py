@@ -1,0 +1,161 @@
+"""The syscall table: number, name, request and reply schema, possible errors. The one source of truth.
+
+The kernel's handler table, the client methods and docs/syscalls.md are all checked against
+this list by tests/syscalls/test_table.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmos.syscalls.errors import Errno, NoSuchSyscall
+from llmos.syscalls.schema import Field
+
+E = Errno
+
+PRIORITY_MIN, PRIORITY_MAX = -20, 19
+SIGNALS = ("TERM", "KILL")
+STATES = ("NEW", "READY", "RUNNING", "BLOCKED", "STOPPED", "ZOMBIE")
+FINISH_REASONS = ("stop", "length", "killed", "error")
+
+
+@dataclass(frozen=True)
+class Syscall:
+    nr: int
+    name: str
+    doc: str
+    request: tuple[Field, ...]
+    reply: tuple[Field, ...]
+    errors: tuple[Errno, ...]
+    streams: bool = False  # replies with chunk frames before the final frame
+    chunk: tuple[Field, ...] = ()
+
+
+PID = Field("pid", "int", "process id", min=1)
+
+SAMPLING: tuple[Field, ...] = (
+    Field("max_new_tokens", "int", "most tokens to generate", default=128, min=1, max=1_000_000),
+    Field("temperature", "float", "0 means greedy decoding", default=0.8, min=0.0, max=100.0),
+    Field("top_p", "float", "nucleus sampling mass", default=0.95, min=1e-6, max=1.0),
+    Field("top_k", "int", "keep the k most likely tokens; 0 turns it off", default=0, min=0, max=1_000_000),
+    Field("repetition_penalty", "float", "penalty for tokens already in the context (1 = off)",
+          default=1.0, min=0.01, max=100.0),
+    Field("seed", "int", "sampling seed; null draws a random one", nullable=True, min=0, max=2**63 - 1),
+    Field("stop", "list[str]", "stop strings; the output ends before the first match", default=(), max_len=16),
+    Field("stop_token_ids", "list[int]", "extra token ids that end the output", default=(), max_len=64),
+    Field("ignore_eos", "bool", "keep generating past the end-of-sequence token", default=False),
+)
+
+PROCESS_RECORD: tuple[Field, ...] = (
+    Field("pid", "int"),
+    Field("owner", "str", "user who spawned it"),
+    Field("model", "str", "model path or name"),
+    Field("priority", "int", "nice value, -20..19, lower runs first"),
+    Field("state", "str", "one of " + ", ".join(STATES)),
+    Field("prompt_tokens", "int"),
+    Field("output_tokens", "int"),
+    Field("created", "float", "unix time"),
+    Field("finish_reason", "str", "set once ZOMBIE: " + ", ".join(FINISH_REASONS), nullable=True),
+)
+
+RESULT: tuple[Field, ...] = (
+    Field("pid", "int"),
+    Field("state", "str", "ZOMBIE"),
+    Field("text", "str", "the generated text (stop string excluded)"),
+    Field("token_ids", "list[int]", "the generated token ids"),
+    Field("finish_reason", "str", ", ".join(FINISH_REASONS)),
+    Field("error", "map", "{errno, error, message} when finish_reason is error", nullable=True),
+    Field("signal", "str", "the signal that ended it, if any", nullable=True),
+    Field("stats", "map", "prompt_tokens, output_tokens, queue_time_s, ttft_s, tpot_s, total_time_s"),
+)
+
+SYSCALLS: tuple[Syscall, ...] = (
+    Syscall(
+        0, "hello", "Version handshake: the client states its protocol version; the kernel answers with its own.",
+        request=(
+            Field("version", "int", "the client's protocol version", min=0),
+            Field("client", "str", "client name, for logs", nullable=True, max_len=200),
+            Field("user", "str", "user name the client runs as", nullable=True, max_len=200),
+        ),
+        reply=(Field("version", "int"), Field("kernel_version", "str"), Field("pid", "int"),
+               Field("max_frame_bytes", "int")),
+        errors=(E.EPROTO, E.EINVAL),
+    ),
+    Syscall(
+        1, "ping", "Liveness probe; answers at once.",
+        request=(), reply=(Field("time", "float", "kernel's unix time"),), errors=(),
+    ),
+    Syscall(
+        2, "kernel_info", "The kernel's identity and load: pid, address, uptime, version, counts.",
+        request=(),
+        reply=(Field("pid", "int"), Field("address", "str"), Field("uptime_s", "float"),
+               Field("version", "str"), Field("home", "str"), Field("processes", "map", "count per state"),
+               Field("models", "list[map]", "loaded models: model, worker_pid, running, device")),
+        errors=(),
+    ),
+    Syscall(
+        3, "shutdown", "Stop the kernel: pending calls get a bye frame, workers are stopped.",
+        request=(), reply=(Field("stopping", "bool"),), errors=(E.EPERM,),
+    ),
+    Syscall(
+        10, "spawn", "Create an LLM process: a generation on one model from a prompt or chat messages.",
+        request=(
+            Field("model", "str", "model directory or 'default'; null is the default model", nullable=True,
+                  max_len=4096),
+            Field("prompt", "str", "plain text prompt (exactly one of prompt, messages)", nullable=True,
+                  max_len=4_000_000),
+            Field("messages", "list[map]", "chat messages {role, content}, rendered with the model's chat template",
+                  nullable=True, max_len=10_000),
+            Field("priority", "int", "nice value: lower runs first", default=0, min=PRIORITY_MIN, max=PRIORITY_MAX),
+            *SAMPLING,
+        ),
+        reply=(PID,),
+        errors=(E.EINVAL, E.ENOENT, E.E2BIG, E.EIO),
+    ),
+    Syscall(
+        11, "wait", "Wait until a process is a ZOMBIE and return its result; reaps it unless reap is false.",
+        request=(PID, Field("timeout", "float", "seconds; null waits forever", nullable=True, min=0.0),
+                 Field("reap", "bool", "remove the process from the table", default=True)),
+        reply=RESULT,
+        errors=(E.ESRCH, E.EPERM, E.ETIMEDOUT, E.EINVAL),
+    ),
+    Syscall(
+        12, "kill", "Send a signal: TERM cancels and keeps partial output, KILL ends it at once.",
+        request=(PID, Field("signal", "str", "signal name", default="TERM", choices=SIGNALS)),
+        reply=(PID, Field("state", "str", "state after the signal was delivered")),
+        errors=(E.ESRCH, E.EPERM, E.EINVAL),
+    ),
+    Syscall(
+        13, "ps", "List processes (ZOMBIEs included until reaped).",
+        request=(),
+        reply=(Field("processes", "list[map]", "process records: " + ", ".join(f.name for f in PROCESS_RECORD)),),
+        errors=(),
+    ),
+    Syscall(
+        14, "stat", "One process's record with its stats and output so far.",
+        request=(PID,),
+        reply=PROCESS_RECORD + (Field("text", "str", "output so far"), Field("stats", "map")),
+        errors=(E.ESRCH, E.EINVAL),
+    ),
+    Syscall(
+        15, "stream", "Stream a process's output: chunks of text as generated, then its result.",
+        request=(PID,),
+        reply=RESULT,
+        errors=(E.ESRCH, E.EPERM, E.EINVAL),
+        streams=True,
+        chunk=(Field("text", "str", "new text"), Field("token_ids", "list[int]", "new token ids")),
+    ),
+)
+
+BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}
+BY_NR: dict[int, Syscall] = {s.nr: s for s in SYSCALLS}
+assert len(BY_NAME) == len(SYSCALLS) and len(BY_NR) == len(SYSCALLS), "duplicate syscall name or number"
+
+
+def lookup(call: object) -> Syscall:
+    """Find a syscall by name or number; ENOSYS when there is none."""
+    if isinstance(call, str) and call in BY_NAME:
+        return BY_NAME[call]
+    if isinstance(call, int) and not isinstance(call, bool) and call in BY_NR:
+        return BY_NR[call]
+    raise NoSuchSyscall(f"no syscall {call!r}")
