@@ -28,6 +28,7 @@ class Actor:
         self._mailbox: asyncio.Queue[tuple[Any, asyncio.Future | None]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._stopped = False
+        self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> "Actor":
@@ -40,7 +41,8 @@ class Actor:
             self._fail_pending()
             self._stopped = True
             return
-        self._mailbox.put_nowait((_STOP, None))
+        self._stopping = True
+        self._mailbox.put_nowait((_STOP, None))  # wakes an idle loop
         await asyncio.shield(self._task)
 
     @property
@@ -72,7 +74,9 @@ class Actor:
         try:
             while True:
                 msg, fut = await self._mailbox.get()
-                if msg is _STOP:
+                if msg is _STOP or self._stopping:
+                    if fut is not None and not fut.done():
+                        fut.set_exception(ActorStopped(f"actor {self.name} stopped before answering"))
                     break
                 if fut is not None and fut.cancelled():
                     continue

@@ -44,7 +44,9 @@ class Field:
         if self.choices:
             parts.append("one of " + ", ".join(map(str, self.choices)))
         if self.min is not None or self.max is not None:
-            parts.append(f"range [{_fmt(self.min)}, {_fmt(self.max)}]")
+            lo = "-inf" if self.min is None else str(self.min)
+            hi = "inf" if self.max is None else str(self.max)
+            parts.append(f"range [{lo}, {hi}]")
         if self.default is not _MISSING:
             parts.append(f"default {self.default!r}")
         elif self.nullable:
@@ -52,10 +54,6 @@ class Field:
         else:
             parts.append("required")
         return "; ".join(parts)
-
-
-def _fmt(v: float | None) -> str:
-    return "-inf" if v is None else str(v)
 
 
 def _check_scalar(field: Field, kind: str, value: Any, where: str) -> Any:

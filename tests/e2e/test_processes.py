@@ -1,0 +1,107 @@
+"""LLM processes end to end: a real kernel subprocess, real ZeroMQ, a real tiny model."""
+
+import time
+
+import pytest
+
+from llmos import NoSuchProcess, TimedOut
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+def test_spawn_and_wait_return_text_tokens_reason_and_timings(client, tiny_model):
+    pid = client.spawn(prompt="hello", model=tiny_model, max_new_tokens=8, **GREEDY)
+    r = client.wait(pid, timeout=60)
+    assert r.pid == pid and r.finish_reason == "length" and len(r.token_ids) == 8
+    assert r.stats.output_tokens == 8 and r.stats.prompt_tokens > 0
+    assert r.stats.ttft_s > 0 and r.stats.tpot_s > 0 and r.stats.queue_time_s >= 0
+
+
+def test_greedy_generation_is_deterministic_across_processes(client, tiny_model):
+    a = client.wait(client.spawn(prompt="abc", model=tiny_model, max_new_tokens=10, **GREEDY))
+    b = client.wait(client.spawn(prompt="abc", model=tiny_model, max_new_tokens=10, **GREEDY))
+    assert a.token_ids == b.token_ids
+
+
+def test_stream_yields_chunks_that_add_up_to_the_result(client, tiny_model):
+    pid = client.spawn(prompt="stream me", model=tiny_model, max_new_tokens=20, seed=5, ignore_eos=True)
+    stream = client.stream(pid)
+    chunks = list(stream)
+    assert stream.result is not None and "".join(chunks) == stream.result.text
+    assert stream.token_ids == stream.result.token_ids and len(stream.token_ids) == 20
+    assert client.wait(pid).text == stream.result.text
+
+
+def test_chat_messages_spawn_a_process(client, tiny_model):
+    pid = client.spawn(messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                       model=tiny_model, max_new_tokens=4, **GREEDY)
+    assert client.wait(pid).stats.output_tokens == 4
+
+
+def test_ps_lists_processes_with_state_priority_and_model(client, tiny_model):
+    pid = client.spawn(prompt="x", model=tiny_model, max_new_tokens=1000, priority=7, **GREEDY)
+    row = next(p for p in client.ps() if p.pid == pid)
+    assert row.priority == 7 and row.model == tiny_model and row.state in ("READY", "RUNNING")
+    client.kill(pid, "KILL")
+    assert client.wait(pid).finish_reason == "killed"
+
+
+def test_term_cancels_and_keeps_the_partial_output(client, tiny_model):
+    pid = client.spawn(prompt="long", model=tiny_model, max_new_tokens=5000, **GREEDY)
+    deadline = time.monotonic() + 30
+    while client.stat(pid).output_tokens < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    client.kill(pid, "TERM")
+    r = client.wait(pid, timeout=30)
+    assert r.finish_reason == "killed" and r.signal == "TERM" and len(r.token_ids) >= 3
+
+
+def test_wait_with_a_timeout_raises_etimedout_and_the_process_lives_on(client, tiny_model):
+    pid = client.spawn(prompt="x", model=tiny_model, max_new_tokens=5000, **GREEDY)
+    with pytest.raises(TimedOut):
+        client.wait(pid, timeout=0.2)
+    assert client.stat(pid).state in ("READY", "RUNNING")
+    client.kill(pid, "KILL")
+    client.wait(pid)
+
+
+def test_a_reaped_process_is_gone_and_an_unreaped_zombie_stays(client, tiny_model):
+    pid = client.spawn(prompt="x", model=tiny_model, max_new_tokens=2, **GREEDY)
+    assert client.wait(pid, reap=False).finish_reason == "length"
+    assert client.stat(pid).state == "ZOMBIE"
+    client.wait(pid)
+    with pytest.raises(NoSuchProcess):
+        client.stat(pid)
+
+
+def test_several_processes_on_one_model_make_progress_together(client, tiny_model):
+    pids = [client.spawn(prompt=f"p{i}", model=tiny_model, max_new_tokens=5000, **GREEDY) for i in range(3)]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = [client.stat(p) for p in pids]
+        if all(s.output_tokens >= 5 for s in stats):
+            break
+        time.sleep(0.05)
+    assert all(s.state == "RUNNING" and s.output_tokens >= 5 for s in stats)
+    for p in pids:
+        client.kill(p, "KILL")
+        client.wait(p)
+
+
+def test_a_waiting_process_with_better_priority_is_admitted_first(client, tiny_model):
+    # the shared kernel runs at most 4 processes per model at once
+    blockers = [client.spawn(prompt="b", model=tiny_model, max_new_tokens=5000, **GREEDY) for _ in range(4)]
+    low = client.spawn(prompt="low", model=tiny_model, max_new_tokens=3, priority=15, **GREEDY)
+    high = client.spawn(prompt="high", model=tiny_model, max_new_tokens=3, priority=-15, **GREEDY)
+    assert client.stat(low).state == "READY" and client.stat(high).state == "READY"
+    client.kill(blockers[0], "KILL")
+    deadline = time.monotonic() + 10
+    while client.stat(high).state == "READY" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.stat(high).state in ("RUNNING", "ZOMBIE") and client.stat(low).state == "READY"
+    for b in blockers[1:]:
+        client.kill(b, "KILL")
+    r_low, r_high = client.wait(low), client.wait(high)
+    assert r_high.stats.queue_time_s < r_low.stats.queue_time_s
+    for b in blockers:
+        client.wait(b)

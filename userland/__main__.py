@@ -1,0 +1,7 @@
+"""``python -m llmos``: the llmos command."""
+
+import sys
+
+from llmos.cli import main
+
+sys.exit(main())
