@@ -1,0 +1,53 @@
+"""A client written from docs/protocol.md alone (raw ZeroMQ + MessagePack) can do a whole job."""
+
+import msgpack
+import zmq
+
+
+def test_a_raw_client_can_hello_spawn_stream_and_wait(kernel, tiny_model):
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.RCVTIMEO, 30_000)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(kernel.address)
+
+    def call(i, name, **args):
+        s.send(msgpack.packb({"v": 1, "id": i, "call": name, "args": args}))
+
+    try:
+        call(1, "hello", version=1, client="raw", user="raw-user")
+        assert msgpack.unpackb(s.recv())["result"]["version"] == 1
+        call(2, 10, prompt="raw", model=tiny_model, max_new_tokens=5, temperature=0, ignore_eos=True)
+        pid = msgpack.unpackb(s.recv())["result"]["pid"]
+        call(3, "stream", pid=pid)
+        chunks = []
+        while (f := msgpack.unpackb(s.recv()))["t"] == "chunk":
+            assert f["id"] == 3
+            chunks.append(f["data"])
+        assert f["t"] == "ok" and f["result"]["finish_reason"] == "length"
+        assert sum(len(c["token_ids"]) for c in chunks) == 5
+        call(4, "wait", pid=pid)
+        assert msgpack.unpackb(s.recv())["result"]["stats"]["output_tokens"] == 5
+    finally:
+        s.close()
+        ctx.term()
+
+
+def test_another_users_process_cannot_be_killed(kernel, tiny_model, client):
+    pid = client.spawn(prompt="mine", model=tiny_model, max_new_tokens=5000, ignore_eos=True)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.RCVTIMEO, 30_000)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(kernel.address)
+    try:
+        s.send(msgpack.packb({"v": 1, "id": 1, "call": "hello", "args": {"version": 1, "user": "mallory"}}))
+        s.recv()
+        s.send(msgpack.packb({"v": 1, "id": 2, "call": "kill", "args": {"pid": pid, "signal": "KILL"}}))
+        r = msgpack.unpackb(s.recv())
+        assert r["error"] == "EPERM"
+    finally:
+        s.close()
+        ctx.term()
+        client.kill(pid, "KILL")
+        client.wait(pid)
