@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -32,14 +33,21 @@ class Executor(Actor):
     """One model instance in one worker process. ``ready`` resolves once the model is loaded."""
 
     def __init__(self, ctx: zmq.asyncio.Context, run_dir: Path, model_path: str, procman: Actor,
-                 on_gone: Any, log_dir: Path, max_batch: int = 16, device: str | None = None) -> None:
+                 on_gone: Any, log_dir: Path, options: dict[str, Any], device: str = "cpu") -> None:
         self.id = f"w{next(_ids)}"
         super().__init__(f"executor:{self.id}")
         self.model_path = model_path
         self.procman = procman
-        self.on_gone = on_gone  # callable(key): tells the model manager this executor is gone
-        self.max_batch = max_batch
-        self.device = device
+        self.on_gone = on_gone  # callable(executor): tells the model manager this executor is gone
+        self.options = dict(options)
+        self.max_batch = int(options.get("max_batch", 16))
+        self.device = device  # "cpu" or "cuda:N"; the worker sees only that GPU, as cuda:0
+        self.stats: dict[str, Any] = {}
+        self.batch_sum = 0
+        self.batch_max = 0
+        self.step_count = 0
+        self.step_time = 0.0
+        self.tokens_out = 0
         self.address = f"ipc://{run_dir / f'worker-{os.getpid()}-{self.id}.sock'}"
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -58,11 +66,19 @@ class Executor(Actor):
     def launch(self) -> "Executor":
         self.sock.bind(self.address)
         cmd = [sys.executable, "-m", "llmos.drivers.model.worker", "--address", self.address,
-               "--model", self.model_path, "--max-batch", str(self.max_batch)]
-        if self.device:
-            cmd += ["--device", self.device]
+               "--model", self.model_path, "--options", json.dumps(self.options)]
+        env = dict(os.environ)
+        # big step buffers are reused instead of being mapped and faulted in again every step
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(4 << 30))
+        if self.device.startswith("cuda:"):
+            env["CUDA_VISIBLE_DEVICES"] = self.device.split(":", 1)[1]
+            cmd += ["--device", "cuda:0"]
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            cmd += ["--device", "cpu"]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         self.log.info("worker_started", worker_pid=self.proc.pid, model=self.model_path)
         self.start()
         loop = asyncio.get_running_loop()
@@ -99,11 +115,11 @@ class Executor(Actor):
             rid = next(self._rids)
             self._pending[rid] = fut
             await self.sock.send(codec.encode({"op": "encode", "rid": rid, "prompt": msg.prompt,
-                                               "messages": msg.messages}))
+                                               "messages": msg.messages, "prompt_ids": msg.prompt_ids}))
             return fut
         if isinstance(msg, m.Add):
             await self.sock.send(codec.encode({"op": "add", "pid": msg.pid, "ids": msg.prompt_ids,
-                                               "params": msg.params}))
+                                               "params": msg.params, "user": msg.user, "priority": msg.priority}))
             return None
         if isinstance(msg, m.Abort):
             await self.sock.send(codec.encode({"op": "abort", "pid": msg.pid}))
@@ -117,8 +133,17 @@ class Executor(Actor):
     def _from_worker(self, msg: dict) -> None:
         self.last_seen = time.monotonic()
         op = msg.get("op")
+        if "stats" in msg:
+            self.stats = msg["stats"]
         if op == "step":
             self.running = msg.get("running", 0)
+            if msg.get("step_s"):
+                batch = self.stats.get("batch", 0)
+                self.step_count += 1
+                self.batch_sum += batch
+                self.batch_max = max(self.batch_max, batch)
+                self.step_time += msg["step_s"]
+            self.tokens_out += sum(len(e[1]) for e in msg["events"])
             self.procman.tell(m.StepEvents(self.id, msg["events"], self.running))
         elif op == "encoded":
             fut = self._pending.pop(msg["rid"], None)
@@ -179,12 +204,29 @@ class Executor(Actor):
             if time.monotonic() - self.last_seen > WORKER_SILENCE_S:
                 self.proc.kill()
 
+    @property
+    def kv_total(self) -> int:
+        return int(self.stats.get("kv_total") or self.info.get("kv_blocks") or 0)
+
+    @property
+    def kv_block_size(self) -> int:
+        return int(self.info.get("kv_block_size") or 16)
+
     def describe(self) -> dict[str, Any]:
+        s = self.stats
         return {"model": self.model_path, "executor": self.id,
                 "worker_pid": self.proc.pid if self.proc else None,
-                "running": self.running, "device": self.info.get("device"),
+                "running": self.running, "device": self.device, "engine": self.info.get("engine"),
                 "parameters": self.info.get("parameters"), "context_len": self.info.get("context_len"),
-                "ready": self.ready.done() and not self.dead}
+                "ready": self.ready.done() and not self.dead, "max_batch": self.max_batch,
+                "kv_policy": self.info.get("kv_policy"), "kv_block_size": self.info.get("kv_block_size"),
+                "kv_used": s.get("kv_used", 0), "kv_free": s.get("kv_free", self.info.get("kv_blocks", 0)),
+                "kv_total": self.kv_total, "kv_bytes": s.get("kv_bytes"), "kv_per_user": s.get("kv_per_user", {}),
+                "steps": self.step_count, "batch_last": s.get("batch", 0),
+                "batch_mean": self.batch_sum / self.step_count if self.step_count else 0.0,
+                "batch_max": self.batch_max, "tokens_out": self.tokens_out,
+                "step_time_mean_s": self.step_time / self.step_count if self.step_count else 0.0,
+                "preemptions": s.get("preemptions", 0)}
 
 
 def _tail(path: Path, limit: int = 400) -> str:

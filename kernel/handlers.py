@@ -44,7 +44,7 @@ class Handlers:
 
     async def sys_kernel_info(self, caller: Caller, args: dict, emit: Emit) -> dict:
         counts = await self.k.procman.ask(m.Counts())
-        models = await self.k.models.ask(m.ListModels())
+        models = [ex for d in await self.k.models.ask(m.ListModels()) for ex in d["executors"]]
         return {"pid": os.getpid(), "address": self.k.address, "uptime_s": time.time() - self.k.started,
                 "version": __version__, "home": str(self.k.home), "processes": counts, "models": models}
 
@@ -53,14 +53,14 @@ class Handlers:
         return {"stopping": True}
 
     async def sys_spawn(self, caller: Caller, args: dict, emit: Emit) -> dict:
-        prompt, messages = args.pop("prompt"), args.pop("messages")
-        if (prompt is None) == (messages is None):
-            raise InvalidArgument("give exactly one of 'prompt' and 'messages'")
-        model, priority = args.pop("model"), args.pop("priority")
-        path, ready = await self.k.models.ask(m.Acquire(model))
-        executor = await ready
-        prompt_ids = await (await executor.ask(m.Encode(prompt, messages)))
-        pid = await self.k.procman.ask(m.Spawn(caller.user, path, executor, prompt_ids, priority, args))
+        prompt, messages, ids = args.pop("prompt"), args.pop("messages"), args.pop("prompt_ids")
+        if sum(x is not None for x in (prompt, messages, ids)) != 1:
+            raise InvalidArgument("give exactly one of 'prompt', 'messages' and 'prompt_ids'")
+        model, priority, keep_alive = args.pop("model"), args.pop("priority"), args.pop("keep_alive")
+        path, ready = await self.k.models.ask(m.Acquire(model, keep_alive))
+        executors = await asyncio.gather(*ready)
+        prompt_ids = await (await executors[0].ask(m.Encode(prompt, messages, ids)))
+        pid = await self.k.procman.ask(m.Spawn(caller.user, path, executors, prompt_ids, priority, args))
         return {"pid": pid}
 
     async def sys_wait(self, caller: Caller, args: dict, emit: Emit) -> dict:
@@ -95,6 +95,34 @@ class Handlers:
                 self.k.procman.tell(m.Unsubscribe(args["pid"], q))
             except Exception:
                 pass
+
+
+    async def sys_models(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return {"models": [{**d, "loaded": True} for d in await self.k.models.ask(m.ListModels())]}
+
+    async def sys_model_load(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        model = args.pop("model")
+        opts = {"device": args["device"], "instances": args["instances"], "kv_policy": args["kv_policy"],
+                "num_blocks": args["kv_blocks"] + 1 if args["kv_blocks"] else None,
+                "max_blocks": args["kv_max_blocks"] + 1 if args["kv_max_blocks"] else None,
+                "user_cap_blocks": args["user_cap_blocks"], "max_batch": args["max_batch"],
+                "keep_alive": args["keep_alive"], "engine": args["engine"]}
+        await asyncio.gather(*await self.k.models.ask(m.Load(model, opts)))
+        return await self.k.models.ask(m.Describe(model))
+
+    async def sys_model_unload(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await self.k.models.ask(m.Unload(args["model"], args["force"]))
+
+    async def sys_model_info(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await self.k.models.ask(m.Describe(args["model"]))
+
+    async def sys_devices(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await self.k.models.ask(m.Devices())
+
+    async def sys_metrics(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        procs = await self.k.procman.ask(m.Metrics())
+        models = await self.k.models.ask(m.ListModels())
+        return {**procs, "models": [ex for d in models for ex in d["executors"]]}
 
 
 def handler_for(handlers: Handlers, name: str) -> Callable | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import zmq.asyncio
 
+from llmos.drivers.devices import DeviceTable
 from llmos.kernel import messages as m
 from llmos.kernel.bus import Bus
 from llmos.kernel.handlers import Handlers
@@ -22,10 +23,12 @@ from llmos.kernel.procman import ProcessManager
 
 
 class Kernel:
-    def __init__(self, home: Path, address: str, max_batch: int = 16) -> None:
+    def __init__(self, home: Path, address: str, model_defaults: dict | None = None,
+                 memory_limit: int | None = None) -> None:
         self.home = home
         self.address = address
-        self.max_batch = max_batch
+        self.model_defaults = model_defaults or {}
+        self.memory_limit = memory_limit
         self.run_dir = home / "run"
         self.log_dir = home / "log"
         self.started = time.time()
@@ -36,8 +39,9 @@ class Kernel:
     async def start(self) -> None:
         self.ctx = zmq.asyncio.Context()
         self.procman = ProcessManager().start()
-        self.models = ModelManager(self.ctx, self.run_dir, self.log_dir, self.procman,
-                                   max_batch=self.max_batch).start()
+        self.devices = DeviceTable(self.memory_limit)
+        self.models = ModelManager(self.ctx, self.run_dir, self.log_dir, self.procman, self.devices,
+                                   self.model_defaults).start()
         self.handlers = Handlers(self)
         self.bus = Bus(self.ctx, self.address, self.handlers)
         self.bus.bind()

@@ -11,7 +11,7 @@ from typing import Any
 class Spawn:
     owner: str
     model: str
-    executor: Any  # the Executor actor that will run it
+    executors: list[Any]  # the model's instances; the least loaded one runs it
     prompt_ids: list[int]
     priority: int
     params: dict[str, Any]
@@ -77,11 +77,22 @@ class Counts:
     pass
 
 
+@dataclass
+class Live:
+    """How many READY or RUNNING processes each executor has."""
+
+
+@dataclass
+class Metrics:
+    pass
+
+
 # -- to an Executor ------------------------------------------------------------------------
 @dataclass
 class Encode:
     prompt: str | None
     messages: list[dict] | None
+    prompt_ids: list[int] | None = None
 
 
 @dataclass
@@ -89,6 +100,8 @@ class Add:
     pid: int
     prompt_ids: list[int]
     params: dict[str, Any]
+    user: str = ""
+    priority: int = 0
 
 
 @dataclass
@@ -110,11 +123,29 @@ class Died:
 @dataclass
 class Acquire:
     model: str | None
+    keep_alive: float | None = None
+
+
+@dataclass
+class Load:
+    model: str | None
+    options: dict[str, Any]
+
+
+@dataclass
+class Unload:
+    model: str | None
+    force: bool = False
+
+
+@dataclass
+class Describe:
+    model: str | None
 
 
 @dataclass
 class ExecutorGone:
-    key: str
+    executor: Any
 
 
 @dataclass
@@ -123,6 +154,15 @@ class ListModels:
 
 
 @dataclass
-class StopAll:
+class Devices:
     pass
 
+
+@dataclass
+class Tick:
+    pass
+
+
+@dataclass
+class StopAll:
+    pass

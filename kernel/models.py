@@ -1,64 +1,246 @@
-"""The ModelManager actor: one executor (worker process) per loaded model, started on demand."""
+"""The ModelManager actor: the model registry. Loads models into executors on devices, keeps them alive, evicts.
+
+A model is loaded on demand (a spawn on a model that is not loaded loads it) or explicitly
+(``model_load``: device, instances, KV memory policy, keep-alive). Before loading, the
+memory it will take is estimated from its files and reserved on its device; when the device
+is short, idle models are unloaded least recently used first. Keep-alive: a model with no
+live process unloads after ``keep_alive`` seconds (0: right after use; -1: pinned); every
+request may override it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq.asyncio
 
+from llmos.drivers.devices import DeviceTable
+from llmos.drivers.model.estimate import estimate
 from llmos.drivers.model.registry import resolve_model
 from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor
 from llmos.kernel.executor import Executor
+from llmos.syscalls.errors import Busy, InvalidArgument, NotFound, OutOfMemory
+
+DEFAULT_KEEP_ALIVE_S = 300.0
+POLICIES = ("static", "dynamic", "isolated")
+
+
+@dataclass
+class ModelEntry:
+    path: str
+    device: str
+    options: dict[str, Any]
+    estimate: dict[str, Any]
+    keep_alive: float
+    executors: list[Executor] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
+    loaded_at: float = field(default_factory=time.time)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.path, "device": self.device, "instances": len(self.executors),
+                "keep_alive": self.keep_alive, "idle_s": round(time.monotonic() - self.last_used, 3),
+                "kv_policy": self.options.get("kv_policy", "static"), "estimate": self.estimate,
+                "executors": [ex.describe() for ex in self.executors]}
 
 
 class ModelManager(Actor):
     def __init__(self, ctx: zmq.asyncio.Context, run_dir: Path, log_dir: Path, procman: Actor,
-                 max_batch: int = 16) -> None:
+                 devices: DeviceTable, defaults: dict[str, Any] | None = None) -> None:
         super().__init__("models")
         self.ctx = ctx
         self.run_dir = run_dir
         self.log_dir = log_dir
         self.procman = procman
-        self.max_batch = max_batch
-        self.executors: dict[str, Executor] = {}  # model path -> its executor
+        self.devices = devices
+        self.defaults = {"max_batch": 16, **(defaults or {})}
+        self.models: dict[str, ModelEntry] = {}
+        self._live: dict[str, int] = {}  # executor id -> live processes, refreshed from the procman
+        self._ticker: asyncio.Task | None = None
+
+    def start(self) -> "ModelManager":
+        super().start()
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        return self
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                self.tell(m.Tick())
+            except Exception:
+                return
 
     async def receive(self, msg: Any) -> Any:
         if isinstance(msg, m.Acquire):
-            return self._acquire(msg.model)
-        if isinstance(msg, m.ExecutorGone):
-            ex = self.executors.get(msg.key)
-            if ex is not None and ex.dead:
-                del self.executors[msg.key]
-                await ex.stop()
-            return None
+            return await self._acquire(msg.model, msg.keep_alive)
+        if isinstance(msg, m.Load):
+            entry = await self._load(resolve_model(msg.model), msg.options)
+            return [ex.ready for ex in entry.executors]
+        if isinstance(msg, m.Unload):
+            return await self._unload_request(msg.model, msg.force)
+        if isinstance(msg, m.Describe):
+            return self._describe(msg.model)
         if isinstance(msg, m.ListModels):
-            return [ex.describe() for ex in self.executors.values()]
+            return [e.describe() for e in self.models.values()]
+        if isinstance(msg, m.Devices):
+            return {"devices": [{**inv, **use} for inv, use in zip(self.devices.inventory(), self.devices.usage())]}
+        if isinstance(msg, m.Tick):
+            return await self._reap_idle()
+        if isinstance(msg, m.ExecutorGone):
+            return await self._executor_gone(msg.executor)
         if isinstance(msg, m.StopAll):
-            exs = list(self.executors.values())
-            self.executors.clear()
-            await asyncio.gather(*(ex.stop() for ex in exs), return_exceptions=True)
+            for path in list(self.models):
+                await self._unload(path)
             return None
         raise TypeError(f"models cannot handle {type(msg).__name__}")
 
-    def _acquire(self, model: str | None) -> tuple[str, asyncio.Future]:
-        """Return (model path, future of a ready Executor); loads the model when needed."""
+    # -- loading ---------------------------------------------------------------------------
+    async def _acquire(self, model: str | None, keep_alive: float | None) -> tuple[str, list[asyncio.Future]]:
+        """(model path, futures of its ready executors); loads the model when needed."""
         path = resolve_model(model)
-        ex = self.executors.get(path)
-        if ex is None or ex.dead:
-            ex = Executor(self.ctx, self.run_dir, path, self.procman, self._gone, self.log_dir,
-                          max_batch=self.max_batch).launch()
-            self.executors[path] = ex
-        return path, ex.ready
+        entry = self.models.get(path)
+        if entry is None:
+            entry = await self._load(path, {})
+        entry.last_used = time.monotonic()
+        if keep_alive is not None:
+            entry.keep_alive = keep_alive
+        return path, [ex.ready for ex in entry.executors]
+
+    def _options(self, path: str, req: dict[str, Any]) -> tuple[dict[str, Any], str, int, float]:
+        opts = {**self.defaults, **{k: v for k, v in req.items() if v is not None}}
+        device = opts.pop("device", None) or "auto"
+        instances = int(opts.pop("instances", 1))
+        keep_alive = float(opts.pop("keep_alive", DEFAULT_KEEP_ALIVE_S))
+        if opts.get("kv_policy", "static") not in POLICIES:
+            raise InvalidArgument(f"kv_policy must be one of {', '.join(POLICIES)}")
+        return opts, device, instances, keep_alive
+
+    async def _load(self, path: str, req: dict[str, Any]) -> ModelEntry:
+        if path in self.models:
+            return self.models[path]
+        opts, want, instances, keep_alive = self._options(path, req)
+        await self._refresh_live()
+        kv_tokens = None
+        if opts.get("num_blocks"):
+            kv_tokens = int(opts["num_blocks"]) * int(opts.get("block_size", 8))
+        est = estimate(path, "cpu" if want == "cpu" else "gpu" if want.startswith("cuda") else "cpu",
+                       kv_tokens, int(opts["max_batch"]))
+        if "num_blocks" not in opts:  # size the pool for a full batch of full contexts
+            opts["num_blocks"] = est["kv_tokens"] // int(opts.get("block_size", 8)) + 1
+        need = est["total_bytes"]
+        devices = []
+        for _ in range(instances):
+            dev = self._place(need, want)
+            dev.allocate(f"{path}#{len(devices)}", need)
+            devices.append(dev)
+        entry = ModelEntry(path, devices[0].name, opts, est, keep_alive)
+        for i, dev in enumerate(devices):
+            ex = Executor(self.ctx, self.run_dir, path, self.procman, self._gone, self.log_dir, opts, dev.name)
+            ex.holder = f"{path}#{i}"
+            entry.executors.append(ex.launch())
+        self.models[path] = entry
+        self.log.info("model_loading", model=path, device=entry.device, instances=instances,
+                      estimate_mib=round(need / 2**20), keep_alive=keep_alive)
+        return entry
+
+    def _place(self, need: int, want: str):
+        try:
+            return self.devices.place(need, want)
+        except OutOfMemory:
+            pass
+        # evict idle models, least recently used first, until the new one fits
+        while True:
+            victim = self._lru_idle()
+            if victim is None:
+                raise OutOfMemory(f"no device can hold {need / 2**20:.0f} MiB more, and no idle model can be "
+                                  f"unloaded; loaded: {', '.join(self.models) or 'none'}")
+            self._evict_now(victim)
+            try:
+                return self.devices.place(need, want)
+            except OutOfMemory:
+                continue
+
+    def _lru_idle(self) -> ModelEntry | None:
+        idle = [e for e in self.models.values() if e.keep_alive >= 0 and not self._busy(e)]
+        return min(idle, key=lambda e: e.last_used, default=None)
+
+    def _busy(self, entry: ModelEntry) -> bool:
+        return any(self._live.get(ex.id, 0) > 0 for ex in entry.executors) or any(
+            not ex.ready.done() for ex in entry.executors)
+
+    def _evict_now(self, entry: ModelEntry) -> None:
+        self.log.info("model_evicted", model=entry.path, idle_s=round(time.monotonic() - entry.last_used, 1))
+        self.models.pop(entry.path, None)
+        for ex in entry.executors:
+            self.devices.free(ex.holder)
+            asyncio.get_running_loop().create_task(ex.stop())
+
+    # -- unloading -------------------------------------------------------------------------
+    async def _refresh_live(self) -> None:
+        self._live = await self.procman.ask(m.Live())
+
+    async def _unload_request(self, model: str | None, force: bool) -> dict[str, Any]:
+        path = resolve_model(model)
+        entry = self.models.get(path)
+        if entry is None:
+            raise NotFound(f"model {path} is not loaded")
+        await self._refresh_live()
+        if self._busy(entry) and not force:
+            raise Busy(f"model {path} has live processes; unload with force to end them")
+        await self._unload(path)
+        return {"model": path, "unloaded": True}
+
+    async def _unload(self, path: str) -> None:
+        entry = self.models.pop(path, None)
+        if entry is None:
+            return
+        self.log.info("model_unloaded", model=path)
+        for ex in entry.executors:
+            self.devices.free(ex.holder)
+        await asyncio.gather(*(ex.stop() for ex in entry.executors), return_exceptions=True)
+        for ex in entry.executors:
+            if not ex.dead:
+                ex.dead = "model unloaded"
+                self.procman.tell(m.WorkerDied(ex.id, f"model {path} was unloaded"))
+
+    async def _reap_idle(self) -> None:
+        if not self.models:
+            return
+        await self._refresh_live()
+        now = time.monotonic()
+        for entry in list(self.models.values()):
+            if self._busy(entry):
+                entry.last_used = now
+            elif entry.keep_alive >= 0 and now - entry.last_used >= entry.keep_alive:
+                self.log.info("model_keep_alive_expired", model=entry.path, keep_alive=entry.keep_alive)
+                await self._unload(entry.path)
+
+    async def _executor_gone(self, ex: Executor) -> None:
+        entry = self.models.get(ex.model_path)
+        if entry is not None and ex in entry.executors:
+            # a crashed instance takes its model out of the registry; the next request reloads it
+            await self._unload(ex.model_path)
 
     def _gone(self, ex: Executor) -> None:
         try:
-            self.tell(m.ExecutorGone(ex.model_path))
+            self.tell(m.ExecutorGone(ex))
         except Exception:
             pass  # the manager itself is stopping
-    
+
+    def _describe(self, model: str | None) -> dict[str, Any]:
+        path = resolve_model(model)
+        entry = self.models.get(path)
+        if entry is not None:
+            return {**entry.describe(), "loaded": True}
+        return {"model": path, "loaded": False, "estimate": estimate(path, "cpu", None, int(self.defaults["max_batch"]))}
+
     async def on_stop(self) -> None:
-        for ex in self.executors.values():
-            await ex.stop()
+        if self._ticker:
+            self._ticker.cancel()
+        for path in list(self.models):
+            await self._unload(path)

@@ -14,10 +14,44 @@ from typing import Any
 from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor
 from llmos.kernel.process import LLMProcess, ProcessTable, State
+from llmos.drivers.memory import blocks_for
 from llmos.kernel.scheduler import RunQueue, admit
-from llmos.syscalls.errors import Errno, NotPermitted
+from llmos.syscalls.errors import DeviceError, Errno, NotPermitted
 
 END = object()  # put on a stream queue after the final chunk
+
+
+class FinishedStats:
+    """Timings of the last N finished processes, for the metrics syscall (bounded memory)."""
+
+    KEYS = ("queue_time_s", "ttft_s", "tpot_s", "total_time_s")
+
+    def __init__(self, keep: int = 1000) -> None:
+        self.keep = keep
+        self.rows: list[dict] = []
+        self.count = 0
+        self.tokens_in = 0
+        self.tokens_out = 0
+        self.reasons: dict[str, int] = {}
+
+    def add(self, stats: dict, reason: str) -> None:
+        self.count += 1
+        self.tokens_in += stats["prompt_tokens"]
+        self.tokens_out += stats["output_tokens"]
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.rows.append(stats)
+        if len(self.rows) > self.keep:
+            del self.rows[: len(self.rows) - self.keep]
+
+    def summary(self) -> dict:
+        out: dict = {"count": self.count, "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
+                     "finish_reasons": dict(self.reasons)}
+        for key in self.KEYS:
+            vals = sorted(r[key] for r in self.rows if r.get(key) is not None)
+            if vals:
+                out[key] = {"mean": sum(vals) / len(vals), "p50": vals[len(vals) // 2],
+                            "p95": vals[min(len(vals) - 1, int(len(vals) * 0.95))], "max": vals[-1]}
+        return out
 
 
 class ProcessManager(Actor):
@@ -30,6 +64,7 @@ class ProcessManager(Actor):
         self.running: dict[str, set[int]] = {}  # executor id -> pids in its batch
         self.waiters: dict[int, list[tuple[asyncio.Future, bool]]] = {}
         self.subscribers: dict[int, list[asyncio.Queue]] = {}
+        self.finished = FinishedStats()
 
     async def receive(self, msg: Any) -> Any:
         handler = getattr(self, "on_" + type(msg).__name__, None)
@@ -39,12 +74,16 @@ class ProcessManager(Actor):
 
     # -- syscalls --------------------------------------------------------------------------
     def on_Spawn(self, msg: m.Spawn) -> int:
-        ex = msg.executor
+        live = [e for e in msg.executors if not e.dead]
+        if not live:
+            raise DeviceError(f"every instance of model {msg.model} has stopped")
+        for e in live:
+            self.executors[e.id] = e
+            self.queues.setdefault(e.id, RunQueue())
+            self.running.setdefault(e.id, set())
+        ex = min(live, key=lambda e: len(self.running[e.id]) + len(self.queues[e.id]))
         proc = self.table.create(owner=msg.owner, model=msg.model, priority=msg.priority,
                                  params=msg.params, prompt_ids=msg.prompt_ids)
-        self.executors[ex.id] = ex
-        self.queues.setdefault(ex.id, RunQueue())
-        self.running.setdefault(ex.id, set())
         self.placement[proc.pid] = ex.id
         proc.transition(State.READY)
         self.queues[ex.id].push(proc.pid, proc.priority)
@@ -95,6 +134,13 @@ class ProcessManager(Actor):
 
     def on_Counts(self, msg: m.Counts) -> dict:
         return self.table.counts()
+
+    def on_Live(self, msg: m.Live) -> dict[str, int]:
+        return {ex_id: len(self.running.get(ex_id, ())) + len(q) for ex_id, q in self.queues.items()}
+
+    def on_Metrics(self, msg: m.Metrics) -> dict:
+        live = [p.record() | {"stats": p.stats()} for p in self.table if p.state is not State.ZOMBIE]
+        return {"processes": live, "finished": self.finished.summary(), "counts": self.table.counts()}
 
     def on_Subscribe(self, msg: m.Subscribe) -> asyncio.Queue:
         proc = self._owned(msg.pid, msg.owner)
@@ -158,12 +204,25 @@ class ProcessManager(Actor):
         if ex is None or ex.dead:
             return
         running = self.running[ex_id]
-        for pid in admit(self.queues[ex_id], ex.max_batch - len(running)):
+        total, bs = ex.kv_total, ex.kv_block_size
+        # admit only what the KV pool can hold now: every running context plus the new prompt
+        held = [sum(blocks_for(len(self.table.get(p).prompt_ids) + len(self.table.get(p).token_ids) + 1, bs)
+                    for p in running), len(running)]  # blocks held, processes holding them
+
+        def fits(pid: int) -> bool:
+            need = blocks_for(len(self.table.get(pid).prompt_ids) + 1, bs)
+            if total and held[1] and held[0] + need > total:
+                return False  # an idle pool always takes one process, so nothing waits forever
+            held[0] += need
+            held[1] += 1
+            return True
+
+        for pid in admit(self.queues[ex_id], ex.max_batch - len(running), fits):
             proc = self.table.get(pid)
             proc.transition(State.RUNNING)
             proc.admitted_at = time.time()
             running.add(pid)
-            ex.tell(m.Add(pid, proc.prompt_ids, proc.params))
+            ex.tell(m.Add(pid, proc.prompt_ids, proc.params, proc.owner, proc.priority))
 
     def _abort_on_worker(self, pid: int, ex_id: str | None) -> None:
         ex = self.executors.get(ex_id) if ex_id else None
@@ -183,6 +242,7 @@ class ProcessManager(Actor):
             self.running[ex_id].discard(proc.pid)
             self._schedule(ex_id)
         result = proc.result()
+        self.finished.add(result["stats"], reason)
         self.log.info("exit", pid=proc.pid, reason=reason, output_tokens=len(proc.token_ids),
                       **({"error": error["message"]} if error else {}))
         for q in self.subscribers.pop(proc.pid, []):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from typing import Callable
 
 
 class RunQueue:
@@ -22,6 +23,11 @@ class RunQueue:
             raise ValueError(f"pid {pid} already queued")
         heapq.heappush(self._heap, (priority, next(self._seq), pid))
         self._live.add(pid)
+
+    def peek(self) -> int | None:
+        while self._heap and self._heap[0][2] not in self._live:
+            heapq.heappop(self._heap)
+        return self._heap[0][2] if self._heap else None
 
     def pop(self) -> int | None:
         while self._heap:
@@ -48,12 +54,16 @@ class RunQueue:
         return [pid for _, _, pid in sorted(self._heap) if pid in self._live]
 
 
-def admit(queue: RunQueue, free_slots: int) -> list[int]:
-    """Pop up to ``free_slots`` pids to run next, best first."""
+def admit(queue: RunQueue, free_slots: int, fits: Callable[[int], bool] = lambda pid: True) -> list[int]:
+    """Pop up to ``free_slots`` pids to run next, best first, while ``fits(pid)`` says its memory is there.
+
+    The head of the queue that does not fit stops admission: a smaller process behind it must
+    not overtake it forever (no starvation of long prompts).
+    """
     out: list[int] = []
     while len(out) < free_slots:
-        pid = queue.pop()
-        if pid is None:
+        pid = queue.peek()
+        if pid is None or not fits(pid):
             break
-        out.append(pid)
+        out.append(queue.pop())
     return out

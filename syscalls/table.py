@@ -90,7 +90,7 @@ SYSCALLS: tuple[Syscall, ...] = (
         request=(),
         reply=(Field("pid", "int"), Field("address", "str"), Field("uptime_s", "float"),
                Field("version", "str"), Field("home", "str"), Field("processes", "map", "count per state"),
-               Field("models", "list[map]", "loaded models: model, worker_pid, running, device")),
+               Field("models", "list[map]", "loaded model instances: model, worker_pid, running, device, ...")),
         errors=(),
     ),
     Syscall(
@@ -106,11 +106,15 @@ SYSCALLS: tuple[Syscall, ...] = (
                   max_len=4_000_000),
             Field("messages", "list[map]", "chat messages {role, content}, rendered with the model's chat template",
                   nullable=True, max_len=10_000),
+            Field("prompt_ids", "list[int]", "the prompt as token ids (exactly one of prompt, messages, prompt_ids)",
+                  nullable=True, max_len=1_000_000),
+            Field("keep_alive", "float", "seconds the model stays loaded once idle (0 unloads after use, -1 pins); "
+                  "null keeps the model's setting", nullable=True, min=-1.0),
             Field("priority", "int", "nice value: lower runs first", default=0, min=PRIORITY_MIN, max=PRIORITY_MAX),
             *SAMPLING,
         ),
         reply=(PID,),
-        errors=(E.EINVAL, E.ENOENT, E.E2BIG, E.EIO),
+        errors=(E.EINVAL, E.ENOENT, E.E2BIG, E.EIO, E.ENOMEM),
     ),
     Syscall(
         11, "wait", "Wait until a process is a ZOMBIE and return its result; reaps it unless reap is false.",
@@ -144,6 +148,77 @@ SYSCALLS: tuple[Syscall, ...] = (
         errors=(E.ESRCH, E.EPERM, E.EINVAL),
         streams=True,
         chunk=(Field("text", "str", "new text"), Field("token_ids", "list[int]", "new token ids")),
+    ),
+)
+
+MODEL = Field("model", "str", "model directory or 'default'; null is the default model", nullable=True, max_len=4096)
+MODEL_DESCRIPTION = (
+    Field("model", "str", "resolved model directory"),
+    Field("loaded", "bool"),
+    Field("device", "str", "cpu or cuda:N", nullable=True),
+    Field("instances", "int", nullable=True),
+    Field("keep_alive", "float", nullable=True),
+    Field("kv_policy", "str", nullable=True),
+    Field("estimate", "map", "parameters, weight_bytes, kv_bytes, kv_bytes_per_token, overhead_bytes, total_bytes"),
+    Field("executors", "list[map]", "per instance: worker_pid, engine, running, kv_used/free/total, steps, "
+          "batch_mean/max, tokens_out, preemptions", nullable=True),
+)
+
+SYSCALLS = SYSCALLS + (
+    Syscall(
+        16, "models", "List the loaded models with their instances, devices and KV pools.",
+        request=(), reply=(Field("models", "list[map]", "model descriptions, as model_info"),), errors=(),
+    ),
+    Syscall(
+        17, "model_load", "Load a model (or return it if loaded): device, instances, KV memory policy, keep-alive.",
+        request=(
+            MODEL,
+            Field("device", "str", "cpu, cuda:N or auto (one GPU that fits, else the CPU)", nullable=True, max_len=32),
+            Field("instances", "int", "model instances (worker processes)", default=1, min=1, max=64),
+            Field("kv_policy", "str", "static: fixed pool; dynamic: grows with demand and free memory, shrinks "
+                  "when idle; isolated: fixed pool with a hard cap per user", nullable=True,
+                  choices=("static", "dynamic", "isolated")),
+            Field("kv_blocks", "int", "KV pool size in blocks (the initial size under dynamic)", nullable=True,
+                  min=2, max=10_000_000),
+            Field("kv_max_blocks", "int", "the dynamic policy's largest pool", nullable=True, min=2, max=10_000_000),
+            Field("user_cap_blocks", "int", "the isolated policy's cap per user, in blocks", nullable=True, min=1),
+            Field("max_batch", "int", "most processes in one step", nullable=True, min=1, max=4096),
+            Field("keep_alive", "float", "seconds to stay loaded once idle; -1 pins, 0 unloads after use",
+                  nullable=True, min=-1.0),
+            Field("engine", "str", "auto, paged or sequential", nullable=True, choices=("auto", "paged", "sequential")),
+        ),
+        reply=MODEL_DESCRIPTION,
+        errors=(E.ENOENT, E.ENOMEM, E.EIO, E.EINVAL),
+    ),
+    Syscall(
+        18, "model_unload", "Unload a model: stop its workers and free its memory.",
+        request=(MODEL, Field("force", "bool", "also end its live processes (they finish with error)",
+                              default=False)),
+        reply=(Field("model", "str"), Field("unloaded", "bool")),
+        errors=(E.ENOENT, E.EBUSY),
+    ),
+    Syscall(
+        19, "model_info", "Describe a model: loaded or not, its memory estimate, its instances and their metrics.",
+        request=(MODEL,), reply=MODEL_DESCRIPTION, errors=(E.ENOENT,),
+    ),
+    Syscall(
+        20, "devices", "The devices: cpu (cores, load, RAM) and each GPU (memory, utilisation), with reservations.",
+        request=(),
+        reply=(Field("devices", "list[map]", "kind, name, capacity, budget_bytes, reserved_bytes, free_bytes, "
+                     "holders, and what the driver reports (load, utilisation, memory)"),),
+        errors=(),
+    ),
+    Syscall(
+        21, "metrics", "Metrics of every live process and model, and of finished processes.",
+        request=(),
+        reply=(Field("processes", "list[map]", "live processes: record and stats (queue_time_s, ttft_s, tpot_s, "
+                     "tokens)"),
+               Field("finished", "map", "count, tokens in/out, finish reasons, mean/p50/p95/max of queue_time_s, "
+                     "ttft_s, tpot_s, total_time_s over the last 1000"),
+               Field("models", "list[map]", "per model instance: batch size per step (last, mean, max), steps, "
+                     "tokens_out, KV blocks used/free/total, preemptions, step time"),
+               Field("counts", "map", "processes per state")),
+        errors=(),
     ),
 )
 

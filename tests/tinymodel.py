@@ -7,7 +7,7 @@ from pathlib import Path
 TINY_VOCAB_WORDS = 400
 
 
-def make_tiny_llama(path: Path, *, hidden: int = 32, layers: int = 2, heads: int = 4, context: int = 128,
+def make_tiny_llama(path: Path, *, hidden: int = 32, layers: int = 2, heads: int = 4, context: int = 1024,
                     seed: int = 0) -> Path:
     """Write a tiny LlamaForCausalLM with a word-level tokenizer and a ChatML template to ``path``."""
     import torch
@@ -34,7 +34,7 @@ def make_tiny_llama(path: Path, *, hidden: int = 32, layers: int = 2, heads: int
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=hidden * 2,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                       max_position_embeddings=context, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, initializer_range=0.3)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path)
     return path

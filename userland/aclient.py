@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
-from llmos._wire import Calls, current_user, spawn_args
+from llmos._wire import Calls, current_user, model_arg, spawn_args
 from llmos.syscalls import protocol
 from llmos.syscalls.address import ipc_path, resolve_address
 from llmos.syscalls.errors import KernelGone, KernelUnavailable, TimedOut
@@ -155,6 +155,24 @@ class AsyncClient:
         async for kind, payload in self._frames("stream", {"pid": pid}, None):
             if kind == protocol.CHUNK and payload.get("text"):
                 yield payload["text"]
+
+    async def models(self) -> list[dict[str, Any]]:
+        return (await self.call("models", timeout=30.0))["models"]
+
+    async def model_load(self, model: str | None = None, **options: Any) -> dict[str, Any]:
+        return await self.call("model_load", {"model": model_arg(model), **options}, timeout=600.0)
+
+    async def model_unload(self, model: str | None = None, force: bool = False) -> dict[str, Any]:
+        return await self.call("model_unload", {"model": model_arg(model), "force": force}, timeout=60.0)
+
+    async def model_info(self, model: str | None = None) -> dict[str, Any]:
+        return await self.call("model_info", {"model": model_arg(model)}, timeout=30.0)
+
+    async def devices(self) -> list[dict[str, Any]]:
+        return (await self.call("devices", timeout=30.0))["devices"]
+
+    async def metrics(self) -> dict[str, Any]:
+        return await self.call("metrics", timeout=30.0)
 
     async def generate_text(self, prompt: str, model: str | None = None, **params: Any) -> str:
         pid = await self.spawn(prompt=prompt, model=model, **params)

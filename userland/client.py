@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import zmq
 
-from llmos._wire import Calls, current_user, spawn_args
+from llmos._wire import Calls, current_user, model_arg, spawn_args
 from llmos.syscalls import protocol
 from llmos.syscalls.address import ipc_path, resolve_address
 from llmos.syscalls.errors import KernelGone, KernelUnavailable, LLMOSError, TimedOut
@@ -133,6 +133,24 @@ class Client:
 
     def stream(self, pid: int) -> "OutputStream":
         return OutputStream(self.call_stream("stream", {"pid": pid}))
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.call("models", timeout=30.0)["models"]
+
+    def model_load(self, model: str | None = None, **options: Any) -> dict[str, Any]:
+        return self.call("model_load", {"model": model_arg(model), **options}, timeout=600.0)
+
+    def model_unload(self, model: str | None = None, force: bool = False) -> dict[str, Any]:
+        return self.call("model_unload", {"model": model_arg(model), "force": force}, timeout=60.0)
+
+    def model_info(self, model: str | None = None) -> dict[str, Any]:
+        return self.call("model_info", {"model": model_arg(model)}, timeout=30.0)
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self.call("devices", timeout=30.0)["devices"]
+
+    def metrics(self) -> dict[str, Any]:
+        return self.call("metrics", timeout=30.0)
 
 
 class OutputStream:

@@ -63,3 +63,51 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+                 contexts: list[list[int]]) -> list[int]:
+    """Choose one token per row of ``logits`` [B, vocab], each row with its own parameters and generator.
+
+    Greedy rows take the argmax; sampled rows are filtered (top-k, top-p) in one vectorised pass
+    and drawn by inverse CDF from one uniform number of their own generator, so a row's draw
+    does not depend on the other rows in the batch.
+    """
+    n = len(params)
+    if n == 0:
+        return []
+    logits = logits.float()
+    for i, p in enumerate(params):
+        if p.repetition_penalty != 1.0:
+            ctx = torch.tensor(contexts[i], dtype=torch.long, device=logits.device)
+            logits[i] = apply_repetition_penalty(logits[i], ctx, p.repetition_penalty)
+    out = [0] * n
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0.0]
+    if greedy:
+        for i, tok in zip(greedy, logits[greedy].argmax(-1).tolist()):
+            out[i] = tok
+    rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
+    if not rows:
+        return out
+    dev = logits.device
+    vocab = logits.shape[-1]
+    temp = torch.tensor([params[i].temperature for i in rows], device=dev)[:, None]
+    lg = logits[rows] / temp
+    top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in rows], device=dev)
+    top_p = torch.tensor([params[i].top_p for i in rows], device=dev)[:, None]
+    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+        lg, order = torch.sort(lg, dim=-1, descending=True)
+        cols = torch.arange(vocab, device=dev)[None, :]
+        lg = lg.masked_fill(cols >= top_k[:, None], float("-inf"))
+        probs = torch.softmax(lg, dim=-1)
+        lg = lg.masked_fill((torch.cumsum(probs, dim=-1) - probs) >= top_p, float("-inf"))
+    else:
+        order = None
+    probs = torch.softmax(lg, dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    u = torch.cat([torch.rand(1, generator=generators[i], device=dev) for i in rows])[:, None] * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u).clamp_(max=vocab - 1)
+    chosen = order.gather(1, idx) if order is not None else idx
+    for i, tok in zip(rows, chosen[:, 0].tolist()):
+        out[i] = tok
+    return out

@@ -9,6 +9,7 @@ or the kernel stops answering.
 from __future__ import annotations
 
 import argparse
+import json
 import ctypes
 import os
 import signal
@@ -33,14 +34,14 @@ def _die_with_parent() -> None:
 
 
 class Worker:
-    def __init__(self, address: str, model_path: str, device: str | None, max_batch: int) -> None:
+    def __init__(self, address: str, model_path: str, device: str | None, options: dict) -> None:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.connect(address)
         self.model_path = model_path
         self.device = device
-        self.max_batch = max_batch
+        self.options = options
         self.parent = os.getppid()
         self.engine = None
         self.running = True
@@ -52,12 +53,11 @@ class Worker:
         try:
             from transformers.utils import logging as hf_logging
 
-            from llmos.drivers.model.engine import Engine
+            from llmos.drivers.model.engine import load_engine
 
             hf_logging.disable_progress_bar()
-
             t0 = time.time()
-            self.engine = Engine.load(self.model_path, self.device, self.max_batch)
+            self.engine = load_engine(self.model_path, self.device, **self.options)
             info = self.engine.info()
             info["load_s"] = time.time() - t0
             self.send({"op": "ready", "info": info})
@@ -81,11 +81,11 @@ class Worker:
             if self.engine.has_work():
                 t = time.perf_counter()
                 events = self.engine.step()
-                self.send({"op": "step", "events": [e.to_wire() for e in events],
-                           "running": self.engine.running, "step_s": time.perf_counter() - t})
+                self.send({"op": "step", "events": [e.to_wire() for e in events], "running": self.engine.running,
+                           "step_s": time.perf_counter() - t, "stats": self.engine.stats()})
                 last_sent = time.time()
             elif time.time() - last_sent >= HEARTBEAT_S:
-                self.send({"op": "hb", "running": 0})
+                self.send({"op": "hb", "running": 0, "stats": self.engine.stats()})
                 last_sent = time.time()
             if os.getppid() != self.parent:
                 return 2  # the kernel is gone
@@ -95,7 +95,7 @@ class Worker:
         op = msg.get("op")
         if op == "encode":
             try:
-                ids = self.engine.encode(msg.get("prompt"), msg.get("messages"))
+                ids = self.engine.encode(msg.get("prompt"), msg.get("messages"), msg.get("prompt_ids"))
                 self.send({"op": "encoded", "rid": msg["rid"], "ids": ids})
             except LLMOSError as exc:
                 self.send({"op": "encoded", "rid": msg["rid"], **exc.to_wire()})
@@ -104,7 +104,7 @@ class Worker:
                            "message": f"cannot encode input: {type(exc).__name__}: {exc}"})
         elif op == "add":
             try:
-                self.engine.add(msg["pid"], msg["ids"], msg["params"])
+                self.engine.add(msg["pid"], msg["ids"], msg["params"], msg.get("user", ""), msg.get("priority", 0))
             except Exception as exc:
                 err = exc.to_wire() if isinstance(exc, LLMOSError) else {
                     "errno": int(Errno.EIO), "error": "EIO", "message": repr(exc)}
@@ -114,7 +114,7 @@ class Worker:
             event = self.engine.abort(msg["pid"])
             if event is not None:
                 self.send({"op": "step", "events": [event.to_wire()], "running": self.engine.running,
-                           "step_s": 0.0})
+                           "step_s": 0.0, "stats": self.engine.stats()})
         elif op == "shutdown":
             self.running = False
 
@@ -124,11 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", required=True)
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--options", default="{}", help="engine options as JSON (engine, max_batch, block_size, "
+                                                   "num_blocks, max_tokens_per_step)")
     args = ap.parse_args(argv)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal belongs to the kernel/client
-    worker = Worker(args.address, args.model, args.device, args.max_batch)
+    worker = Worker(args.address, args.model, args.device, json.loads(args.options))
     try:
         return worker.serve()
     finally:

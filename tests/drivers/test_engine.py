@@ -1,15 +1,17 @@
-"""The engine on a tiny real Llama: HF-identical greedy output, stops, limits, chat, abort."""
+"""Both engines on a tiny real Llama: HF-identical greedy output, stops, limits, chat, abort."""
 
 import pytest
 import torch
 
-from llmos.drivers.model.engine import Engine
+from llmos.drivers.model.engine import load_engine
 from llmos.syscalls.errors import InvalidArgument, TooBig
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model):
-    return Engine.load(tiny_model)
+@pytest.fixture(scope="module", params=["paged", "sequential"])
+def engine(tiny_model, request):
+    e = load_engine(tiny_model, engine=request.param, max_batch=8)
+    assert e.kind == request.param
+    return e
 
 
 def run_all(engine):
@@ -112,5 +114,6 @@ def test_abort_keeps_what_was_generated(engine):
 
 def test_info_describes_the_loaded_model(engine):
     info = engine.info()
-    assert info["architecture"] == "LlamaForCausalLM" and info["context_len"] == 128
+    assert info["architecture"] == "LlamaForCausalLM" and info["context_len"] == 1024
+    assert info["kv_blocks"] == engine.pool.capacity and info["kv_bytes_per_token"] == 2 * 2 * 32 * 4
     assert info["device"] == "cpu" and info["has_chat_template"]

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from llmos.drivers.model.engine import Engine
+from llmos.drivers.model.engine import BaseEngine, load_engine
 from llmos.kernel import messages as m
 from llmos.kernel.procman import END, ProcessManager
 from llmos.syscalls.errors import NotPermitted
@@ -13,13 +13,14 @@ from llmos.syscalls.errors import NotPermitted
 class InlineExecutor:
     """The executor contract (id, max_batch, dead, tell) over an in-process Engine, stepped by hand."""
 
-    def __init__(self, engine: Engine, max_batch: int):
+    def __init__(self, engine: BaseEngine, max_batch: int):
         self.id, self.engine, self.max_batch, self.dead = "inline", engine, max_batch, None
+        self.kv_total, self.kv_block_size = engine.pool.capacity, engine.pool.block_size
         self.outbox: list[list] = []
 
     def tell(self, msg):
         if isinstance(msg, m.Add):
-            self.engine.add(msg.pid, msg.prompt_ids, msg.params)
+            self.engine.add(msg.pid, msg.prompt_ids, msg.params, msg.user, msg.priority)
         elif isinstance(msg, m.Abort):
             ev = self.engine.abort(msg.pid)
             if ev:
@@ -34,7 +35,7 @@ class InlineExecutor:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model):
-    return Engine.load(tiny_model)
+    return load_engine(tiny_model)
 
 
 def scenario(engine, max_batch, body):
@@ -51,7 +52,7 @@ def scenario(engine, max_batch, body):
 
 
 async def spawn(pm, ex, n=5, priority=0, owner="ann"):
-    return await pm.ask(m.Spawn(owner, "tiny", ex, [1, 5, 9], priority,
+    return await pm.ask(m.Spawn(owner, "tiny", [ex], [1, 5, 9], priority,
                                 {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}))
 
 
@@ -139,6 +140,28 @@ def test_a_subscriber_gets_every_chunk_then_the_result(engine):
         chunks, (end, result) = items[:-1], items[-1]
         assert end is END and sum(len(c["token_ids"]) for c in chunks) == 4
         assert "".join(c["text"] for c in chunks) == result["text"]
+    scenario(engine, 4, body)
+
+
+def test_admission_waits_for_kv_blocks(tiny_model):
+    small = load_engine(tiny_model, block_size=4, num_blocks=4)  # 3 usable blocks = 12 slots
+
+    async def body(pm, ex):
+        first = await pm.ask(m.Spawn("ann", "tiny", [ex], list(range(5, 12)), 0, {"max_new_tokens": 2}))
+        second = await pm.ask(m.Spawn("ann", "tiny", [ex], list(range(5, 12)), 0, {"max_new_tokens": 2}))
+        assert await state(pm, first) == "RUNNING" and await state(pm, second) == "READY"
+        await ex.pump(pm, 2)
+        assert await state(pm, first) == "ZOMBIE" and await state(pm, second) == "RUNNING"
+    scenario(small, 8, body)
+
+
+def test_metrics_summarise_finished_processes(engine):
+    async def body(pm, ex):
+        pid = await spawn(pm, ex, n=3)
+        await ex.pump(pm, 3)
+        fin = (await pm.ask(m.Metrics()))["finished"]
+        assert fin["count"] == 1 and fin["tokens_out"] == 3 and fin["ttft_s"]["max"] > 0
+        assert pid
     scenario(engine, 4, body)
 
 

@@ -1,0 +1,56 @@
+"""How much memory a model instance will take, read from its files before loading it."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+WORKER_OVERHEAD_BYTES = 350 * 2**20  # a worker process with torch and transformers imported (measured RSS)
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def parameter_count(path: str | Path) -> int:
+    """Count parameters from safetensors headers (no tensor is read); fall back to file sizes."""
+    path = Path(path)
+    total = 0
+    files = sorted(path.glob("*.safetensors"))
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                numel = 1
+                for d in meta["shape"]:
+                    numel *= d
+                total += numel
+    if not files:  # pytorch_model*.bin: assume 2 bytes per parameter as saved
+        total = sum(f.stat().st_size for f in path.glob("*.bin")) // 2
+    return total
+
+
+def kv_bytes_per_token(config: dict[str, Any], elem_bytes: int) -> int:
+    heads = config.get("num_attention_heads") or 1
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return 2 * int(config.get("num_hidden_layers", 0)) * kv_heads * head_dim * elem_bytes
+
+
+def estimate(path: str | Path, device: str = "cpu", kv_tokens: int | None = None,
+             max_batch: int = 64) -> dict[str, Any]:
+    """Bytes for weights, KV pool and process overhead of one instance on ``device``."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    elem = 4 if device == "cpu" else 2  # the loader uses float32 on CPU, bfloat16 on GPUs
+    params = parameter_count(path)
+    per_token = kv_bytes_per_token(config, elem)
+    context = int(config.get("max_position_embeddings") or 2048)
+    if kv_tokens is None:
+        kv_tokens = max_batch * context
+    weights = params * elem
+    kv = per_token * kv_tokens
+    return {"parameters": params, "weight_bytes": weights, "kv_bytes": kv, "kv_bytes_per_token": per_token,
+            "kv_tokens": kv_tokens, "overhead_bytes": WORKER_OVERHEAD_BYTES,
+            "total_bytes": weights + kv + WORKER_OVERHEAD_BYTES, "context_len": context}

@@ -1,0 +1,307 @@
+"""The paged engine: continuous batching over a paged KV cache for the Llama family (Llama, Qwen2, Mistral).
+
+Each step packs every running sequence's next token and chunks of waiting prompts (under a
+token budget) into one flat batch, runs the model's own weights through a lean forward
+pass, writes keys and values into pool blocks through each sequence's block table, and
+samples one token for every sequence whose pending tokens are all computed. Sequences
+join and leave between any two steps. When the pool runs dry, the newest lowest-priority
+sequence is preempted: its blocks are freed and it is recomputed later from its tokens.
+
+The forward reuses the transformers modules (projections, norms, MLP, rotary embedding), so
+the numbers match ``generate``; only attention and the cache are ours.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmos.drivers.model.engine import BaseEngine, Sequence, StepEvent
+from llmos.drivers.model.sampling import sample_batch
+from llmos.syscalls.errors import Errno, OutOfMemory
+
+SUPPORTED = {"llama", "qwen2", "mistral"}
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PagedEngine(BaseEngine):
+    kind = "paged"
+
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device, name: str = "model",
+                 max_tokens_per_step: int = 512, **kw: Any) -> None:
+        super().__init__(model, tokenizer, device, name, **kw)
+        cfg = model.config
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        self.n_heads = cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.max_tokens_per_step = max_tokens_per_step
+        block_size = self.pool.block_size
+        dtype = next(model.parameters()).dtype
+        # per layer: keys and values, one row per block: [blocks, block_size * kv_heads * head_dim]
+        row = block_size * self.n_kv * self.head_dim
+        self.k_cache = [torch.zeros(self.pool.num_blocks, row, dtype=dtype, device=device) for _ in self.layers]
+        self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
+        self._kbuf = torch.empty(0, row, dtype=dtype, device=device)
+        self._vbuf = torch.empty(0, row, dtype=dtype, device=device)
+        self._slot_offsets = torch.arange(block_size, device=device)
+        self._fuse_projections()
+
+    def _fuse_projections(self) -> None:
+        """One GEMM for q, k and v and one for gate and up: fewer, larger matmuls per layer.
+
+        The fused matrices become the storage; the modules' weights are re-pointed to views of
+        them, so memory does not grow and the transformers model keeps working unchanged.
+        """
+        self.fused: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        for layer in self.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            projs = (a.q_proj, a.k_proj, a.v_proj)
+            w_qkv = torch.cat([p.weight.data for p in projs])
+            b_qkv = torch.cat([p.bias.data for p in projs]) if a.q_proj.bias is not None else None
+            w_gu = torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data])
+            row = 0
+            for p in projs:
+                n = p.weight.shape[0]
+                p.weight = torch.nn.Parameter(w_qkv[row:row + n], requires_grad=False)
+                if b_qkv is not None:
+                    p.bias = torch.nn.Parameter(b_qkv[row:row + n], requires_grad=False)
+                row += n
+            g = mlp.gate_proj.weight.shape[0]
+            mlp.gate_proj.weight = torch.nn.Parameter(w_gu[:g], requires_grad=False)
+            mlp.up_proj.weight = torch.nn.Parameter(w_gu[g:], requires_grad=False)
+            self.fused.append((w_qkv, b_qkv, w_gu))
+
+    def _workspace(self, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather buffers reused across layers and steps; they only grow."""
+        if self._kbuf.shape[0] < blocks:
+            size = max(blocks, 2 * self._kbuf.shape[0])
+            self._kbuf = torch.empty(size, self._kbuf.shape[1], dtype=self._kbuf.dtype, device=self.device)
+            self._vbuf = torch.empty_like(self._kbuf)
+        return self._kbuf, self._vbuf
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        cfg = model.config
+        if getattr(cfg, "model_type", None) not in SUPPORTED:
+            return False
+        window = getattr(cfg, "sliding_window", None)
+        if window and getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings:
+            return False
+        inner = getattr(model, "model", None)
+        return inner is not None and hasattr(inner, "rotary_emb") and hasattr(inner, "layers") and all(
+            hasattr(layer.self_attn, "q_proj") and not hasattr(layer.self_attn, "q_norm") for layer in inner.layers)
+
+    # -- planning ----------------------------------------------------------------------------
+    def _plan(self) -> tuple[list[tuple[Sequence, int, int]], list[StepEvent]]:
+        """Choose (sequence, start, count) for this step; allocate their blocks; preempt if needed."""
+        events: list[StepEvent] = []
+        budget = self.max_tokens_per_step
+        order = sorted(self.seqs.values(), key=lambda s: s.rank)
+        decoding = [s for s in order if s.computed > 0 and len(s.tokens) - s.computed == 1]
+        plan: list[tuple[Sequence, int, int]] = []
+        planned: set[int] = set()
+        for seq in decoding:
+            if seq.pid not in self.seqs or seq.pid in planned:
+                continue
+            while not self._ensure(seq, seq.computed + 1):
+                victim = max((s for s in self.seqs.values() if s.pid not in planned and self.pool.tables.get(s.pid)),
+                             key=lambda s: s.rank, default=None)
+                if victim is None:
+                    break
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.computed > 0 and seq.pid in self.pool.tables and budget > 0:
+                plan.append((seq, seq.computed, 1))
+                planned.add(seq.pid)
+                budget -= 1
+        for seq in order:  # prompts (new or preempted), in priority order, under the budget
+            if budget <= 0:
+                break
+            if seq.pid in planned or seq.pid not in self.seqs:
+                continue
+            pending = len(seq.tokens) - seq.computed
+            n = min(pending, budget)
+            if not self._ensure(seq, seq.computed + n):
+                if not planned and not self.pool.tables.get(seq.pid) and \
+                        -(-len(seq.tokens) // self.pool.block_size) > self.pool.capacity:
+                    events.append(self._fail(seq, Errno.ENOMEM, f"the KV pool ({self.pool.capacity} blocks of "
+                                             f"{self.pool.block_size}) cannot hold {len(seq.tokens)} tokens"))
+                break  # keep arrival order: later prompts wait for memory too
+            plan.append((seq, seq.computed, n))
+            planned.add(seq.pid)
+            budget -= n
+        return plan, events
+
+    def _ensure(self, seq: Sequence, tokens: int) -> bool:
+        try:
+            self.pool.ensure(seq.pid, tokens, seq.user)
+            return True
+        except OutOfMemory:
+            pass
+        if self.kv_policy != "dynamic" or not self._grow():
+            return False
+        return self._ensure(seq, tokens)
+
+    def _grow(self) -> bool:
+        """The dynamic policy: double the pool (up to its maximum) while the host has the memory."""
+        import psutil
+
+        new = min(self.max_blocks, 2 * self.pool.num_blocks)
+        extra = new - self.pool.num_blocks
+        nbytes = extra * self.pool.block_size * self.kv_bytes_per_token()
+        if extra <= 0 or (self.device.type == "cpu" and psutil.virtual_memory().available < nbytes + 2**30):
+            return False
+        self.k_cache = [torch.cat([k, torch.zeros(extra, k.shape[1], dtype=k.dtype, device=k.device)])
+                        for k in self.k_cache]
+        self.v_cache = [torch.cat([v, torch.zeros(extra, v.shape[1], dtype=v.dtype, device=v.device)])
+                        for v in self.v_cache]
+        self.pool.grow(new)
+        return True
+
+    def _shrink_if_idle(self) -> None:
+        """The dynamic policy gives memory back once no sequence holds blocks."""
+        if self.kv_policy == "dynamic" and not self.seqs and self.pool.num_blocks > self.initial_blocks:
+            self.pool.reset(self.initial_blocks)
+            self.k_cache = [k[:self.initial_blocks].clone() for k in self.k_cache]
+            self.v_cache = [v[:self.initial_blocks].clone() for v in self.v_cache]
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.pool.free(seq.pid)
+        seq.computed = 0
+        seq.preemptions += 1
+        self.preemptions += 1
+
+    # -- the step ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        plan, events = self._plan()
+        self.steps += 1
+        self.last_batch = len(plan)
+        self.last_step_tokens = sum(n for _, _, n in plan)
+        if not plan:
+            return events
+        try:
+            logits = self._forward(plan)
+        except Exception as exc:  # a failed forward fails this step's sequences, not the worker
+            for seq, _, _ in plan:
+                events.append(self._fail(seq, Errno.EIO, f"model step failed: {type(exc).__name__}: {exc}"))
+            return events
+        sampled_seqs: list[Sequence] = []
+        for seq, start, n in plan:
+            seq.computed = start + n
+            if seq.computed == len(seq.tokens):
+                sampled_seqs.append(seq)
+        tokens = sample_batch(logits, [s.params for s in sampled_seqs], [s.generator for s in sampled_seqs],
+                              [s.tokens for s in sampled_seqs])
+        for seq, tok in zip(sampled_seqs, tokens):
+            events.append(self._accept(seq, tok))
+        self._shrink_if_idle()
+        return events
+
+    def _forward(self, plan: list[tuple[Sequence, int, int]]) -> torch.Tensor:
+        """One forward over the packed batch; returns logits for the sequences that sample this step."""
+        dev, bs = self.device, self.pool.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        for seq, start, n in plan:
+            ids.extend(seq.tokens[start:start + n])
+            pos.extend(range(start, start + n))
+        n_tok = len(ids)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        # slot of every token: block_table[pos // bs] * bs + pos % bs
+        tables = [self.pool.tables[seq.pid] for seq, _, _ in plan]
+        width = max(len(t) for t in tables)
+        table = torch.zeros(len(plan), width, dtype=torch.long, device=dev)
+        for i, t in enumerate(tables):
+            table[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        row = torch.repeat_interleave(torch.arange(len(plan), device=dev),
+                                      torch.tensor([n for _, _, n in plan], device=dev))
+        slot_mapping = table[row, positions // bs] * bs + positions % bs
+
+        decode_rows = [i for i, (_, _, n) in enumerate(plan) if n == 1]
+        prefill_rows = [i for i, (_, _, n) in enumerate(plan) if n > 1]
+        dec = None
+        if decode_rows:
+            d = torch.tensor(decode_rows, device=dev)
+            ctx = torch.tensor([plan[i][1] + 1 for i in decode_rows], device=dev)
+            nblk = int((ctx.max() + bs - 1) // bs)
+            blocks = table[d, :nblk].reshape(-1)
+            mask = (torch.arange(nblk * bs, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
+            tok_index = torch.tensor([sum(n for _, _, n in plan[:i]) for i in decode_rows], device=dev)
+            dec = (tok_index, blocks, mask, len(decode_rows), nblk * bs)
+            kbuf, vbuf = self._workspace(blocks.numel())
+        pre = []
+        offset = 0
+        for i, (seq, start, n) in enumerate(plan):
+            if n > 1:
+                end = start + n
+                blocks = slots = mask = None
+                if start > 0:  # a later chunk of a long prompt: attend to the cached part too
+                    slots = (table[i, :-(-end // bs), None] * bs + self._slot_offsets).reshape(-1)[:end]
+                    q_pos = torch.arange(start, end, device=dev)[:, None]
+                    mask = torch.arange(end, device=dev)[None, :] <= q_pos
+                pre.append((offset, n, slots, mask))
+            offset += n
+
+        h = self.inner.embed_tokens(input_ids)[None]  # [1, N, hidden]
+        cos, sin = self.inner.rotary_emb(h, positions[None])
+        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [N, 1, head_dim]
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        gqa = KV != H
+        h = h[0]
+        for li, layer in enumerate(self.layers):
+            attn, (w_qkv, b_qkv, w_gu) = layer.self_attn, self.fused[li]
+            x = layer.input_layernorm(h)
+            qkv = F.linear(x, w_qkv, b_qkv)
+            q = qkv[:, :H * D].view(n_tok, H, D)
+            k = qkv[:, H * D:(H + KV) * D].view(n_tok, KV, D)
+            v = qkv[:, (H + KV) * D:].view(n_tok, KV, D)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kc, vc = self.k_cache[li], self.v_cache[li]  # [blocks, block_size * KV * D]
+            kc.view(-1, KV * D).index_copy_(0, slot_mapping, k.reshape(n_tok, KV * D))
+            vc.view(-1, KV * D).index_copy_(0, slot_mapping, v.reshape(n_tok, KV * D))
+            out = torch.empty(n_tok, H, D, dtype=q.dtype, device=dev)
+            if dec is not None:
+                tok_index, blocks, mask, b, s = dec
+                # gather whole blocks into a reused workspace: fresh large buffers cost page faults
+                kd = torch.index_select(kc, 0, blocks, out=kbuf[:blocks.numel()]).view(b, s, KV, D).transpose(1, 2)
+                vd = torch.index_select(vc, 0, blocks, out=vbuf[:blocks.numel()]).view(b, s, KV, D).transpose(1, 2)
+                qd = q.index_select(0, tok_index)[:, :, None, :]  # [b, H, 1, D]
+                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa)
+                out.index_copy_(0, tok_index, od[:, :, 0, :])
+            for off, n, slots, mask in pre:
+                if slots is None:  # a whole prompt from position 0: its keys are this step's keys
+                    kp, vp = k[off:off + n].transpose(0, 1)[None], v[off:off + n].transpose(0, 1)[None]
+                else:
+                    kp = kc.view(-1, KV, D).index_select(0, slots).transpose(0, 1)[None]
+                    vp = vc.view(-1, KV, D).index_select(0, slots).transpose(0, 1)[None]
+                qp = q[off:off + n].transpose(0, 1)[None]  # [1, H, n, D]
+                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
+                                                    scale=attn.scaling, enable_gqa=gqa)
+                out[off:off + n] = op[0].transpose(0, 1)
+            h = h + attn.o_proj(out.reshape(n_tok, H * D))
+            gu = F.linear(layer.post_attention_layernorm(h), w_gu)
+            gate, up = gu.split(gu.shape[1] // 2, dim=1)
+            h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        # logits only where a token is sampled: the last planned token of each finished-pending sequence
+        last = []
+        offset = 0
+        for seq, start, n in plan:
+            offset += n
+            if start + n == len(seq.tokens):
+                last.append(offset - 1)
+        if not last:
+            return torch.empty(0, device=dev)
+        hl = self.inner.norm(h.index_select(0, torch.tensor(last, device=dev)))
+        return self.model.lm_head(hl).float()
