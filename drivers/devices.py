@@ -33,6 +33,11 @@ class DeviceTable:
         fitting = [g for g in self.gpus if g.fits(nbytes)]
         if fitting:
             return max(fitting, key=lambda g: g.res.budget - g.res.reserved)
+        if not self.cpu.fits(nbytes):
+            raise OutOfMemory(f"no device can hold {nbytes / 2**20:.0f} MiB: cpu has "
+                              f"{(self.cpu.res.budget - self.cpu.res.reserved) / 2**20:.0f} MiB free"
+                              + "".join(f", {g.name} {(g.res.budget - g.res.reserved) / 2**20:.0f} MiB"
+                                        for g in self.gpus))
         return self.cpu
 
     def inventory(self) -> list[dict[str, Any]]:

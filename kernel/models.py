@@ -79,7 +79,14 @@ class ModelManager(Actor):
         if isinstance(msg, m.Acquire):
             return await self._acquire(msg.model, msg.keep_alive)
         if isinstance(msg, m.Load):
-            entry = await self._load(resolve_model(msg.model), msg.options)
+            path = resolve_model(msg.model)
+            self._options(path, msg.options)  # refuse bad options even when the model is loaded
+            entry = self.models.get(path)
+            if entry is not None:
+                self._check_same(entry, msg.options)
+                if msg.options.get("keep_alive") is not None:
+                    entry.keep_alive = float(msg.options["keep_alive"])
+            entry = await self._load(path, msg.options)
             return [ex.ready for ex in entry.executors]
         if isinstance(msg, m.Unload):
             return await self._unload_request(msg.model, msg.force)
@@ -111,9 +118,21 @@ class ModelManager(Actor):
             entry.keep_alive = keep_alive
         return path, [ex.ready for ex in entry.executors]
 
+    def _check_same(self, entry: ModelEntry, req: dict[str, Any]) -> None:
+        asked = {"device": req.get("device"), "instances": req.get("instances"), "kv_policy": req.get("kv_policy")}
+        have = {"device": entry.device, "instances": len(entry.executors),
+                "kv_policy": entry.options.get("kv_policy", "static")}
+        differ = [k for k, v in asked.items() if v not in (None, "auto") and v != have[k] and
+                  not (k == "instances" and v == 1 and have[k] == 1)]
+        if differ:
+            raise Busy(f"model {entry.path} is loaded with " + ", ".join(f"{k}={have[k]}" for k in differ)
+                       + "; unload it first to load it differently")
+
     def _options(self, path: str, req: dict[str, Any]) -> tuple[dict[str, Any], str, int, float]:
         opts = {**self.defaults, **{k: v for k, v in req.items() if v is not None}}
         device = opts.pop("device", None) or "auto"
+        if device != "auto":
+            self.devices.get(device)  # EINVAL for a device that does not exist
         instances = int(opts.pop("instances", 1))
         keep_alive = float(opts.pop("keep_alive", DEFAULT_KEEP_ALIVE_S))
         if opts.get("kv_policy", "static") not in POLICIES:

@@ -461,6 +461,11 @@ def main(argv: list[str] | None = None) -> None:
     model.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    # name the class every transformers release knows (5.x writes its new "TokenizersBackend")
+    cfg_path = Path(out) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     corpus_info = {
         "files": n_files, "docs": len(docs), "chars": sum(map(len, docs)), "val_docs": len(val_docs),
         "train_tokens": train_data.numel(), "val_tokens": val_data.numel(), "min_chars": args.min_chars,

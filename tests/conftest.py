@@ -25,13 +25,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 class KernelProc:
     """A real kernel in a subprocess, with its own $LLMOS_HOME (short path: ipc paths are bounded)."""
 
-    def __init__(self, max_batch: int = 16) -> None:
+    def __init__(self, max_batch: int = 16, extra: list[str] | None = None) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
         self.address = f"ipc://{self.home}/run/kernel.sock"
         self.env = {**os.environ, "LLMOS_HOME": str(self.home), "LLMOS_ADDRESS": self.address}
         self.log = open(self.home / "kernel.out", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmos.kernel.main", "--max-batch", str(max_batch)],
+            [sys.executable, "-m", "llmos.kernel.main", "--max-batch", str(max_batch), *(extra or [])],
             env=self.env, stdout=self.log, stderr=self.log, cwd=ROOT)
         self.wait_ready()
 

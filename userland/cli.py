@@ -171,6 +171,76 @@ def cmd_stat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mib(n: Any) -> str:
+    return f"{(n or 0) / 2**20:.0f} MiB"
+
+
+def format_models(models: list[dict[str, Any]]) -> str:
+    lines = [f"{'MODEL':<48} {'DEVICE':<7} {'INST':>4} {'KEEP':>6} {'KV USED/TOTAL':>14} {'BATCH':>6} {'MEM':>9}"]
+    for d in models:
+        exs = d.get("executors") or []
+        used = sum(e.get("kv_used", 0) for e in exs)
+        total = sum(e.get("kv_total", 0) for e in exs)
+        batch = max((e.get("batch_last", 0) for e in exs), default=0)
+        keep = "pinned" if d.get("keep_alive") == -1 else f"{d.get('keep_alive', 0):.0f}s"
+        lines.append(f"{d['model'][-48:]:<48} {d.get('device', ''):<7} {len(exs):>4} {keep:>6} "
+                     f"{f'{used}/{total}':>14} {batch:>6} {_mib(d['estimate']['total_bytes']):>9}")
+    return "\n".join(lines)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        models = c.models()
+    print(json.dumps(models) if args.json else format_models(models))
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    opts = {k: getattr(args, k) for k in ("device", "instances", "kv_policy", "kv_blocks", "kv_max_blocks",
+                                          "user_cap_blocks", "max_batch", "keep_alive", "engine")}
+    with _connect(args) as c:
+        d = c.model_load(args.model, **{k: v for k, v in opts.items() if v is not None})
+    print(json.dumps(d) if args.json else format_models([d]))
+    return 0
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        d = c.model_unload(args.model, force=args.force)
+    print(f"unloaded {d['model']}")
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        print(json.dumps(c.model_info(args.model), indent=2))
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        devices = c.devices()
+    if args.json:
+        print(json.dumps(devices))
+        return 0
+    for d in devices:
+        if d["kind"] == "cpu":
+            print(f"cpu: {d['cores_logical']} cores, load {d['load_avg'][0]:.2f}, RAM {_mib(d['memory_available_bytes'])}"
+                  f" free of {_mib(d['memory_total_bytes'])}; models hold {_mib(d['reserved_bytes'])} of a "
+                  f"{_mib(d['budget_bytes'])} budget")
+        else:
+            print(f"{d['name']}: {d['model']}, {_mib(d['memory_total_bytes'])}, models hold {_mib(d['reserved_bytes'])}")
+    if not any(d["kind"] == "gpu" for d in devices):
+        print("gpus: none")
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        print(json.dumps(c.metrics(), indent=None if args.json else 2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmos", description="LLMOS: an operating-system-style kernel for LLMs")
     ap.add_argument("--address", default=None, help="kernel bus address (default: $LLMOS_ADDRESS or ipc under "
@@ -218,6 +288,36 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stat", help="one process's record and stats")
     st.add_argument("pid", type=int)
     st.set_defaults(fn=cmd_stat)
+
+    ms = sub.add_parser("models", help="list loaded models")
+    ms.add_argument("--json", action="store_true")
+    ms.set_defaults(fn=cmd_models)
+    ld = sub.add_parser("load", help="load a model: device, instances, KV memory policy, keep-alive")
+    ld.add_argument("model", nargs="?", default=None, help="model directory (default: the default model)")
+    ld.add_argument("--device", default=None, help="cpu, cuda:N or auto")
+    ld.add_argument("--instances", type=int, default=None)
+    ld.add_argument("--kv-policy", choices=("static", "dynamic", "isolated"), default=None)
+    ld.add_argument("--kv-blocks", type=int, default=None)
+    ld.add_argument("--kv-max-blocks", type=int, default=None)
+    ld.add_argument("--user-cap-blocks", type=int, default=None)
+    ld.add_argument("--max-batch", type=int, default=None)
+    ld.add_argument("--keep-alive", type=float, default=None, help="seconds once idle; -1 pins, 0 unloads after use")
+    ld.add_argument("--engine", choices=("auto", "paged", "sequential"), default=None)
+    ld.add_argument("--json", action="store_true")
+    ld.set_defaults(fn=cmd_load)
+    ul = sub.add_parser("unload", help="unload a model")
+    ul.add_argument("model", nargs="?", default=None)
+    ul.add_argument("--force", action="store_true", help="also end its live processes")
+    ul.set_defaults(fn=cmd_unload)
+    mi = sub.add_parser("model-info", help="describe a model: memory estimate, instances, KV pool")
+    mi.add_argument("model", nargs="?", default=None)
+    mi.set_defaults(fn=cmd_model_info)
+    dv = sub.add_parser("devices", help="cpu and gpus, with what models hold")
+    dv.add_argument("--json", action="store_true")
+    dv.set_defaults(fn=cmd_devices)
+    mt = sub.add_parser("metrics", help="process and model metrics")
+    mt.add_argument("--json", action="store_true")
+    mt.set_defaults(fn=cmd_metrics)
     return ap
 
 

@@ -184,6 +184,7 @@ class PagedEngine(BaseEngine):
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         plan, events = self._plan()
+        plan.sort(key=lambda item: item[2] != 1)  # stable: one-token entries first
         self.steps += 1
         self.last_batch = len(plan)
         self.last_step_tokens = sum(n for _, _, n in plan)
@@ -208,81 +209,84 @@ class PagedEngine(BaseEngine):
         return events
 
     def _forward(self, plan: list[tuple[Sequence, int, int]]) -> torch.Tensor:
-        """One forward over the packed batch; returns logits for the sequences that sample this step."""
+        """One forward over the packed batch; returns logits for the sequences that sample this step.
+
+        ``plan`` is ordered decodes first (one token each), so the first ``nd`` packed tokens are
+        the decode queries and need no gather.
+        """
         dev, bs = self.device, self.pool.block_size
         ids: list[int] = []
         pos: list[int] = []
+        slot_list: list[int] = []
         for seq, start, n in plan:
+            table = self.pool.tables[seq.pid]
             ids.extend(seq.tokens[start:start + n])
             pos.extend(range(start, start + n))
+            slot_list.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
         n_tok = len(ids)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
-        # slot of every token: block_table[pos // bs] * bs + pos % bs
-        tables = [self.pool.tables[seq.pid] for seq, _, _ in plan]
-        width = max(len(t) for t in tables)
-        table = torch.zeros(len(plan), width, dtype=torch.long, device=dev)
-        for i, t in enumerate(tables):
-            table[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        row = torch.repeat_interleave(torch.arange(len(plan), device=dev),
-                                      torch.tensor([n for _, _, n in plan], device=dev))
-        slot_mapping = table[row, positions // bs] * bs + positions % bs
+        slot_mapping = torch.tensor(slot_list, dtype=torch.long, device=dev)
 
-        decode_rows = [i for i, (_, _, n) in enumerate(plan) if n == 1]
-        prefill_rows = [i for i, (_, _, n) in enumerate(plan) if n > 1]
+        nd = 0
+        while nd < len(plan) and plan[nd][2] == 1:
+            nd += 1
         dec = None
-        if decode_rows:
-            d = torch.tensor(decode_rows, device=dev)
-            ctx = torch.tensor([plan[i][1] + 1 for i in decode_rows], device=dev)
-            nblk = int((ctx.max() + bs - 1) // bs)
-            blocks = table[d, :nblk].reshape(-1)
-            mask = (torch.arange(nblk * bs, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
-            tok_index = torch.tensor([sum(n for _, _, n in plan[:i]) for i in decode_rows], device=dev)
-            dec = (tok_index, blocks, mask, len(decode_rows), nblk * bs)
-            kbuf, vbuf = self._workspace(blocks.numel())
+        if nd:
+            ctx = [plan[i][1] + 1 for i in range(nd)]
+            nblk = -(-max(ctx) // bs)
+            rows = []
+            for seq, _, _ in plan[:nd]:
+                t = self.pool.tables[seq.pid][:nblk]
+                rows.extend(t + [0] * (nblk - len(t)))  # block 0 pads; the mask hides it
+            blocks = torch.tensor(rows, dtype=torch.long, device=dev)
+            ctx_t = torch.tensor(ctx, device=dev)
+            mask = (torch.arange(nblk * bs, device=dev)[None, :] < ctx_t[:, None])[:, None, None, :]
+            dec = (blocks, mask, nd, nblk * bs)
+            kbuf, vbuf = self._workspace(len(rows))
         pre = []
-        offset = 0
-        for i, (seq, start, n) in enumerate(plan):
-            if n > 1:
-                end = start + n
-                blocks = slots = mask = None
-                if start > 0:  # a later chunk of a long prompt: attend to the cached part too
-                    slots = (table[i, :-(-end // bs), None] * bs + self._slot_offsets).reshape(-1)[:end]
-                    q_pos = torch.arange(start, end, device=dev)[:, None]
-                    mask = torch.arange(end, device=dev)[None, :] <= q_pos
-                pre.append((offset, n, slots, mask))
+        offset = nd
+        for seq, start, n in plan[nd:]:
+            end = start + n
+            slots = mask = None
+            if start > 0:  # a later chunk of a long prompt (or a 1-token tail): attend to the cached part too
+                table = self.pool.tables[seq.pid]
+                slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(end)], device=dev)
+                q_pos = torch.arange(start, end, device=dev)[:, None]
+                mask = torch.arange(end, device=dev)[None, :] <= q_pos
+            pre.append((offset, n, slots, mask))
             offset += n
 
-        h = self.inner.embed_tokens(input_ids)[None]  # [1, N, hidden]
-        cos, sin = self.inner.rotary_emb(h, positions[None])
+        h = self.inner.embed_tokens(input_ids)  # [N, hidden]
+        cos, sin = self.inner.rotary_emb(h[None], positions[None])
         cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [N, 1, head_dim]
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         gqa = KV != H
-        h = h[0]
         for li, layer in enumerate(self.layers):
             attn, (w_qkv, b_qkv, w_gu) = layer.self_attn, self.fused[li]
-            x = layer.input_layernorm(h)
+            ln = layer.input_layernorm
+            x = F.rms_norm(h, (h.shape[-1],), ln.weight, ln.variance_epsilon)
             qkv = F.linear(x, w_qkv, b_qkv)
-            q = qkv[:, :H * D].view(n_tok, H, D)
-            k = qkv[:, H * D:(H + KV) * D].view(n_tok, KV, D)
-            v = qkv[:, (H + KV) * D:].view(n_tok, KV, D)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            qk = qkv[:, :(H + KV) * D].view(n_tok, H + KV, D)
+            qk = qk * cos + _rotate_half(qk) * sin  # rotary on queries and keys at once
+            q, k = qk[:, :H], qk[:, H:]
+            v = qkv[:, (H + KV) * D:]
             kc, vc = self.k_cache[li], self.v_cache[li]  # [blocks, block_size * KV * D]
             kc.view(-1, KV * D).index_copy_(0, slot_mapping, k.reshape(n_tok, KV * D))
-            vc.view(-1, KV * D).index_copy_(0, slot_mapping, v.reshape(n_tok, KV * D))
+            vc.view(-1, KV * D).index_copy_(0, slot_mapping, v)
             out = torch.empty(n_tok, H, D, dtype=q.dtype, device=dev)
             if dec is not None:
-                tok_index, blocks, mask, b, s = dec
+                blocks, mask, b, s = dec
                 # gather whole blocks into a reused workspace: fresh large buffers cost page faults
                 kd = torch.index_select(kc, 0, blocks, out=kbuf[:blocks.numel()]).view(b, s, KV, D).transpose(1, 2)
                 vd = torch.index_select(vc, 0, blocks, out=vbuf[:blocks.numel()]).view(b, s, KV, D).transpose(1, 2)
-                qd = q.index_select(0, tok_index)[:, :, None, :]  # [b, H, 1, D]
-                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa)
-                out.index_copy_(0, tok_index, od[:, :, 0, :])
+                od = F.scaled_dot_product_attention(q[:b, :, None, :], kd, vd, attn_mask=mask, scale=attn.scaling,
+                                                    enable_gqa=gqa)
+                out[:b] = od[:, :, 0, :]
             for off, n, slots, mask in pre:
                 if slots is None:  # a whole prompt from position 0: its keys are this step's keys
-                    kp, vp = k[off:off + n].transpose(0, 1)[None], v[off:off + n].transpose(0, 1)[None]
+                    kp = k[off:off + n].transpose(0, 1)[None]
+                    vp = v[off:off + n].view(n, KV, D).transpose(0, 1)[None]
                 else:
                     kp = kc.view(-1, KV, D).index_select(0, slots).transpose(0, 1)[None]
                     vp = vc.view(-1, KV, D).index_select(0, slots).transpose(0, 1)[None]
@@ -290,8 +294,9 @@ class PagedEngine(BaseEngine):
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
                                                     scale=attn.scaling, enable_gqa=gqa)
                 out[off:off + n] = op[0].transpose(0, 1)
-            h = h + attn.o_proj(out.reshape(n_tok, H * D))
-            gu = F.linear(layer.post_attention_layernorm(h), w_gu)
+            h = h + attn.o_proj(out.view(n_tok, H * D))
+            ln = layer.post_attention_layernorm
+            gu = F.linear(F.rms_norm(h, (h.shape[-1],), ln.weight, ln.variance_epsilon), w_gu)
             gate, up = gu.split(gu.shape[1] // 2, dim=1)
             h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         # logits only where a token is sampled: the last planned token of each finished-pending sequence
@@ -303,5 +308,7 @@ class PagedEngine(BaseEngine):
                 last.append(offset - 1)
         if not last:
             return torch.empty(0, device=dev)
-        hl = self.inner.norm(h.index_select(0, torch.tensor(last, device=dev)))
+        norm = self.inner.norm
+        hl = h.index_select(0, torch.tensor(last, device=dev))
+        hl = F.rms_norm(hl, (hl.shape[-1],), norm.weight, norm.variance_epsilon)
         return self.model.lm_head(hl).float()

@@ -1,0 +1,47 @@
+"""The seeded benchmark workload and the random-weight Llama shapes it runs on."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmos.drivers.model.registry import DEFAULT_MODEL_DIR
+
+SHAPES = {
+    # overhead-bound: the kernel's and the bus's per-step cost shows here
+    "5M": dict(hidden_size=256, intermediate_size=640, num_hidden_layers=6, num_attention_heads=4),
+    # compute-bound
+    "40M": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=12, num_attention_heads=8),
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int
+
+
+def workload(vocab: int, n: int = 32, seed: int = 0, prompt=(8, 96), output=(16, 96)) -> list[Request]:
+    rng = random.Random(seed)
+    return [Request([rng.randrange(3, vocab) for _ in range(rng.randint(*prompt))], rng.randint(*output))
+            for _ in range(n)]
+
+
+def make_model(root: Path, shape: str, seed: int = 0) -> Path:
+    """A random-weight LlamaForCausalLM of the named shape, with the default model's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = root / f"llama-{shape}"
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=True,
+                      num_key_value_heads=SHAPES[shape]["num_attention_heads"], bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPES[shape])
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    for f in DEFAULT_MODEL_DIR.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy(f, path / f.name)
+    return path
