@@ -111,6 +111,11 @@ class KVBlockPool:
                 del self._per_user[user]
         return len(blocks)
 
+    def inventory(self) -> dict:
+        """The device-interface view of the pool: what it is and how big."""
+        return {"kind": "kv_pool", "block_size": self.block_size, "blocks": self.capacity,
+                "user_caps": dict(self.user_caps), "default_user_cap": self.default_user_cap}
+
     def usage(self) -> PoolUsage:
         used = self.capacity - len(self._free)
         return PoolUsage(self.block_size, self.capacity, used, len(self._free), dict(self._per_user),

@@ -31,18 +31,26 @@ def _connect(args: argparse.Namespace) -> Client:
 
 
 # -- kernel --------------------------------------------------------------------------------
+def _kernel_flags(args: argparse.Namespace) -> list[str]:
+    flags: list[str] = []
+    for name in ("max_batch", "kv_policy", "memory_limit"):
+        if getattr(args, name) is not None:
+            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    return flags
+
+
 def cmd_kernel_start(args: argparse.Namespace) -> int:
     address, home = _address(args), _home(args)
     if args.foreground:
         from llmos.kernel.main import main as kernel_main
 
-        return kernel_main(["--home", str(home), "--address", address])
+        return kernel_main(["--home", str(home), "--address", address, *_kernel_flags(args)])
     client = embedded.try_connect(address)
     if client is not None:
         print(f"llmos kernel already running: pid {client.kernel['pid']} at {address}")
         client.close()
         return 0
-    proc, client = embedded.launch(address, home, embedded=False)
+    proc, client = embedded.launch(address, home, embedded=False, extra=_kernel_flags(args))
     pid = client.kernel["pid"]
     client.close()
     print(f"llmos kernel {'started' if proc else 'already running'}: pid {pid} at {address}")
@@ -252,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = k.add_subparsers(dest="action", required=True)
     ks = ksub.add_parser("start", help="start the kernel as a daemon")
     ks.add_argument("--foreground", action="store_true", help="stay attached to the terminal")
+    ks.add_argument("--max-batch", type=int, default=None, help="most processes per model instance per step")
+    ks.add_argument("--kv-policy", choices=("static", "dynamic", "isolated"), default=None,
+                    help="KV memory policy for models loaded on demand")
+    ks.add_argument("--memory-limit", default=None, help="host memory for models, e.g. 8G")
     ks.set_defaults(fn=cmd_kernel_start)
     ksub.add_parser("stop", help="stop the kernel and its model workers").set_defaults(fn=cmd_kernel_stop)
     kst = ksub.add_parser("status", help="is a kernel running; its pid, address, uptime")

@@ -29,7 +29,7 @@ def try_connect(address: str, timeout: float = 2.0) -> Client | None:
 
 
 def launch(address: str | None = None, home: Path | None = None, *, embedded: bool,
-           timeout: float = 60.0) -> tuple[subprocess.Popen | None, Client]:
+           timeout: float = 60.0, extra: list[str] | None = None) -> tuple[subprocess.Popen | None, Client]:
     """Start a kernel and return (its process, a connected client).
 
     If another kernel wins the address first, connect to that one and return (None, client).
@@ -40,6 +40,7 @@ def launch(address: str | None = None, home: Path | None = None, *, embedded: bo
     cmd = [sys.executable, "-m", "llmos.kernel.main", "--home", str(home), "--address", address]
     if embedded:
         cmd += ["--parent-pid", str(os.getpid())]
+    cmd += extra or []
     with open(home / "log" / "kernel.log", "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=not embedded)

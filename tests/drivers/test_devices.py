@@ -1,0 +1,59 @@
+"""Device drivers. GPUs cannot exist on this machine: FakeGPU stands in for an NVML-reported device."""
+
+import pytest
+
+from llmos.drivers.devices import DeviceTable
+from llmos.drivers.gpu import GPUDevice, discover
+from llmos.drivers.model.estimate import estimate
+from llmos.syscalls.errors import InvalidArgument, OutOfMemory
+
+GiB = 2**30
+
+
+def FakeGPU(index: int, gib: int) -> GPUDevice:  # noqa: N802 - named as the stand-in it is
+    return GPUDevice(index, "Fake NVIDIA GPU (test stand-in)", gib * GiB, budget_fraction=1.0)
+
+
+def test_without_a_gpu_discovery_is_an_empty_list_not_an_error():
+    assert discover() == []
+    table = DeviceTable()
+    assert [d["kind"] for d in table.inventory()] == ["cpu"]
+    cpu = table.usage()[0]
+    assert cpu["memory_total_bytes"] > 0 and cpu["budget_bytes"] > 0 and cpu["reserved_bytes"] == 0
+
+
+def test_placement_prefers_one_gpu_that_fits_then_the_cpu():
+    table = DeviceTable(cpu_budget_bytes=64 * GiB, gpus=[FakeGPU(0, 8), FakeGPU(1, 24)])
+    assert table.place(10 * GiB).name == "cuda:1"  # only the big one fits
+    table.get("cuda:1").allocate("a", 20 * GiB)
+    assert table.place(6 * GiB).name == "cuda:0"  # the one with the most room
+    table.get("cuda:0").allocate("b", 6 * GiB)
+    assert table.place(5 * GiB).name == "cpu"
+
+
+def test_an_explicit_device_must_exist_and_fit():
+    table = DeviceTable(cpu_budget_bytes=1 * GiB, gpus=[FakeGPU(0, 8)])
+    with pytest.raises(InvalidArgument):
+        table.place(1, "cuda:3")
+    with pytest.raises(OutOfMemory):
+        table.place(2 * GiB, "cpu")
+    assert table.place(4 * GiB, "cuda:0").name == "cuda:0"
+
+
+def test_reservations_are_freed_per_holder():
+    table = DeviceTable(cpu_budget_bytes=3 * GiB, gpus=[])
+    table.cpu.allocate("m#0", 2 * GiB)
+    with pytest.raises(OutOfMemory):
+        table.place(2 * GiB)
+    table.free("m#0")
+    assert table.place(2 * GiB).name == "cpu"
+
+
+def test_the_estimate_counts_weights_kv_and_worker_overhead(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    est = estimate(tiny_model, "cpu", kv_tokens=1000)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert est["parameters"] == sum(p.numel() for p in model.parameters())
+    assert est["weight_bytes"] == 4 * est["parameters"]
+    assert est["kv_bytes"] == 1000 * est["kv_bytes_per_token"] == 1000 * 2 * 2 * 32 * 4
