@@ -30,6 +30,32 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+GROUP_OVERHEAD_SLOTS = 256  # a decode group's fixed cost (two gathers and one attention call), in slot-rows
+
+
+def _length_groups(ctx: list[int], block_size: int) -> list[tuple[int, int]]:
+    """Split ascending context lengths into contiguous groups that minimise padded slots plus a per-group cost.
+
+    Each group attends over its longest context, so one group for contexts 10..190 would gather
+    and attend over 190 slots for every row. Exact dynamic programme; n is a batch, small.
+    """
+    n = len(ctx)
+    pad = [-(-c // block_size) * block_size for c in ctx]
+    best = [0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * pad[j - 1] + GROUP_OVERHEAD_SLOTS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups = []
+    j = n
+    while j > 0:
+        groups.append((cut[j], j))
+        j = cut[j]
+    return groups[::-1]
+
+
 class PagedEngine(BaseEngine):
     kind = "paged"
 
@@ -184,7 +210,7 @@ class PagedEngine(BaseEngine):
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         plan, events = self._plan()
-        plan.sort(key=lambda item: item[2] != 1)  # stable: one-token entries first
+        plan.sort(key=lambda item: (item[2] != 1, item[1]))  # one-token entries first, by context length
         self.steps += 1
         self.last_batch = len(plan)
         self.last_step_tokens = sum(n for _, _, n in plan)
@@ -231,19 +257,22 @@ class PagedEngine(BaseEngine):
         nd = 0
         while nd < len(plan) and plan[nd][2] == 1:
             nd += 1
-        dec = None
+        dec = []  # decode groups of similar context length: (first row, end row, blocks, mask, slots)
         if nd:
-            ctx = [plan[i][1] + 1 for i in range(nd)]
-            nblk = -(-max(ctx) // bs)
-            rows = []
-            for seq, _, _ in plan[:nd]:
-                t = self.pool.tables[seq.pid][:nblk]
-                rows.extend(t + [0] * (nblk - len(t)))  # block 0 pads; the mask hides it
-            blocks = torch.tensor(rows, dtype=torch.long, device=dev)
-            ctx_t = torch.tensor(ctx, device=dev)
-            mask = (torch.arange(nblk * bs, device=dev)[None, :] < ctx_t[:, None])[:, None, None, :]
-            dec = (blocks, mask, nd, nblk * bs)
-            kbuf, vbuf = self._workspace(len(rows))
+            ctx = [plan[i][1] + 1 for i in range(nd)]  # ascending: step() sorts the decodes by length
+            used = 0
+            groups = _length_groups(ctx, bs)
+            for lo, hi in groups:
+                nblk = -(-ctx[hi - 1] // bs)
+                rows = []
+                for seq, _, _ in plan[lo:hi]:
+                    t = self.pool.tables[seq.pid][:nblk]
+                    rows.extend(t + [0] * (nblk - len(t)))  # block 0 pads; the mask hides it
+                ctx_t = torch.tensor(ctx[lo:hi], device=dev)
+                mask = (torch.arange(nblk * bs, device=dev)[None, :] < ctx_t[:, None])[:, None, None, :]
+                dec.append((lo, hi, torch.tensor(rows, dtype=torch.long, device=dev), mask, nblk * bs, used))
+                used += len(rows)
+            kbuf, vbuf = self._workspace(used)
         pre = []
         offset = nd
         for seq, start, n in plan[nd:]:
@@ -275,14 +304,14 @@ class PagedEngine(BaseEngine):
             kc.view(-1, KV * D).index_copy_(0, slot_mapping, k.reshape(n_tok, KV * D))
             vc.view(-1, KV * D).index_copy_(0, slot_mapping, v)
             out = torch.empty(n_tok, H, D, dtype=q.dtype, device=dev)
-            if dec is not None:
-                blocks, mask, b, s = dec
+            for lo, hi, blocks, mask, s, at in dec:
                 # gather whole blocks into a reused workspace: fresh large buffers cost page faults
-                kd = torch.index_select(kc, 0, blocks, out=kbuf[:blocks.numel()]).view(b, s, KV, D).transpose(1, 2)
-                vd = torch.index_select(vc, 0, blocks, out=vbuf[:blocks.numel()]).view(b, s, KV, D).transpose(1, 2)
-                od = F.scaled_dot_product_attention(q[:b, :, None, :], kd, vd, attn_mask=mask, scale=attn.scaling,
+                b, nb = hi - lo, blocks.numel()
+                kd = torch.index_select(kc, 0, blocks, out=kbuf[at:at + nb]).view(b, s, KV, D).transpose(1, 2)
+                vd = torch.index_select(vc, 0, blocks, out=vbuf[at:at + nb]).view(b, s, KV, D).transpose(1, 2)
+                od = F.scaled_dot_product_attention(q[lo:hi, :, None, :], kd, vd, attn_mask=mask, scale=attn.scaling,
                                                     enable_gqa=gqa)
-                out[:b] = od[:, :, 0, :]
+                out[lo:hi] = od[:, :, 0, :]
             for off, n, slots, mask in pre:
                 if slots is None:  # a whole prompt from position 0: its keys are this step's keys
                     kp = k[off:off + n].transpose(0, 1)[None]
