@@ -144,13 +144,19 @@ class ModelManager(Actor):
             return self.models[path]
         opts, want, instances, keep_alive = self._options(path, req)
         await self._refresh_live()
-        kv_tokens = None
+        kind = "gpu" if want.startswith("cuda") or (want == "auto" and self.devices.gpus) else "cpu"
+        bs = int(opts.get("block_size", 8))
         if opts.get("num_blocks"):
-            kv_tokens = int(opts["num_blocks"]) * int(opts.get("block_size", 8))
-        est = estimate(path, "cpu" if want == "cpu" else "gpu" if want.startswith("cuda") else "cpu",
-                       kv_tokens, int(opts["max_batch"]))
-        if "num_blocks" not in opts:  # size the pool for a full batch of full contexts
-            opts["num_blocks"] = est["kv_tokens"] // int(opts.get("block_size", 8)) + 1
+            kv_tokens = int(opts["num_blocks"]) * bs
+        else:
+            # a full batch of full contexts, but never more than half of the memory left after the weights
+            bare = estimate(path, kind, 0)
+            free = max(d.res.budget - d.res.reserved for d in [self.devices.cpu, *self.devices.gpus])
+            room = (free - bare["weight_bytes"] - bare["overhead_bytes"]) // 2 // max(1, bare["kv_bytes_per_token"])
+            kv_tokens = max(bare["context_len"], min(int(opts["max_batch"]) * bare["context_len"], room))
+        est = estimate(path, kind, kv_tokens, int(opts["max_batch"]))
+        if not opts.get("num_blocks"):
+            opts["num_blocks"] = est["kv_tokens"] // bs + 1
         need = est["total_bytes"]
         devices = []
         for _ in range(instances):

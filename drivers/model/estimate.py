@@ -50,6 +50,11 @@ def estimate(path: str | Path, device: str = "cpu", kv_tokens: int | None = None
     if kv_tokens is None:
         kv_tokens = max_batch * context
     weights = params * elem
+    from llmos.drivers.model.paged import PACK_LIMIT_BYTES, SUPPORTED
+
+    # the paged engine on a CPU keeps a oneDNN-packed copy of the weights of models up to the limit
+    if device == "cpu" and config.get("model_type") in SUPPORTED and weights <= PACK_LIMIT_BYTES:
+        weights *= 2
     kv = per_token * kv_tokens
     return {"parameters": params, "weight_bytes": weights, "kv_bytes": kv, "kv_bytes_per_token": per_token,
             "kv_tokens": kv_tokens, "overhead_bytes": WORKER_OVERHEAD_BYTES,

@@ -142,3 +142,13 @@ def test_the_dynamic_policy_grows_under_demand_and_shrinks_when_idle(model_dir):
     assert grown > 5
     run(e)
     assert e.pool.num_blocks == 5 and e.preemptions == 0
+
+
+def test_decodes_are_grouped_by_context_length_to_limit_padding():
+    from llmos.drivers.model.paged import _length_groups
+
+    assert _length_groups([40, 41, 42], 8) == [(0, 3)]  # similar lengths: one group
+    groups = _length_groups([8] * 16 + [400] * 16, 8)
+    assert groups == [(0, 16), (16, 32)]  # short ones do not pay for the long ones
+    covered = [i for lo, hi in _length_groups(list(range(1, 300, 9)), 8) for i in range(lo, hi)]
+    assert covered == list(range(len(range(1, 300, 9))))
