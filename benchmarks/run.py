@@ -76,8 +76,9 @@ def start_kernel(home: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("kernel did not start")
 
 
-def engine_alone(path: Path, reqs) -> tuple[float, float]:
-    """(seconds for the workload on the paged engine in this process, KV waste at the end of prefill)."""
+def engine_alone(path: Path, reqs) -> tuple[float, float, list[tuple[int, int, float]]]:
+    """(seconds for the workload on the paged engine in this process, KV waste at the end of prefill,
+    and (batch, tokens, seconds) of every step)."""
     from llmos.drivers.model.engine import load_engine
 
     e = load_engine(path, engine="paged", max_batch=len(reqs))
@@ -85,15 +86,18 @@ def engine_alone(path: Path, reqs) -> tuple[float, float]:
     while e.has_work():
         e.step()
     waste = None
+    steps = []
     t = time.perf_counter()
     for i, r in enumerate(reqs):
         e.add(i, r.prompt_ids, {"max_new_tokens": r.max_new_tokens, "temperature": 0.0, "ignore_eos": True})
     while e.has_work():
+        ts = time.perf_counter()
         e.step()
+        steps.append((e.last_batch, e.last_step_tokens, time.perf_counter() - ts))
         if waste is None and all(s.computed >= s.prompt_len for s in e.seqs.values()):
             allocated = e.pool.usage().used * e.pool.block_size
             waste = (allocated - sum(s.computed for s in e.seqs.values())) / allocated
-    return time.perf_counter() - t, waste or 0.0
+    return time.perf_counter() - t, waste or 0.0, steps
 
 
 def bench_shape(shape: str, root: Path, skip_sequential: bool) -> dict:
@@ -124,7 +128,7 @@ def bench_shape(shape: str, root: Path, skip_sequential: bool) -> dict:
     row["worker_step_s"] = metrics[0]["step_time_mean_s"] * metrics[0]["steps"] if metrics else 0.0
     print(f"  llmos end to end      {row['llmos']:8.0f} tok/s  (wall {dt:.2f} s, steps {row['worker_step_s']:.2f} s; cpu s: kernel {cpu['kernel']:.2f}, "
           f"worker {cpu['worker']:.2f}, client {cpu['client']:.2f})", flush=True)
-    dt_engine, row["kv_waste"] = engine_alone(path, reqs)
+    dt_engine, row["kv_waste"], row["steps"] = engine_alone(path, reqs)
     row["engine"] = tokens / dt_engine
     print(f"  paged engine alone    {row['engine']:8.0f} tok/s  (KV waste after prefill {row['kv_waste']:.1%})",
           flush=True)
@@ -193,6 +197,22 @@ def report(rows: list[dict], command: str) -> str:
                      + (f"Greedy output identical to HF generate for {r['greedy_match']}/32 requests. "
                         if "greedy_match" in r else "")
                      + f"HF continuous batching ran as: {r['hf_cb_method']}.")
+    lines += ["", "## Where the time goes", "",
+              "The paged engine alone on the same workload, step by step: prefill steps (prompt chunks, "
+              "with the decodes of the sequences already in) and decode steps by batch size. The number of "
+              "decode steps is fixed by the longest output (96 tokens); as requests finish the batch shrinks, "
+              "and a small batch still streams every weight once per step.", "",
+              "| shape | prefill steps | prefill s | decode steps | decode s | ms/step at batch 1-8 | 9-16 | 17-24 | "
+              "25-32 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        pre = [x for x in r["steps"] if x[1] > x[0]]
+        dec = [x for x in r["steps"] if x[1] == x[0] and x[0] > 0]
+        cells = []
+        for lo, hi in ((1, 8), (9, 16), (17, 24), (25, 32)):
+            ts = [x[2] for x in dec if lo <= x[0] <= hi]
+            cells.append(f"{1000 * sum(ts) / len(ts):.1f} ({len(ts)})" if ts else "-")
+        lines.append(f"| ~{r['shape']} | {len(pre)} | {sum(x[2] for x in pre):.2f} | {len(dec)} | "
+                     f"{sum(x[2] for x in dec):.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ or the kernel stops answering.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import ctypes
 import os
@@ -60,6 +61,10 @@ class Worker:
             self.engine = load_engine(self.model_path, self.device, **self.options)
             info = self.engine.info()
             info["load_s"] = time.time() - t0
+            # the millions of objects torch and transformers created at import never die: keep the
+            # cyclic collector from walking them again on every full collection during steps
+            gc.collect()
+            gc.freeze()
             self.send({"op": "ready", "info": info})
         except Exception as exc:
             self.send({"op": "failed", "errno": int(Errno.EIO),
