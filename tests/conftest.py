@@ -31,7 +31,9 @@ class KernelProc:
         self.env = {**os.environ, "LLMOS_HOME": str(self.home), "LLMOS_ADDRESS": self.address}
         self.log = open(self.home / "kernel.out", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmos.kernel.main", "--max-batch", str(max_batch), *(extra or [])],
+            # --parent-pid: a test run that dies never leaves its kernels behind
+            [sys.executable, "-m", "llmos.kernel.main", "--max-batch", str(max_batch), "--parent-pid",
+             str(os.getpid()), *(extra or [])],
             env=self.env, stdout=self.log, stderr=self.log, cwd=ROOT)
         self.wait_ready()
 
@@ -76,8 +78,10 @@ class KernelProc:
 def kernel(tiny_model: str):
     k = KernelProc(max_batch=4)
     yield k
-    workers = k.worker_pids() if k.proc.poll() is None else []
-    k.stop()
+    try:
+        workers = k.worker_pids() if k.proc.poll() is None else []
+    finally:
+        k.stop()
     assert k.proc.returncode == 0, k.logs()
     for pid in workers:
         assert not _alive(pid), f"worker {pid} outlived its kernel"

@@ -42,8 +42,9 @@ def launch(address: str | None = None, home: Path | None = None, *, embedded: bo
         cmd += ["--parent-pid", str(os.getpid())]
     cmd += extra or []
     with open(home / "log" / "kernel.log", "ab") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=not embedded)
+        # always a session of its own: Ctrl-C in the program's terminal is the program's, not the kernel's
+        # (an embedded kernel still stops with its parent: --parent-pid)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         code = proc.poll()

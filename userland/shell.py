@@ -17,7 +17,7 @@ from llmos.syscalls.address import llmos_home
 from llmos.syscalls.errors import LLMOSError
 
 HELP = """commands:
-  run [--model M] [-n N] [--priority P] [--temperature T] [--seed S] [--chat] PROMPT
+  run [--model M] [-n N] [--priority P] [--temperature T] [--seed S] [--chat] [--ignore-eos] PROMPT
                       generate, streaming the text (Ctrl-C stops it)
   spawn [same options] PROMPT
                       start a generation in the background; prints its pid
@@ -47,6 +47,7 @@ def _run_parser(name: str) -> _Parser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("prompt", nargs="+")
     return p
 
@@ -82,6 +83,8 @@ class Shell:
             return True
         try:
             fn(rest)
+        except KeyboardInterrupt:  # Ctrl-C outside a stream (a model still loading): back to the prompt
+            self.say("\n[interrupted]")
         except _ArgError as exc:
             self.say(f"usage error: {exc}")
         except (ValueError, IndexError) as exc:
@@ -97,6 +100,8 @@ class Shell:
             params["temperature"] = a.temperature
         if a.seed is not None:
             params["seed"] = a.seed
+        if a.ignore_eos:
+            params["ignore_eos"] = True
         text = " ".join(a.prompt)
         if a.chat:
             return self.os.spawn(messages=[{"role": "user", "content": text}], model=a.model, **params)

@@ -48,3 +48,30 @@ def test_llmos_with_no_model_uses_the_shipped_default_model(tiny_model):
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip()) > 10 and any(c.isalpha() for c in r.stdout)
     assert processes_mentioning(home) == []
+
+
+CTRL_C = """
+import signal, sys, time
+from llmos import LLMOS
+signal.signal(signal.SIGINT, lambda *a: print("program got SIGINT", flush=True))
+with LLMOS(model_path=sys.argv[1]) as os_:
+    pid = os_.spawn(prompt="x", max_new_tokens=3)
+    print("ready", flush=True)
+    time.sleep(1.5)  # the test sends SIGINT to this whole process group now
+    print("result", os_.wait(pid).finish_reason, flush=True)
+"""
+
+
+def test_ctrl_c_in_the_programs_terminal_does_not_reach_its_embedded_kernel(tiny_model):
+    import signal
+
+    home = tempfile.mkdtemp(prefix="llmos-c-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "LLMOS_ADDRESS"}
+    env["LLMOS_HOME"] = home
+    p = subprocess.Popen([sys.executable, "-c", CTRL_C, tiny_model], env=env, stdout=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    assert p.stdout.readline().strip() == "ready"
+    os.killpg(p.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+    out, _ = p.communicate(timeout=60)
+    assert "program got SIGINT" in out and "result length" in out
+    assert processes_mentioning(home) == []
