@@ -7,10 +7,10 @@ from typing import Any
 
 import psutil
 
-from llmos.drivers.device import Reservations
+from llmos.drivers.device import BudgetedDevice, Reservations
 
 
-class CPUDevice:
+class CPUDevice(BudgetedDevice):
     """Host CPU and RAM. Model instances on the CPU reserve RAM against ``budget_bytes``."""
 
     name = "cpu"
@@ -31,15 +31,6 @@ class CPUDevice:
             "freq_mhz": round(freq.current) if freq else None,
             "memory_total_bytes": psutil.virtual_memory().total,
         }
-
-    def allocate(self, holder: str, nbytes: int) -> None:
-        self.res.allocate(holder, nbytes)
-
-    def free(self, holder: str) -> int:
-        return self.res.free(holder)
-
-    def fits(self, nbytes: int) -> bool:
-        return self.res.fits(nbytes)
 
     def usage(self) -> dict[str, Any]:
         vm = psutil.virtual_memory()

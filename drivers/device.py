@@ -53,3 +53,18 @@ class Reservations:
     def usage(self) -> dict[str, Any]:
         return {"budget_bytes": self.budget, "reserved_bytes": self.reserved,
                 "free_bytes": self.budget - self.reserved, "holders": dict(self.held)}
+
+
+class BudgetedDevice:
+    """allocate/free/fits for a device whose memory is a Reservations budget (``self.res``)."""
+
+    res: Reservations
+
+    def allocate(self, holder: str, nbytes: int) -> None:
+        self.res.allocate(holder, nbytes)
+
+    def free(self, holder: str) -> int:
+        return self.res.free(holder)
+
+    def fits(self, nbytes: int) -> bool:
+        return self.res.fits(nbytes)

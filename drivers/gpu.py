@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmos.drivers.device import Reservations
+from llmos.drivers.device import BudgetedDevice, Reservations
 
 
 def _nvml() -> Any | None:
@@ -21,7 +21,7 @@ def _nvml() -> Any | None:
         return None
 
 
-class GPUDevice:
+class GPUDevice(BudgetedDevice):
     def __init__(self, index: int, name: str, total_bytes: int, budget_fraction: float = 0.9) -> None:
         self.index = index
         self.name = f"cuda:{index}"
@@ -32,15 +32,6 @@ class GPUDevice:
     def inventory(self) -> dict[str, Any]:
         return {"kind": "gpu", "name": self.name, "index": self.index, "model": self.model_name,
                 "memory_total_bytes": self.total_bytes}
-
-    def allocate(self, holder: str, nbytes: int) -> None:
-        self.res.allocate(holder, nbytes)
-
-    def free(self, holder: str) -> int:
-        return self.res.free(holder)
-
-    def fits(self, nbytes: int) -> bool:
-        return self.res.fits(nbytes)
 
     def usage(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, **self.res.usage()}
