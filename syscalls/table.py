@@ -69,6 +69,19 @@ RESULT: tuple[Field, ...] = (
     Field("stats", "map", "prompt_tokens, output_tokens, queue_time_s, ttft_s, tpot_s, total_time_s"),
 )
 
+MODEL = Field("model", "str", "model directory or 'default'; null is the default model", nullable=True, max_len=4096)
+MODEL_DESCRIPTION = (
+    Field("model", "str", "resolved model directory"),
+    Field("loaded", "bool"),
+    Field("device", "str", "cpu or cuda:N", nullable=True),
+    Field("instances", "int", nullable=True),
+    Field("keep_alive", "float", nullable=True),
+    Field("kv_policy", "str", nullable=True),
+    Field("estimate", "map", "parameters, weight_bytes, kv_bytes, kv_bytes_per_token, overhead_bytes, total_bytes"),
+    Field("executors", "list[map]", "per instance: worker_pid, engine, running, kv_used/free/total, steps, "
+          "batch_mean/max, tokens_out, preemptions", nullable=True),
+)
+
 SYSCALLS: tuple[Syscall, ...] = (
     Syscall(
         0, "hello", "Version handshake: the client states its protocol version; the kernel answers with its own.",
@@ -149,22 +162,6 @@ SYSCALLS: tuple[Syscall, ...] = (
         streams=True,
         chunk=(Field("text", "str", "new text"), Field("token_ids", "list[int]", "new token ids")),
     ),
-)
-
-MODEL = Field("model", "str", "model directory or 'default'; null is the default model", nullable=True, max_len=4096)
-MODEL_DESCRIPTION = (
-    Field("model", "str", "resolved model directory"),
-    Field("loaded", "bool"),
-    Field("device", "str", "cpu or cuda:N", nullable=True),
-    Field("instances", "int", nullable=True),
-    Field("keep_alive", "float", nullable=True),
-    Field("kv_policy", "str", nullable=True),
-    Field("estimate", "map", "parameters, weight_bytes, kv_bytes, kv_bytes_per_token, overhead_bytes, total_bytes"),
-    Field("executors", "list[map]", "per instance: worker_pid, engine, running, kv_used/free/total, steps, "
-          "batch_mean/max, tokens_out, preemptions", nullable=True),
-)
-
-SYSCALLS = SYSCALLS + (
     Syscall(
         16, "models", "List the loaded models with their instances, devices and KV pools.",
         request=(), reply=(Field("models", "list[map]", "model descriptions, as model_info"),), errors=(),
