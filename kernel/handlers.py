@@ -58,9 +58,12 @@ class Handlers:
             raise InvalidArgument("give exactly one of 'prompt', 'messages' and 'prompt_ids'")
         model, priority, keep_alive = args.pop("model"), args.pop("priority"), args.pop("keep_alive")
         path, ready = await self.k.models.ask(m.Acquire(model, keep_alive))
-        executors = await asyncio.gather(*ready)
-        prompt_ids = await (await executors[0].ask(m.Encode(prompt, messages, ids)))
-        pid = await self.k.procman.ask(m.Spawn(caller.user, path, executors, prompt_ids, priority, args))
+        try:
+            executors = await asyncio.gather(*ready)
+            prompt_ids = await (await executors[0].ask(m.Encode(prompt, messages, ids)))
+            pid = await self.k.procman.ask(m.Spawn(caller.user, path, executors, prompt_ids, priority, args))
+        finally:
+            self.k.models.tell(m.Release(path))
         return {"pid": pid}
 
     async def sys_wait(self, caller: Caller, args: dict, emit: Emit) -> dict:

@@ -127,6 +127,13 @@ class Acquire:
 
 
 @dataclass
+class Release:
+    """A spawn that acquired the model is done with the acquisition (its process is in the table, or it failed)."""
+
+    model: str
+
+
+@dataclass
 class Load:
     model: str | None
     options: dict[str, Any]

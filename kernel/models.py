@@ -39,6 +39,7 @@ class ModelEntry:
     keep_alive: float
     executors: list[Executor] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
+    pending: int = 0  # spawns that acquired this model and have not reached the process table yet
     loaded_at: float = field(default_factory=time.time)
 
     def describe(self) -> dict[str, Any]:
@@ -78,6 +79,11 @@ class ModelManager(Actor):
     async def receive(self, msg: Any) -> Any:
         if isinstance(msg, m.Acquire):
             return await self._acquire(msg.model, msg.keep_alive)
+        if isinstance(msg, m.Release):
+            entry = self.models.get(msg.model)
+            if entry is not None and entry.pending > 0:
+                entry.pending -= 1
+            return None
         if isinstance(msg, m.Load):
             path = resolve_model(msg.model)
             self._options(path, msg.options)  # refuse bad options even when the model is loaded
@@ -114,6 +120,7 @@ class ModelManager(Actor):
         if entry is None:
             entry = await self._load(path, {})
         entry.last_used = time.monotonic()
+        entry.pending += 1  # not evictable until the spawn tells Release
         if keep_alive is not None:
             entry.keep_alive = keep_alive
         return path, [ex.ready for ex in entry.executors]
@@ -195,7 +202,7 @@ class ModelManager(Actor):
         return min(idle, key=lambda e: e.last_used, default=None)
 
     def _busy(self, entry: ModelEntry) -> bool:
-        return any(self._live.get(ex.id, 0) > 0 for ex in entry.executors) or any(
+        return entry.pending > 0 or any(self._live.get(ex.id, 0) > 0 for ex in entry.executors) or any(
             not ex.ready.done() for ex in entry.executors)
 
     def _evict_now(self, entry: ModelEntry) -> None:
@@ -203,6 +210,7 @@ class ModelManager(Actor):
         self.models.pop(entry.path, None)
         for ex in entry.executors:
             self.devices.free(ex.holder)
+            ex.dead = ex.dead or "model evicted"
             asyncio.get_running_loop().create_task(ex.stop())
 
     # -- unloading -------------------------------------------------------------------------
@@ -227,11 +235,10 @@ class ModelManager(Actor):
         self.log.info("model_unloaded", model=path)
         for ex in entry.executors:
             self.devices.free(ex.holder)
-        await asyncio.gather(*(ex.stop() for ex in entry.executors), return_exceptions=True)
-        for ex in entry.executors:
-            if not ex.dead:
+            if not ex.dead:  # first: the procman stops scheduling onto it and ends its processes
                 ex.dead = "model unloaded"
                 self.procman.tell(m.WorkerDied(ex.id, f"model {path} was unloaded"))
+        await asyncio.gather(*(ex.stop() for ex in entry.executors), return_exceptions=True)
 
     async def _reap_idle(self) -> None:
         if not self.models:

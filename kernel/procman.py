@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from llmos.kernel import messages as m
-from llmos.kernel.actor import Actor
+from llmos.kernel.actor import Actor, ActorStopped
 from llmos.kernel.process import LLMProcess, ProcessTable, State
 from llmos.drivers.memory import blocks_for
 from llmos.kernel.scheduler import RunQueue, admit
@@ -222,12 +222,18 @@ class ProcessManager(Actor):
             proc.transition(State.RUNNING)
             proc.admitted_at = time.time()
             running.add(pid)
-            ex.tell(m.Add(pid, proc.prompt_ids, proc.params, proc.owner, proc.priority))
+            try:
+                ex.tell(m.Add(pid, proc.prompt_ids, proc.params, proc.owner, proc.priority))
+            except ActorStopped:  # the executor is going away; its WorkerDied will end the process
+                return
 
     def _abort_on_worker(self, pid: int, ex_id: str | None) -> None:
         ex = self.executors.get(ex_id) if ex_id else None
         if ex is not None and not ex.dead:
-            ex.tell(m.Abort(pid))
+            try:
+                ex.tell(m.Abort(pid))
+            except ActorStopped:
+                pass
 
     def _finish(self, proc: LLMProcess, reason: str, final_text: str | None = None,
                 error: dict | None = None) -> None:
