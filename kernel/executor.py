@@ -101,6 +101,9 @@ class Executor(Actor):
                 self.proc.wait()
         self.sock.close(linger=0)
         self._fail_all("executor stopped")
+        if not self.ready.done():  # stopped while loading: whoever waits for the model learns it
+            self.ready.set_exception(DeviceError(self.dead or f"model {self.model_path} was unloaded while loading"))
+            self.ready.exception()
         path = self.address[len("ipc://"):]
         if os.path.exists(path):
             os.unlink(path)
@@ -114,21 +117,30 @@ class Executor(Actor):
                 return fut
             rid = next(self._rids)
             self._pending[rid] = fut
-            await self.sock.send(codec.encode({"op": "encode", "rid": rid, "prompt": msg.prompt,
-                                               "messages": msg.messages, "prompt_ids": msg.prompt_ids}))
+            self._send({"op": "encode", "rid": rid, "prompt": msg.prompt, "messages": msg.messages,
+                        "prompt_ids": msg.prompt_ids})
             return fut
         if isinstance(msg, m.Add):
-            await self.sock.send(codec.encode({"op": "add", "pid": msg.pid, "ids": msg.prompt_ids,
-                                               "params": msg.params, "user": msg.user, "priority": msg.priority}))
+            self._send({"op": "add", "pid": msg.pid, "ids": msg.prompt_ids, "params": msg.params,
+                        "user": msg.user, "priority": msg.priority})
             return None
         if isinstance(msg, m.Abort):
-            await self.sock.send(codec.encode({"op": "abort", "pid": msg.pid}))
+            self._send({"op": "abort", "pid": msg.pid})
             return None
         if isinstance(msg, m.FromWorker):
             return self._from_worker(msg.msg)
         if isinstance(msg, m.Died):
             return self._died(msg.message)
         raise TypeError(f"executor cannot handle {type(msg).__name__}")
+
+    def _send(self, msg: dict) -> None:
+        """Never block the mailbox on a worker that is gone: a send that cannot go out means it died."""
+        if self.dead:
+            return
+        try:
+            self.sock.send(codec.encode(msg), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self._died(f"model worker for {self.model_path} stopped taking messages ({exc})")
 
     def _from_worker(self, msg: dict) -> None:
         self.last_seen = time.monotonic()
@@ -201,7 +213,7 @@ class Executor(Actor):
                 self.tell(m.Died(f"model worker for {self.model_path} exited with code {code}"
                                  + (f": {tail}" if tail else "")))
                 return
-            if time.monotonic() - self.last_seen > WORKER_SILENCE_S:
+            if self.ready.done() and time.monotonic() - self.last_seen > WORKER_SILENCE_S:  # loading may be long
                 self.proc.kill()
 
     @property

@@ -57,13 +57,13 @@ class Handlers:
         if sum(x is not None for x in (prompt, messages, ids)) != 1:
             raise InvalidArgument("give exactly one of 'prompt', 'messages' and 'prompt_ids'")
         model, priority, keep_alive = args.pop("model"), args.pop("priority"), args.pop("keep_alive")
-        path, ready = await self.k.models.ask(m.Acquire(model, keep_alive))
+        path, ready, token = await self.k.models.ask(m.Acquire(model, keep_alive))
         try:
             executors = await asyncio.gather(*ready)
             prompt_ids = await (await executors[0].ask(m.Encode(prompt, messages, ids)))
             pid = await self.k.procman.ask(m.Spawn(caller.user, path, executors, prompt_ids, priority, args))
         finally:
-            self.k.models.tell(m.Release(path))
+            self.k.models.tell(m.Release(token))
         return {"pid": pid}
 
     async def sys_wait(self, caller: Caller, args: dict, emit: Emit) -> dict:
@@ -71,7 +71,9 @@ class Handlers:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), args["timeout"])
         except asyncio.TimeoutError:
-            self.k.procman.tell(m.CancelWait(args["pid"], fut))
+            await self.k.procman.ask(m.CancelWait(args["pid"], fut))
+            if fut.done():  # it finished (and maybe was reaped) just as the deadline passed
+                return fut.result()
             raise TimedOut(f"process {args['pid']} did not finish within {args['timeout']} s") from None
 
     async def sys_kill(self, caller: Caller, args: dict, emit: Emit) -> dict:

@@ -130,7 +130,7 @@ class Acquire:
 class Release:
     """A spawn that acquired the model is done with the acquisition (its process is in the table, or it failed)."""
 
-    model: str
+    token: Any  # what Acquire returned: the very registry entry it pinned
 
 
 @dataclass

@@ -80,9 +80,8 @@ class ModelManager(Actor):
         if isinstance(msg, m.Acquire):
             return await self._acquire(msg.model, msg.keep_alive)
         if isinstance(msg, m.Release):
-            entry = self.models.get(msg.model)
-            if entry is not None and entry.pending > 0:
-                entry.pending -= 1
+            if msg.token.pending > 0:
+                msg.token.pending -= 1
             return None
         if isinstance(msg, m.Load):
             path = resolve_model(msg.model)
@@ -113,8 +112,9 @@ class ModelManager(Actor):
         raise TypeError(f"models cannot handle {type(msg).__name__}")
 
     # -- loading ---------------------------------------------------------------------------
-    async def _acquire(self, model: str | None, keep_alive: float | None) -> tuple[str, list[asyncio.Future]]:
-        """(model path, futures of its ready executors); loads the model when needed."""
+    async def _acquire(self, model: str | None,
+                       keep_alive: float | None) -> tuple[str, list[asyncio.Future], ModelEntry]:
+        """(model path, futures of its ready executors, a token for Release); loads the model when needed."""
         path = resolve_model(model)
         entry = self.models.get(path)
         if entry is None:
@@ -123,7 +123,7 @@ class ModelManager(Actor):
         entry.pending += 1  # not evictable until the spawn tells Release
         if keep_alive is not None:
             entry.keep_alive = keep_alive
-        return path, [ex.ready for ex in entry.executors]
+        return path, [ex.ready for ex in entry.executors], entry
 
     def _check_same(self, entry: ModelEntry, req: dict[str, Any]) -> None:
         asked = {"device": req.get("device"), "instances": req.get("instances"), "kv_policy": req.get("kv_policy")}
@@ -166,15 +166,24 @@ class ModelManager(Actor):
             opts["num_blocks"] = est["kv_tokens"] // bs + 1
         need = est["total_bytes"]
         devices = []
-        for _ in range(instances):
-            dev = self._place(need, want)
-            dev.allocate(f"{path}#{len(devices)}", need)
-            devices.append(dev)
-        entry = ModelEntry(path, devices[0].name, opts, est, keep_alive)
-        for i, dev in enumerate(devices):
-            ex = Executor(self.ctx, self.run_dir, path, self.procman, self._gone, self.log_dir, opts, dev.name)
-            ex.holder = f"{path}#{i}"
-            entry.executors.append(ex.launch())
+        entry = ModelEntry(path, "cpu", opts, est, keep_alive)
+        try:
+            for _ in range(instances):
+                dev = self._place(need, want)
+                dev.allocate(f"{path}#{len(devices)}", need)
+                devices.append(dev)
+            entry.device = devices[0].name
+            for i, dev in enumerate(devices):
+                ex = Executor(self.ctx, self.run_dir, path, self.procman, self._gone, self.log_dir, opts, dev.name)
+                ex.holder = f"{path}#{i}"
+                entry.executors.append(ex.launch())
+        except BaseException:  # nothing half-loaded stays reserved or running
+            for i in range(len(devices)):
+                self.devices.free(f"{path}#{i}")
+            for ex in entry.executors:
+                ex.dead = "load failed"
+                await ex.stop()
+            raise
         self.models[path] = entry
         self.log.info("model_loading", model=path, device=entry.device, instances=instances,
                       estimate_mib=round(need / 2**20), keep_alive=keep_alive)
@@ -187,7 +196,7 @@ class ModelManager(Actor):
             pass
         # evict idle models, least recently used first, until the new one fits
         while True:
-            victim = self._lru_idle()
+            victim = self._lru_idle(None if want == "auto" else self.devices.get(want).name)
             if victim is None:
                 raise OutOfMemory(f"no device can hold {need / 2**20:.0f} MiB more, and no idle model can be "
                                   f"unloaded; loaded: {', '.join(self.models) or 'none'}")
@@ -197,8 +206,10 @@ class ModelManager(Actor):
             except OutOfMemory:
                 continue
 
-    def _lru_idle(self) -> ModelEntry | None:
-        idle = [e for e in self.models.values() if e.keep_alive >= 0 and not self._busy(e)]
+    def _lru_idle(self, device: str | None = None) -> ModelEntry | None:
+        """The least recently used model that may be evicted (on ``device``, when one is asked for)."""
+        idle = [e for e in self.models.values() if e.keep_alive >= 0 and not self._busy(e)
+                and (device is None or e.device == device)]
         return min(idle, key=lambda e: e.last_used, default=None)
 
     def _busy(self, entry: ModelEntry) -> bool:

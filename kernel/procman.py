@@ -104,8 +104,11 @@ class ProcessManager(Actor):
         return fut
 
     def on_CancelWait(self, msg: m.CancelWait) -> None:
-        lst = self.waiters.get(msg.pid, [])
-        self.waiters[msg.pid] = [(f, r) for f, r in lst if f is not msg.future]
+        lst = [(f, r) for f, r in self.waiters.get(msg.pid, []) if f is not msg.future]
+        if lst:
+            self.waiters[msg.pid] = lst
+        else:
+            self.waiters.pop(msg.pid, None)
 
     def on_Kill(self, msg: m.Kill) -> dict:
         proc = self._owned(msg.pid, msg.owner)
@@ -201,7 +204,7 @@ class ProcessManager(Actor):
 
     def _schedule(self, ex_id: str) -> None:
         ex = self.executors.get(ex_id)
-        if ex is None or ex.dead:
+        if ex is None or ex.dead or getattr(ex, "alive", True) is False:
             return
         running = self.running[ex_id]
         total, bs = ex.kv_total, ex.kv_block_size
@@ -217,15 +220,18 @@ class ProcessManager(Actor):
             held[1] += 1
             return True
 
-        for pid in admit(self.queues[ex_id], ex.max_batch - len(running), fits):
+        admitted = admit(self.queues[ex_id], ex.max_batch - len(running), fits)
+        for i, pid in enumerate(admitted):
             proc = self.table.get(pid)
+            try:
+                ex.tell(m.Add(pid, proc.prompt_ids, proc.params, proc.owner, proc.priority))
+            except ActorStopped:  # the executor is going away: back to the queue; its WorkerDied ends them
+                for rest in admitted[i:]:
+                    self.queues[ex_id].push(rest, self.table.get(rest).priority)
+                return
             proc.transition(State.RUNNING)
             proc.admitted_at = time.time()
             running.add(pid)
-            try:
-                ex.tell(m.Add(pid, proc.prompt_ids, proc.params, proc.owner, proc.priority))
-            except ActorStopped:  # the executor is going away; its WorkerDied will end the process
-                return
 
     def _abort_on_worker(self, pid: int, ex_id: str | None) -> None:
         ex = self.executors.get(ex_id) if ex_id else None

@@ -91,6 +91,7 @@ class AsyncClient:
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
         deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
         try:
             await self._sock.send(frame)
             while True:
@@ -102,7 +103,7 @@ class AsyncClient:
                 try:
                     kind, payload = await asyncio.wait_for(q.get(), wait)
                 except asyncio.TimeoutError:
-                    if time.monotonic() - self._last_heard > protocol.DEAD_AFTER_S:
+                    if time.monotonic() - max(self._last_heard, started) > protocol.DEAD_AFTER_S:
                         raise KernelGone(f"kernel at {self.address} stopped answering") from None
                     await self._sock.send(self._calls.request("ping", {})[1])
                     continue

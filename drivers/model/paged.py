@@ -171,11 +171,13 @@ class PagedEngine(BaseEngine):
         plan: list[tuple[Sequence, int, int]] = []
         planned: set[int] = set()
         for seq in decoding:
-            if seq.pid not in self.seqs or seq.pid in planned:
+            if seq.pid in planned or seq.computed == 0:  # computed == 0: preempted earlier in this plan
                 continue
             while not self._ensure(seq, seq.computed + 1):
-                victim = max((s for s in self.seqs.values() if s.pid not in planned and self.pool.tables.get(s.pid)),
-                             key=lambda s: s.rank, default=None)
+                # at its user's cap only that user's sequences may give way; else anyone's
+                capped = self._capped(seq)
+                victim = max((s for s in self.seqs.values() if s.pid not in planned and self.pool.tables.get(s.pid)
+                              and (not capped or s.user == seq.user)), key=lambda s: s.rank, default=None)
                 if victim is None:
                     break
                 self._preempt(victim)
@@ -190,18 +192,30 @@ class PagedEngine(BaseEngine):
                 break
             if seq.pid in planned or seq.pid not in self.seqs:
                 continue
-            pending = len(seq.tokens) - seq.computed
-            n = min(pending, budget)
+            limit = self._block_limit(seq)
+            if -(-len(seq.tokens) // self.pool.block_size) > limit:
+                events.append(self._fail(seq, Errno.ENOMEM, f"{len(seq.tokens)} tokens need more KV blocks of "
+                                         f"{self.pool.block_size} than the {limit} this sequence may ever hold"))
+                continue
+            n = min(len(seq.tokens) - seq.computed, budget)
             if not self._ensure(seq, seq.computed + n):
-                if not planned and not self.pool.tables.get(seq.pid) and \
-                        -(-len(seq.tokens) // self.pool.block_size) > self.pool.capacity:
-                    events.append(self._fail(seq, Errno.ENOMEM, f"the KV pool ({self.pool.capacity} blocks of "
-                                             f"{self.pool.block_size}) cannot hold {len(seq.tokens)} tokens"))
+                if self._capped(seq):
+                    continue  # this user waits for its own blocks; others go on
                 break  # keep arrival order: later prompts wait for memory too
             plan.append((seq, seq.computed, n))
             planned.add(seq.pid)
             budget -= n
         return plan, events
+
+    def _capped(self, seq: Sequence) -> bool:
+        """True when the pool has a block but the sequence's user may not take it."""
+        return self.pool.free_blocks > 0 and not self.pool.can_allocate(1, seq.user)
+
+    def _block_limit(self, seq: Sequence) -> int:
+        """The most blocks this sequence could ever hold: the pool's (largest) size, and its user's cap."""
+        limit = (self.max_blocks if self.kv_policy == "dynamic" else self.pool.num_blocks) - 1
+        cap = self.pool.cap_of(seq.user)
+        return min(limit, cap) if cap is not None else limit
 
     def _ensure(self, seq: Sequence, tokens: int) -> bool:
         try:

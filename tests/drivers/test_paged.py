@@ -152,3 +152,30 @@ def test_decodes_are_grouped_by_context_length_to_limit_padding():
     assert groups == [(0, 16), (16, 32)]  # short ones do not pay for the long ones
     covered = [i for lo, hi in _length_groups(list(range(1, 300, 9)), 8) for i in range(lo, hi)]
     assert covered == list(range(len(range(1, 300, 9))))
+
+
+def test_a_user_at_its_cap_does_not_stall_other_users(model_dir):
+    e = load_engine(model_dir, engine="paged", block_size=4, kv_policy="isolated", user_cap_blocks=10)
+    e.add(1, e.encode("a" * 100), {"max_new_tokens": 5, **GREEDY}, user="alice")  # needs 26 blocks > cap 10
+    e.add(2, e.encode("b" * 10), {"max_new_tokens": 5, **GREEDY}, user="bob")
+    events = {}
+    for _ in range(20):
+        for ev in e.step():
+            events.setdefault(ev.pid, []).append(ev)
+        if not e.has_work():
+            break
+    assert events[1][-1].finish_reason == "error" and events[1][-1].error["error"] == "ENOMEM"
+    assert events[2][-1].finish_reason == "length"
+
+
+def test_preemption_for_a_capped_user_takes_only_that_users_blocks(model_dir):
+    # each sequence grows to 40 tokens = 10 blocks; alice's two together exceed her cap of 12
+    e = load_engine(model_dir, engine="paged", block_size=4, kv_policy="isolated", user_cap_blocks=12)
+    ids = {1: e.encode("a" * 10), 2: e.encode("c" * 10), 3: e.encode("b" * 10)}
+    for pid, user in ((1, "alice"), (2, "alice"), (3, "bob")):
+        e.add(pid, ids[pid], {"max_new_tokens": 30, **GREEDY}, user=user)
+    seqs = dict(e.seqs)
+    toks = run(e)
+    assert seqs[3].preemptions == 0 and seqs[1].preemptions + seqs[2].preemptions > 0
+    for pid, x in ids.items():
+        assert toks[pid] == hf_greedy(e, x, 30)  # preemption by recompute changes no output
