@@ -133,7 +133,6 @@ def bench_shape(shape: str, root: Path, skip_sequential: bool, repeats: int) -> 
     row["hf_static_runs"] = [round(tokens / d) for d in static_dts]
     row["llmos_ttft_p50"] = sorted(r.stats.ttft_s for r in results)[len(results) // 2]
     row["llmos_batch_mean"] = metrics[0]["batch_mean"] if metrics else None
-    row["wall_s"] = dt
     row["cpu"] = cpu
     row["worker_step_s"] = metrics[0]["step_time_mean_s"] * metrics[0]["steps"] if metrics else 0.0
     print(f"  llmos end to end      {row['llmos']:8.0f} tok/s  (runs {row['llmos_runs']}; last: steps "

@@ -222,7 +222,7 @@ class Executor(Actor):
 
     @property
     def kv_block_size(self) -> int:
-        return int(self.info.get("kv_block_size") or 16)
+        return int(self.info.get("kv_block_size") or 8)
 
     def describe(self) -> dict[str, Any]:
         s = self.stats

@@ -151,19 +151,9 @@ class ModelManager(Actor):
             return self.models[path]
         opts, want, instances, keep_alive = self._options(path, req)
         await self._refresh_live()
-        kind = "gpu" if want.startswith("cuda") or (want == "auto" and self.devices.gpus) else "cpu"
-        bs = int(opts.get("block_size", 8))
-        if opts.get("num_blocks"):
-            kv_tokens = int(opts["num_blocks"]) * bs
-        else:
-            # a full batch of full contexts, but never more than half of the memory left after the weights
-            bare = estimate(path, kind, 0)
-            free = max(d.res.budget - d.res.reserved for d in [self.devices.cpu, *self.devices.gpus])
-            room = (free - bare["weight_bytes"] - bare["overhead_bytes"]) // 2 // max(1, bare["kv_bytes_per_token"])
-            kv_tokens = max(bare["context_len"], min(int(opts["max_batch"]) * bare["context_len"], room))
-        est = estimate(path, kind, kv_tokens, int(opts["max_batch"]))
+        est = self._estimate(path, want, opts)
         if not opts.get("num_blocks"):
-            opts["num_blocks"] = est["kv_tokens"] // bs + 1
+            opts["num_blocks"] = est["kv_tokens"] // int(opts.get("block_size", 8)) + 1
         need = est["total_bytes"]
         devices = []
         entry = ModelEntry(path, "cpu", opts, est, keep_alive)
@@ -188,6 +178,19 @@ class ModelManager(Actor):
         self.log.info("model_loading", model=path, device=entry.device, instances=instances,
                       estimate_mib=round(need / 2**20), keep_alive=keep_alive)
         return entry
+
+    def _estimate(self, path: str, want: str, opts: dict[str, Any]) -> dict[str, Any]:
+        """What an instance of ``path`` will take, with the KV pool the options (or the defaults) give it."""
+        kind = "gpu" if want.startswith("cuda") or (want == "auto" and self.devices.gpus) else "cpu"
+        if opts.get("num_blocks"):
+            kv_tokens = int(opts["num_blocks"]) * int(opts.get("block_size", 8))
+        else:
+            # a full batch of full contexts, but never more than half of the memory left after the weights
+            bare = estimate(path, kind, 0)
+            free = max(d.res.budget - d.res.reserved for d in [self.devices.cpu, *self.devices.gpus])
+            room = (free - bare["weight_bytes"] - bare["overhead_bytes"]) // 2 // max(1, bare["kv_bytes_per_token"])
+            kv_tokens = max(bare["context_len"], min(int(opts["max_batch"]) * bare["context_len"], room))
+        return estimate(path, kind, kv_tokens, int(opts["max_batch"]))
 
     def _place(self, need: int, want: str):
         try:
@@ -280,7 +283,8 @@ class ModelManager(Actor):
         entry = self.models.get(path)
         if entry is not None:
             return {**entry.describe(), "loaded": True}
-        return {"model": path, "loaded": False, "estimate": estimate(path, "cpu", None, int(self.defaults["max_batch"]))}
+        opts, want, _, _ = self._options(path, {})
+        return {"model": path, "loaded": False, "estimate": self._estimate(path, want, opts)}
 
     async def on_stop(self) -> None:
         if self._ticker:

@@ -34,7 +34,7 @@ def _fields(title: str, fields: tuple[Field, ...]) -> list[str]:
 def render() -> str:
     lines = [HEADER.rstrip("\n")]
     for s in SYSCALLS:
-        lines.append(f"| {s.nr} | [`{s.name}`](#{s.nr}-{s.name.replace('_', '_')}) | {'yes' if s.streams else ''} | {s.doc} |")
+        lines.append(f"| {s.nr} | [`{s.name}`](#{s.nr}-{s.name}) | {'yes' if s.streams else ''} | {s.doc} |")
     lines.append("")
     for s in SYSCALLS:
         lines += [f"## {s.nr} `{s.name}`", "", s.doc, ""]

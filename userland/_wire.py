@@ -10,6 +10,7 @@ from typing import Any
 
 from llmos.syscalls import codec, protocol
 from llmos.syscalls.errors import KernelGone, ProtocolError, error_from_errno
+from llmos.types import ProcessResult
 
 
 def current_user() -> str:
@@ -64,3 +65,10 @@ class Calls:
         if kind == protocol.ERR:
             return msg.get("id"), kind, error_from_errno(msg.get("errno", 5), msg.get("message", ""))
         raise ProtocolError(f"unknown frame kind {kind!r}")
+
+
+def text_or_raise(result: ProcessResult) -> str:
+    """The text of a finished process, or the llmos error it ended with."""
+    if result.finish_reason == "error" and result.error:
+        raise error_from_errno(result.error["errno"], result.error["message"])
+    return result.text

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
-from llmos._wire import Calls, current_user, model_arg, spawn_args
+from llmos._wire import Calls, current_user, model_arg, spawn_args, text_or_raise
 from llmos.syscalls import protocol
 from llmos.syscalls.address import ipc_path, resolve_address
 from llmos.syscalls.errors import KernelGone, KernelUnavailable, TimedOut
@@ -177,12 +177,5 @@ class AsyncClient:
 
     async def generate_text(self, prompt: str, model: str | None = None, **params: Any) -> str:
         pid = await self.spawn(prompt=prompt, model=model, **params)
-        return _text_or_raise(await self.wait(pid))
+        return text_or_raise(await self.wait(pid))
 
-
-def _text_or_raise(result: ProcessResult) -> str:
-    from llmos.syscalls.errors import error_from_errno
-
-    if result.finish_reason == "error" and result.error:
-        raise error_from_errno(result.error["errno"], result.error["message"])
-    return result.text

@@ -8,7 +8,7 @@ import weakref
 from typing import Any
 
 from llmos import embedded
-from llmos.aclient import _text_or_raise
+from llmos._wire import text_or_raise
 from llmos.client import Client, OutputStream
 from llmos.syscalls.address import resolve_address
 from llmos.types import ProcessInfo, ProcessResult
@@ -47,7 +47,7 @@ class LLMOS:
     def generate_text(self, prompt: str, **params: Any) -> str:
         """Generate a continuation of ``prompt`` and return its text."""
         pid = self.spawn(prompt=prompt, **params)
-        return _text_or_raise(self.wait(pid))
+        return text_or_raise(self.wait(pid))
 
     def spawn(self, prompt: str | None = None, messages: list[dict] | None = None, model: str | None = None,
               priority: int = 0, **params: Any) -> int:

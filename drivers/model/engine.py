@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from llmos.drivers.memory import KVBlockPool
+from llmos.drivers.model.estimate import kv_bytes_per_token
 from llmos.drivers.model.sampling import SamplingParams
 from llmos.drivers.model.text import TextTracker
 from llmos.syscalls.errors import Errno, InvalidArgument, TooBig
@@ -102,20 +103,14 @@ class BaseEngine:
         self.max_blocks = max(max_blocks or num_blocks, num_blocks) if kv_policy == "dynamic" else num_blocks
         caps = user_caps if kv_policy == "isolated" else None
         self.pool = KVBlockPool(num_blocks, block_size, caps, user_cap_blocks if kv_policy == "isolated" else None)
+        elem = next(model.parameters()).element_size()
+        self.kv_token_bytes = kv_bytes_per_token(cfg.to_dict(), elem)
         self.steps = 0
         self.preemptions = 0
         self.last_batch = 0
         self.last_step_tokens = 0
 
     # -- description -----------------------------------------------------------------------
-    def kv_bytes_per_token(self) -> int:
-        cfg = self.model.config
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        elem = next(self.model.parameters()).element_size()
-        return 2 * cfg.num_hidden_layers * kv_heads * head_dim * elem
-
     def info(self) -> dict[str, Any]:
         n_params = sum(p.numel() for p in self.model.parameters())
         return {
@@ -132,7 +127,7 @@ class BaseEngine:
             "has_chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
             "kv_block_size": self.pool.block_size,
             "kv_blocks": self.pool.capacity,
-            "kv_bytes_per_token": self.kv_bytes_per_token(),
+            "kv_bytes_per_token": self.kv_token_bytes,
             "kv_policy": self.kv_policy,
             "kv_max_blocks": self.max_blocks - 1,
         }
@@ -141,7 +136,7 @@ class BaseEngine:
         u = self.pool.usage()
         return {"running": len(self.seqs), "batch": self.last_batch, "step_tokens": self.last_step_tokens,
                 "kv_used": u.used, "kv_free": u.free, "kv_total": u.total, "kv_block_size": u.block_size,
-                "kv_bytes": self.pool.num_blocks * u.block_size * self.kv_bytes_per_token(),
+                "kv_bytes": self.pool.num_blocks * u.block_size * self.kv_token_bytes,
                 "kv_per_user": u.per_user, "steps": self.steps, "preemptions": self.preemptions,
                 "kv_policy": self.kv_policy}
 

@@ -78,7 +78,6 @@ class PagedEngine(BaseEngine):
         self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
         self._kbuf = torch.empty(0, row, dtype=dtype, device=device)
         self._vbuf = torch.empty(0, row, dtype=dtype, device=device)
-        self._slot_offsets = torch.arange(block_size, device=device)
         self._fuse_projections()
 
     def _fuse_projections(self) -> None:
@@ -110,11 +109,10 @@ class PagedEngine(BaseEngine):
     def _pack_for_cpu(self) -> None:
         """On the CPU, run every linear through oneDNN with weights reordered once, at load.
 
-        oneDNN's packed GEMM is about twice as fast as the default path for the skinny matrices of
-        a decode step (measured: docs/performance.md). The packed copies double the weights'
-        memory, so this applies to models up to PACK_LIMIT_BYTES; larger ones use F.linear.
+        oneDNN's packed GEMM suits the skinny matrices of a decode step better than the default BLAS
+        path. The packed copies double the weights' memory, so this applies to models up to
+        PACK_LIMIT_BYTES; larger ones use F.linear.
         """
-        self.linears: list[tuple] = []
         self.lm_head = (self.model.lm_head.weight, self.model.lm_head.bias)
         plain = [(w_qkv, b_qkv, layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias, w_gu,
                   layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
@@ -233,7 +231,7 @@ class PagedEngine(BaseEngine):
 
         new = min(self.max_blocks, 2 * self.pool.num_blocks)
         extra = new - self.pool.num_blocks
-        nbytes = extra * self.pool.block_size * self.kv_bytes_per_token()
+        nbytes = extra * self.pool.block_size * self.kv_token_bytes
         if extra <= 0 or (self.device.type == "cpu" and psutil.virtual_memory().available < nbytes + 2**30):
             return False
         self.k_cache = [torch.cat([k, torch.zeros(extra, k.shape[1], dtype=k.dtype, device=k.device)])

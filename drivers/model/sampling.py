@@ -43,26 +43,9 @@ def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalt
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-           context: torch.Tensor | None = None) -> int:
-    """Choose the next token id from one row of logits (shape [vocab])."""
-    logits = logits.float()
-    if context is not None:
-        logits = apply_repetition_penalty(logits, context, params.repetition_penalty)
-    if params.temperature == 0.0:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+           context: list[int] | None = None) -> int:
+    """Choose the next token id from one row of logits (shape [vocab]): ``sample_batch`` with one row."""
+    return sample_batch(logits[None], [params], [generator], [context or []])[0]
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],

@@ -56,7 +56,4 @@ class SequentialEngine(BaseEngine):
         out = self.model(input_ids=ids, use_cache=True, **self._extra, **{self._cache_kw: seq.cache})
         seq.cache = getattr(out, self._cache_kw)
         seq.computed = len(seq.tokens)
-        context = None
-        if seq.params.repetition_penalty != 1.0:
-            context = torch.tensor(seq.tokens, dtype=torch.long, device=self.device)
-        return self._accept(seq, sample(out.logits[0, -1], seq.params, seq.generator, context))
+        return self._accept(seq, sample(out.logits[0, -1], seq.params, seq.generator, seq.tokens))
