@@ -8,7 +8,7 @@ TINY_VOCAB_WORDS = 400
 
 
 def make_tiny_llama(path: Path, *, hidden: int = 32, layers: int = 2, heads: int = 4, context: int = 1024,
-                    seed: int = 0) -> Path:
+                    seed: int = 0, kv_heads: int | None = None) -> Path:
     """Write a tiny LlamaForCausalLM with a word-level tokenizer and a ChatML template to ``path``."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
@@ -32,7 +32,7 @@ def make_tiny_llama(path: Path, *, hidden: int = 32, layers: int = 2, heads: int
     fast.save_pretrained(path)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=hidden * 2,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                       max_position_embeddings=context, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                       tie_word_embeddings=True, initializer_range=0.3)
     model = LlamaForCausalLM(cfg)

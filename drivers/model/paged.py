@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llmos.drivers.model import cpu_kernels
 from llmos.drivers.model.engine import BaseEngine, Sequence, StepEvent
 from llmos.drivers.model.sampling import sample_batch
 from llmos.syscalls.errors import Errno, OutOfMemory
@@ -78,6 +79,8 @@ class PagedEngine(BaseEngine):
         self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
         self._kbuf = torch.empty(0, row, dtype=dtype, device=device)
         self._vbuf = torch.empty(0, row, dtype=dtype, device=device)
+        # decode attention straight from the block tables, when the native CPU kernel builds here
+        self.native_decode = cpu_kernels.paged_decode() if device.type == "cpu" and dtype == torch.float32 else None
         self._fuse_projections()
 
     def _fuse_projections(self) -> None:
@@ -146,6 +149,9 @@ class PagedEngine(BaseEngine):
             self._kbuf = torch.empty(size, self._kbuf.shape[1], dtype=self._kbuf.dtype, device=self.device)
             self._vbuf = torch.empty_like(self._kbuf)
         return self._kbuf, self._vbuf
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "decode_attention": "native" if self.native_decode is not None else "torch"}
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -306,7 +312,16 @@ class PagedEngine(BaseEngine):
         while nd < len(plan) and plan[nd][2] == 1:
             nd += 1
         dec = []  # decode groups of similar context length: (first row, end row, blocks, mask, slots)
-        if nd:
+        native = None  # or (block tables, context lengths) for the native kernel
+        if nd and self.native_decode is not None:
+            width = -(-(plan[nd - 1][1] + 1) // bs)  # the longest decode context, in blocks
+            rows = []
+            for seq, start, _ in plan[:nd]:
+                t = self.pool.tables[seq.pid][:width]
+                rows.extend(t + [0] * (width - len(t)))
+            native = (torch.tensor(rows, dtype=torch.int32).view(nd, width),
+                      torch.tensor([start + 1 for _, start, _ in plan[:nd]], dtype=torch.int32))
+        elif nd:
             ctx = [plan[i][1] + 1 for i in range(nd)]  # ascending: step() sorts the decodes by length
             used = 0
             groups = _length_groups(ctx, bs)
@@ -354,6 +369,8 @@ class PagedEngine(BaseEngine):
             kc.view(-1, KV * D).index_copy_(0, slot_mapping, k.reshape(n_tok, KV * D))
             vc.view(-1, KV * D).index_copy_(0, slot_mapping, v)
             out = torch.empty(n_tok, H, D, dtype=q.dtype, device=dev)
+            if native is not None:
+                self.native_decode(q[:nd], kc, vc, native[0], native[1], out[:nd], bs, attn.scaling)
             for lo, hi, blocks, mask, s, at in dec:
                 # gather whole blocks into a reused workspace: fresh large buffers cost page faults
                 b, nb = hi - lo, blocks.numel()

@@ -1,0 +1,105 @@
+"""The native CPU decode-attention kernel: same numbers as torch, same tokens in the engine, and a safe fallback."""
+
+import shutil
+
+import pytest
+import torch
+
+from llmos.drivers.model import cpu_kernels
+from llmos.drivers.model.engine import load_engine
+from tests.tinymodel import make_tiny_llama
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch, tmp_path):
+    """An empty kernel cache and no memoised kernel, before and after the test."""
+    monkeypatch.setenv("LLMOS_KERNEL_CACHE", str(tmp_path / "kernels"))
+    cpu_kernels.paged_decode.cache_clear()
+    yield tmp_path / "kernels"
+    cpu_kernels.paged_decode.cache_clear()
+
+
+def random_pool(heads, kv_heads, dim, block_size, ctx, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(-(-c // block_size) for c in ctx)
+    blocks = width * len(ctx) + 3
+    k = torch.randn(blocks, block_size * kv_heads * dim, generator=g)
+    v = torch.randn(blocks, block_size * kv_heads * dim, generator=g)
+    tables = torch.randperm(blocks, generator=g)[:width * len(ctx)].to(torch.int32).view(len(ctx), width)
+    q = torch.randn(len(ctx), heads + kv_heads, dim, generator=g)[:, :heads]  # strided rows, as in the engine
+    return q, k, v, tables, torch.tensor(ctx, dtype=torch.int32)
+
+
+@needs_cc
+@pytest.mark.parametrize("heads,kv_heads,dim,block_size,ctx", [
+    (4, 4, 16, 4, [1, 4, 5, 13]),
+    (8, 2, 64, 8, [190, 7, 64]),  # grouped-query attention
+    (6, 3, 32, 1, [3, 9]),
+    (2, 1, 8, 16, [16, 33, 1]),
+])
+def test_native_decode_attention_matches_torch(heads, kv_heads, dim, block_size, ctx):
+    kernel = cpu_kernels.paged_decode()
+    assert kernel is not None
+    q, k, v, tables, ctx_t = random_pool(heads, kv_heads, dim, block_size, ctx)
+    out = kernel(q, k, v, tables, ctx_t, torch.empty(len(ctx), heads, dim), block_size, dim ** -0.5)
+    ref = cpu_kernels.reference_decode(q, k, v, tables, ctx_t, block_size, dim ** -0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+@needs_cc
+def test_native_decode_attention_refuses_a_layout_it_does_not_handle():
+    kernel = cpu_kernels.paged_decode()
+    q, k, v, tables, ctx = random_pool(4, 4, 16, 4, [5])
+    with pytest.raises(ValueError, match="unsupported"):
+        kernel(q.double(), k, v, tables, ctx, torch.empty(1, 4, 16), 4, 0.25)
+    with pytest.raises(ValueError, match="unsupported"):
+        kernel(q, k, v, tables.long(), ctx, torch.empty(1, 4, 16), 4, 0.25)
+
+
+@needs_cc
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_the_engine_gives_the_same_tokens_with_and_without_the_native_kernel(tmp_path, kv_heads):
+    path = make_tiny_llama(tmp_path / "m", heads=4, kv_heads=kv_heads)
+    e = load_engine(path, engine="paged", block_size=4, max_tokens_per_step=16)
+    assert e.info()["decode_attention"] == "native"
+    prompts = ["the quick brown fox", "a", "x" * 30, "jumps over the lazy dog"]
+
+    def run():
+        for pid, p in enumerate(prompts, 1):
+            e.add(pid, e.encode(p), {"max_new_tokens": 12, **GREEDY})
+        toks = {}
+        while e.has_work():
+            for ev in e.step():
+                toks.setdefault(ev.pid, []).extend(ev.token_ids)
+        return toks
+
+    native = run()
+    e.native_decode = None
+    assert run() == native
+    assert all(len(t) == 12 for t in native.values())
+
+
+def test_a_failed_build_leaves_the_torch_path(fresh_kernels, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/bin/false")
+    assert cpu_kernels.paged_decode() is None
+    assert "native paged attention unavailable" in caplog.text
+    assert not any(fresh_kernels.glob("*.so"))  # no half-built object left behind
+
+
+@needs_cc
+def test_the_kernel_is_built_once_and_reused(fresh_kernels):
+    assert cpu_kernels.paged_decode() is not None
+    built = list(fresh_kernels.glob("*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    cpu_kernels.paged_decode.cache_clear()
+    assert cpu_kernels.paged_decode() is not None
+    assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_llmos_cpu_kernels_0_turns_them_off(fresh_kernels, monkeypatch):
+    monkeypatch.setenv("LLMOS_CPU_KERNELS", "0")
+    assert cpu_kernels.paged_decode() is None
