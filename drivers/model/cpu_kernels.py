@@ -64,7 +64,7 @@ def _build(source: Path) -> Path:
     try:
         # torch's own libgomp satisfies the OpenMP dependency at load time (same soname, already loaded)
         res = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp, "-lm"], capture_output=True, text=True,
-                             timeout=120)
+                             check=False, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {res.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: a concurrent build by another worker is harmless
