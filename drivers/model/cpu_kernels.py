@@ -138,7 +138,7 @@ def paged_decode() -> PagedDecode | None:
         return None
     try:
         lib = ctypes.CDLL(str(_build(SOURCE)))
-        if lib.llmos_paged_decode_abi() != 2:
+        if lib.llmos_paged_decode_abi() != 3:
             raise RuntimeError("unexpected kernel ABI")
         kernel = PagedDecode(lib)
         if not _self_check(kernel):

@@ -39,6 +39,8 @@ def random_pool(heads, kv_heads, dim, block_size, ctx, seed=0):
     (8, 2, 64, 8, [190, 7, 64]),  # grouped-query attention
     (6, 3, 32, 1, [3, 9]),
     (2, 1, 8, 16, [16, 33, 1]),
+    (4, 4, 96, 8, [17, 40]),  # a head size that is not a multiple of 64
+    (8, 8, 32, 8, [9, 64, 3]),
 ])
 def test_native_decode_attention_matches_torch(heads, kv_heads, dim, block_size, ctx):
     kernel = cpu_kernels.paged_decode()
