@@ -231,7 +231,7 @@ class Executor(Actor):
                 "running": self.running, "device": self.device, "engine": self.info.get("engine"),
                 "parameters": self.info.get("parameters"), "context_len": self.info.get("context_len"),
                 "ready": self.ready.done() and not self.dead, "max_batch": self.max_batch,
-                "decode_attention": self.info.get("decode_attention"),
+                "kernels": self.info.get("kernels"),
                 "kv_policy": self.info.get("kv_policy"), "kv_block_size": self.info.get("kv_block_size"),
                 "kv_used": s.get("kv_used", 0), "kv_free": s.get("kv_free", self.info.get("kv_blocks", 0)),
                 "kv_total": self.kv_total, "kv_bytes": s.get("kv_bytes"), "kv_per_user": s.get("kv_per_user", {}),

@@ -1,12 +1,15 @@
 """Native CPU kernels for the paged engine, built from ``csrc/`` with the system C compiler on first use.
 
-Only what torch has no good operator for lives here: decode attention that reads keys and
-values in place through block tables. The shared object is compiled once per source and
-machine (``-march=native``) into a cache directory and loaded with ctypes; it uses OpenMP
-through the runtime torch already loaded, so it shares torch's threads instead of adding
-its own. Anything that goes wrong (no compiler, a failed build, a result that disagrees
-with torch on a self-check) leaves the engine on its pure-torch path, which computes the
-same thing more slowly. ``LLMOS_CPU_KERNELS=0`` turns the kernels off.
+Only what torch does slowly at decode sizes lives here: decode attention that reads keys and
+values in place through block tables (``paged_attention.c``), and fused element-wise steps of
+the forward, residual add + RMSNorm, SiLU-gate multiply and rotary embedding
+(``fused_ops.c``), whose chains of small torch operators cost more in dispatch than in
+arithmetic. The shared object is compiled once per source and machine (``-march=native``)
+into a cache directory and loaded with ctypes; it uses OpenMP through the runtime torch
+already loaded, so it shares torch's threads instead of adding its own. Anything that goes
+wrong (no compiler, a failed build, a result that disagrees with torch on a self-check)
+leaves the engine on its pure-torch path, which computes the same thing more slowly.
+``LLMOS_CPU_KERNELS=0`` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -26,8 +29,13 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger("llmos.kernels")
-SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("paged_attention.c", "fused_ops.c")
+HEADERS = ("simd.h",)
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+ABI = {"llmos_paged_decode_abi": 4, "llmos_fused_ops_abi": 1}
+
+_p, _i, _l, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 
 
 def cache_dir() -> Path:
@@ -49,13 +57,14 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(source: Path) -> Path:
+def _build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
+    parts = [(CSRC / name).read_bytes() for name in SOURCES + HEADERS]
+    key = hashlib.sha256(b"\0".join([*parts, " ".join(FLAGS).encode(), compiler.encode(),
                                      _cpu_signature().encode(), torch.__version__.encode()])).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{key}.so"
+    target = cache_dir() / f"llmos_cpu-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -63,8 +72,8 @@ def _build(source: Path) -> Path:
     os.close(fd)
     try:
         # torch's own libgomp satisfies the OpenMP dependency at load time (same soname, already loaded)
-        res = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp, "-lm"], capture_output=True, text=True,
-                             check=False, timeout=120)
+        res = subprocess.run([compiler, *FLAGS, *(str(CSRC / s) for s in SOURCES), "-o", tmp, "-lm"],
+                             capture_output=True, text=True, check=False, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {res.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: a concurrent build by another worker is harmless
@@ -74,38 +83,76 @@ def _build(source: Path) -> Path:
     return target
 
 
-class PagedDecode:
-    """``paged_decode(q, k_cache, v_cache, tables, ctx, out, block_size, scale)`` over the native kernel."""
+def _f32(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
+class CpuKernels:
+    """The loaded kernels. Each wrapper checks layouts and dtypes it relies on and raises ValueError."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        fn = lib.llmos_paged_decode
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_int, ctypes.c_float]
-        self._fn = fn
+        def bind(name: str, *argtypes) -> ctypes._CFuncPtr:
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = None, list(argtypes)
+            return fn
 
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                 ctx: torch.Tensor, out: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
-        """q: [B, H, D] float32 with contiguous heads (rows may be strided); k/v_cache: [blocks, block_size *
-        KV * D]; tables: [B, W] int32; ctx: [B] int32; out: [B, H, D] contiguous. Fills and returns out."""
+        self._decode = bind("llmos_paged_decode", _p, _l, _p, _p, _p, _i, _p, _p, _i, _i, _i, _i, _i, _f)
+        self._norm = bind("llmos_add_rms_norm", _p, _p, _p, _p, _i, _i, _f)
+        self._silu_mul = bind("llmos_silu_mul", _p, _p, _i, _i)
+        self._rope = bind("llmos_rope", _p, _l, _p, _p, _i, _i, _i)
+
+    def paged_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                     ctx: torch.Tensor, out: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+        """q: [B, H, D] with contiguous heads (rows may be strided); k/v_cache: [blocks, block_size * KV * D];
+        tables: [B, W] int32; ctx: [B] int32; out: [B, H, D] contiguous. Fills and returns out."""
         batch, heads, dim = q.shape
         kv_heads = k_cache.shape[1] // (block_size * dim)
-        if not (q.dtype == k_cache.dtype == v_cache.dtype == out.dtype == torch.float32
-                and q.stride(2) == 1 and q.stride(1) == dim and out.is_contiguous()
+        if not (_f32(q, k_cache, v_cache, out) and q.stride(2) == 1 and q.stride(1) == dim and out.is_contiguous()
                 and k_cache.is_contiguous() and v_cache.is_contiguous() and tables.dtype == torch.int32
-                and ctx.dtype == torch.int32 and tables.is_contiguous() and ctx.is_contiguous()
+                and ctx.dtype == torch.int32 and tables.is_contiguous() and ctx.is_contiguous() and kv_heads > 0
                 and heads % kv_heads == 0 and tables.shape[0] == ctx.shape[0] == out.shape[0] == batch):
             raise ValueError("paged_decode: unsupported layout or dtype")
-        self._fn(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-                 tables.shape[1], ctx.data_ptr(), out.data_ptr(), batch, heads, kv_heads, dim, block_size,
-                 float(scale))
+        self._decode(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                     tables.shape[1], ctx.data_ptr(), out.data_ptr(), batch, heads, kv_heads, dim, block_size,
+                     float(scale))
         return out
+
+    def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+        """``h += delta`` in place (when given), then RMSNorm of h times weight, as a new tensor."""
+        if not (_f32(h, weight) and h.dim() == 2 and h.is_contiguous() and weight.is_contiguous()
+                and weight.numel() == h.shape[1]
+                and (delta is None or (_f32(delta) and delta.shape == h.shape and delta.is_contiguous()))):
+            raise ValueError("add_rms_norm: unsupported layout or dtype")
+        out = torch.empty_like(h)
+        self._norm(h.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                   h.shape[0], h.shape[1], float(eps))
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[rows, 2 * inter] (gate | up) -> silu(gate) * up, [rows, inter]."""
+        if not (_f32(gate_up) and gate_up.dim() == 2 and gate_up.is_contiguous() and gate_up.shape[1] % 2 == 0):
+            raise ValueError("silu_mul: unsupported layout or dtype")
+        rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(rows, inter, dtype=gate_up.dtype)
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter)
+        return out
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+        """Rotary embedding in place on the first ``heads`` heads of each row of x ([tokens, >= heads * D],
+        unit stride); cos, sin: [tokens, D] contiguous. Returns x."""
+        tokens, dim = cos.shape
+        if not (_f32(x, cos, sin) and x.dim() == 2 and x.stride(1) == 1 and x.shape[0] == tokens
+                and x.shape[1] >= heads * dim and dim % 2 == 0 and cos.is_contiguous() and sin.is_contiguous()
+                and sin.shape == cos.shape):
+            raise ValueError("rope: unsupported layout or dtype")
+        self._rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), tokens, heads, dim)
+        return x
 
 
 def reference_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                      ctx: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
-    """The same computation in plain torch, one sequence at a time (for checks, not speed)."""
+    """Decode attention in plain torch, one sequence at a time (for checks, not speed)."""
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[1] // (block_size * dim)
     outs = []
@@ -119,31 +166,59 @@ def reference_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return torch.stack(outs)
 
 
-def _self_check(kernel: PagedDecode) -> bool:
+def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """The rotary embedding as transformers' Llama applies it, on a copy."""
+    dim = cos.shape[1]
+    y = x.clone()
+    v = y[:, :heads * dim].view(-1, heads, dim)
+    half = dim // 2
+    rot = torch.cat((-v[..., half:], v[..., :half]), dim=-1)
+    y[:, :heads * dim] = (v * cos[:, None] + rot * sin[:, None]).reshape(-1, heads * dim)
+    return y
+
+
+def _self_check(k: CpuKernels) -> str | None:
+    """The name of the first kernel that disagrees with torch on a small random case, or None."""
     g = torch.Generator().manual_seed(0)
-    bs, heads, kv_heads, dim, blocks = 4, 4, 2, 16, 12
+    bs, heads, kv_heads, dim, blocks = 8, 4, 2, 16, 12
     kc = torch.randn(blocks, bs * kv_heads * dim, generator=g)
     vc = torch.randn(blocks, bs * kv_heads * dim, generator=g)
     tables = torch.tensor([[3, 7, 1], [0, 11, 5], [9, 2, 2]], dtype=torch.int32)
-    ctx = torch.tensor([9, 12, 1], dtype=torch.int32)
+    ctx = torch.tensor([19, 24, 1], dtype=torch.int32)
     q = torch.randn(3, heads + 1, dim, generator=g)[:, :heads]  # strided rows, as in the engine
-    out = kernel(q, kc, vc, tables, ctx, torch.empty(3, heads, dim), bs, 0.25)
-    return torch.allclose(out, reference_decode(q, kc, vc, tables, ctx, bs, 0.25), atol=1e-5, rtol=1e-4)
+    out = k.paged_decode(q, kc, vc, tables, ctx, torch.empty(3, heads, dim), bs, 0.25)
+    if not torch.allclose(out, reference_decode(q, kc, vc, tables, ctx, bs, 0.25), atol=1e-5, rtol=1e-4):
+        return "paged_decode"
+    h, d, w = (torch.randn(5, 40, generator=g) for _ in range(3))
+    ref = F.rms_norm(h + d, (40,), w[0], 1e-6)
+    if not torch.allclose(k.add_rms_norm(h, d, w[0].contiguous(), 1e-6), ref, atol=1e-5, rtol=1e-4):
+        return "add_rms_norm"
+    gu = torch.randn(3, 2 * 21, generator=g) * 4
+    if not torch.allclose(k.silu_mul(gu), F.silu(gu[:, :21]) * gu[:, 21:], atol=1e-5, rtol=1e-4):
+        return "silu_mul"
+    x, cos, sin = torch.randn(3, 5 * 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    if not torch.allclose(k.rope(x.clone(), cos, sin, 4), reference_rope(x, cos, sin, 4), atol=1e-5, rtol=1e-4):
+        return "rope"
+    return None
 
 
 @lru_cache(maxsize=1)
-def paged_decode() -> PagedDecode | None:
-    """The native decode-attention kernel, or None when it is off or cannot be built here."""
+def load() -> CpuKernels | None:
+    """The native kernels, or None when they are off or cannot be built or trusted here."""
     if os.environ.get("LLMOS_CPU_KERNELS", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(_build(SOURCE)))
-        if lib.llmos_paged_decode_abi() != 3:
-            raise RuntimeError("unexpected kernel ABI")
-        kernel = PagedDecode(lib)
-        if not _self_check(kernel):
-            raise RuntimeError("self-check against torch failed")
-        return kernel
+        lib = ctypes.CDLL(str(_build()))
+        for name, version in ABI.items():
+            fn = getattr(lib, name)
+            fn.restype = ctypes.c_int
+            if fn() != version:
+                raise RuntimeError(f"{name}: unexpected kernel ABI")
+        kernels = CpuKernels(lib)
+        bad = _self_check(kernels)
+        if bad:
+            raise RuntimeError(f"self-check against torch failed: {bad}")
+        return kernels
     except Exception as exc:  # any failure keeps the pure-torch path
-        log.warning("native paged attention unavailable, using torch: %s", exc)
+        log.warning("native CPU kernels unavailable, using torch: %s", exc)
         return None

@@ -79,8 +79,10 @@ class PagedEngine(BaseEngine):
         self.v_cache = [torch.zeros_like(k) for k in self.k_cache]
         self._kbuf = torch.empty(0, row, dtype=dtype, device=device)
         self._vbuf = torch.empty(0, row, dtype=dtype, device=device)
-        # decode attention straight from the block tables, when the native CPU kernel builds here
-        self.native_decode = cpu_kernels.paged_decode() if device.type == "cpu" and dtype == torch.float32 else None
+        # decode attention straight from the block tables and fused element-wise steps, when the native
+        # CPU kernels build here; None keeps the pure-torch forward
+        self.ops = cpu_kernels.load() if device.type == "cpu" and dtype == torch.float32 else None
+        self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
         self._fuse_projections()
 
     def _fuse_projections(self) -> None:
@@ -151,7 +153,7 @@ class PagedEngine(BaseEngine):
         return self._kbuf, self._vbuf
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "decode_attention": "native" if self.native_decode is not None else "torch"}
+        return {**super().info(), "kernels": "native" if self.ops is not None else "torch"}
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -288,6 +290,31 @@ class PagedEngine(BaseEngine):
         self._shrink_if_idle()
         return events
 
+    def _norm(self, h: torch.Tensor, delta: torch.Tensor | None, ln: Any) -> torch.Tensor:
+        """``h += delta`` in place (the residual), then the layer's RMSNorm of h."""
+        if self.ops is not None:
+            return self.ops.add_rms_norm(h, delta, ln.weight, ln.variance_epsilon)
+        if delta is not None:
+            h.add_(delta)
+        return F.rms_norm(h, (h.shape[-1],), ln.weight, ln.variance_epsilon)
+
+    def _rotary(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rotary embedding on the queries and keys of the fused projection; returns views q, k, v."""
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        if self.ops is not None:
+            qk = self.ops.rope(qkv, cos, sin, H + KV)[:, :(H + KV) * D].view(-1, H + KV, D)
+        else:
+            qk = qkv[:, :(H + KV) * D].view(-1, H + KV, D)
+            qk = qk * cos[:, None] + _rotate_half(qk) * sin[:, None]
+        return qk[:, :H], qk[:, H:], qkv[:, (H + KV) * D:]
+
+    def _act(self, mlp: Any, gate_up: torch.Tensor) -> torch.Tensor:
+        """The gated MLP's activation: act(gate) * up, from the fused gate|up projection."""
+        if self.ops is not None and self.silu:
+            return self.ops.silu_mul(gate_up.contiguous())
+        gate, up = gate_up.split(gate_up.shape[1] // 2, dim=1)
+        return mlp.act_fn(gate) * up
+
     def _forward(self, plan: list[tuple[Sequence, int, int]]) -> torch.Tensor:
         """One forward over the packed batch; returns logits for the sequences that sample this step.
 
@@ -313,7 +340,7 @@ class PagedEngine(BaseEngine):
             nd += 1
         dec = []  # decode groups of similar context length: (first row, end row, blocks, mask, slots)
         native = None  # or (block tables, context lengths) for the native kernel
-        if nd and self.native_decode is not None:
+        if nd and self.ops is not None:
             width = -(-(plan[nd - 1][1] + 1) // bs)  # the longest decode context, in blocks
             rows = []
             for seq, start, _ in plan[:nd]:
@@ -349,28 +376,24 @@ class PagedEngine(BaseEngine):
             pre.append((offset, n, slots, mask))
             offset += n
 
-        h = self.inner.embed_tokens(input_ids)  # [N, hidden]
+        h = self.inner.embed_tokens(input_ids)  # [N, hidden], a fresh tensor: the residual adds go in place
         cos, sin = self.inner.rotary_emb(h[None], positions[None])
-        cos, sin = cos[0][:, None, :], sin[0][:, None, :]  # [N, 1, head_dim]
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [N, head_dim]
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         gqa = KV != H
         linear = self.linear
+        delta = None  # the previous layer's MLP output; the next norm adds it to h
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             w_qkv, b_qkv, w_o, b_o, w_gu, w_down, b_down = self.linears[li]
-            ln = layer.input_layernorm
-            x = F.rms_norm(h, (h.shape[-1],), ln.weight, ln.variance_epsilon)
-            qkv = linear(x, w_qkv, b_qkv)
-            qk = qkv[:, :(H + KV) * D].view(n_tok, H + KV, D)
-            qk = qk * cos + _rotate_half(qk) * sin  # rotary on queries and keys at once
-            q, k = qk[:, :H], qk[:, H:]
-            v = qkv[:, (H + KV) * D:]
+            qkv = linear(self._norm(h, delta, layer.input_layernorm), w_qkv, b_qkv)
+            q, k, v = self._rotary(qkv, cos, sin)
             kc, vc = self.k_cache[li], self.v_cache[li]  # [blocks, block_size * KV * D]
             kc.view(-1, KV * D).index_copy_(0, slot_mapping, k.reshape(n_tok, KV * D))
             vc.view(-1, KV * D).index_copy_(0, slot_mapping, v)
             out = torch.empty(n_tok, H, D, dtype=q.dtype, device=dev)
             if native is not None:
-                self.native_decode(q[:nd], kc, vc, native[0], native[1], out[:nd], bs, attn.scaling)
+                self.ops.paged_decode(q[:nd], kc, vc, native[0], native[1], out[:nd], bs, attn.scaling)
             for lo, hi, blocks, mask, s, at in dec:
                 # gather whole blocks into a reused workspace: fresh large buffers cost page faults
                 b, nb = hi - lo, blocks.numel()
@@ -390,11 +413,9 @@ class PagedEngine(BaseEngine):
                 op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None,
                                                     scale=attn.scaling, enable_gqa=gqa)
                 out[off:off + n] = op[0].transpose(0, 1)
-            h = h + linear(out.view(n_tok, H * D), w_o, b_o)
-            ln = layer.post_attention_layernorm
-            gu = linear(F.rms_norm(h, (h.shape[-1],), ln.weight, ln.variance_epsilon), w_gu)
-            gate, up = gu.split(gu.shape[1] // 2, dim=1)
-            h = h + linear(layer.mlp.act_fn(gate) * up, w_down, b_down)
+            x = self._norm(h, linear(out.view(n_tok, H * D), w_o, b_o), layer.post_attention_layernorm)
+            delta = linear(self._act(layer.mlp, linear(x, w_gu)), w_down, b_down)
+        h.add_(delta)
         # logits only where a token is sampled: the last planned token of each finished-pending sequence
         last = []
         offset = 0

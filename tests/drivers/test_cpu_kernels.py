@@ -1,9 +1,10 @@
-"""The native CPU decode-attention kernel: same numbers as torch, same tokens in the engine, and a safe fallback."""
+"""The native CPU kernels: same numbers as torch, same tokens in the engine, and a safe fallback."""
 
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmos.drivers.model import cpu_kernels
 from llmos.drivers.model.engine import load_engine
@@ -17,9 +18,9 @@ GREEDY = {"temperature": 0.0, "ignore_eos": True}
 def fresh_kernels(monkeypatch, tmp_path):
     """An empty kernel cache and no memoised kernel, before and after the test."""
     monkeypatch.setenv("LLMOS_KERNEL_CACHE", str(tmp_path / "kernels"))
-    cpu_kernels.paged_decode.cache_clear()
+    cpu_kernels.load.cache_clear()
     yield tmp_path / "kernels"
-    cpu_kernels.paged_decode.cache_clear()
+    cpu_kernels.load.cache_clear()
 
 
 def random_pool(heads, kv_heads, dim, block_size, ctx, seed=0):
@@ -43,22 +44,62 @@ def random_pool(heads, kv_heads, dim, block_size, ctx, seed=0):
     (8, 8, 32, 8, [9, 64, 3]),
 ])
 def test_native_decode_attention_matches_torch(heads, kv_heads, dim, block_size, ctx):
-    kernel = cpu_kernels.paged_decode()
-    assert kernel is not None
+    kernels = cpu_kernels.load()
+    assert kernels is not None
     q, k, v, tables, ctx_t = random_pool(heads, kv_heads, dim, block_size, ctx)
-    out = kernel(q, k, v, tables, ctx_t, torch.empty(len(ctx), heads, dim), block_size, dim ** -0.5)
+    out = kernels.paged_decode(q, k, v, tables, ctx_t, torch.empty(len(ctx), heads, dim), block_size, dim ** -0.5)
     ref = cpu_kernels.reference_decode(q, k, v, tables, ctx_t, block_size, dim ** -0.5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
 @needs_cc
 def test_native_decode_attention_refuses_a_layout_it_does_not_handle():
-    kernel = cpu_kernels.paged_decode()
+    kernels = cpu_kernels.load()
     q, k, v, tables, ctx = random_pool(4, 4, 16, 4, [5])
     with pytest.raises(ValueError, match="unsupported"):
-        kernel(q.double(), k, v, tables, ctx, torch.empty(1, 4, 16), 4, 0.25)
+        kernels.paged_decode(q.double(), k, v, tables, ctx, torch.empty(1, 4, 16), 4, 0.25)
     with pytest.raises(ValueError, match="unsupported"):
-        kernel(q, k, v, tables.long(), ctx, torch.empty(1, 4, 16), 4, 0.25)
+        kernels.paged_decode(q, k, v, tables.long(), ctx, torch.empty(1, 4, 16), 4, 0.25)
+    with pytest.raises(ValueError, match="unsupported"):
+        kernels.add_rms_norm(torch.randn(3, 8).t(), None, torch.ones(3), 1e-6)  # not contiguous
+    with pytest.raises(ValueError, match="unsupported"):
+        kernels.silu_mul(torch.randn(2, 7))  # no even gate|up split
+
+
+@needs_cc
+@pytest.mark.parametrize("rows,dim", [(1, 8), (5, 40), (300, 512)])  # 300 x 512 runs on several threads
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_fused_residual_add_and_rms_norm_match_torch(rows, dim, with_delta):
+    g = torch.Generator().manual_seed(rows)
+    h, delta = torch.randn(rows, dim, generator=g), torch.randn(rows, dim, generator=g)
+    w = torch.randn(dim, generator=g)
+    expected_h = h + delta if with_delta else h.clone()
+    out = cpu_kernels.load().add_rms_norm(h, delta if with_delta else None, w, 1e-5)
+    torch.testing.assert_close(h, expected_h)  # the residual add happened in place
+    torch.testing.assert_close(out, F.rms_norm(expected_h, (dim,), w, 1e-5), atol=1e-5, rtol=1e-5)
+
+
+@needs_cc
+@pytest.mark.parametrize("rows,inter", [(1, 3), (4, 1376), (64, 1376)])
+def test_fused_silu_gate_multiply_matches_torch(rows, inter):
+    gu = torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 8  # exp's tails too
+    expected = F.silu(gu[:, :inter]) * gu[:, inter:]
+    torch.testing.assert_close(cpu_kernels.load().silu_mul(gu), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_cc
+@pytest.mark.parametrize("tokens,heads,extra,dim", [(1, 2, 0, 8), (7, 12, 4, 64), (300, 12, 4, 64)])
+def test_rotary_embedding_in_place_matches_transformers(tokens, heads, extra, dim):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, (heads + extra) * dim, generator=g)  # extra heads (the values) stay untouched
+    cos, sin = torch.randn(tokens, dim, generator=g), torch.randn(tokens, dim, generator=g)
+    ref, _ = apply_rotary_pos_emb(x[:, :heads * dim].view(1, tokens, heads, dim).transpose(1, 2),
+                                  x[:, :dim].view(1, 1, tokens, dim), cos[None], sin[None])
+    y = cpu_kernels.load().rope(x.clone(), cos, sin, heads)
+    torch.testing.assert_close(y[:, :heads * dim], ref.transpose(1, 2).reshape(tokens, heads * dim))
+    torch.testing.assert_close(y[:, heads * dim:], x[:, heads * dim:])
 
 
 @needs_cc
@@ -66,7 +107,7 @@ def test_native_decode_attention_refuses_a_layout_it_does_not_handle():
 def test_the_engine_gives_the_same_tokens_with_and_without_the_native_kernel(tmp_path, kv_heads):
     path = make_tiny_llama(tmp_path / "m", heads=4, kv_heads=kv_heads)
     e = load_engine(path, engine="paged", block_size=4, max_tokens_per_step=16)
-    assert e.info()["decode_attention"] == "native"
+    assert e.info()["kernels"] == "native"
     prompts = ["the quick brown fox", "a", "x" * 30, "jumps over the lazy dog"]
 
     def run():
@@ -79,29 +120,29 @@ def test_the_engine_gives_the_same_tokens_with_and_without_the_native_kernel(tmp
         return toks
 
     native = run()
-    e.native_decode = None
+    e.ops = None
     assert run() == native
     assert all(len(t) == 12 for t in native.values())
 
 
 def test_a_failed_build_leaves_the_torch_path(fresh_kernels, monkeypatch, caplog):
     monkeypatch.setenv("CC", "/bin/false")
-    assert cpu_kernels.paged_decode() is None
-    assert "native paged attention unavailable" in caplog.text
+    assert cpu_kernels.load() is None
+    assert "native CPU kernels unavailable" in caplog.text
     assert not any(fresh_kernels.glob("*.so"))  # no half-built object left behind
 
 
 @needs_cc
 def test_the_kernel_is_built_once_and_reused(fresh_kernels):
-    assert cpu_kernels.paged_decode() is not None
+    assert cpu_kernels.load() is not None
     built = list(fresh_kernels.glob("*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    cpu_kernels.paged_decode.cache_clear()
-    assert cpu_kernels.paged_decode() is not None
+    cpu_kernels.load.cache_clear()
+    assert cpu_kernels.load() is not None
     assert built[0].stat().st_mtime_ns == stamp
 
 
 def test_llmos_cpu_kernels_0_turns_them_off(fresh_kernels, monkeypatch):
     monkeypatch.setenv("LLMOS_CPU_KERNELS", "0")
-    assert cpu_kernels.paged_decode() is None
+    assert cpu_kernels.load() is None

@@ -20,12 +20,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define LLMOS_AVX2 1
-#endif
+#include "simd.h"
 
-int llmos_paged_decode_abi(void) { return 3; }
+int llmos_paged_decode_abi(void) { return 4; }
 
 static inline float dot(const float *a, const float *b, int n) {
     float s = 0.f;
@@ -155,6 +152,30 @@ static void values_avx2(const float *v_cache, const int32_t *table, int n, int h
 }
 #endif
 
+/* p[0..n) = softmax(p[0..n)) in place. */
+static void softmax(float *p, int n) {
+    float mx = p[0];
+    for (int t = 1; t < n; t++) mx = p[t] > mx ? p[t] : mx;
+    float sum = 0.f;
+    int t = 0;
+#ifdef LLMOS_AVX2
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = llmos_exp256(_mm256_sub_ps(_mm256_loadu_ps(p + t), vmx));
+        _mm256_storeu_ps(p + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vsum);
+    for (int i = 0; i < 8; i++) sum += lanes[i];
+#endif
+    for (; t < n; t++) { p[t] = expf(p[t] - mx); sum += p[t]; }
+    const float inv = 1.f / sum;
+#pragma omp simd
+    for (int i = 0; i < n; i++) p[i] *= inv;
+}
+
 void llmos_paged_decode(const float *q, long q_stride, const float *k_cache, const float *v_cache,
                         const int32_t *tables, int table_stride, const int32_t *ctx, float *out, int batch,
                         int heads, int kv_heads, int dim, int block_size, float scale) {
@@ -183,15 +204,7 @@ void llmos_paged_decode(const float *q, long q_stride, const float *k_cache, con
         else
 #endif
             scores_portable(qb, k_cache, table, n, heads, group, dim, block_size, row, block, scale, scores, npad);
-        for (int h = 0; h < heads; h++) {
-            float *sh = scores + (long)h * npad;
-            float mx = sh[0];
-            for (int t = 1; t < n; t++) mx = sh[t] > mx ? sh[t] : mx;
-            float sum = 0.f;
-            for (int t = 0; t < n; t++) { sh[t] = expf(sh[t] - mx); sum += sh[t]; }
-            const float inv = 1.f / sum;
-            for (int t = 0; t < n; t++) sh[t] *= inv;
-        }
+        for (int h = 0; h < heads; h++) softmax(scores + (long)h * npad, n);
 #ifdef LLMOS_AVX2
         if (fast)
             values_avx2(v_cache, table, n, heads, group, dim, block_size, row, block, scores, npad, acc);
