@@ -18,12 +18,27 @@ class TextTracker:
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.emitted = 0  # characters of the text already streamed
-        self.text = ""
+        self.text = ""  # the text so far (truncated at a stop string); may end in an incomplete character
         self.stopped = False
+        # incremental decoding: ids[:read] are decided and gave ``_committed``; each update decodes only
+        # ids[prefix:], where ids[prefix:read] is a little context so a token's leading space or merge
+        # with its neighbour decodes as it would in the full text
+        self._committed = ""
+        self._prefix = 0
+        self._read = 0
 
     def update(self, token_ids: list[int]) -> str:
-        """Decode ``token_ids`` (all generated so far); return the new streamable text."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        """Take ``token_ids`` (all generated so far); return the new streamable text.
+
+        Costs O(new tokens), not O(all tokens): only the tail past the last decided token is decoded.
+        """
+        decode = self.tokenizer.decode
+        before = decode(token_ids[self._prefix:self._read], skip_special_tokens=True) if self._read else ""
+        after = decode(token_ids[self._prefix:], skip_special_tokens=True)
+        text = self._committed + after[len(before):]
+        if not after.endswith("\ufffd") and len(after) >= len(before):
+            # decided: the tail ends on a whole character; the next update decodes from here
+            self._committed, self._prefix, self._read = text, self._read, len(token_ids)
         for s in self.stop:
             idx = text.find(s, max(0, self.emitted - len(s)))
             if idx != -1:
