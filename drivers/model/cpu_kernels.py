@@ -57,6 +57,22 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+def _writable(preferred: Path) -> Path:
+    """The cache directory, or a private one under the temp dir when it cannot be created (a read-only home)."""
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
+    except OSError:
+        pass
+    private = Path(tempfile.gettempdir()) / f"llmos-kernels-{os.getuid()}"
+    private.mkdir(mode=0o700, exist_ok=True)
+    st = private.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:  # never load code from a directory others can write
+        raise RuntimeError(f"{preferred} is not writable and {private} is not private")
+    return private
+
+
 def _build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -64,10 +80,9 @@ def _build() -> Path:
     parts = [(CSRC / name).read_bytes() for name in SOURCES + HEADERS]
     key = hashlib.sha256(b"\0".join([*parts, " ".join(FLAGS).encode(), compiler.encode(),
                                      _cpu_signature().encode(), torch.__version__.encode()])).hexdigest()[:16]
-    target = cache_dir() / f"llmos_cpu-{key}.so"
+    target = _writable(cache_dir()) / f"llmos_cpu-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:

@@ -1,5 +1,6 @@
 """The native CPU kernels: same numbers as torch, same tokens in the engine, and a safe fallback."""
 
+import os
 import shutil
 
 import pytest
@@ -146,3 +147,14 @@ def test_the_kernel_is_built_once_and_reused(fresh_kernels):
 def test_llmos_cpu_kernels_0_turns_them_off(fresh_kernels, monkeypatch):
     monkeypatch.setenv("LLMOS_CPU_KERNELS", "0")
     assert cpu_kernels.load() is None
+
+
+@needs_cc
+def test_an_unwritable_cache_falls_back_to_a_private_temp_dir(fresh_kernels, monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("LLMOS_KERNEL_CACHE", str(blocked / "kernels"))
+    monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert cpu_kernels.load() is not None
+    private = tmp_path / f"llmos-kernels-{os.getuid()}"
+    assert any(private.glob("*.so")) and private.stat().st_mode & 0o777 == 0o700
