@@ -76,9 +76,10 @@ def start_kernel(home: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("kernel did not start")
 
 
-def engine_alone(path: Path, reqs, native: bool = True) -> tuple[float, float, list[tuple[int, int, float]]]:
+def engine_alone(path: Path, reqs, native: bool = True) -> tuple[float, float, list[tuple[int, int, float]], str]:
     """(seconds for the workload on the paged engine in this process, KV waste at the end of prefill,
-    and (batch, tokens, seconds) of every step). ``native=False``: the pure-torch forward (the fallback)."""
+    (batch, tokens, seconds) of every step, and the kernels it ran: native or torch).
+    ``native=False``: the pure-torch forward (the fallback)."""
     from llmos.drivers.model.engine import load_engine
 
     e = load_engine(path, engine="paged", max_batch=len(reqs))
@@ -102,7 +103,7 @@ def engine_alone(path: Path, reqs, native: bool = True) -> tuple[float, float, l
         if waste is None and all(s.computed >= s.prompt_len for s in e.seqs.values()):
             allocated = e.pool.usage().used * e.pool.block_size
             waste = (allocated - sum(s.computed for s in e.seqs.values())) / allocated
-    return time.perf_counter() - t, waste or 0.0, steps
+    return time.perf_counter() - t, waste or 0.0, steps, e.info()["kernels"]
 
 
 def bench_shape(shape: str, root: Path, skip_sequential: bool, repeats: int) -> dict:
@@ -144,12 +145,12 @@ def bench_shape(shape: str, root: Path, skip_sequential: bool, repeats: int) -> 
           f"{row['worker_step_s']:.2f} s of worker time since start; cpu s: kernel {cpu['kernel']:.2f}, "
           f"worker {cpu['worker']:.2f}, client {cpu['client']:.2f})", flush=True)
     print(f"  hf static batch       {row['hf_static']:8.0f} tok/s  (runs {row['hf_static_runs']})", flush=True)
-    dt_engine, row["kv_waste"], row["steps"] = engine_alone(path, reqs)
+    dt_engine, row["kv_waste"], row["steps"], row["engine_kernels"] = engine_alone(path, reqs)
     row["engine"] = tokens / dt_engine
     print(f"  paged engine alone    {row['engine']:8.0f} tok/s  (KV waste after prefill {row['kv_waste']:.1%})",
           flush=True)
     row["kernels"] = metrics[0].get("kernels") if metrics else None
-    dt_torch, _, _ = engine_alone(path, reqs, native=False)
+    dt_torch, _, _, _ = engine_alone(path, reqs, native=False)
     row["engine_torch"] = tokens / dt_torch
     print(f"  engine, torch only    {row['engine_torch']:8.0f} tok/s  (no native CPU kernels)", flush=True)
     if not skip_sequential:
@@ -235,6 +236,8 @@ def report(rows: list[dict], command: str) -> str:
                      f"{sum(x[2] for x in dec):.2f} | " + " | ".join(cells) + " |")
     lines += ["", "Native CPU kernels: the end-to-end runs used "
               + ", ".join(f"{r['kernels']} kernels (~{r['shape']})" for r in rows)
+              + "; the first engine-alone runs used "
+              + ", ".join(f"{r['engine_kernels']} kernels (~{r['shape']})" for r in rows)
               + ". The engine alone with them (decode attention read in place through the block tables; fused "
               "residual add + RMSNorm, SiLU-gate multiply and rotary embedding) against the same engine on the "
               "pure-torch path (gather + SDPA, one torch operator per step of the layer), same run: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,14 @@ import pytest
 from tests.tinymodel import make_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
+# the native CPU kernels build once per test session into a private directory (kernel and worker
+# subprocesses inherit it), not into the user's ~/.cache
+_KERNEL_CACHE = tempfile.mkdtemp(prefix="llmos-test-kernels-")
+os.environ["LLMOS_KERNEL_CACHE"] = _KERNEL_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_KERNEL_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("paged_attention.c", "fused_ops.c")
 HEADERS = ("simd.h",)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
-ABI = {"llmos_paged_decode_abi": 4, "llmos_fused_ops_abi": 1}
+ABI = {"llmos_paged_decode_abi": 5, "llmos_fused_ops_abi": 1}
 
 _p, _i, _l, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 
@@ -95,50 +95,83 @@ def _build() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    for stale in target.parent.glob("llmos_cpu-*.so"):  # builds of older sources or another torch
+        if stale != target:
+            stale.unlink(missing_ok=True)  # a process that has one loaded keeps its mapping
     return target
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtime files mapped into this process (more than one means two thread pools)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    return {line.split()[-1] for line in maps.splitlines()
+            if any(name in line for name in ("libgomp", "libiomp", "libomp"))}
 
 
 def _f32(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
 
+def _require(ok: bool, op: str, what: str) -> None:
+    """Refuse, before any pointer reaches C, an input the kernel cannot handle: a crash would kill the worker."""
+    if not ok:
+        raise ValueError(f"{op}: {what}")
+
+
 class CpuKernels:
-    """The loaded kernels. Each wrapper checks layouts and dtypes it relies on and raises ValueError."""
+    """The loaded kernels. Each wrapper checks every shape, stride and dtype its kernel relies on."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        def bind(name: str, *argtypes) -> ctypes._CFuncPtr:
+        def bind(name: str, restype, *argtypes) -> ctypes._CFuncPtr:
             fn = getattr(lib, name)
-            fn.restype, fn.argtypes = None, list(argtypes)
+            fn.restype, fn.argtypes = restype, list(argtypes)
             return fn
 
-        self._decode = bind("llmos_paged_decode", _p, _l, _p, _p, _p, _i, _p, _p, _i, _i, _i, _i, _i, _f)
-        self._norm = bind("llmos_add_rms_norm", _p, _p, _p, _p, _i, _i, _f)
-        self._silu_mul = bind("llmos_silu_mul", _p, _p, _i, _i)
-        self._rope = bind("llmos_rope", _p, _l, _p, _p, _i, _i, _i)
+        self._decode = bind("llmos_paged_decode", _i, _p, _l, _p, _p, _i, _p, _i, _p, _p, _i, _i, _i, _i, _i, _f)
+        self._norm = bind("llmos_add_rms_norm", None, _p, _p, _p, _p, _i, _i, _f)
+        self._silu_mul = bind("llmos_silu_mul", None, _p, _p, _i, _i)
+        self._rope = bind("llmos_rope", None, _p, _l, _p, _p, _i, _i, _i)
 
     def paged_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                      ctx: torch.Tensor, out: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
         """q: [B, H, D] with contiguous heads (rows may be strided); k/v_cache: [blocks, block_size * KV * D];
-        tables: [B, W] int32; ctx: [B] int32; out: [B, H, D] contiguous. Fills and returns out."""
+        tables: [B, W] int32 block ids; ctx: [B] int32 context lengths; out: [B, H, D] contiguous. Fills and
+        returns out. The kernel itself refuses context lengths and block ids outside the tables and the pool."""
+        op = "paged_decode"
+        _require(_f32(q, k_cache, v_cache, out), op, "q, caches and out must be float32 CPU tensors")
+        _require(q.dim() == 3 and q.stride(2) == 1 and q.stride(1) == q.shape[2] and q.stride(0) >= q.shape[1]
+                 * q.shape[2], op, "q must be [batch, heads, dim] with contiguous heads")
         batch, heads, dim = q.shape
-        kv_heads = k_cache.shape[1] // (block_size * dim)
-        if not (_f32(q, k_cache, v_cache, out) and q.stride(2) == 1 and q.stride(1) == dim and out.is_contiguous()
-                and k_cache.is_contiguous() and v_cache.is_contiguous() and tables.dtype == torch.int32
-                and ctx.dtype == torch.int32 and tables.is_contiguous() and ctx.is_contiguous() and kv_heads > 0
-                and heads % kv_heads == 0 and tables.shape[0] == ctx.shape[0] == out.shape[0] == batch):
-            raise ValueError("paged_decode: unsupported layout or dtype")
-        self._decode(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-                     tables.shape[1], ctx.data_ptr(), out.data_ptr(), batch, heads, kv_heads, dim, block_size,
-                     float(scale))
+        _require(out.shape == q.shape and out.is_contiguous(), op, "out must be contiguous and shaped like q")
+        _require(k_cache.dim() == 2 and k_cache.shape == v_cache.shape and k_cache.is_contiguous()
+                 and v_cache.is_contiguous(), op, "k_cache and v_cache must be contiguous [blocks, slots] of one shape")
+        kv_heads = k_cache.shape[1] // max(1, block_size * dim)
+        _require(block_size > 0 and kv_heads > 0 and k_cache.shape[1] == block_size * kv_heads * dim
+                 and heads % kv_heads == 0, op, "cache rows must hold block_size * kv_heads * dim floats, "
+                 "with heads a multiple of kv_heads")
+        _require(tables.dtype == ctx.dtype == torch.int32 and tables.dim() == 2 and tables.is_contiguous()
+                 and ctx.is_contiguous() and tables.shape[0] == ctx.numel() == batch, op,
+                 "tables must be contiguous int32 [batch, width] and ctx int32 [batch]")
+        failed = self._decode(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
+                              tables.data_ptr(), tables.shape[1], ctx.data_ptr(), out.data_ptr(), batch, heads,
+                              kv_heads, dim, block_size, float(scale))
+        if failed:
+            raise ValueError(f"{op}: {failed} of {batch} sequences have a context length outside their block table, "
+                             "a block id outside the pool, or no memory for scratch space")
         return out
 
     def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> torch.Tensor:
         """``h += delta`` in place (when given), then RMSNorm of h times weight, as a new tensor."""
-        if not (_f32(h, weight) and h.dim() == 2 and h.is_contiguous() and weight.is_contiguous()
-                and weight.numel() == h.shape[1]
-                and (delta is None or (_f32(delta) and delta.shape == h.shape and delta.is_contiguous()))):
-            raise ValueError("add_rms_norm: unsupported layout or dtype")
+        op = "add_rms_norm"
+        _require(_f32(h, weight) and (delta is None or _f32(delta)), op, "tensors must be float32 CPU tensors")
+        _require(h.dim() == 2 and h.is_contiguous(), op, "h must be a contiguous [rows, dim] tensor")
+        _require(weight.is_contiguous() and weight.numel() == h.shape[1], op, "weight must be contiguous [dim]")
+        _require(delta is None or (delta.shape == h.shape and delta.is_contiguous()), op,
+                 "delta must be contiguous and shaped like h")
         out = torch.empty_like(h)
         self._norm(h.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
                    h.shape[0], h.shape[1], float(eps))
@@ -146,22 +179,25 @@ class CpuKernels:
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[rows, 2 * inter] (gate | up) -> silu(gate) * up, [rows, inter]."""
-        if not (_f32(gate_up) and gate_up.dim() == 2 and gate_up.is_contiguous() and gate_up.shape[1] % 2 == 0):
-            raise ValueError("silu_mul: unsupported layout or dtype")
+        _require(_f32(gate_up) and gate_up.dim() == 2 and gate_up.is_contiguous() and gate_up.shape[1] % 2 == 0,
+                 "silu_mul", "gate_up must be a contiguous float32 [rows, 2 * inter] tensor")
         rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
         out = torch.empty(rows, inter, dtype=gate_up.dtype)
         self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter)
         return out
 
-    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
-        """Rotary embedding in place on the first ``heads`` heads of each row of x ([tokens, >= heads * D],
-        unit stride); cos, sin: [tokens, D] contiguous. Returns x."""
-        tokens, dim = cos.shape
-        if not (_f32(x, cos, sin) and x.dim() == 2 and x.stride(1) == 1 and x.shape[0] == tokens
-                and x.shape[1] >= heads * dim and dim % 2 == 0 and cos.is_contiguous() and sin.is_contiguous()
-                and sin.shape == cos.shape):
-            raise ValueError("rope: unsupported layout or dtype")
-        self._rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), tokens, heads, dim)
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+        """Rotary embedding in place on the first ``heads`` heads of ``head_dim`` floats in each row of x
+        ([tokens, >= heads * head_dim], unit stride); cos, sin: [tokens, head_dim] contiguous. Returns x."""
+        op = "rope"
+        _require(_f32(x, cos, sin), op, "tensors must be float32 CPU tensors")
+        _require(x.dim() == 2 and x.stride(1) == 1 and x.shape[1] >= heads * head_dim
+                 and x.stride(0) >= heads * head_dim and heads > 0, op,
+                 "x must be [tokens, >= heads * head_dim] with unit-stride, non-overlapping rows")
+        _require(cos.shape == sin.shape == (x.shape[0], head_dim) and head_dim % 2 == 0 and cos.is_contiguous()
+                 and sin.is_contiguous(), op, "cos and sin must be contiguous [tokens, head_dim], head_dim even "
+                 "(a rotary embedding over part of the head is not supported)")
+        self._rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), x.shape[0], heads, head_dim)
         return x
 
 
@@ -212,7 +248,7 @@ def _self_check(k: CpuKernels) -> str | None:
     if not torch.allclose(k.silu_mul(gu), F.silu(gu[:, :21]) * gu[:, 21:], atol=1e-5, rtol=1e-4):
         return "silu_mul"
     x, cos, sin = torch.randn(3, 5 * 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
-    if not torch.allclose(k.rope(x.clone(), cos, sin, 4), reference_rope(x, cos, sin, 4), atol=1e-5, rtol=1e-4):
+    if not torch.allclose(k.rope(x.clone(), cos, sin, 4, 8), reference_rope(x, cos, sin, 4), atol=1e-5, rtol=1e-4):
         return "rope"
     return None
 
@@ -229,6 +265,10 @@ def load() -> CpuKernels | None:
             fn.restype = ctypes.c_int
             if fn() != version:
                 raise RuntimeError(f"{name}: unexpected kernel ABI")
+        runtimes = _openmp_runtimes()
+        if len(runtimes) > 1:  # e.g. a torch build that bundles a renamed libgomp
+            log.warning("two OpenMP runtimes are loaded (%s): the native kernels' threads may compete with "
+                        "torch's", ", ".join(sorted(runtimes)))
         kernels = CpuKernels(lib)
         bad = _self_check(kernels)
         if bad:

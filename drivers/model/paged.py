@@ -164,8 +164,14 @@ class PagedEngine(BaseEngine):
         if window and getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings:
             return False
         inner = getattr(model, "model", None)
-        return inner is not None and hasattr(inner, "rotary_emb") and hasattr(inner, "layers") and all(
-            hasattr(layer.self_attn, "q_proj") and not hasattr(layer.self_attn, "q_norm") for layer in inner.layers)
+        if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
+            return False
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        inv_freq = getattr(inner.rotary_emb, "inv_freq", None)
+        if inv_freq is not None and 2 * inv_freq.numel() != head_dim:
+            return False  # a rotary embedding over part of each head: the lean forward rotates whole heads
+        return all(hasattr(layer.self_attn, "q_proj") and not hasattr(layer.self_attn, "q_norm")
+                   for layer in inner.layers)
 
     # -- planning ----------------------------------------------------------------------------
     def _plan(self) -> tuple[list[tuple[Sequence, int, int]], list[StepEvent]]:
@@ -302,7 +308,7 @@ class PagedEngine(BaseEngine):
         """Rotary embedding on the queries and keys of the fused projection; returns views q, k, v."""
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         if self.ops is not None:
-            qk = self.ops.rope(qkv, cos, sin, H + KV)[:, :(H + KV) * D].view(-1, H + KV, D)
+            qk = self.ops.rope(qkv, cos, sin, H + KV, D)[:, :(H + KV) * D].view(-1, H + KV, D)
         else:
             qk = qkv[:, :(H + KV) * D].view(-1, H + KV, D)
             qk = qk * cos[:, None] + _rotate_half(qk) * sin[:, None]

@@ -31,14 +31,21 @@ class TextTracker:
         """Take ``token_ids`` (all generated so far); return the new streamable text.
 
         Costs O(new tokens), not O(all tokens): only the tail past the last decided token is decoded.
+        The text is decoded without transformers' clean-up of spaces before punctuation, which looks
+        across token boundaries and would rewrite text already streamed.
         """
-        decode = self.tokenizer.decode
-        before = decode(token_ids[self._prefix:self._read], skip_special_tokens=True) if self._read else ""
-        after = decode(token_ids[self._prefix:], skip_special_tokens=True)
-        text = self._committed + after[len(before):]
-        if not after.endswith("\ufffd") and len(after) >= len(before):
-            # decided: the tail ends on a whole character; the next update decodes from here
-            self._committed, self._prefix, self._read = text, self._read, len(token_ids)
+        before = self._decode(token_ids[self._prefix:self._read]) if self._read else ""
+        after = self._decode(token_ids[self._prefix:])
+        if after.startswith(before):
+            text = self._committed + after[len(before):]
+            # decided when the tail adds text and ends on a whole character (a skipped special token adds
+            # none, and must not become the only context of the next window)
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                self._committed, self._prefix, self._read = text, self._read, len(token_ids)
+        else:  # the new tokens rewrote their context: decode everything once, and go on from there
+            text = self._decode(token_ids)
+            if not text.endswith("\ufffd"):
+                self._committed, self._prefix, self._read = text, max(0, len(token_ids) - 4), len(token_ids)
         for s in self.stop:
             idx = text.find(s, max(0, self.emitted - len(s)))
             if idx != -1:
@@ -51,6 +58,9 @@ class TextTracker:
         while end > self.emitted and text[end - 1] == "\ufffd":  # incomplete multi-byte char
             end -= 1
         return self._emit(end)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def finish(self) -> str:
         """The process ended: release everything held back (dropping a dangling partial char)."""

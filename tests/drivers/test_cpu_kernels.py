@@ -1,6 +1,7 @@
 """The native CPU kernels: same numbers as torch, same tokens in the engine, and a safe fallback."""
 
 import os
+import re
 import shutil
 
 import pytest
@@ -54,17 +55,45 @@ def test_native_decode_attention_matches_torch(heads, kv_heads, dim, block_size,
 
 
 @needs_cc
-def test_native_decode_attention_refuses_a_layout_it_does_not_handle():
+def test_the_kernels_refuse_inputs_they_cannot_handle_and_name_the_fault():
     kernels = cpu_kernels.load()
     q, k, v, tables, ctx = random_pool(4, 4, 16, 4, [5])
-    with pytest.raises(ValueError, match="unsupported"):
-        kernels.paged_decode(q.double(), k, v, tables, ctx, torch.empty(1, 4, 16), 4, 0.25)
-    with pytest.raises(ValueError, match="unsupported"):
-        kernels.paged_decode(q, k, v, tables.long(), ctx, torch.empty(1, 4, 16), 4, 0.25)
-    with pytest.raises(ValueError, match="unsupported"):
-        kernels.add_rms_norm(torch.randn(3, 8).t(), None, torch.ones(3), 1e-6)  # not contiguous
-    with pytest.raises(ValueError, match="unsupported"):
-        kernels.silu_mul(torch.randn(2, 7))  # no even gate|up split
+    out = torch.empty(1, 4, 16)
+    refused = {
+        "float32": lambda: kernels.paged_decode(q.double(), k, v, tables, ctx, out, 4, 0.25),
+        "int32": lambda: kernels.paged_decode(q, k, v, tables.long(), ctx, out, 4, 0.25),
+        "shaped like q": lambda: kernels.paged_decode(q, k, v, tables, ctx, torch.empty(1, 1, 1), 4, 0.25),
+        "of one shape": lambda: kernels.paged_decode(q, k, v[:2], tables, ctx, out, 4, 0.25),
+        "block_size * kv_heads * dim": lambda: kernels.paged_decode(q, k, v, tables, ctx, out, 3, 0.25),
+        "contiguous [rows, dim]": lambda: kernels.add_rms_norm(torch.randn(3, 8).t(), None, torch.ones(3), 1e-6),
+        "2 * inter": lambda: kernels.silu_mul(torch.randn(2, 7)),
+        "part of the head": lambda: kernels.rope(torch.randn(2, 16), torch.randn(2, 4), torch.randn(2, 4), 2, 8),
+        "non-overlapping rows": lambda: kernels.rope(torch.randn(1, 16).expand(3, 16), torch.randn(3, 8),
+                                                     torch.randn(3, 8), 2, 8),
+    }
+    for fault, call in refused.items():
+        with pytest.raises(ValueError, match=re.escape(fault)):
+            call()
+
+
+@needs_cc
+@pytest.mark.parametrize("block_size", [8, 4])  # the AVX2 path and the portable one
+def test_decode_refuses_contexts_and_blocks_outside_the_tables_without_crashing(block_size):
+    kernels = cpu_kernels.load()
+    q, k, v, tables, ctx = random_pool(4, 2, 16, block_size, [9, 3])
+    out = torch.empty(2, 4, 16)
+    for bad_ctx in ([9, 0], [9, -4], [9, tables.shape[1] * block_size + 1]):
+        with pytest.raises(ValueError, match="1 of 2 sequences"):
+            kernels.paged_decode(q, k, v, tables, torch.tensor(bad_ctx, dtype=torch.int32), out, block_size, 0.25)
+    for bad_block in (k.shape[0], -1):
+        t = tables.clone()
+        t[1, 0] = bad_block
+        with pytest.raises(ValueError, match="block id outside the pool"):
+            kernels.paged_decode(q, k, v, t, ctx, out, block_size, 0.25)
+    # and the good call still works afterwards
+    ref = cpu_kernels.reference_decode(q, k, v, tables, ctx, block_size, 0.25)
+    torch.testing.assert_close(kernels.paged_decode(q, k, v, tables, ctx, out, block_size, 0.25), ref,
+                               atol=1e-5, rtol=1e-4)
 
 
 @needs_cc
@@ -98,16 +127,17 @@ def test_rotary_embedding_in_place_matches_transformers(tokens, heads, extra, di
     cos, sin = torch.randn(tokens, dim, generator=g), torch.randn(tokens, dim, generator=g)
     ref, _ = apply_rotary_pos_emb(x[:, :heads * dim].view(1, tokens, heads, dim).transpose(1, 2),
                                   x[:, :dim].view(1, 1, tokens, dim), cos[None], sin[None])
-    y = cpu_kernels.load().rope(x.clone(), cos, sin, heads)
+    y = cpu_kernels.load().rope(x.clone(), cos, sin, heads, dim)
     torch.testing.assert_close(y[:, :heads * dim], ref.transpose(1, 2).reshape(tokens, heads * dim))
     torch.testing.assert_close(y[:, heads * dim:], x[:, heads * dim:])
 
 
 @needs_cc
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_the_engine_gives_the_same_tokens_with_and_without_the_native_kernel(tmp_path, kv_heads):
+@pytest.mark.parametrize("block_size", [8, 4])  # decode attention on the AVX2 path and the portable one
+def test_the_engine_gives_the_same_tokens_with_and_without_the_native_kernels(tmp_path, kv_heads, block_size):
     path = make_tiny_llama(tmp_path / "m", heads=4, kv_heads=kv_heads)
-    e = load_engine(path, engine="paged", block_size=4, max_tokens_per_step=16)
+    e = load_engine(path, engine="paged", block_size=block_size, max_tokens_per_step=16)
     assert e.info()["kernels"] == "native"
     prompts = ["the quick brown fox", "a", "x" * 30, "jumps over the lazy dog"]
 

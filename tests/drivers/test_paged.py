@@ -179,3 +179,15 @@ def test_preemption_for_a_capped_user_takes_only_that_users_blocks(model_dir):
     assert seqs[3].preemptions == 0 and seqs[1].preemptions + seqs[2].preemptions > 0
     for pid, x in ids.items():
         assert toks[pid] == hf_greedy(e, x, 30)  # preemption by recompute changes no output
+
+
+def test_a_rotary_embedding_over_part_of_each_head_is_left_to_the_sequential_engine(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from llmos.drivers.model.paged import PagedEngine
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert PagedEngine.supports(model)
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq[: rotary.inv_freq.numel() // 2]  # as a partial_rotary_factor of 0.5 gives
+    assert not PagedEngine.supports(model)

@@ -4,7 +4,7 @@ from llmos.drivers.model.text import TextTracker
 class CharTokenizer:
     """A tokenizer whose ids are code points; id 0 stands for half of a multi-byte character."""
 
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids, skip_special_tokens=True, **kw):
         return "".join("\ufffd" if i == 0 else chr(i) for i in ids)
 
 
@@ -49,9 +49,9 @@ class CountingTokenizer:
     def __init__(self, inner):
         self.inner, self.sizes = inner, []
 
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids, **kw):
         self.sizes.append(len(ids))
-        return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.inner.decode(ids, **kw)
 
 
 def real_tokenizers(tiny_model):
@@ -74,7 +74,8 @@ def test_streamed_text_equals_a_full_decode_on_real_tokenizers(tiny_model):
         for ids in samples:
             t = TextTracker(tok, [])
             out = "".join(t.update(ids[:i + 1]) for i in range(len(ids))) + t.finish()
-            assert out == t.text == tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+            full = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            assert out == t.text == full.rstrip("\ufffd")
 
 
 def test_each_update_decodes_only_the_new_tail(tiny_model):
@@ -84,3 +85,49 @@ def test_each_update_decodes_only_the_new_tail(tiny_model):
     for i in range(len(ids)):
         t.update(ids[:i + 1])
     assert len(ids) > 300 and max(tok.sizes) <= 4
+
+
+def sentencepiece_style_tokenizer():
+    """Llama-style: words carry a leading "▁" that decodes to a space, an end-of-sequence special
+    token, and transformers' clean-up of spaces before punctuation switched on."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "</s>", "▁Hello", "▁world", "▁I", "▁said", "▁it", "'s", "▁'", "s", "▁fine", ",", "▁isn", "'t",
+             "?", "▁.", "▁这", "是"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>",
+                                   clean_up_tokenization_spaces=True), {w: i for i, w in enumerate(words)}
+
+
+def stream(tok, ids, stop=()):
+    t = TextTracker(tok, list(stop))
+    out = ""
+    for i in range(len(ids)):
+        out += t.update(ids[:i + 1])
+        if t.stopped:
+            break
+    return out + t.finish(), t
+
+
+def test_a_skipped_special_token_between_words_keeps_the_space():
+    tok, ids = sentencepiece_style_tokenizer()
+    out, _ = stream(tok, [ids["▁Hello"], ids["</s>"], ids["▁world"], ids["</s>"], ids["</s>"], ids["▁这"], ids["是"]])
+    assert out == "Hello world 这是"
+
+
+def test_streamed_text_is_never_rewritten_by_space_clean_up():
+    tok, ids = sentencepiece_style_tokenizer()
+    words = ["▁I", "▁said", "▁it", "▁'", "s", "▁fine", ",", "▁isn", "'t", "▁it", "?", "▁."]
+    seq = [ids[w] for w in words]
+    out, t = stream(tok, seq)
+    assert out == t.text == tok.decode(seq, clean_up_tokenization_spaces=False) == "I said it 's fine, isn't it? ."
+
+
+def test_a_stop_string_spanning_tokens_ends_the_text_before_it():
+    tok, ids = sentencepiece_style_tokenizer()
+    seq = [ids[w] for w in ["▁I", "▁said", "▁it", "'s", "▁fine", ",", "▁world"]]
+    out, t = stream(tok, seq, stop=["t's fi"])
+    assert t.stopped and out == t.text == "I said i"

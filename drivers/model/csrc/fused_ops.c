@@ -50,8 +50,9 @@ void llmos_silu_mul(const float *gu, float *out, int rows, int inter) {
     }
 }
 
-/* Rotary position embedding in place on the first `heads` heads of each token's row (queries, then keys):
- * x' = x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1). cos, sin: [tokens, dim]. */
+/* Rotary position embedding in place on the first `heads` heads (of `dim` floats) of each token's row
+ * (queries, then keys): x' = x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1).
+ * cos, sin: [tokens, dim]; rows are row_stride >= heads * dim floats apart. */
 void llmos_rope(float *x, long row_stride, const float *cos, const float *sin, int tokens, int heads, int dim) {
     const int half = dim / 2;
 #pragma omp parallel for if ((long)tokens * heads * dim >= LLMOS_PAR_MIN)

@@ -22,7 +22,7 @@
 
 #include "simd.h"
 
-int llmos_paged_decode_abi(void) { return 4; }
+int llmos_paged_decode_abi(void) { return 5; }
 
 static inline float dot(const float *a, const float *b, int n) {
     float s = 0.f;
@@ -176,9 +176,12 @@ static void softmax(float *p, int n) {
     for (int i = 0; i < n; i++) p[i] *= inv;
 }
 
-void llmos_paged_decode(const float *q, long q_stride, const float *k_cache, const float *v_cache,
-                        const int32_t *tables, int table_stride, const int32_t *ctx, float *out, int batch,
-                        int heads, int kv_heads, int dim, int block_size, float scale) {
+/* Returns 0, or the number of sequences it could not compute: a context length outside
+ * [1, table_stride * block_size], a block id outside [0, blocks), or no memory for scratch space. Those
+ * rows of out are zero; the caller must treat the whole call as failed. */
+int llmos_paged_decode(const float *q, long q_stride, const float *k_cache, const float *v_cache, int blocks,
+                       const int32_t *tables, int table_stride, const int32_t *ctx, float *out, int batch,
+                       int heads, int kv_heads, int dim, int block_size, float scale) {
     const int group = heads / kv_heads;
     const long row = (long)kv_heads * dim; /* floats per cached token */
     const long block = row * block_size;   /* floats per block */
@@ -187,16 +190,25 @@ void llmos_paged_decode(const float *q, long q_stride, const float *k_cache, con
 #else
     const int fast = 0;
 #endif
-#pragma omp parallel for schedule(dynamic, 1)
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : failed)
     for (int b = 0; b < batch; b++) {
         const int n = ctx[b];
-        const int npad = (n + 7) / 8 * 8;
         const int32_t *table = tables + (long)b * table_stride;
+        float *ob = out + (long)b * heads * dim;
+        int bad = n < 1 || (long)n > (long)table_stride * block_size;
+        for (int i = 0; !bad && i < (n + block_size - 1) / block_size; i++) bad = table[i] < 0 || table[i] >= blocks;
+        const int npad = bad ? 8 : (n + 7) / 8 * 8;
+        float *scores = bad ? NULL : malloc(sizeof(float) * (size_t)heads * (size_t)npad); /* [heads, npad] */
+        float *acc = bad ? NULL : calloc((size_t)heads * (size_t)dim, sizeof(float));
+        void *part = fast && !bad ? aligned_alloc(32, 32 * 8 * (size_t)heads) : NULL; /* heads x 8 vectors */
+        if (bad || !scores || !acc || (fast && !part)) {
+            memset(ob, 0, sizeof(float) * (size_t)heads * (size_t)dim);
+            free(scores); free(acc); free(part);
+            failed += 1;
+            continue;
+        }
         const float *qb = q + (long)b * q_stride;
-        float *scores = malloc(sizeof(float) * (size_t)heads * (size_t)npad); /* [heads, npad] */
-        float *acc = calloc((size_t)heads * (size_t)dim, sizeof(float));
-        void *part = fast ? aligned_alloc(32, 32 * 8 * (size_t)heads) : NULL; /* heads * 8 vectors of 8 floats */
-        if (!scores || !acc || (fast && !part)) { free(scores); free(acc); free(part); continue; }
 #ifdef LLMOS_AVX2
         if (fast)
             scores_avx2(qb, k_cache, table, n, heads, group, dim, block_size, row, block, scale, scores, npad,
@@ -211,9 +223,10 @@ void llmos_paged_decode(const float *q, long q_stride, const float *k_cache, con
         else
 #endif
             values_portable(v_cache, table, n, heads, group, dim, block_size, row, block, scores, npad, acc);
-        memcpy(out + (long)b * heads * dim, acc, sizeof(float) * (size_t)heads * (size_t)dim);
+        memcpy(ob, acc, sizeof(float) * (size_t)heads * (size_t)dim);
         free(part);
         free(scores);
         free(acc);
     }
+    return failed;
 }
