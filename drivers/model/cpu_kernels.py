@@ -33,7 +33,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("paged_attention.c", "fused_ops.c")
 HEADERS = ("simd.h",)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
-ABI = {"llmos_paged_decode_abi": 5, "llmos_fused_ops_abi": 1}
+ABI = {"llmos_paged_decode_abi": 6, "llmos_fused_ops_abi": 1}
 
 _p, _i, _l, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 

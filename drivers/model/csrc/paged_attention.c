@@ -8,10 +8,10 @@
  *   tables        [batch, table_stride] int32 block ids;  ctx [batch] int32 context lengths (>= 1)
  * Query head h reads kv head h / (heads / kv_heads) (grouped-query attention).
  *
- * One sequence is one task; tasks run on the process's OpenMP threads (the runtime, and so the
- * threads, torch already uses). A task makes two passes over the sequence's blocks, in order:
- * scores (q . k for every cached token and head), then a softmax per head, then the weighted sum
- * of values. With AVX2 and FMA, and when block_size and dim are multiples of 8, it takes 8 tokens
+ * A task is one sequence, or a piece of a long one; tasks run on the process's OpenMP threads (the
+ * runtime, and so the threads, torch already uses). A task makes two passes over its blocks, in
+ * order: scores (q . k for every cached token and head), then exp(score - max) per head, then the
+ * weighted sum of values; a last pass merges the pieces and normalises. With AVX2 and FMA, and when block_size and dim are multiples of 8, it takes 8 tokens
  * at a time: 8 dot products in 8 independent accumulators reduced together, and the value sum
  * kept in registers across the 8 tokens. Otherwise a portable loop computes the same thing.
  */
@@ -22,7 +22,7 @@
 
 #include "simd.h"
 
-int llmos_paged_decode_abi(void) { return 5; }
+int llmos_paged_decode_abi(void) { return 6; }
 
 static inline float dot(const float *a, const float *b, int n) {
     float s = 0.f;
@@ -152,17 +152,17 @@ static void values_avx2(const float *v_cache, const int32_t *table, int n, int h
 }
 #endif
 
-/* p[0..n) = softmax(p[0..n)) in place. */
-static void softmax(float *p, int n) {
-    float mx = p[0];
-    for (int t = 1; t < n; t++) mx = p[t] > mx ? p[t] : mx;
+/* p[0..n) = exp(p - max) in place; returns the sum, and the max through *mx (an unnormalised softmax). */
+static float exp_shifted(float *p, int n, float *mx) {
+    float m = p[0];
+    for (int t = 1; t < n; t++) m = p[t] > m ? p[t] : m;
     float sum = 0.f;
     int t = 0;
 #ifdef LLMOS_AVX2
-    const __m256 vmx = _mm256_set1_ps(mx);
+    const __m256 vm = _mm256_set1_ps(m);
     __m256 vsum = _mm256_setzero_ps();
     for (; t + 8 <= n; t += 8) {
-        const __m256 e = llmos_exp256(_mm256_sub_ps(_mm256_loadu_ps(p + t), vmx));
+        const __m256 e = llmos_exp256(_mm256_sub_ps(_mm256_loadu_ps(p + t), vm));
         _mm256_storeu_ps(p + t, e);
         vsum = _mm256_add_ps(vsum, e);
     }
@@ -170,15 +170,50 @@ static void softmax(float *p, int n) {
     _mm256_storeu_ps(lanes, vsum);
     for (int i = 0; i < 8; i++) sum += lanes[i];
 #endif
-    for (; t < n; t++) { p[t] = expf(p[t] - mx); sum += p[t]; }
-    const float inv = 1.f / sum;
-#pragma omp simd
-    for (int i = 0; i < n; i++) p[i] *= inv;
+    for (; t < n; t++) { p[t] = expf(p[t] - m); sum += p[t]; }
+    *mx = m;
+    return sum;
 }
+
+/* One piece of work: tokens [t_begin, t_begin + n) of one sequence (t_begin on a block boundary). Writes, per
+ * head, the max score (mx), the sum of exp(score - max) (sum) and the unnormalised weighted sum of values (acc).
+ * Returns 0, or 1 when scratch memory is short. */
+static int chunk(const float *qb, const float *k_cache, const float *v_cache, const int32_t *table, int n,
+                 int heads, int group, int dim, int block_size, long row, long block, float scale, int fast,
+                 float *mx, float *sum, float *acc) {
+    const int npad = (n + 7) / 8 * 8;
+    float *scores = malloc(sizeof(float) * (size_t)heads * (size_t)npad); /* [heads, npad] */
+    void *part = fast ? aligned_alloc(32, 32 * 8 * (size_t)heads) : NULL;  /* heads x 8 vectors of 8 */
+    if (!scores || (fast && !part)) { free(scores); free(part); return 1; }
+#ifdef LLMOS_AVX2
+    if (fast)
+        scores_avx2(qb, k_cache, table, n, heads, group, dim, block_size, row, block, scale, scores, npad,
+                    (__m256 *)part);
+    else
+#endif
+        scores_portable(qb, k_cache, table, n, heads, group, dim, block_size, row, block, scale, scores, npad);
+    for (int h = 0; h < heads; h++) sum[h] = exp_shifted(scores + (long)h * npad, n, mx + h);
+    memset(acc, 0, sizeof(float) * (size_t)heads * (size_t)dim);
+#ifdef LLMOS_AVX2
+    if (fast)
+        values_avx2(v_cache, table, n, heads, group, dim, block_size, row, block, scores, npad, acc);
+    else
+#endif
+        values_portable(v_cache, table, n, heads, group, dim, block_size, row, block, scores, npad, acc);
+    free(part);
+    free(scores);
+    return 0;
+}
+
+#define LLMOS_CHUNK_TOKENS 512 /* a longer context is split into pieces that run on different threads */
 
 /* Returns 0, or the number of sequences it could not compute: a context length outside
  * [1, table_stride * block_size], a block id outside [0, blocks), or no memory for scratch space. Those
- * rows of out are zero; the caller must treat the whole call as failed. */
+ * rows of out are zero; the caller must treat the whole call as failed.
+ *
+ * A context longer than LLMOS_CHUNK_TOKENS is cut into block-aligned pieces (flash-decoding): each piece
+ * is its own task, and a second pass merges the pieces' softmax statistics, so a single long sequence
+ * still uses every thread. */
 int llmos_paged_decode(const float *q, long q_stride, const float *k_cache, const float *v_cache, int blocks,
                        const int32_t *tables, int table_stride, const int32_t *ctx, float *out, int batch,
                        int heads, int kv_heads, int dim, int block_size, float scale) {
@@ -190,43 +225,72 @@ int llmos_paged_decode(const float *q, long q_stride, const float *k_cache, cons
 #else
     const int fast = 0;
 #endif
+    const int piece = (LLMOS_CHUNK_TOKENS + block_size - 1) / block_size * block_size; /* tokens per task */
+    /* check every sequence, and number the tasks: sequence b owns tasks first[b] .. first[b + 1] - 1 */
+    int *first = malloc(sizeof(int) * ((size_t)batch + 1));
+    char *bad = calloc((size_t)batch + 1, 1);
+    if (!first || !bad) { free(first); free(bad); memset(out, 0, sizeof(float) * (size_t)batch * heads * dim); return batch; }
     int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : failed)
+    first[0] = 0;
     for (int b = 0; b < batch; b++) {
         const int n = ctx[b];
         const int32_t *table = tables + (long)b * table_stride;
-        float *ob = out + (long)b * heads * dim;
-        int bad = n < 1 || (long)n > (long)table_stride * block_size;
-        for (int i = 0; !bad && i < (n + block_size - 1) / block_size; i++) bad = table[i] < 0 || table[i] >= blocks;
-        const int npad = bad ? 8 : (n + 7) / 8 * 8;
-        float *scores = bad ? NULL : malloc(sizeof(float) * (size_t)heads * (size_t)npad); /* [heads, npad] */
-        float *acc = bad ? NULL : calloc((size_t)heads * (size_t)dim, sizeof(float));
-        void *part = fast && !bad ? aligned_alloc(32, 32 * 8 * (size_t)heads) : NULL; /* heads x 8 vectors */
-        if (bad || !scores || !acc || (fast && !part)) {
-            memset(ob, 0, sizeof(float) * (size_t)heads * (size_t)dim);
-            free(scores); free(acc); free(part);
-            failed += 1;
-            continue;
-        }
-        const float *qb = q + (long)b * q_stride;
-#ifdef LLMOS_AVX2
-        if (fast)
-            scores_avx2(qb, k_cache, table, n, heads, group, dim, block_size, row, block, scale, scores, npad,
-                        (__m256 *)part);
-        else
-#endif
-            scores_portable(qb, k_cache, table, n, heads, group, dim, block_size, row, block, scale, scores, npad);
-        for (int h = 0; h < heads; h++) softmax(scores + (long)h * npad, n);
-#ifdef LLMOS_AVX2
-        if (fast)
-            values_avx2(v_cache, table, n, heads, group, dim, block_size, row, block, scores, npad, acc);
-        else
-#endif
-            values_portable(v_cache, table, n, heads, group, dim, block_size, row, block, scores, npad, acc);
-        memcpy(ob, acc, sizeof(float) * (size_t)heads * (size_t)dim);
-        free(part);
-        free(scores);
-        free(acc);
+        bad[b] = n < 1 || (long)n > (long)table_stride * block_size;
+        for (int i = 0; !bad[b] && i < (n + block_size - 1) / block_size; i++) bad[b] = table[i] < 0 || table[i] >= blocks;
+        first[b + 1] = first[b] + (bad[b] ? 0 : (n + piece - 1) / piece);
     }
+    const int tasks = first[batch];
+    const size_t stride = (size_t)heads * (size_t)(dim + 2); /* per task: mx[heads], sum[heads], acc[heads*dim] */
+    float *stats = malloc(sizeof(float) * stride * (size_t)(tasks > 0 ? tasks : 1));
+    char *short_mem = calloc((size_t)(tasks > 0 ? tasks : 1), 1);
+    if (!stats || !short_mem) {
+        free(first); free(bad); free(stats); free(short_mem);
+        memset(out, 0, sizeof(float) * (size_t)batch * heads * dim);
+        return batch;
+    }
+#pragma omp parallel
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int task = 0; task < tasks; task++) {
+            int b = 0, lo = 0, hi = batch; /* the sequence owning this task: first[b] <= task < first[b + 1] */
+            while (lo < hi) { const int mid = (lo + hi) / 2; if (first[mid + 1] <= task) lo = mid + 1; else hi = mid; }
+            b = lo;
+            const int t_begin = (task - first[b]) * piece;
+            const int n = ctx[b] - t_begin < piece ? ctx[b] - t_begin : piece;
+            float *st = stats + stride * (size_t)task;
+            short_mem[task] = (char)chunk(q + (long)b * q_stride, k_cache, v_cache,
+                                          tables + (long)b * table_stride + t_begin / block_size, n, heads, group,
+                                          dim, block_size, row, block, scale, fast, st, st + heads, st + 2 * heads);
+        }
+#pragma omp for schedule(static) reduction(+ : failed)
+        for (int b = 0; b < batch; b++) {
+            float *ob = out + (long)b * heads * dim;
+            int ok = !bad[b];
+            for (int task = first[b]; ok && task < first[b + 1]; task++) ok = !short_mem[task];
+            if (!ok) { memset(ob, 0, sizeof(float) * (size_t)heads * (size_t)dim); failed += 1; continue; }
+            for (int h = 0; h < heads; h++) {
+                float m = -INFINITY;
+                for (int task = first[b]; task < first[b + 1]; task++) {
+                    const float mt = stats[stride * (size_t)task + h];
+                    m = mt > m ? mt : m;
+                }
+                float total = 0.f;
+                float *oh = ob + (long)h * dim;
+                memset(oh, 0, sizeof(float) * (size_t)dim);
+                for (int task = first[b]; task < first[b + 1]; task++) {
+                    const float *st = stats + stride * (size_t)task;
+                    const float w = expf(st[h] - m);
+                    total += st[heads + h] * w;
+                    const float *ah = st + 2 * heads + (long)h * dim;
+#pragma omp simd
+                    for (int d = 0; d < dim; d++) oh[d] += w * ah[d];
+                }
+                const float inv = 1.f / total;
+#pragma omp simd
+                for (int d = 0; d < dim; d++) oh[d] *= inv;
+            }
+        }
+    }
+    free(first); free(bad); free(stats); free(short_mem);
     return failed;
 }
