@@ -24,6 +24,8 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.attention import table as attention_table
+
 ROOT = Path(__file__).resolve().parent.parent
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
@@ -184,7 +186,7 @@ def machine() -> str:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
-def report(rows: list[dict], command: str) -> str:
+def report(rows: list[dict], command: str, attention: list[dict] | None = None) -> str:
     lines = ["# Performance", "",
              f"Measured {datetime.date.today().isoformat()} on {machine()}.", "",
              f"Command: `{command}` (all numbers below come from one run of it).", "",
@@ -243,6 +245,10 @@ def report(rows: list[dict], command: str) -> str:
               "pure-torch path (gather + SDPA, one torch operator per step of the layer), same run: "
               + "; ".join(f"~{r['shape']} {r['engine']:.0f} vs {r['engine_torch']:.0f} tok/s "
                           f"({r['engine'] / r['engine_torch']:.2f}x)" for r in rows) + "."]
+    if attention:
+        lines += ["", "Decode attention alone (`python -m benchmarks.attention`, same run): one layer of the ~40M "
+                  "shape (8 heads of 64, blocks of 8 tokens), pools of 4096 blocks per layer, best of 3 over 12 "
+                  "layers. A context longer than 256 tokens is split over both cores.", "", *attention_table(attention)]
     return "\n".join(lines) + "\n"
 
 
@@ -262,7 +268,9 @@ def main() -> int:
     command = "python -m benchmarks.run" + (f" --shapes {args.shapes}" if args.shapes != "5M,40M" else "") + \
         (" --skip-sequential" if args.skip_sequential else "") + \
         (f" --repeats {args.repeats}" if args.repeats != 3 else "")
-    text = report(rows, command)
+    from benchmarks.attention import measure
+
+    text = report(rows, command, measure())
     print("\n" + text)
     if not args.no_write:
         (ROOT / "docs" / "performance.md").write_text(text)

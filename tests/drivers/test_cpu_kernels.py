@@ -46,7 +46,7 @@ def random_pool(heads, kv_heads, dim, block_size, ctx, seed=0):
     (8, 8, 32, 8, [9, 64, 3]),
     (4, 2, 64, 8, [1300, 513, 7]),  # long contexts are split into pieces on several threads, then merged
     (2, 2, 16, 4, [1100, 1]),
-    (4, 4, 16, 24, [1200]),  # a piece is a whole number of blocks: 528 tokens here
+    (4, 4, 16, 24, [1200]),  # a piece is a whole number of blocks: 264 tokens here
 ])
 def test_native_decode_attention_matches_torch(heads, kv_heads, dim, block_size, ctx):
     kernels = cpu_kernels.load()

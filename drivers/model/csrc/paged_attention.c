@@ -205,7 +205,7 @@ static int chunk(const float *qb, const float *k_cache, const float *v_cache, co
     return 0;
 }
 
-#define LLMOS_CHUNK_TOKENS 512 /* a longer context is split into pieces that run on different threads */
+#define LLMOS_CHUNK_TOKENS 256 /* a longer context is split into pieces that run on different threads */
 
 /* Returns 0, or the number of sequences it could not compute: a context length outside
  * [1, table_stride * block_size], a block id outside [0, blocks), or no memory for scratch space. Those
