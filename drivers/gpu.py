@@ -6,6 +6,7 @@ device is usable from this process. Each GPU is a device of its own with a memor
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from llmos.drivers.device import BudgetedDevice, Reservations
@@ -48,6 +49,11 @@ class GPUDevice(BudgetedDevice):
         return out
 
 
+def _gpu_driver_present() -> bool:
+    """An NVIDIA or AMD GPU driver is loaded: only then can torch.cuda find a device NVML did not."""
+    return any(Path(p).exists() for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd"))
+
+
 def discover() -> list[GPUDevice]:
     """Every NVIDIA GPU NVML reports (falling back to torch.cuda); [] when there is none."""
     nv = _nvml()
@@ -61,9 +67,9 @@ def discover() -> list[GPUDevice]:
                                       int(nv.nvmlDeviceGetMemoryInfo(h).total)))
         except Exception:
             gpus = []
-    if not gpus:
+    if not gpus and _gpu_driver_present():
         try:
-            import torch
+            import torch  # slow to import: only where a GPU driver exists (ROCm has no NVML)
 
             if torch.cuda.is_available():
                 for i in range(torch.cuda.device_count()):
