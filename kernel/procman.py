@@ -206,6 +206,8 @@ class ProcessManager(Actor):
         ex = self.executors.get(ex_id)
         if ex is None or ex.dead or getattr(ex, "alive", True) is False:
             return
+        if not self.queues[ex_id]:
+            return  # nothing waits (the common case on every step)
         running = self.running[ex_id]
         total, bs = ex.kv_total, ex.kv_block_size
         # admit only what the KV pool can hold now: every running context plus the new prompt
