@@ -23,7 +23,8 @@ import zmq.asyncio
 from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor
 from llmos.syscalls import codec
-from llmos.syscalls.errors import DeviceError, error_from_errno
+from llmos.drivers.model.prompt import check_prompt_ids
+from llmos.syscalls.errors import DeviceError, LLMOSError, error_from_errno
 
 WORKER_SILENCE_S = 60.0  # a worker that sends nothing for this long (not even heartbeats) is dead
 _ids = itertools.count(1)
@@ -114,6 +115,14 @@ class Executor(Actor):
             fut = asyncio.get_running_loop().create_future()
             if self.dead:
                 fut.set_exception(DeviceError(self.dead))
+                return fut
+            if msg.prompt_ids is not None and self.ready.done():
+                # token ids need no tokenizer: check them here instead of waiting for the worker's step to end
+                try:
+                    fut.set_result(check_prompt_ids(msg.prompt_ids, int(self.info["vocab_size"]),
+                                                    int(self.info["context_len"])))
+                except LLMOSError as exc:
+                    fut.set_exception(exc)
                 return fut
             rid = next(self._rids)
             self._pending[rid] = fut

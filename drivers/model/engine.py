@@ -19,9 +19,10 @@ import torch
 
 from llmos.drivers.memory import KVBlockPool
 from llmos.drivers.model.estimate import kv_bytes_per_token
+from llmos.drivers.model.prompt import check_length, check_prompt_ids
 from llmos.drivers.model.sampling import SamplingParams
 from llmos.drivers.model.text import TextTracker
-from llmos.syscalls.errors import Errno, InvalidArgument, TooBig
+from llmos.syscalls.errors import Errno, InvalidArgument
 
 
 @dataclass
@@ -147,13 +148,8 @@ class BaseEngine:
         if sum(x is not None for x in (prompt, messages, prompt_ids)) != 1:
             raise InvalidArgument("give exactly one of 'prompt', 'messages' and 'prompt_ids'")
         if prompt_ids is not None:
-            vocab = int(self.model.config.vocab_size)
-            bad = [t for t in prompt_ids if not 0 <= t < vocab]
-            if bad or not prompt_ids:
-                raise InvalidArgument(f"prompt_ids must be a non-empty list of token ids in [0, {vocab}); "
-                                      f"got {bad[:3] if bad else 'an empty list'}")
-            ids = list(prompt_ids)
-        elif messages is not None:
+            return check_prompt_ids(prompt_ids, int(self.model.config.vocab_size), self.context_len)
+        if messages is not None:
             ids = self._encode_messages(messages)
         else:
             ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
@@ -162,9 +158,7 @@ class BaseEngine:
                 if bos is None:
                     raise InvalidArgument("empty prompt, and the model has no BOS token to start from")
                 ids = [bos]
-        if len(ids) >= self.context_len:
-            raise TooBig(f"prompt is {len(ids)} tokens; the model's context holds {self.context_len} "
-                         "(and at least one token must be generated)")
+        check_length(len(ids), self.context_len)
         return ids
 
     def _encode_messages(self, messages: list[dict]) -> list[int]:

@@ -75,12 +75,7 @@ class Worker:
         while self.running:
             busy = self.engine.has_work()
             if self.sock.poll(0 if busy else int(HEARTBEAT_S * 1000 / 2)):
-                while self.running:
-                    try:
-                        raw = self.sock.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.handle(codec.decode(raw))
+                self._drain()
             if not self.running:
                 break
             if self.engine.has_work():
@@ -95,6 +90,14 @@ class Worker:
             if os.getppid() != self.parent:
                 return 2  # the kernel is gone
         return 0
+
+    def _drain(self) -> None:
+        while self.running:
+            try:
+                raw = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle(codec.decode(raw))
 
     def handle(self, msg: dict) -> None:
         op = msg.get("op")

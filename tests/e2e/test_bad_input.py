@@ -84,6 +84,15 @@ def test_a_prompt_longer_than_the_context_is_e2big(client, tiny_model):
         client.spawn(prompt="word " * 400, model=tiny_model)
 
 
+def test_bad_prompt_ids_are_einval_and_too_many_are_e2big(client, tiny_model):
+    for ids in ([], [-1], [10**6], [3, 400000]):
+        with pytest.raises(InvalidArgument, match="prompt_ids"):
+            client.spawn(prompt_ids=ids, model=tiny_model)
+    with pytest.raises(TooBig, match="context"):
+        client.spawn(prompt_ids=[5] * 1024, model=tiny_model)
+    assert client.wait(client.spawn(prompt_ids=[5, 6, 7], model=tiny_model, max_new_tokens=2)).token_ids
+
+
 def test_unknown_pids_are_esrch_for_every_call(client):
     for call in (lambda: client.wait(424242), lambda: client.kill(424242), lambda: client.stat(424242),
                  lambda: list(client.stream(424242))):

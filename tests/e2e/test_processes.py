@@ -23,6 +23,17 @@ def test_greedy_generation_is_deterministic_across_processes(client, tiny_model)
     assert a.token_ids == b.token_ids
 
 
+def test_a_prompt_given_as_token_ids_generates_what_the_same_text_does(client, tiny_model):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_model)("the quick brown fox")["input_ids"]
+    greedy = dict(model=tiny_model, max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    by_text = client.wait(client.spawn(prompt="the quick brown fox", **greedy))
+    by_ids = client.wait(client.spawn(prompt_ids=ids, **greedy))
+    assert by_ids.token_ids == by_text.token_ids and len(by_ids.token_ids) == 8
+    assert by_ids.stats.prompt_tokens == len(ids)
+
+
 def test_stream_yields_chunks_that_add_up_to_the_result(client, tiny_model):
     pid = client.spawn(prompt="stream me", model=tiny_model, max_new_tokens=20, seed=5, ignore_eos=True)
     stream = client.stream(pid)
