@@ -13,8 +13,10 @@ import gc
 import json
 import ctypes
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -35,6 +37,11 @@ def _die_with_parent() -> None:
 
 
 class Worker:
+    """The main thread loads the model and runs the step loop; once loaded, a socket thread owns the
+    kernel socket. The socket thread answers ``encode`` itself (tokenising needs only the tokenizer),
+    so a spawn never waits for a step in progress, and hands every other op to the main thread,
+    which applies it between steps. The main thread's frames reach the kernel through an inproc pipe."""
+
     def __init__(self, address: str, model_path: str, device: str | None, options: dict) -> None:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -46,9 +53,16 @@ class Worker:
         self.parent = os.getppid()
         self.engine = None
         self.running = True
+        self.inbox: queue.Queue = queue.Queue()  # ops for the main thread, from the socket thread
+        self.pipe: zmq.Socket | None = None  # the main thread's end of the pipe to the socket thread
+        self.io: threading.Thread | None = None
 
     def send(self, msg: dict) -> None:
-        self.sock.send(codec.encode(msg))
+        """Send a frame to the kernel (from the main thread)."""
+        if self.pipe is not None:
+            self.pipe.send(codec.encode(msg))
+        else:
+            self.sock.send(codec.encode(msg))
 
     def serve(self) -> int:
         try:
@@ -71,11 +85,26 @@ class Worker:
                        "message": f"cannot load model {self.model_path}: {type(exc).__name__}: {exc}"})
             traceback.print_exc()
             return 1
+        self._start_socket_thread()
+        try:
+            return self._step_loop()
+        finally:
+            self.running = False
+            self.pipe.send(b"")  # an empty frame stops the socket thread once it has sent what is queued
+            self.io.join(5)
+            self.pipe.close(linger=0)
+
+    def _step_loop(self) -> int:
         last_sent = time.time()
         while self.running:
             busy = self.engine.has_work()
-            if self.sock.poll(0 if busy else int(HEARTBEAT_S * 1000 / 2)):
-                self._drain()
+            try:  # apply every op that arrived; when idle, wait for one (or for the next heartbeat)
+                msg = self.inbox.get_nowait() if busy else self.inbox.get(timeout=HEARTBEAT_S / 2)
+                while self.running:
+                    self.handle(msg)
+                    msg = self.inbox.get_nowait()
+            except queue.Empty:
+                pass
             if not self.running:
                 break
             if self.engine.has_work():
@@ -91,26 +120,54 @@ class Worker:
                 return 2  # the kernel is gone
         return 0
 
-    def _drain(self) -> None:
-        while self.running:
-            try:
-                raw = self.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.handle(codec.decode(raw))
+    # -- the socket thread -----------------------------------------------------------------
+    def _start_socket_thread(self) -> None:
+        endpoint = f"inproc://worker-pipe-{id(self)}"
+        self.pipe = self.ctx.socket(zmq.PAIR)
+        self.pipe.bind(endpoint)
+        far = self.ctx.socket(zmq.PAIR)
+        far.connect(endpoint)
+        self.io = threading.Thread(target=self._socket_loop, args=(far,), name="llmos-worker-socket", daemon=True)
+        self.io.start()
 
+    def _socket_loop(self, pipe: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(pipe, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if pipe in ready:
+                    frame = pipe.recv()
+                    if not frame:
+                        return
+                    self.sock.send(frame)
+                if self.sock in ready:
+                    msg = codec.decode(self.sock.recv())
+                    if msg.get("op") == "encode":
+                        self.sock.send(codec.encode(self._encode(msg)))
+                    else:
+                        self.inbox.put(msg)
+        except Exception:  # the kernel must learn that this worker is gone, not wait on it
+            traceback.print_exc()
+            os._exit(3)
+        finally:
+            pipe.close(linger=0)
+
+    def _encode(self, msg: dict) -> dict:
+        try:
+            ids = self.engine.encode(msg.get("prompt"), msg.get("messages"), msg.get("prompt_ids"))
+            return {"op": "encoded", "rid": msg["rid"], "ids": ids}
+        except LLMOSError as exc:
+            return {"op": "encoded", "rid": msg["rid"], **exc.to_wire()}
+        except Exception as exc:
+            return {"op": "encoded", "rid": msg["rid"], "errno": int(Errno.EINVAL), "error": "EINVAL",
+                    "message": f"cannot encode input: {type(exc).__name__}: {exc}"}
+
+    # -- ops, applied by the main thread between steps --------------------------------------
     def handle(self, msg: dict) -> None:
         op = msg.get("op")
-        if op == "encode":
-            try:
-                ids = self.engine.encode(msg.get("prompt"), msg.get("messages"), msg.get("prompt_ids"))
-                self.send({"op": "encoded", "rid": msg["rid"], "ids": ids})
-            except LLMOSError as exc:
-                self.send({"op": "encoded", "rid": msg["rid"], **exc.to_wire()})
-            except Exception as exc:
-                self.send({"op": "encoded", "rid": msg["rid"], "errno": int(Errno.EINVAL), "error": "EINVAL",
-                           "message": f"cannot encode input: {type(exc).__name__}: {exc}"})
-        elif op == "add":
+        if op == "add":
             try:
                 self.engine.add(msg["pid"], msg["ids"], msg["params"], msg.get("user", ""), msg.get("priority", 0))
             except Exception as exc:
