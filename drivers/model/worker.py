@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import ctypes
 import os
@@ -26,6 +27,7 @@ from llmos.syscalls import codec
 from llmos.syscalls.errors import Errno, LLMOSError
 
 HEARTBEAT_S = 1.0
+_pipes = itertools.count()  # inproc endpoints are released asynchronously: never reuse a name
 
 
 def _die_with_parent() -> None:
@@ -90,7 +92,10 @@ class Worker:
             return self._step_loop()
         finally:
             self.running = False
-            self.pipe.send(b"")  # an empty frame stops the socket thread once it has sent what is queued
+            try:  # an empty frame stops the socket thread once it has sent what is queued
+                self.pipe.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the pipe is full: the socket thread is stuck on the kernel; exiting ends it
             self.io.join(5)
             self.pipe.close(linger=0)
 
@@ -122,7 +127,7 @@ class Worker:
 
     # -- the socket thread -----------------------------------------------------------------
     def _start_socket_thread(self) -> None:
-        endpoint = f"inproc://worker-pipe-{id(self)}"
+        endpoint = f"inproc://worker-pipe-{next(_pipes)}"
         self.pipe = self.ctx.socket(zmq.PAIR)
         self.pipe.bind(endpoint)
         far = self.ctx.socket(zmq.PAIR)
@@ -198,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return worker.serve()
     finally:
-        worker.sock.close(linger=500)
+        if worker.io is None or not worker.io.is_alive():  # never close a socket another thread still uses
+            worker.sock.close(linger=500)
 
 
 if __name__ == "__main__":
