@@ -24,8 +24,6 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.attention import table as attention_table
-
 ROOT = Path(__file__).resolve().parent.parent
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
@@ -186,7 +184,8 @@ def machine() -> str:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
-def report(rows: list[dict], command: str, attention: list[dict] | None = None) -> str:
+def report(rows: list[dict], command: str, attention: list[str] | None = None) -> str:
+    """docs/performance.md; ``attention``: the lines of benchmarks.attention's table."""
     lines = ["# Performance", "",
              f"Measured {datetime.date.today().isoformat()} on {machine()}.", "",
              f"Command: `{command}` (all numbers below come from one run of it).", "",
@@ -248,7 +247,7 @@ def report(rows: list[dict], command: str, attention: list[dict] | None = None) 
     if attention:
         lines += ["", "Decode attention alone (`python -m benchmarks.attention`, same run): one layer of the ~40M "
                   "shape (8 heads of 64, blocks of 8 tokens), pools of 4096 blocks per layer, best of 3 over 12 "
-                  "layers. A context longer than 256 tokens is split over both cores.", "", *attention_table(attention)]
+                  "layers. A context longer than 256 tokens is split over both cores.", "", *attention]
     return "\n".join(lines) + "\n"
 
 
@@ -268,9 +267,10 @@ def main() -> int:
     command = "python -m benchmarks.run" + (f" --shapes {args.shapes}" if args.shapes != "5M,40M" else "") + \
         (" --skip-sequential" if args.skip_sequential else "") + \
         (f" --repeats {args.repeats}" if args.repeats != 3 else "")
-    from benchmarks.attention import measure
+    from benchmarks import attention  # after the re-exec and the shapes: it builds its own pools
 
-    text = report(rows, command, measure())
+    timings = attention.measure()  # [] without the native kernels
+    text = report(rows, command, attention.table(timings) if timings else None)
     print("\n" + text)
     if not args.no_write:
         (ROOT / "docs" / "performance.md").write_text(text)

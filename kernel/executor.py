@@ -20,10 +20,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from llmos.drivers.model.prompt import check_prompt_ids
 from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor
 from llmos.syscalls import codec
-from llmos.drivers.model.prompt import check_prompt_ids
 from llmos.syscalls.errors import DeviceError, LLMOSError, error_from_errno
 
 WORKER_SILENCE_S = 60.0  # a worker that sends nothing for this long (not even heartbeats) is dead

@@ -112,7 +112,7 @@ def _openmp_runtimes() -> set[str]:
 
 
 def _f32(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+    return all(t.dtype is torch.float32 and t.is_cpu for t in tensors)  # is_cpu: t.device costs ~1 us a call
 
 
 def _require(ok: bool, op: str, what: str) -> None:

@@ -296,6 +296,15 @@ class PagedEngine(BaseEngine):
         self._shrink_if_idle()
         return events
 
+    def _padded_tables(self, plan: list[tuple[Sequence, int, int]], width: int) -> list[int]:
+        """The block tables of the planned sequences, each cut or padded to ``width`` blocks, flattened.
+        Block 0 pads: masks (torch) or context lengths (native) keep it out of the attention."""
+        rows: list[int] = []
+        for seq, _, _ in plan:
+            t = self.pool.tables[seq.pid][:width]
+            rows.extend(t + [0] * (width - len(t)))
+        return rows
+
     def _norm(self, h: torch.Tensor, delta: torch.Tensor | None, ln: Any) -> torch.Tensor:
         """``h += delta`` in place (the residual), then the layer's RMSNorm of h."""
         if self.ops is not None:
@@ -348,11 +357,7 @@ class PagedEngine(BaseEngine):
         native = None  # or (block tables, context lengths) for the native kernel
         if nd and self.ops is not None:
             width = -(-(plan[nd - 1][1] + 1) // bs)  # the longest decode context, in blocks
-            rows = []
-            for seq, start, _ in plan[:nd]:
-                t = self.pool.tables[seq.pid][:width]
-                rows.extend(t + [0] * (width - len(t)))
-            native = (torch.tensor(rows, dtype=torch.int32).view(nd, width),
+            native = (torch.tensor(self._padded_tables(plan[:nd], width), dtype=torch.int32).view(nd, width),
                       torch.tensor([start + 1 for _, start, _ in plan[:nd]], dtype=torch.int32))
         elif nd:
             ctx = [plan[i][1] + 1 for i in range(nd)]  # ascending: step() sorts the decodes by length
@@ -360,10 +365,7 @@ class PagedEngine(BaseEngine):
             groups = _length_groups(ctx, bs)
             for lo, hi in groups:
                 nblk = -(-ctx[hi - 1] // bs)
-                rows = []
-                for seq, _, _ in plan[lo:hi]:
-                    t = self.pool.tables[seq.pid][:nblk]
-                    rows.extend(t + [0] * (nblk - len(t)))  # block 0 pads; the mask hides it
+                rows = self._padded_tables(plan[lo:hi], nblk)
                 ctx_t = torch.tensor(ctx[lo:hi], device=dev)
                 mask = (torch.arange(nblk * bs, device=dev)[None, :] < ctx_t[:, None])[:, None, None, :]
                 dec.append((lo, hi, torch.tensor(rows, dtype=torch.long, device=dev), mask, nblk * bs, used))

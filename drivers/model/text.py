@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 
+REDECODE_CONTEXT = 4  # tokens kept as decoding context after a full re-decode
+
+
 class TextTracker:
     """Turns a growing list of token ids into streamable text deltas.
 
@@ -45,7 +48,8 @@ class TextTracker:
         else:  # the new tokens rewrote their context: decode everything once, and go on from there
             text = self._decode(token_ids)
             if not text.endswith("\ufffd"):
-                self._committed, self._prefix, self._read = text, max(0, len(token_ids) - 4), len(token_ids)
+                self._committed, self._read = text, len(token_ids)
+                self._prefix = max(0, self._read - REDECODE_CONTEXT)
         for s in self.stop:
             idx = text.find(s, max(0, self.emitted - len(s)))
             if idx != -1:
