@@ -14,6 +14,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from llmos.kernel.config import KernelConfig
 from llmos.kernel.dispatch import dispatch
 from llmos.kernel.handlers import Caller, Handlers
 from llmos.kernel.log import get_logger
@@ -22,8 +23,10 @@ from llmos.syscalls.errors import Errno
 
 
 class Bus:
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, handlers: Handlers) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, handlers: Handlers,
+                 config: KernelConfig | None = None) -> None:
         self.address = address
+        self.config = config or KernelConfig()
         self.handlers = handlers
         self.log = get_logger("bus")
         self.sock = ctx.socket(zmq.ROUTER)

@@ -26,7 +26,7 @@ from llmos.kernel.actor import Actor
 from llmos.syscalls import codec
 from llmos.syscalls.errors import DeviceError, LLMOSError, error_from_errno
 
-WORKER_SILENCE_S = 60.0  # a worker that sends nothing for this long (not even heartbeats) is dead
+WORKER_SILENCE_S = 60.0  # default: a worker that sends nothing for this long (not even heartbeats) is dead
 _ids = itertools.count(1)
 
 
@@ -34,7 +34,8 @@ class Executor(Actor):
     """One model instance in one worker process. ``ready`` resolves once the model is loaded."""
 
     def __init__(self, ctx: zmq.asyncio.Context, run_dir: Path, model_path: str, procman: Actor,
-                 on_gone: Any, log_dir: Path, options: dict[str, Any], device: str = "cpu") -> None:
+                 on_gone: Any, log_dir: Path, options: dict[str, Any], device: str = "cpu",
+                 silence_s: float = WORKER_SILENCE_S) -> None:
         self.id = f"w{next(_ids)}"
         super().__init__(f"executor:{self.id}")
         self.model_path = model_path
@@ -43,6 +44,7 @@ class Executor(Actor):
         self.options = dict(options)
         self.max_batch = int(options.get("max_batch", 16))
         self.device = device  # "cpu" or "cuda:N"; the worker sees only that GPU, as cuda:0
+        self.silence_s = silence_s
         self.stats: dict[str, Any] = {}
         self.batch_sum = 0
         self.batch_max = 0
@@ -222,7 +224,7 @@ class Executor(Actor):
                 self.tell(m.Died(f"model worker for {self.model_path} exited with code {code}"
                                  + (f": {tail}" if tail else "")))
                 return
-            if self.ready.done() and time.monotonic() - self.last_seen > WORKER_SILENCE_S:  # loading may be long
+            if self.ready.done() and time.monotonic() - self.last_seen > self.silence_s:  # loading may be long
                 self.proc.kill()
 
     @property

@@ -16,6 +16,7 @@ import zmq.asyncio
 from llmos.drivers.devices import DeviceTable
 from llmos.kernel import messages as m
 from llmos.kernel.bus import Bus
+from llmos.kernel.config import KernelConfig
 from llmos.kernel.handlers import Handlers
 from llmos.kernel.log import get_logger
 from llmos.kernel.models import ModelManager
@@ -23,12 +24,10 @@ from llmos.kernel.procman import ProcessManager
 
 
 class Kernel:
-    def __init__(self, home: Path, address: str, model_defaults: dict | None = None,
-                 memory_limit: int | None = None) -> None:
+    def __init__(self, home: Path, address: str, config: KernelConfig | None = None) -> None:
         self.home = home
         self.address = address
-        self.model_defaults = model_defaults or {}
-        self.memory_limit = memory_limit
+        self.config = config or KernelConfig()
         self.run_dir = home / "run"
         self.log_dir = home / "log"
         self.started = time.time()
@@ -38,12 +37,12 @@ class Kernel:
 
     async def start(self) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.procman = ProcessManager().start()
-        self.devices = DeviceTable(self.memory_limit)
+        self.procman = ProcessManager(self.config).start()
+        self.devices = DeviceTable(self.config.memory_limit)
         self.models = ModelManager(self.ctx, self.run_dir, self.log_dir, self.procman, self.devices,
-                                   self.model_defaults).start()
+                                   self.config).start()
         self.handlers = Handlers(self)
-        self.bus = Bus(self.ctx, self.address, self.handlers)
+        self.bus = Bus(self.ctx, self.address, self.handlers, self.config)
         self.bus.bind()
         self.bus.start()
         self.log.info("kernel_started", pid=os.getpid(), address=self.address, home=str(self.home))

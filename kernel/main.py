@@ -21,6 +21,7 @@ from pathlib import Path
 
 import uvloop
 
+from llmos.kernel.config import add_flags, from_args
 from llmos.kernel.kernel import Kernel
 from llmos.kernel.log import get_logger
 from llmos.syscalls.address import ipc_path, llmos_home, resolve_address
@@ -58,15 +59,6 @@ def claim(run: Path, address: str) -> int | None:
     return fd
 
 
-def parse_size(text: str) -> int:
-    """'8G', '512M', '100000' -> bytes."""
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
-
-
 def prepare_home(home: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     run = home / "run"
@@ -99,12 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", default=None)
     ap.add_argument("--parent-pid", type=int, default=None,
                     help="stop when this process (the program that embeds the kernel) exits")
-    ap.add_argument("--max-batch", type=int, default=16, help="most processes per model instance per step")
-    ap.add_argument("--kv-policy", default="static", choices=("static", "dynamic", "isolated"),
-                    help="default KV memory policy for models loaded on demand")
-    ap.add_argument("--memory-limit", default=None,
-                    help="host memory the kernel may give to models, e.g. 8G or 512M (default: 3/4 of what is free)")
+    add_flags(ap)
     args = ap.parse_args(argv)
+    config = from_args(args)
 
     home = Path(args.home).expanduser().resolve() if args.home else llmos_home()
     address = resolve_address(args.address, home)
@@ -128,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # the parent is already gone
     pidfile = run / "kernel.pid"
     pidfile.write_text(str(os.getpid()))
-    kernel = Kernel(home, address, {"max_batch": args.max_batch, "kv_policy": args.kv_policy},
-                    parse_size(args.memory_limit) if args.memory_limit else None)
+    kernel = Kernel(home, address, config)
     try:
         uvloop.run(_run(kernel, args.parent_pid))
     finally:

@@ -23,6 +23,7 @@ from llmos.drivers.model.estimate import estimate
 from llmos.drivers.model.registry import resolve_model
 from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor
+from llmos.kernel.config import KernelConfig
 from llmos.kernel.executor import Executor
 from llmos.syscalls.errors import Busy, InvalidArgument, NotFound, OutOfMemory
 
@@ -51,14 +52,15 @@ class ModelEntry:
 
 class ModelManager(Actor):
     def __init__(self, ctx: zmq.asyncio.Context, run_dir: Path, log_dir: Path, procman: Actor,
-                 devices: DeviceTable, defaults: dict[str, Any] | None = None) -> None:
+                 devices: DeviceTable, config: KernelConfig | None = None) -> None:
         super().__init__("models")
+        self.config = config or KernelConfig()
         self.ctx = ctx
         self.run_dir = run_dir
         self.log_dir = log_dir
         self.procman = procman
         self.devices = devices
-        self.defaults = {"max_batch": 16, **(defaults or {})}
+        self.defaults = {"max_batch": self.config.max_batch, "kv_policy": self.config.kv_policy}
         self.models: dict[str, ModelEntry] = {}
         self._live: dict[str, int] = {}  # executor id -> live processes, refreshed from the procman
         self._ticker: asyncio.Task | None = None
@@ -164,7 +166,8 @@ class ModelManager(Actor):
                 devices.append(dev)
             entry.device = devices[0].name
             for i, dev in enumerate(devices):
-                ex = Executor(self.ctx, self.run_dir, path, self.procman, self._gone, self.log_dir, opts, dev.name)
+                ex = Executor(self.ctx, self.run_dir, path, self.procman, self._gone, self.log_dir, opts, dev.name,
+                              silence_s=self.config.worker_silence_s)
                 ex.holder = f"{path}#{i}"
                 entry.executors.append(ex.launch())
         except BaseException:  # nothing half-loaded stays reserved or running

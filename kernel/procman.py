@@ -13,6 +13,7 @@ from typing import Any
 
 from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor, ActorStopped
+from llmos.kernel.config import KernelConfig
 from llmos.kernel.process import LLMProcess, ProcessTable, State
 from llmos.drivers.memory import blocks_for
 from llmos.kernel.scheduler import RunQueue, admit
@@ -55,8 +56,9 @@ class FinishedStats:
 
 
 class ProcessManager(Actor):
-    def __init__(self) -> None:
+    def __init__(self, config: KernelConfig | None = None) -> None:
         super().__init__("procman")
+        self.config = config or KernelConfig()
         self.table = ProcessTable()
         self.executors: dict[str, Any] = {}  # executor id -> Executor actor
         self.queues: dict[str, RunQueue] = {}  # executor id -> its READY processes

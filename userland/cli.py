@@ -10,6 +10,7 @@ from typing import Any
 
 from llmos import embedded
 from llmos.client import Client
+from llmos.kernel.config import add_flags as add_kernel_flags
 from llmos.syscalls.address import llmos_home, resolve_address
 from llmos.syscalls.errors import KernelUnavailable, LLMOSError
 from llmos.types import ProcessInfo
@@ -32,11 +33,9 @@ def _connect(args: argparse.Namespace) -> Client:
 
 # -- kernel --------------------------------------------------------------------------------
 def _kernel_flags(args: argparse.Namespace) -> list[str]:
-    flags: list[str] = []
-    for name in ("max_batch", "kv_policy", "memory_limit"):
-        if getattr(args, name) is not None:
-            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    return flags
+    from llmos.kernel.config import to_argv
+
+    return to_argv(args)
 
 
 def cmd_kernel_start(args: argparse.Namespace) -> int:
@@ -260,10 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = k.add_subparsers(dest="action", required=True)
     ks = ksub.add_parser("start", help="start the kernel as a daemon")
     ks.add_argument("--foreground", action="store_true", help="stay attached to the terminal")
-    ks.add_argument("--max-batch", type=int, default=None, help="most processes per model instance per step")
-    ks.add_argument("--kv-policy", choices=("static", "dynamic", "isolated"), default=None,
-                    help="KV memory policy for models loaded on demand")
-    ks.add_argument("--memory-limit", default=None, help="host memory for models, e.g. 8G")
+    add_kernel_flags(ks)
     ks.set_defaults(fn=cmd_kernel_start)
     ksub.add_parser("stop", help="stop the kernel and its model workers").set_defaults(fn=cmd_kernel_stop)
     kst = ksub.add_parser("status", help="is a kernel running; its pid, address, uptime")

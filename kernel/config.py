@@ -1,0 +1,138 @@
+"""The kernel's configuration: every flag of ``llmos kernel start``, its default, range and parser.
+
+One table (``FLAGS``) defines each setting once; ``add_flags`` turns it into argparse options
+(for ``python -m llmos.kernel.main`` and ``llmos kernel start`` alike) whose parsers reject a bad
+value with a message naming the flag, so argparse exits with code 2 before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+KV_POLICIES = ("static", "dynamic", "isolated")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Settings of one kernel. Sizes in bytes, times in seconds."""
+
+    max_batch: int = 16  # most processes per model instance per step
+    kv_policy: str = "static"  # KV memory policy for models loaded on demand
+    memory_limit: int | None = None  # host bytes for models; None: 3/4 of what is free at start
+    zombie_ttl_s: float = 600.0  # a ZOMBIE nobody waited for is reaped this long after it finished
+    max_zombies: int = 256  # most unreaped ZOMBIEs per owner; the oldest are reaped beyond it
+    worker_silence_s: float = 60.0  # a ready worker silent this long (not even heartbeats) is dead
+    client_buffer_bytes: int = 64 * 2**20  # most reply bytes the kernel holds for one client
+
+
+def parse_size(text: str) -> int:
+    """'8G', '512M', '1.5g', '100000' -> bytes; ValueError for anything else."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size (examples: 8G, 512M, 1073741824)") from None
+    if not value == value or value in (float("inf"), float("-inf")):  # NaN or infinite
+        raise ValueError(f"{text!r} is not a size")
+    return int(value)
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer in {lo}..{hi}, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in {lo}..{hi}, got {value}")
+        return value
+    return parse
+
+
+def _float_in(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number in [{lo:g}, {hi:g}], got {text!r}") from None
+        if not lo <= value <= hi:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be a number in [{lo:g}, {hi:g}], got {text}")
+        return value
+    return parse
+
+
+def _size_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = parse_size(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi} bytes, got {text!r} ({value} bytes)")
+        return value
+    return parse
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return text
+    return parse
+
+
+@dataclass(frozen=True)
+class Flag:
+    field: str
+    parse: Callable[[str], Any]
+    metavar: str
+    help: str
+    name: str = ""  # the option's name when it is not the field's
+
+    @property
+    def option(self) -> str:
+        return "--" + (self.name or self.field.replace("_", "-"))
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("max_batch", _int_in(1, 4096), "N", "most processes per model instance per step (default 16)"),
+    Flag("kv_policy", _choice(KV_POLICIES), "POLICY",
+         "KV memory policy for models loaded on demand: static, dynamic or isolated (default static)"),
+    Flag("memory_limit", _size_in(2**20, 2**50), "SIZE",
+         "host memory the kernel may give to models, e.g. 8G or 512M (default: 3/4 of what is free)"),
+    Flag("zombie_ttl_s", _float_in(0.0, 365 * 86400.0), "SECONDS",
+         "reap a finished process nobody waited for this long after it finished (default 600)",
+         "zombie-ttl"),
+    Flag("max_zombies", _int_in(0, 1_000_000), "N",
+         "most finished, unreaped processes per owner; the oldest are reaped beyond it (default 256)"),
+    Flag("worker_silence_s", _float_in(0.5, 86400.0), "SECONDS",
+         "a model worker that sends nothing for this long is counted dead (default 60)", "worker-timeout"),
+    Flag("client_buffer_bytes", _size_in(2**20, 2**40), "SIZE",
+         "most reply bytes the kernel holds for one client that does not read them (default 64M)",
+         "client-buffer"),
+)
+assert {f.field for f in FLAGS} == {f.name for f in fields(KernelConfig)}, "every setting needs a flag"
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Add every kernel flag to ``parser``; unset flags parse to None (the config's default applies)."""
+    for f in FLAGS:
+        parser.add_argument(f.option, dest=f.field, type=f.parse, default=None, metavar=f.metavar, help=f.help)
+
+
+def from_args(ns: argparse.Namespace) -> KernelConfig:
+    """The config the parsed flags ask for; flags left unset keep the defaults."""
+    return KernelConfig(**{f.field: getattr(ns, f.field) for f in FLAGS if getattr(ns, f.field, None) is not None})
+
+
+def to_argv(ns: argparse.Namespace) -> list[str]:
+    """The flags that were set, as an argv for the kernel process (``llmos kernel start`` forwards them)."""
+    out: list[str] = []
+    for f in FLAGS:
+        value = getattr(ns, f.field, None)
+        if value is not None:
+            out += [f.option, str(value)]
+    return out
