@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from llmos.drivers.memory import KVBlockPool
-from llmos.drivers.model.estimate import kv_bytes_per_token
-from llmos.drivers.model.prompt import check_length, check_prompt_ids
+from llmos.drivers.memory import KVBlockPool, blocks_for
+from llmos.drivers.model.prompt import check_length, check_prompt_chars, check_prompt_ids
 from llmos.drivers.model.sampling import SamplingParams
-from llmos.drivers.model.text import TextTracker
-from llmos.syscalls.errors import Errno, InvalidArgument
+from llmos.drivers.model.shape import model_shape
+from llmos.drivers.model.text import TextTracker, silent_tokens, split_stops
+from llmos.syscalls.errors import Errno, InvalidArgument, OutOfMemory
 
 
 @dataclass
@@ -59,6 +59,7 @@ class Sequence:
     computed: int = 0  # leading tokens whose keys and values are in the cache
     preemptions: int = 0
     cache: Any = None  # the sequential engine's per-sequence transformers cache
+    stop_ids: frozenset[int] = frozenset()  # stop_token_ids and the ids of stop strings that are special tokens
 
     @property
     def generated(self) -> list[int]:
@@ -72,6 +73,19 @@ class Sequence:
 
 def error_dict(errno: Errno, message: str) -> dict[str, Any]:
     return {"errno": int(errno), "error": errno.name, "message": message}
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most input characters one token can stand for, from the vocabulary (token strings,
+    added tokens included; a WordPiece model's longest word before it becomes one unknown token).
+
+    A token's string is never shorter than the input it covers for byte-level BPE (one character
+    per byte), Metaspace/SentencePiece (with byte fallback) and WordPiece pieces, so
+    ``context_len * longest_token_chars`` characters bound what can fit the context.
+    """
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    backend = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    return max(1, longest, int(getattr(backend, "max_input_chars_per_word", 0) or 0))
 
 
 class BaseEngine:
@@ -90,7 +104,11 @@ class BaseEngine:
         self.max_batch = max_batch
         self.seqs: dict[int, Sequence] = {}
         cfg = model.config
-        self.context_len = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        self.shape = model_shape(cfg)
+        self.context_len = self.shape.context_len
+        # a prompt with more characters than this cannot fit: refused before tokenising it
+        self.max_prompt_chars = self.context_len * longest_token_chars(tokenizer)
+        self._silent = silent_tokens(tokenizer)
         eos = getattr(model.generation_config, "eos_token_id", None)
         if eos is None:
             eos = tokenizer.eos_token_id
@@ -105,7 +123,7 @@ class BaseEngine:
         caps = user_caps if kv_policy == "isolated" else None
         self.pool = KVBlockPool(num_blocks, block_size, caps, user_cap_blocks if kv_policy == "isolated" else None)
         elem = next(model.parameters()).element_size()
-        self.kv_token_bytes = kv_bytes_per_token(cfg.to_dict(), elem)
+        self.kv_token_bytes = self.shape.kv_bytes_per_token(elem)
         self.steps = 0
         self.preemptions = 0
         self.last_batch = 0
@@ -120,6 +138,7 @@ class BaseEngine:
             "device": str(self.device),
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
             "context_len": self.context_len,
+            "max_prompt_chars": self.max_prompt_chars,
             "vocab_size": int(self.model.config.vocab_size),
             "parameters": n_params,
             "weight_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
@@ -149,6 +168,7 @@ class BaseEngine:
             raise InvalidArgument("give exactly one of 'prompt', 'messages' and 'prompt_ids'")
         if prompt_ids is not None:
             return check_prompt_ids(prompt_ids, int(self.model.config.vocab_size), self.context_len)
+        check_prompt_chars(prompt, messages, self.max_prompt_chars)
         if messages is not None:
             ids = self._encode_messages(messages)
         else:
@@ -181,8 +201,10 @@ class BaseEngine:
             raise InvalidArgument(f"pid {pid} already runs on this engine")
         if not prompt_ids:
             raise InvalidArgument("empty prompt")
+        strings, special = split_stops(params.stop, self._silent)
         self.seqs[pid] = Sequence(pid, list(prompt_ids), len(prompt_ids), params, params.generator(self.device),
-                                  TextTracker(self.tokenizer, params.stop), user=user, priority=priority)
+                                  TextTracker(self.tokenizer, strings, prompt_ids), user=user, priority=priority,
+                                  stop_ids=frozenset([*params.stop_token_ids, *special]))
 
     def abort(self, pid: int) -> StepEvent | None:
         """End a sequence now (signal TERM): keep and flush what it generated, free its blocks."""
@@ -220,9 +242,96 @@ class BaseEngine:
         self._drop(seq.pid)
         return StepEvent(seq.pid, [], seq.text.finish(), "error", seq.text.text, error_dict(errno, message))
 
+    # -- memory: one contract for every engine ------------------------------------------------
+    def _block_limit(self, seq: Sequence) -> int:
+        """The most blocks this sequence could ever hold: the pool's (largest) size, and its user's cap."""
+        limit = (self.max_blocks if self.kv_policy == "dynamic" else self.pool.num_blocks) - 1
+        cap = self.pool.cap_of(seq.user)
+        return min(limit, cap) if cap is not None else limit
+
+    def _never_fits(self, seq: Sequence, tokens: int) -> StepEvent | None:
+        """The ENOMEM event (the sequence is dropped) when ``tokens`` need more blocks than it may ever hold."""
+        limit = self._block_limit(seq)
+        if blocks_for(tokens, self.pool.block_size) <= limit:
+            return None
+        return self._fail(seq, Errno.ENOMEM, f"{tokens} tokens need more KV blocks of {self.pool.block_size} "
+                                             f"than the {limit} this sequence may ever hold")
+
+    def _make_room(self, seq: Sequence, tokens: int, keep: set[int]) -> StepEvent | bool:
+        """Give ``seq`` blocks for ``tokens`` slots, the memory contract every engine keeps.
+
+        A sequence that can never fit ends with ENOMEM (the event is returned). Otherwise, while the
+        pool (or the user's cap) is short, the sequence that ranks last (lowest priority, then newest)
+        among those holding blocks and not in ``keep`` (already run this step) is preempted: its
+        blocks are freed and it is recomputed later from its tokens. At its user's cap only that
+        user's sequences give way. True when ``seq`` has its blocks; False when it must wait (it
+        was the one preempted, or nobody could give way).
+        """
+        failed = self._never_fits(seq, tokens)
+        if failed is not None:
+            return failed
+        while not self._ensure(seq, tokens):
+            capped = self._capped(seq)
+            victim = max((s for s in self.seqs.values() if s.pid not in keep and self.pool.tables.get(s.pid)
+                          and (not capped or s.user == seq.user)), key=lambda s: s.rank, default=None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _capped(self, seq: Sequence) -> bool:
+        """True when the pool has a block but the sequence's user may not take it."""
+        return self.pool.free_blocks > 0 and not self.pool.can_allocate(1, seq.user)
+
+    def _ensure(self, seq: Sequence, tokens: int) -> bool:
+        """Grow ``seq``'s block table to ``tokens`` slots (growing a dynamic pool if need be); no preemption."""
+        try:
+            self.pool.ensure(seq.pid, tokens, seq.user)
+            return True
+        except OutOfMemory:
+            pass
+        if self.kv_policy != "dynamic" or not self._grow():
+            return False
+        return self._ensure(seq, tokens)
+
+    def _grow(self) -> bool:
+        """The dynamic policy: double the pool (up to its maximum) while the host has the memory."""
+        import psutil
+
+        new = min(self.max_blocks, 2 * self.pool.num_blocks)
+        extra = new - self.pool.num_blocks
+        nbytes = extra * self.pool.block_size * self.kv_token_bytes
+        if extra <= 0 or (self.device.type == "cpu" and psutil.virtual_memory().available < nbytes + 2**30):
+            return False
+        self._grow_cache(extra)
+        self.pool.grow(new)
+        return True
+
+    def _grow_cache(self, extra: int) -> None:
+        """Engines that hold the KV tensors themselves add ``extra`` blocks to them."""
+
+    def _shrink_if_idle(self) -> None:
+        """The dynamic policy gives memory back once no sequence holds blocks."""
+        if self.kv_policy == "dynamic" and not self.seqs and self.pool.num_blocks > self.initial_blocks:
+            self.pool.reset(self.initial_blocks)
+            self._shrink_cache(self.initial_blocks)
+
+    def _shrink_cache(self, blocks: int) -> None:
+        """Engines that hold the KV tensors themselves cut them to ``blocks``."""
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks and cache; it is recomputed from its tokens when it runs again."""
+        self.pool.free(seq.pid)
+        seq.computed = 0
+        seq.cache = None
+        seq.preemptions += 1
+        self.preemptions += 1
+
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if seq.text.stopped or token in p.stop_token_ids:
+        if seq.text.stopped or token in seq.stop_ids:
             return "stop"
         if token in self.eos_ids and not p.ignore_eos:
             return "stop"

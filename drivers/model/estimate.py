@@ -7,6 +7,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from llmos.drivers.model.shape import model_shape
+
 WORKER_OVERHEAD_BYTES = 350 * 2**20  # a worker with torch and transformers imported: the RSS ps showed for one on the tiny test model
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -33,10 +35,8 @@ def parameter_count(path: str | Path) -> int:
 
 
 def kv_bytes_per_token(config: dict[str, Any], elem_bytes: int) -> int:
-    heads = config.get("num_attention_heads") or 1
-    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
-    kv_heads = config.get("num_key_value_heads") or heads
-    return 2 * int(config.get("num_hidden_layers", 0)) * kv_heads * head_dim * elem_bytes
+    """Bytes of keys and values per token, from a config in any common spelling (``shape.model_shape``)."""
+    return model_shape(config).kv_bytes_per_token(elem_bytes)
 
 
 def estimate(path: str | Path, device: str = "cpu", kv_tokens: int | None = None,
@@ -45,8 +45,9 @@ def estimate(path: str | Path, device: str = "cpu", kv_tokens: int | None = None
     config = json.loads((Path(path) / "config.json").read_text())
     elem = 4 if device == "cpu" else 2  # the loader uses float32 on CPU, bfloat16 on GPUs
     params = parameter_count(path)
-    per_token = kv_bytes_per_token(config, elem)
-    context = int(config.get("max_position_embeddings") or 2048)
+    shape = model_shape(config)
+    per_token = shape.kv_bytes_per_token(elem)
+    context = shape.context_len
     if kv_tokens is None:
         kv_tokens = max_batch * context
     weights = params * elem

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from llmos.drivers.model import cpu_kernels
 from llmos.drivers.model.engine import BaseEngine, Sequence, StepEvent
 from llmos.drivers.model.sampling import sample_batch
-from llmos.syscalls.errors import Errno, OutOfMemory
+from llmos.syscalls.errors import Errno
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
 PACK_LIMIT_BYTES = 4 * 2**30
@@ -175,27 +175,26 @@ class PagedEngine(BaseEngine):
 
     # -- planning ----------------------------------------------------------------------------
     def _plan(self) -> tuple[list[tuple[Sequence, int, int]], list[StepEvent]]:
-        """Choose (sequence, start, count) for this step; allocate their blocks; preempt if needed."""
+        """Choose (sequence, start, count) for this step; allocate their blocks; preempt if needed.
+
+        Decoding sequences go first, in rank order, each making room for its next token under the
+        engine's memory contract (``BaseEngine._make_room``); then waiting prompts (new or preempted),
+        in rank order, under the token budget. A prompt never preempts: it waits for free blocks.
+        """
         events: list[StepEvent] = []
         budget = self.max_tokens_per_step
         order = sorted(self.seqs.values(), key=lambda s: s.rank)
-        decoding = [s for s in order if s.computed > 0 and len(s.tokens) - s.computed == 1]
         plan: list[tuple[Sequence, int, int]] = []
         planned: set[int] = set()
-        for seq in decoding:
-            if seq.pid in planned or seq.computed == 0:  # computed == 0: preempted earlier in this plan
+        for seq in order:
+            if budget <= 0:
+                break
+            if seq.computed == 0 or len(seq.tokens) - seq.computed != 1:  # not decoding (or preempted above)
                 continue
-            while not self._ensure(seq, seq.computed + 1):
-                # at its user's cap only that user's sequences may give way; else anyone's
-                capped = self._capped(seq)
-                victim = max((s for s in self.seqs.values() if s.pid not in planned and self.pool.tables.get(s.pid)
-                              and (not capped or s.user == seq.user)), key=lambda s: s.rank, default=None)
-                if victim is None:
-                    break
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.computed > 0 and seq.pid in self.pool.tables and budget > 0:
+            room = self._make_room(seq, seq.computed + 1, planned)
+            if isinstance(room, StepEvent):
+                events.append(room)
+            elif room:
                 plan.append((seq, seq.computed, 1))
                 planned.add(seq.pid)
                 budget -= 1
@@ -204,10 +203,9 @@ class PagedEngine(BaseEngine):
                 break
             if seq.pid in planned or seq.pid not in self.seqs:
                 continue
-            limit = self._block_limit(seq)
-            if -(-len(seq.tokens) // self.pool.block_size) > limit:
-                events.append(self._fail(seq, Errno.ENOMEM, f"{len(seq.tokens)} tokens need more KV blocks of "
-                                         f"{self.pool.block_size} than the {limit} this sequence may ever hold"))
+            failed = self._never_fits(seq, len(seq.tokens))
+            if failed is not None:
+                events.append(failed)
                 continue
             n = min(len(seq.tokens) - seq.computed, budget)
             if not self._ensure(seq, seq.computed + n):
@@ -219,54 +217,15 @@ class PagedEngine(BaseEngine):
             budget -= n
         return plan, events
 
-    def _capped(self, seq: Sequence) -> bool:
-        """True when the pool has a block but the sequence's user may not take it."""
-        return self.pool.free_blocks > 0 and not self.pool.can_allocate(1, seq.user)
-
-    def _block_limit(self, seq: Sequence) -> int:
-        """The most blocks this sequence could ever hold: the pool's (largest) size, and its user's cap."""
-        limit = (self.max_blocks if self.kv_policy == "dynamic" else self.pool.num_blocks) - 1
-        cap = self.pool.cap_of(seq.user)
-        return min(limit, cap) if cap is not None else limit
-
-    def _ensure(self, seq: Sequence, tokens: int) -> bool:
-        try:
-            self.pool.ensure(seq.pid, tokens, seq.user)
-            return True
-        except OutOfMemory:
-            pass
-        if self.kv_policy != "dynamic" or not self._grow():
-            return False
-        return self._ensure(seq, tokens)
-
-    def _grow(self) -> bool:
-        """The dynamic policy: double the pool (up to its maximum) while the host has the memory."""
-        import psutil
-
-        new = min(self.max_blocks, 2 * self.pool.num_blocks)
-        extra = new - self.pool.num_blocks
-        nbytes = extra * self.pool.block_size * self.kv_token_bytes
-        if extra <= 0 or (self.device.type == "cpu" and psutil.virtual_memory().available < nbytes + 2**30):
-            return False
+    def _grow_cache(self, extra: int) -> None:
         self.k_cache = [torch.cat([k, torch.zeros(extra, k.shape[1], dtype=k.dtype, device=k.device)])
                         for k in self.k_cache]
         self.v_cache = [torch.cat([v, torch.zeros(extra, v.shape[1], dtype=v.dtype, device=v.device)])
                         for v in self.v_cache]
-        self.pool.grow(new)
-        return True
 
-    def _shrink_if_idle(self) -> None:
-        """The dynamic policy gives memory back once no sequence holds blocks."""
-        if self.kv_policy == "dynamic" and not self.seqs and self.pool.num_blocks > self.initial_blocks:
-            self.pool.reset(self.initial_blocks)
-            self.k_cache = [k[:self.initial_blocks].clone() for k in self.k_cache]
-            self.v_cache = [v[:self.initial_blocks].clone() for v in self.v_cache]
-
-    def _preempt(self, seq: Sequence) -> None:
-        self.pool.free(seq.pid)
-        seq.computed = 0
-        seq.preemptions += 1
-        self.preemptions += 1
+    def _shrink_cache(self, blocks: int) -> None:
+        self.k_cache = [k[:blocks].clone() for k in self.k_cache]
+        self.v_cache = [v[:blocks].clone() for v in self.v_cache]
 
     # -- the step ----------------------------------------------------------------------------
     @torch.inference_mode()

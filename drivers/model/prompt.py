@@ -1,4 +1,4 @@
-"""Checks on a prompt given as token ids, shared by the engine and the kernel (no torch needed here)."""
+"""Checks on a prompt before it is tokenised or run, shared by the engine and the kernel (no torch needed here)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,18 @@ def check_length(tokens: int, context_len: int) -> None:
     if tokens >= context_len:
         raise TooBig(f"prompt is {tokens} tokens; the model's context holds {context_len} "
                      "(and at least one token must be generated)")
+
+
+def check_prompt_chars(prompt: str | None, messages: list | None, max_chars: int) -> None:
+    """TooBig when a text prompt, or the chat messages' content together, has more characters than
+    ``max_chars`` (the model's context times its longest token, in characters): such a prompt cannot
+    fit, and is refused before the tokenizer spends seconds on it."""
+    if not max_chars:
+        return
+    if prompt is not None and len(prompt) > max_chars:
+        raise TooBig(f"prompt is {len(prompt)} characters; the model's context holds at most {max_chars}")
+    if messages is not None:
+        total = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+        if total > max_chars:
+            raise TooBig(f"messages hold {total} characters of content; the model's context holds at most "
+                         f"{max_chars}")

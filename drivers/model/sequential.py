@@ -13,7 +13,7 @@ import torch
 
 from llmos.drivers.model.engine import BaseEngine, Sequence, StepEvent
 from llmos.drivers.model.sampling import sample
-from llmos.syscalls.errors import Errno, OutOfMemory
+from llmos.syscalls.errors import Errno
 
 
 class SequentialEngine(BaseEngine):
@@ -29,27 +29,35 @@ class SequentialEngine(BaseEngine):
 
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
+        """Advance every sequence that has (or can be given) the blocks for its context, in rank order.
+
+        Memory pressure follows the engine contract (``BaseEngine._make_room``): a sequence that can
+        never fit ends with ENOMEM; otherwise the last-ranked sequences not yet run this step are
+        preempted (their caches dropped) and recomputed from their tokens when they run again.
+        """
         events: list[StepEvent] = []
-        seqs = list(self.seqs.values())
-        for seq in seqs:
-            if not self._reserve(seq):
-                if not self.pool.tables.get(seq.pid) and len(seqs) == 1:
-                    events.append(self._fail(seq, Errno.ENOMEM, "the KV pool cannot hold this sequence"))
+        done: set[int] = set()
+        tokens = 0
+        for seq in sorted(self.seqs.values(), key=lambda s: s.rank):
+            if seq.pid not in self.seqs:
                 continue
+            room = self._make_room(seq, len(seq.tokens), done)
+            if isinstance(room, StepEvent):
+                events.append(room)
+                continue
+            if not room:
+                continue
+            tokens += len(seq.tokens) - seq.computed
             try:
                 events.append(self._advance(seq))
             except Exception as exc:  # one bad sequence must not take the others down
                 events.append(self._fail(seq, Errno.EIO, f"model step failed: {type(exc).__name__}: {exc}"))
+            done.add(seq.pid)
         self.steps += 1
-        self.last_batch = len(seqs)
+        self.last_batch = len(done)
+        self.last_step_tokens = tokens
+        self._shrink_if_idle()
         return events
-
-    def _reserve(self, seq: Sequence) -> bool:
-        try:
-            self.pool.ensure(seq.pid, len(seq.tokens), seq.user)
-            return True
-        except OutOfMemory:
-            return False
 
     def _advance(self, seq: Sequence) -> StepEvent:
         ids = torch.tensor([seq.tokens[seq.computed:]], dtype=torch.long, device=self.device)

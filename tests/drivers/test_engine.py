@@ -117,3 +117,127 @@ def test_info_describes_the_loaded_model(engine):
     assert info["architecture"] == "LlamaForCausalLM" and info["context_len"] == 1024
     assert info["kv_blocks"] == engine.pool.capacity and info["kv_bytes_per_token"] == 2 * 2 * 32 * 4
     assert info["device"] == "cpu" and info["has_chat_template"]
+
+
+# -- text: stop strings that are special tokens, and the output decoded after the prompt --------------------
+
+def run_one(engine, prompt_ids, **params):
+    engine.add(1, prompt_ids, {"temperature": 0.0, "max_new_tokens": 10, **params})
+    events = run_all(engine)[1]
+    assert "".join(e.text for e in events) == events[-1].final_text
+    return events[-1], [t for e in events for t in e.token_ids]
+
+
+@pytest.fixture(scope="module")
+def special_chain(tmp_path_factory):
+    """The default tokenizer; " value" -> <|im_end|> -> "\\n" -> <|im_start|> -> "user" -> <|endoftext|> -> " of"."""
+    from transformers import AutoTokenizer
+
+    from llmos.drivers.model.registry import DEFAULT_MODEL_DIR
+    from tests.tinymodel import make_chain_llama
+
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    chain = {266: 516, 516: 2, 2: 201, 201: 1, 1: 2193, 2193: 0, 0: 299, 299: 266}
+    return load_engine(make_chain_llama(tmp_path_factory.mktemp("chain") / "special", tok, chain))
+
+
+def test_a_stop_string_that_is_a_special_tokens_text_stops_there_as_its_token_id_does(special_chain):
+    e = special_chain
+    prompt = e.encode("Return the")
+    for special in ("<|im_end|>", "<|im_start|>", "<|endoftext|>"):
+        tid = e.tokenizer.convert_tokens_to_ids(special)
+        by_id, ids_by_id = run_one(e, prompt, ignore_eos=True, stop_token_ids=[tid])
+        by_text, ids_by_text = run_one(e, prompt, ignore_eos=True, stop=["never", special])
+        assert by_text.finish_reason == by_id.finish_reason == "stop" and ids_by_text[-1] == tid
+        assert (by_text.final_text, ids_by_text) == (by_id.final_text, ids_by_id)
+        assert special not in by_text.final_text and by_text.final_text.startswith(" value")
+    assert run_one(e, prompt, ignore_eos=True, stop=["<|im_end|>"])[0].final_text == " value"
+
+
+@pytest.fixture(scope="module")
+def spm_chain(tmp_path_factory):
+    from tests.tinymodel import make_chain_llama, metaspace_tokenizer
+
+    tok = metaspace_tokenizer()
+    ids = tok("The model runs the kernel")["input_ids"]  # <s> ▁The ▁model ▁runs ▁the ▁kernel
+    chain = {a: b for a, b in zip(ids[2:], ids[3:])} | {ids[-1]: tok.eos_token_id}
+    return load_engine(make_chain_llama(tmp_path_factory.mktemp("chain") / "spm", tok, chain))
+
+
+def test_the_first_generated_word_keeps_its_leading_space_with_a_sentencepiece_decoder(spm_chain):
+    prompt = spm_chain.encode("The model")
+    last, ids = run_one(spm_chain, prompt)
+    whole = spm_chain.tokenizer.decode(prompt + ids, skip_special_tokens=True)
+    assert last.final_text == " runs the kernel" and "The model" + last.final_text == whole
+
+
+def test_a_prompt_ending_inside_a_character_completed_by_the_output_streams_that_character(tiny_model,
+                                                                                          tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from tests.tinymodel import make_chain_llama
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)  # one token per byte
+    raw = tok.encode("the中 value", add_special_tokens=False)
+    chain = {a: b for a, b in zip(raw[3:], raw[4:])} | {raw[-1]: tok.eos_token_id}
+    e = load_engine(make_chain_llama(tmp_path_factory.mktemp("chain") / "utf8", tok, chain))
+    last, ids = run_one(e, raw[:4])  # "the" and the first byte of 中
+    assert ids[:-1] == raw[4:] and last.final_text == "中 value"
+
+
+# -- one memory contract for every engine, and the order sequences run in -----------------------------------
+
+def hf_greedy(engine, ids, n):
+    t = torch.tensor([ids])
+    out = engine.model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, min_new_tokens=n,
+                                do_sample=False, pad_token_id=engine.tokenizer.eos_token_id)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("kind", ["paged", "sequential"])
+def test_a_sequence_that_outgrows_what_the_pool_can_ever_give_ends_with_enomem_on_every_engine(tiny_model, kind):
+    e = load_engine(tiny_model, engine=kind, block_size=8, num_blocks=3)  # 2 blocks: 16 token slots
+    prompt = e.encode("Return the")
+    e.add(1, prompt, {"max_new_tokens": 20, "ignore_eos": True, "seed": 1})
+    events = []
+    for _ in range(40):
+        events += e.step()
+        if not e.has_work():
+            break
+    last = events[-1]
+    assert last.finish_reason == "error" and last.error["error"] == "ENOMEM"
+    # it ran until all 16 slots held keys and values; the token sampled from the last one is kept too
+    assert len(prompt) + sum(len(ev.token_ids) for ev in events) == 17
+    assert e.pool.usage().used == 0 and not e.has_work()
+
+
+@pytest.mark.parametrize("kind", ["paged", "sequential"])
+def test_under_memory_pressure_every_engine_preempts_the_lowest_priority_then_the_newest(tiny_model, kind):
+    e = load_engine(tiny_model, engine=kind, block_size=4, num_blocks=10)  # 9 blocks; 3 x 24 tokens need 18
+    prompts = {1: e.encode("aaa"), 2: e.encode("bbb"), 3: e.encode("ccc")}
+    for pid, priority in ((1, 0), (2, 5), (3, 0)):  # 2 ranks last (priority 5); 3 is newer than 1
+        e.add(pid, prompts[pid], {"max_new_tokens": 20, **{"temperature": 0.0, "ignore_eos": True}},
+              priority=priority)
+    seqs = dict(e.seqs)
+    victims, toks = [], {}
+    while e.has_work():
+        before = {pid: s.preemptions for pid, s in seqs.items()}
+        for ev in e.step():
+            toks.setdefault(ev.pid, []).extend(ev.token_ids)
+        victims += [pid for pid, s in seqs.items() if s.preemptions > before[pid]]
+        assert e.steps < 500
+    assert victims[:2] == [2, 3] and 1 not in victims
+    for pid, ids in prompts.items():
+        assert toks[pid] == hf_greedy(e, ids, 20), pid  # recomputed after preemption: the same output
+    assert e.pool.usage().used == 0
+
+
+def test_the_paged_engine_runs_better_priorities_first_then_earlier_arrivals(tiny_model):
+    e = load_engine(tiny_model, engine="paged", max_tokens_per_step=4, block_size=4)
+    for pid, priority in ((1, 3), (2, -2), (3, 3), (4, -2)):
+        e.add(pid, e.encode("wxyz"), {"max_new_tokens": 3, "temperature": 0.0, "ignore_eos": True},
+              priority=priority)
+    first_token = []
+    while e.has_work():
+        first_token += [ev.pid for ev in e.step() if ev.token_ids and ev.pid not in first_token]
+    assert first_token == [2, 4, 1, 3]

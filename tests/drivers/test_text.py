@@ -1,3 +1,5 @@
+import pytest
+
 from llmos.drivers.model.text import TextTracker
 
 
@@ -131,3 +133,110 @@ def test_a_stop_string_spanning_tokens_ends_the_text_before_it():
     seq = [ids[w] for w in ["▁I", "▁said", "▁it", "'s", "▁fine", ",", "▁world"]]
     out, t = stream(tok, seq, stop=["t's fi"])
     assert t.stopped and out == t.text == "I said i"
+
+
+# -- several stop strings: the first completed match wins ---------------------------------------------------
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> character map of byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def per_byte_ids(tok, text):
+    """``text`` as one single-byte token per byte of a byte-level BPE vocabulary."""
+    table = _bytes_to_unicode()
+    return tok.convert_tokens_to_ids([table[b] for b in text.encode()])
+
+
+def first_completed_cut(text, stops):
+    """The reference: feed the text one character at a time and cut at the first stop string completed."""
+    for k in range(1, len(text) + 1):
+        hits = [s for s in stops if text[:k].endswith(s)]
+        if hits:
+            return text[:k - max(map(len, hits))]
+    return text
+
+
+def test_the_stop_string_that_completes_first_wins_whatever_the_list_order_and_the_tokenization():
+    import itertools
+    import random
+
+    from transformers import AutoTokenizer
+
+    from llmos.drivers.model.registry import DEFAULT_MODEL_DIR
+
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    assert tok.encode(" value", add_special_tokens=False) == [516]  # " value" is one token
+    rng = random.Random(0)
+    cases = [(" value", [" value", "alu"]), (" value of the value", ["f t", "of", "the v"])]
+    for text in (" value of the current value", "return the value.\nvalue"):
+        for _ in range(12):
+            subs = {text[i:i + rng.randint(1, 7)] for i in rng.sample(range(len(text)), 3)}
+            cases.append((text, sorted(subs)))
+    for text, stops in cases:
+        want = first_completed_cut(text, stops)
+        for ids in (tok.encode(text, add_special_tokens=False), per_byte_ids(tok, text)):
+            for order in itertools.permutations(stops):
+                t = TextTracker(tok, list(order))
+                out = ""
+                for i in range(len(ids)):
+                    out += t.update(ids[:i + 1])
+                    if t.stopped:
+                        break
+                out += t.finish()
+                assert out == t.text == want, (text, order, ids)
+    assert first_completed_cut(" value", [" value", "alu"]) == " v"
+
+
+# -- the output decoded in the context of the prompt --------------------------------------------------------
+
+def decoder_kinds():
+    from transformers import AutoTokenizer
+
+    from llmos.drivers.model.registry import DEFAULT_MODEL_DIR
+    from tests.tinymodel import metaspace_tokenizer, wordpiece_tokenizer
+
+    return {"byte-level BPE": (AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR),
+                               "Return the value of the current kernel, 这是 ✓ value."),
+            "Metaspace (Llama-2 decoder)": (metaspace_tokenizer(), "The model runs the kernel, I said."),
+            "Metaspace decoder": (metaspace_tokenizer(llama2_decoder=False), "Hello world. The kernel's model runs"),
+            "WordPiece": (wordpiece_tokenizer(), "hello world, the model running unbelievable runs. don't")}
+
+
+@pytest.mark.parametrize("kind", list(decoder_kinds()))
+def test_prompt_text_plus_streamed_output_equals_the_decoded_whole_for_every_decoder_kind(kind):
+    tok, sentence = decoder_kinds()[kind]
+    ids = tok(sentence)["input_ids"]
+
+    def dec(x):
+        return tok.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    for k in range(1, len(ids)):
+        prompt, output = ids[:k], ids[k:]
+        if dec(prompt).endswith("\ufffd"):
+            continue  # a prompt cut inside a character: the next test's case
+        t = TextTracker(tok, [], prompt)
+        streamed = "".join(t.update(output[:i + 1]) for i in range(len(output))) + t.finish()
+        assert dec(prompt) + streamed == dec(prompt) + t.text == dec(ids), (kind, k)
+
+
+def test_a_prompt_ending_inside_a_character_gives_the_completed_character_to_the_output(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)  # one token per byte
+    for char in ("中", "✓", "🙂"):
+        raw = tok.encode("Return the" + char + " value", add_special_tokens=False)
+        start = len(tok.encode("Return the", add_special_tokens=False))
+        for cut in range(start + 1, start + len(char.encode())):  # every split inside the character
+            t = TextTracker(tok, [], raw[:cut])
+            chunks = [t.update(raw[cut:i + 1]) for i in range(cut, len(raw))] + [t.finish()]
+            assert "".join(chunks) == t.text == char + " value", (char, cut)
+            assert not any("\ufffd" in c for c in chunks)
