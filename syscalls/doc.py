@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from llmos.syscalls.errors import Errno
+from llmos.syscalls import protocol
+from llmos.syscalls.errors import MEANING, Errno
 from llmos.syscalls.schema import Field
 from llmos.syscalls.table import SYSCALLS
 
@@ -13,9 +14,17 @@ tests/syscalls/test_table.py fails when this file and the table disagree. Frames
 error replies are described in [protocol.md](protocol.md). A call is named by its name
 or its number in the request's `call` field; its arguments go in `args`.
 
+Bounds: a frame is at most {frame}, a string {string}, an array {array:,} items, a map {map:,}
+keys (protocol.md); a field's own bounds are in its notes. Float fields accept ints.
+
 | nr | name | streams | what it does |
 |---:|---|---|---|
 """
+
+
+COMMON_ERRORS = ("Any call may also answer EPROTO (malformed request), ENOSYS, EINVAL (bad args), "
+                 "EMSGSIZE (over a bound), EAGAIN (unread replies over this client's buffer), "
+                 "EPIPE (kernel stopping) or EIO.")
 
 
 def _fields(title: str, fields: tuple[Field, ...]) -> list[str]:
@@ -31,8 +40,13 @@ def _fields(title: str, fields: tuple[Field, ...]) -> list[str]:
     return out
 
 
+def _mib(n: int) -> str:
+    return f"{n // 2**20} MiB"
+
+
 def render() -> str:
-    lines = [HEADER.rstrip("\n")]
+    lines = [HEADER.rstrip("\n").format(frame=_mib(protocol.MAX_FRAME_BYTES), string=_mib(protocol.MAX_STR_BYTES),
+                                          array=protocol.MAX_ARRAY_LEN, map=protocol.MAX_MAP_LEN)]
     for s in SYSCALLS:
         lines.append(f"| {s.nr} | [`{s.name}`](#{s.nr}-{s.name}) | {'yes' if s.streams else ''} | {s.doc} |")
     lines.append("")
@@ -43,9 +57,9 @@ def render() -> str:
             lines += _fields("Each `chunk` frame's `data`", s.chunk)
         lines += _fields("Reply `result`", s.reply)
         errs = ", ".join(f"{e.name} ({int(e)})" for e in s.errors) or "none beyond the common ones"
-        lines += [f"Errors: {errs}. Any call may also answer EPROTO, ENOSYS, EINVAL (bad args) or EIO.", ""]
-    lines += ["## Error codes", "", "| errno | name |", "|---:|---|"]
-    lines += [f"| {int(e)} | {e.name} |" for e in Errno]
+        lines += [f"Errors: {errs}. {COMMON_ERRORS}", ""]
+    lines += ["## Error codes", "", "| errno | name | meaning |", "|---:|---|---|"]
+    lines += [f"| {int(e)} | {e.name} | {MEANING[e]} |" for e in Errno]
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,12 @@ becomes an instance of the class registered for that errno, so callers can catch
 
 from __future__ import annotations
 
+import reprlib
 from enum import IntEnum
+from typing import Any
+
+MAX_MESSAGE_CHARS = 1000  # an error message on the wire is cut to this many characters
+QUOTE_CHARS = 60  # how much of a client's input an error message quotes
 
 
 class Errno(IntEnum):
@@ -18,17 +23,38 @@ class Errno(IntEnum):
     ESRCH = 3  # no such process: unknown or already reaped pid
     EIO = 5  # a device failed: a model worker crashed or could not load
     E2BIG = 7  # a request is too large (prompt longer than the model's context)
-    EAGAIN = 11  # try again: a resource is temporarily unavailable
+    EAGAIN = 11  # try again: a resource is temporarily unavailable (the client's reply buffer is full)
     ENOMEM = 12  # out of memory (KV blocks, host budget)
     EBUSY = 16  # the target is busy (a kernel already owns the address)
     EINVAL = 22  # invalid argument: wrong type, out of range, unknown field
     EPIPE = 32  # the peer went away: the kernel stopped while a call was pending
     ENOSYS = 38  # no such syscall
     EPROTO = 71  # protocol error: malformed frame, version mismatch
-    EMSGSIZE = 90  # a frame exceeds the size bound
+    EMSGSIZE = 90  # a frame, or a string, array or map in it, exceeds its size bound
     ECANCELED = 125  # the operation was cancelled
     ETIMEDOUT = 110  # a deadline passed
     ECONNREFUSED = 111  # no kernel answers at the address
+
+
+# What each error means, for docs/syscalls.md (tests check that every Errno has a line here).
+MEANING: dict[Errno, str] = {
+    Errno.EPERM: "not permitted: the process belongs to another user",
+    Errno.ENOENT: "no such model, path or name",
+    Errno.ESRCH: "no such process: the pid never existed or was reaped (by a wait, or by zombie retention)",
+    Errno.EIO: "a model worker failed (crashed, could not load), or an internal kernel error",
+    Errno.E2BIG: "the prompt is longer than the model's context",
+    Errno.EAGAIN: "this client holds more unread replies than its buffer (--client-buffer): read them, then retry",
+    Errno.ENOMEM: "out of memory: KV blocks or the host memory budget, even after evicting idle models",
+    Errno.EBUSY: "busy: the model is loaded with other options or has live processes; the message says what to do",
+    Errno.EINVAL: "invalid argument: wrong type, out of range, too long, unknown field; the message names the field",
+    Errno.EPIPE: "the kernel is stopping: the call was cut short",
+    Errno.ENOSYS: "no such syscall",
+    Errno.EPROTO: "protocol error: not MessagePack, not a map, no integer id, wrong version, several frames",
+    Errno.EMSGSIZE: "a frame, or a string, array or map in it, is over its bound; or a reply would be",
+    Errno.ECANCELED: "the call was cancelled (not sent by this kernel; kept for clients that abandon a call)",
+    Errno.ETIMEDOUT: "a deadline passed (wait with a timeout; a client's own call timeout)",
+    Errno.ECONNREFUSED: "no kernel answers at the address (raised by clients, never sent)",
+}
 
 
 class LLMOSError(Exception):
@@ -42,7 +68,34 @@ class LLMOSError(Exception):
         super().__init__(f"[{self.errno.name}] {message}")
 
     def to_wire(self) -> dict:
-        return {"errno": int(self.errno), "error": self.errno.name, "message": self.message}
+        return wire_error(self.errno, self.message)
+
+
+def wire_error(errno: Errno | int, message: str) -> dict[str, Any]:
+    """The one shape of an error on the wire: ``{errno, error, message}``, the message cut to
+    MAX_MESSAGE_CHARS characters so that no error can outgrow a frame."""
+    code = Errno(errno)
+    text = str(message)
+    if len(text) > MAX_MESSAGE_CHARS:
+        tail = f"... ({len(text)} characters in all)"
+        text = text[:MAX_MESSAGE_CHARS - len(tail)] + tail
+    return {"errno": int(code), "error": code.name, "message": text}
+
+
+_quoter = reprlib.Repr()
+_quoter.maxstring = _quoter.maxother = QUOTE_CHARS
+_quoter.maxlist = _quoter.maxtuple = _quoter.maxdict = _quoter.maxset = 4
+_quoter.maxlevel = 2
+
+
+def quote(value: Any) -> str:
+    """A short repr of a client's input for an error message: at most about QUOTE_CHARS
+    characters of it, with the length of what was cut (a 4 MB name must not come back whole)."""
+    if isinstance(value, (str, bytes)) and len(value) > QUOTE_CHARS:
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:QUOTE_CHARS]!r}... ({len(value)} {unit})"
+    text = _quoter.repr(value)
+    return text if len(text) <= 2 * QUOTE_CHARS else text[:2 * QUOTE_CHARS] + "..."
 
 
 class NotPermitted(LLMOSError):

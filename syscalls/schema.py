@@ -7,10 +7,13 @@ defaults; any fault raises InvalidArgument naming the field, so the caller learn
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from llmos.syscalls.errors import InvalidArgument
+import msgpack
+
+from llmos.syscalls.errors import InvalidArgument, quote
 
 _MISSING = object()
 
@@ -28,7 +31,11 @@ class Field:
     min: float | None = None
     max: float | None = None
     choices: tuple | None = None
-    max_len: int | None = None  # for strings and lists
+    max_len: int | None = None  # characters of a string, items of a list
+    item_max_len: int | None = None  # characters of each string in a list[str]
+    max_bytes: int | None = None  # the value's size as MessagePack (strings as UTF-8), all of it
+    pattern: str | None = None  # a string must match this regular expression whole
+    pattern_doc: str = ""  # the pattern in words, for errors and docs
 
     @property
     def required(self) -> bool:
@@ -47,6 +54,15 @@ class Field:
             lo = "-inf" if self.min is None else str(self.min)
             hi = "inf" if self.max is None else str(self.max)
             parts.append(f"range [{lo}, {hi}]")
+        if self.max_len is not None:
+            unit = "items" if self.type.startswith("list[") else "characters"
+            parts.append(f"at most {self.max_len:,} {unit}")
+        if self.item_max_len is not None:
+            parts.append(f"each at most {self.item_max_len:,} characters")
+        if self.max_bytes is not None:
+            parts.append(f"at most {_size(self.max_bytes)} in all (as MessagePack)")
+        if self.pattern_doc:
+            parts.append(self.pattern_doc)
         if self.default is not _MISSING:
             parts.append(f"default {self.default!r}")
         elif self.nullable:
@@ -54,6 +70,13 @@ class Field:
         else:
             parts.append("required")
         return "; ".join(parts)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n:,} bytes"
 
 
 def _check_scalar(field: Field, kind: str, value: Any, where: str) -> Any:
@@ -96,17 +119,40 @@ def check(field: Field, value: Any) -> Any:
             raise InvalidArgument(f"field '{field.name}' must be a list, got {type(value).__name__}")
         if field.max_len is not None and len(value) > field.max_len:
             raise InvalidArgument(f"field '{field.name}' has {len(value)} items, at most {field.max_len} allowed")
-        return [_check_scalar(field, item, v, f"item {i} of '{field.name}'") for i, v in enumerate(value)]
+        out = [_check_scalar(field, item, v, f"item {i} of '{field.name}'") for i, v in enumerate(value)]
+        if field.item_max_len is not None:
+            for i, v in enumerate(out):
+                if isinstance(v, str) and len(v) > field.item_max_len:
+                    raise InvalidArgument(f"item {i} of '{field.name}' has {len(v)} characters, "
+                                          f"at most {field.item_max_len} allowed")
+        _check_bytes(field, out)
+        return out
     value = _check_scalar(field, field.type, value, f"field '{field.name}'")
-    if field.choices is not None and value not in field.choices:
-        raise InvalidArgument(f"field '{field.name}' must be one of {', '.join(map(str, field.choices))}; got {value!r}")
-    if field.min is not None and value < field.min:
-        raise InvalidArgument(f"field '{field.name}' must be >= {field.min}; got {value!r}")
-    if field.max is not None and value > field.max:
-        raise InvalidArgument(f"field '{field.name}' must be <= {field.max}; got {value!r}")
     if field.max_len is not None and isinstance(value, str) and len(value) > field.max_len:
-        raise InvalidArgument(f"field '{field.name}' is longer than {field.max_len} characters")
+        raise InvalidArgument(f"field '{field.name}' has {len(value)} characters, at most {field.max_len} allowed")
+    if field.choices is not None and value not in field.choices:
+        raise InvalidArgument(f"field '{field.name}' must be one of {', '.join(map(str, field.choices))}; "
+                              f"got {quote(value)}")
+    if field.min is not None and value < field.min:
+        raise InvalidArgument(f"field '{field.name}' must be >= {field.min}; got {quote(value)}")
+    if field.max is not None and value > field.max:
+        raise InvalidArgument(f"field '{field.name}' must be <= {field.max}; got {quote(value)}")
+    if field.pattern is not None and isinstance(value, str) and not re.fullmatch(field.pattern, value):
+        raise InvalidArgument(f"field '{field.name}' must be {field.pattern_doc or 'of the form ' + field.pattern}; "
+                              f"got {quote(value)}")
+    _check_bytes(field, value)
     return value
+
+
+def _check_bytes(field: Field, value: Any) -> None:
+    if field.max_bytes is None:
+        return
+    try:
+        size = len(msgpack.packb(value, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError):  # nested deeper than MessagePack's packer goes
+        raise InvalidArgument(f"field '{field.name}' is nested too deeply") from None
+    if size > field.max_bytes:
+        raise InvalidArgument(f"field '{field.name}' takes {size:,} bytes, at most {field.max_bytes:,} allowed")
 
 
 def validate(fields: tuple[Field, ...], args: Any) -> dict[str, Any]:
@@ -118,7 +164,8 @@ def validate(fields: tuple[Field, ...], args: Any) -> dict[str, Any]:
     known = {f.name: f for f in fields}
     unknown = [k for k in args if k not in known]
     if unknown:
-        raise InvalidArgument(f"unknown field(s): {', '.join(map(str, unknown))}; known: {', '.join(known) or 'none'}")
+        shown = ", ".join(quote(k) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise InvalidArgument(f"unknown field(s): {shown}; known: {', '.join(known) or 'none'}")
     out: dict[str, Any] = {}
     for f in fields:
         if f.name in args:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmos.syscalls.errors import Errno, NoSuchSyscall
+from llmos.syscalls.errors import Errno, NoSuchSyscall, quote
 from llmos.syscalls.schema import Field
 
 E = Errno
@@ -32,6 +32,9 @@ class Syscall:
 
 
 PID = Field("pid", "int", "process id", min=1)
+USER_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.@+-]*"
+OMITTED = Field("omitted", "int", "process records left out so that the reply fits one frame (pid order is kept; "
+                "0 unless the table is very large)")
 
 SAMPLING: tuple[Field, ...] = (
     Field("max_new_tokens", "int", "most tokens to generate", default=128, min=1, max=1_000_000),
@@ -41,7 +44,8 @@ SAMPLING: tuple[Field, ...] = (
     Field("repetition_penalty", "float", "penalty for tokens already in the context (1 = off)",
           default=1.0, min=0.01, max=100.0),
     Field("seed", "int", "sampling seed; null draws a random one", nullable=True, min=0, max=2**63 - 1),
-    Field("stop", "list[str]", "stop strings; the output ends before the first match", default=(), max_len=16),
+    Field("stop", "list[str]", "stop strings; the output ends before the earliest match", default=(), max_len=16,
+          item_max_len=256, max_bytes=4096),
     Field("stop_token_ids", "list[int]", "extra token ids that end the output", default=(), max_len=64),
     Field("ignore_eos", "bool", "keep generating past the end-of-sequence token", default=False),
 )
@@ -66,10 +70,15 @@ RESULT: tuple[Field, ...] = (
     Field("finish_reason", "str", ", ".join(FINISH_REASONS)),
     Field("error", "map", "{errno, error, message} when finish_reason is error", nullable=True),
     Field("signal", "str", "the signal that ended it, if any", nullable=True),
-    Field("stats", "map", "prompt_tokens, output_tokens, queue_time_s, ttft_s, tpot_s, total_time_s"),
+    Field("stats", "map", "prompt_tokens, output_tokens, max_new_tokens (the limit that applied: the one asked "
+          "for, or less where the context ends first), queue_time_s, ttft_s, tpot_s, total_time_s"),
+    Field("warnings", "list[str]", "what the kernel changed about the request, e.g. max_new_tokens cut to what "
+          "the context holds after the prompt"),
 )
 
-MODEL = Field("model", "str", "model directory or 'default'; null is the default model", nullable=True, max_len=4096)
+DEFAULT_MODEL_DOC = ("an absolute model directory, or 'default' (or null): the small Llama shipped with LLMOS "
+                     "(4.2M parameters, drivers/models/default)")
+MODEL = Field("model", "str", DEFAULT_MODEL_DOC, nullable=True, max_len=4096)
 MODEL_DESCRIPTION = (
     Field("model", "str", "resolved model directory"),
     Field("loaded", "bool"),
@@ -87,8 +96,11 @@ SYSCALLS: tuple[Syscall, ...] = (
         0, "hello", "Version handshake: the client states its protocol version; the kernel answers with its own.",
         request=(
             Field("version", "int", "the client's protocol version", min=0),
-            Field("client", "str", "client name, for logs", nullable=True, max_len=200),
-            Field("user", "str", "user name the client runs as", nullable=True, max_len=200),
+            Field("client", "str", "client name, for logs", nullable=True, max_len=200, pattern=r"[^\x00-\x1f\x7f]*",
+                  pattern_doc="no control characters"),
+            Field("user", "str", "user name the client runs as; it owns what this connection spawns. Recorded "
+                  "only when hello succeeds", nullable=True, max_len=64, pattern=USER_PATTERN,
+                  pattern_doc="letters, digits and _ . @ + - (not first: . @ + -)"),
         ),
         reply=(Field("version", "int"), Field("kernel_version", "str"), Field("pid", "int"),
                Field("max_frame_bytes", "int")),
@@ -113,12 +125,12 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall(
         10, "spawn", "Create an LLM process: a generation on one model from a prompt or chat messages.",
         request=(
-            Field("model", "str", "model directory or 'default'; null is the default model", nullable=True,
-                  max_len=4096),
-            Field("prompt", "str", "plain text prompt (exactly one of prompt, messages)", nullable=True,
+            Field("model", "str", DEFAULT_MODEL_DOC, nullable=True, max_len=4096),
+            Field("prompt", "str", "plain text prompt (exactly one of prompt, messages, prompt_ids)", nullable=True,
                   max_len=4_000_000),
-            Field("messages", "list[map]", "chat messages {role, content}, rendered with the model's chat template",
-                  nullable=True, max_len=10_000),
+            Field("messages", "list[map]", "chat messages {role, content} (strings), rendered with the model's "
+                  "chat template, which decides the roles (system, user, assistant for most models)",
+                  nullable=True, max_len=10_000, max_bytes=4_000_000),
             Field("prompt_ids", "list[int]", "the prompt as token ids (exactly one of prompt, messages, prompt_ids)",
                   nullable=True, max_len=1_000_000),
             Field("keep_alive", "float", "seconds the model stays loaded once idle (0 unloads after use, -1 pins); "
@@ -145,7 +157,8 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall(
         13, "ps", "List processes (ZOMBIEs included until reaped).",
         request=(),
-        reply=(Field("processes", "list[map]", "process records: " + ", ".join(f.name for f in PROCESS_RECORD)),),
+        reply=(Field("processes", "list[map]", "process records: " + ", ".join(f.name for f in PROCESS_RECORD)),
+               OMITTED),
         errors=(),
     ),
     Syscall(
@@ -214,7 +227,7 @@ SYSCALLS: tuple[Syscall, ...] = (
                      "ttft_s, tpot_s, total_time_s over the last 1000"),
                Field("models", "list[map]", "per model instance: batch size per step (last, mean, max), steps, "
                      "tokens_out, KV blocks used/free/total, preemptions, step time"),
-               Field("counts", "map", "processes per state")),
+               Field("counts", "map", "processes per state"), OMITTED),
         errors=(),
     ),
 )
@@ -230,4 +243,4 @@ def lookup(call: object) -> Syscall:
         return BY_NAME[call]
     if isinstance(call, int) and not isinstance(call, bool) and call in BY_NR:
         return BY_NR[call]
-    raise NoSuchSyscall(f"no syscall {call!r}")
+    raise NoSuchSyscall(f"no syscall {quote(call)}")

@@ -37,3 +37,39 @@ def test_extension_types_are_refused():
 def test_unencodable_objects_raise_protocol_error():
     with pytest.raises(ProtocolError):
         codec.encode({"x": object()})
+
+
+@pytest.mark.parametrize("what, obj", [
+    ("string", {"s": "x" * (protocol.MAX_STR_BYTES + 1)}),
+    ("bin", {"b": b"x" * (protocol.MAX_STR_BYTES + 1)}),
+    ("array", {"a": [0] * (protocol.MAX_ARRAY_LEN + 1)}),
+    ("map", {"m": {i: 0 for i in range(protocol.MAX_MAP_LEN + 1)}}),
+])
+def test_a_string_array_or_map_over_its_bound_is_emsgsize_on_both_sides(what, obj):
+    with pytest.raises(FrameTooLarge):
+        codec.encode(obj)
+    with pytest.raises(FrameTooLarge) as exc:
+        codec.decode(msgpack.packb(obj, use_bin_type=True))
+    assert exc.value.errno is Errno.EMSGSIZE, what
+
+
+@pytest.mark.parametrize("obj", [
+    {"s": "x" * protocol.MAX_STR_BYTES}, {"a": [0] * protocol.MAX_ARRAY_LEN},
+    {"m": {i: 0 for i in range(protocol.MAX_MAP_LEN)}},
+])
+def test_values_at_their_bound_pass_both_ways(obj):
+    assert codec.decode(codec.encode(obj)) == obj
+
+
+def test_the_id_of_a_refused_frame_is_read_without_decoding_the_rest():
+    big = {"args": {"x": "y" * (protocol.MAX_FRAME_BYTES + 10), "z": [[1, {"id": 3}]] * 5}, "id": 99, "v": 1}
+    assert codec.peek_id(msgpack.packb(big)) == 99
+    assert codec.peek_id(msgpack.packb({"v": 1, "id": -2**63, "call": "ping"})[:-3]) == -2**63
+    for no_id in (b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"id": "7"}), msgpack.packb({"id": True}),
+                  msgpack.packb({"id": 1.0}), msgpack.packb({"ids": 5}), b"\x81\xa2id", b"\x82\xa1v\x01"):
+        assert codec.peek_id(no_id) is None, no_id
+
+
+def test_an_error_frame_is_always_encodable_and_its_message_bounded():
+    msg = codec.decode(codec.error(5, Errno.EINVAL, None, "x" * 20_000_000))
+    assert msg["error"] == "EINVAL" and msg["errno"] == 22 and len(msg["message"]) <= 1000

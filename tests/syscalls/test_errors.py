@@ -1,5 +1,6 @@
 from llmos import LLMOSError, NoSuchProcess
-from llmos.syscalls.errors import Errno, error_from_errno
+from llmos.syscalls import errors
+from llmos.syscalls.errors import MEANING, Errno, error_from_errno, quote, wire_error
 
 
 def test_an_errno_from_the_wire_becomes_the_class_named_by_its_fault():
@@ -13,6 +14,32 @@ def test_an_unknown_errno_still_becomes_an_llmos_error():
     assert type(err) is LLMOSError and "9999" in err.message
 
 
-def test_every_errno_has_its_own_class():
+def test_every_errno_maps_to_its_own_class_not_the_fallback():
+    classes = {}
     for code in Errno:
-        assert error_from_errno(int(code), "x").errno is code
+        err = error_from_errno(int(code), "x")
+        assert type(err) is not LLMOSError, f"{code.name} has no class of its own"
+        assert err.errno is code and type(err).errno_default is code
+        classes[type(err)] = code
+    assert len(classes) == len(Errno)
+    exported = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, LLMOSError)
+                and c is not LLMOSError]
+    assert set(exported) == set(classes)
+
+
+def test_every_errno_says_what_it_means():
+    assert set(MEANING) == set(Errno) and all(MEANING.values())
+
+
+def test_the_wire_error_is_built_in_one_place_and_bounded():
+    w = wire_error(Errno.ESRCH, "y" * 10_000)
+    assert w["errno"] == 3 and w["error"] == "ESRCH" and len(w["message"]) <= errors.MAX_MESSAGE_CHARS
+    assert errors.InvalidArgument("z" * 5000).to_wire() == wire_error(Errno.EINVAL, "z" * 5000)
+
+
+def test_quote_shows_a_short_prefix_of_any_input():
+    assert quote("abc") == "'abc'"
+    for value in ("q" * 10_000_000, b"b" * 10_000_000, ["s" * 1_000_000] * 1000, {("k" * 10**6): 1},
+                  [[[[["deep"] * 100] * 100] * 100]]):
+        assert len(quote(value)) < 200
+    assert "10000000 characters" in quote("q" * 10_000_000)
