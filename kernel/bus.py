@@ -1,14 +1,21 @@
-"""The Bus: the kernel's ROUTER socket. Reads frames, runs one dispatch task per request, replies.
+"""The Bus: the kernel's ROUTER socket. Reads frames, runs one dispatch task per request, delivers replies.
 
-Unroutable replies (the client went away) are dropped, never raised: ROUTER_MANDATORY turns
-them into EHOSTUNREACH, which cancels that client's streams. On shutdown every client with a
-call in flight gets a ``bye`` frame.
+Each client connection has a Caller (the user its hello named) and an Outbox (kernel/outbox.py):
+every reply goes through the outbox, which hands frames to the socket without blocking and keeps
+what the socket refuses (the client reads slowly) for a retry, merging stream chunks meanwhile.
+ZeroMQ itself holds at most SNDHWM frames per client; the outbox is bounded in bytes by the
+client's budget (config.client_buffer_bytes): a client over it gets EAGAIN for new requests
+until it reads, and past twice the budget its new requests are dropped unanswered (logged).
+
+A client that is gone (ROUTER_MANDATORY turns the send into EHOSTUNREACH) is forgotten: its
+calls are cancelled and its outbox dropped. On shutdown every client with a call in flight gets
+a ``bye`` frame.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -18,8 +25,37 @@ from llmos.kernel.config import KernelConfig
 from llmos.kernel.dispatch import dispatch
 from llmos.kernel.handlers import Caller, Handlers
 from llmos.kernel.log import get_logger
-from llmos.syscalls import codec
+from llmos.kernel.outbox import Outbox
+from llmos.syscalls import codec, protocol
 from llmos.syscalls.errors import Errno
+
+SNDHWM_FRAMES = 32  # frames ZeroMQ may hold for one client; the outbox holds the rest, in bytes
+RETRY_MIN_S, RETRY_MAX_S = 0.001, 0.05  # retry a refused send after this long, doubling while stuck
+CLOSE_FLUSH_S = 0.5  # on shutdown, how long the last frames (bye) may take to leave
+
+
+class _Gone(Exception):
+    """The socket says the client is no longer connected."""
+
+
+@dataclass(eq=False)
+class _Client:
+    """One connection: who it is, what waits to be sent to it, its calls in flight."""
+
+    bus: "Bus"
+    caller: Caller
+    outbox: Outbox = field(default_factory=Outbox)
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    dropped: int = 0  # requests left unanswered past twice the budget
+
+    # the Replies protocol of kernel.dispatch
+    def chunk(self, rid: Any, data: Any) -> None:
+        self.outbox.chunk(rid, data)
+        self.bus.flush(self)
+
+    def final(self, rid: Any, frame: bytes) -> None:
+        self.outbox.final(rid, frame)
+        self.bus.flush(self)
 
 
 class Bus:
@@ -32,79 +68,156 @@ class Bus:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.LINGER, 500)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024 + 1024)  # libzmq drops bigger frames
-        self.users: dict[bytes, str] = {}
-        self.inflight: dict[bytes, set[asyncio.Task]] = defaultdict(set)
-        self._reader: asyncio.Task | None = None
+        self.sock.setsockopt(zmq.SNDHWM, SNDHWM_FRAMES)
+        # frames over MAX_FRAME_BYTES are read and answered EMSGSIZE; this cap only guards memory
+        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_TRANSPORT_BYTES)
+        self.clients: dict[bytes, _Client] = {}
+        self._blocked: set[bytes] = set()  # clients whose socket refused a frame: retried by _retry
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
 
     def bind(self) -> None:
         self.sock.bind(self.address)
 
     def start(self) -> None:
-        self._reader = asyncio.get_running_loop().create_task(self._read(), name="bus:read")
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._tasks = [loop.create_task(self._read(), name="bus:read"),
+                       loop.create_task(self._retry(), name="bus:retry")]
 
+    # -- requests --------------------------------------------------------------------------
     async def _read(self) -> None:
         while True:
             frames = await self.sock.recv_multipart(copy=True)
-            ident = frames[0]
-            if len(frames) != 2:
-                await self._send(ident, codec.error(None, int(Errno.EPROTO), "EPROTO",
-                                                    f"expected one frame per request, got {len(frames) - 1}"))
-                continue
-            caller = Caller(ident, self.users.get(ident, "anonymous"))
-            task = asyncio.get_running_loop().create_task(self._serve(caller, frames[1]))
-            self.inflight[ident].add(task)
-            task.add_done_callback(lambda t, i=ident: self._done(i, t))
+            self._receive(frames)
+            # let the new request's task take its first step (decode, validate) before the next
+            # frame is read, so a burst of big frames is not all held at once
+            await asyncio.sleep(0)
 
-    def _done(self, ident: bytes, task: asyncio.Task) -> None:
-        tasks = self.inflight.get(ident)
-        if tasks is not None:
-            tasks.discard(task)
-            if not tasks:
-                del self.inflight[ident]
+    def _receive(self, frames: list[bytes]) -> None:
+        ident = frames[0]
+        client = self.clients.get(ident)
+        if client is None:
+            client = self.clients[ident] = _Client(self, Caller(ident))
+        if len(frames) != 2:
+            rid = codec.peek_id(frames[1]) if len(frames) > 1 else None
+            client.final(rid, codec.error(rid, Errno.EPROTO, None,
+                                          f"expected one frame per request, got {len(frames) - 1}"))
+            return
+        held, budget = client.outbox.bytes, self.config.client_buffer_bytes
+        if held > budget:
+            if held > 2 * budget:
+                client.dropped += 1
+                if client.dropped == 1:
+                    self.log.warning("client_flooding", user=client.caller.user, held_bytes=held)
+                return
+            rid = codec.peek_id(frames[1])
+            client.final(rid, codec.error(rid, Errno.EAGAIN, None,
+                                          f"{held} bytes of replies to this client are unread (its buffer holds "
+                                          f"{budget}): read them, then call again"))
+            return
+        client.dropped = 0
+        task = asyncio.get_running_loop().create_task(self._serve(client, frames[1]))
+        client.tasks.add(task)
+        task.add_done_callback(lambda t, c=client: self._done(c, t))
 
-    async def _serve(self, caller: Caller, frame: bytes) -> None:
-        if caller.user == "anonymous":
-            _learn_user(self.users, caller, frame)
-
-        async def send(data: bytes) -> None:
-            if not await self._send(caller.identity, data):
-                raise asyncio.CancelledError  # the client is gone: stop streaming to it
-
+    async def _serve(self, client: _Client, frame: bytes) -> None:
         try:
-            await dispatch(self.handlers, caller, frame, send)
+            await dispatch(self.handlers, client.caller, frame, client)
         except asyncio.CancelledError:
-            pass
+            pass  # the client is gone or the kernel is stopping
 
-    async def _send(self, ident: bytes, data: bytes) -> bool:
+    def _done(self, client: _Client, task: asyncio.Task) -> None:
+        client.tasks.discard(task)
+        self._maybe_forget(client)
+
+    def _maybe_forget(self, client: _Client) -> None:
+        # an idle connection that never named a user has nothing worth remembering
+        if not client.tasks and not client.outbox and client.caller.user == "anonymous":
+            if self.clients.get(client.caller.identity) is client:
+                del self.clients[client.caller.identity]
+
+    # -- replies ---------------------------------------------------------------------------
+    def flush(self, client: _Client) -> None:
+        """Send what the client's outbox holds until the socket refuses; keep the rest for a retry."""
+        ident = client.caller.identity
         try:
-            await self.sock.send_multipart([ident, data])
-            return True
-        except zmq.ZMQError as exc:
-            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                self.log.warning("send_failed", error=str(exc))
-            self.users.pop(ident, None)
+            client.outbox.flush(lambda data: self._send(ident, data))
+        except _Gone:
+            self._forget(client)
+            return
+        if client.outbox:
+            if ident not in self._blocked:
+                self._blocked.add(ident)
+                if self._wake is not None:
+                    self._wake.set()
+        else:
+            self._blocked.discard(ident)
+            self._maybe_forget(client)
+
+    def _send(self, ident: bytes, data: bytes) -> bool:
+        """True when the socket took the frame, False when it is full for this client (EAGAIN)."""
+        try:
+            done = self.sock.send_multipart([ident, data], flags=zmq.DONTWAIT, copy=False)
+            if done.done():  # with DONTWAIT the send is tried at once and never waits
+                done.result()
+        except zmq.Again:
             return False
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                self.log.warning("send_failed", error=str(exc))
+            raise _Gone from None
+        return True
 
+    def _forget(self, client: _Client) -> None:
+        ident = client.caller.identity
+        self._blocked.discard(ident)
+        client.outbox.clear()
+        for t in list(client.tasks):
+            t.cancel()
+        if self.clients.get(ident) is client:
+            del self.clients[ident]
+
+    async def _retry(self) -> None:
+        """Retry the clients whose socket refused a frame, soon at first, then less often while stuck.
+
+        A ROUTER says nothing when one peer's queue gains room, so this polls (at most every
+        RETRY_MAX_S while some client is stuck; not at all while none is)."""
+        assert self._wake is not None
+        delay = RETRY_MIN_S
+        while True:
+            if not self._blocked:
+                self._wake.clear()
+                await self._wake.wait()
+                delay = RETRY_MIN_S
+            await asyncio.sleep(delay)
+            progressed = False
+            for ident in list(self._blocked):
+                client = self.clients.get(ident)
+                if client is None:
+                    self._blocked.discard(ident)
+                    continue
+                before = client.outbox.bytes
+                self.flush(client)
+                progressed = progressed or client.outbox.bytes < before
+            delay = RETRY_MIN_S if progressed else min(delay * 2, RETRY_MAX_S)
+
+    # -- shutdown --------------------------------------------------------------------------
     async def close(self, reason: str) -> None:
-        if self._reader:
-            self._reader.cancel()
-        for ident, tasks in list(self.inflight.items()):
-            for t in tasks:
-                t.cancel()
-            await self._send(ident, codec.bye(reason))
-        await asyncio.sleep(0.05)  # let the bye frames leave before the socket closes
+        for t in self._tasks:
+            t.cancel()
+        for client in list(self.clients.values()):
+            if client.tasks:
+                for t in list(client.tasks):
+                    t.cancel()
+                client.outbox.frame(codec.bye(reason))
+        deadline = asyncio.get_running_loop().time() + CLOSE_FLUSH_S
+        while True:
+            for client in list(self.clients.values()):
+                if client.outbox:
+                    self.flush(client)
+            if not any(c.outbox for c in self.clients.values()) or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # let the last frames leave before the socket closes
         self.sock.close(linger=500)
-
-
-def _learn_user(users: dict[bytes, str], caller: Caller, frame: bytes) -> None:
-    """Remember the user a client announced in hello; later requests on that identity carry it."""
-    try:
-        msg: Any = codec.decode(frame)
-        if isinstance(msg, dict) and msg.get("call") in ("hello", 0):
-            user = (msg.get("args") or {}).get("user")
-            if isinstance(user, str) and user:
-                users[caller.identity] = user
-                caller.user = user
-    except Exception:
-        pass  # dispatch reports the malformed frame

@@ -1,49 +1,83 @@
-"""Turn one request frame into one reply (or a stream of chunks and a final frame).
+"""Turn one request frame into its replies: any chunks, then exactly one final frame.
 
 Decode, check the envelope and version, find the syscall, validate its args against the
-table's schema, call the handler. Every fault becomes an error frame to that caller; nothing
-here can raise into the bus.
+table's schema, call the handler, encode its result. Every fault becomes an error frame to that
+caller, with the request's id whenever it can be read; a result too big for a frame becomes
+EMSGSIZE. Nothing here can raise into the bus (cancellation aside: a client that is gone gets
+nothing).
 """
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any, Protocol
 
 from llmos.kernel.actor import ActorStopped
 from llmos.kernel.handlers import Caller, Handlers, handler_for
 from llmos.kernel.log import get_logger
 from llmos.syscalls import codec, protocol
-from llmos.syscalls.errors import Errno, LLMOSError, NoSuchSyscall, ProtocolError
+from llmos.syscalls.errors import (Errno, FrameTooLarge, LLMOSError, NoSuchSyscall, ProtocolError, quote)
 from llmos.syscalls.schema import validate
 from llmos.syscalls.table import lookup
 
-Send = Callable[[bytes], Awaitable[None]]
 log = get_logger("dispatch")
 
 
-def parse_request(frame: bytes) -> tuple[Any, Any, dict]:
-    """Return (request id, call, args) or raise ProtocolError. The id is recovered when possible."""
-    msg = codec.decode(frame)
+class Replies(Protocol):
+    """Where one client's replies go (the Bus's outbox for that client)."""
+
+    def chunk(self, rid: Any, data: Any) -> None: ...
+
+    def final(self, rid: Any, frame: bytes) -> None: ...
+
+
+class _WithId(Exception):
+    def __init__(self, rid: int | None, error: LLMOSError) -> None:
+        self.rid, self.error = rid, error
+
+
+def parse_request(frame: bytes) -> tuple[int, Any, Any]:
+    """Return (request id, call, args); raise _WithId(id or None, error) for a bad frame."""
+    try:
+        msg = codec.decode(frame)
+    except LLMOSError as exc:  # over a bound (EMSGSIZE) or not MessagePack (EPROTO): find the id anyway
+        raise _WithId(codec.peek_id(frame), exc) from None
     if not isinstance(msg, dict):
-        raise ProtocolError(f"a request must be a map, got {type(msg).__name__}")
+        raise _WithId(None, ProtocolError(f"a request must be a map, got {type(msg).__name__}"))
     rid = msg.get("id")
     if not isinstance(rid, int) or isinstance(rid, bool):
-        raise ProtocolError("a request needs an integer 'id'")
+        raise _WithId(None, ProtocolError("a request needs an integer 'id'"))
     if msg.get("v") != protocol.PROTOCOL_VERSION:
-        raise _WithId(rid, ProtocolError(f"protocol version {msg.get('v')!r} is not supported; "
+        raise _WithId(rid, ProtocolError(f"protocol version {quote(msg.get('v'))} is not supported; "
                                          f"this kernel speaks {protocol.PROTOCOL_VERSION}"))
     if "call" not in msg:
         raise _WithId(rid, ProtocolError("a request needs a 'call' (syscall name or number)"))
     return rid, msg["call"], msg.get("args")
 
 
-class _WithId(Exception):
-    def __init__(self, rid: int, error: LLMOSError) -> None:
-        self.rid, self.error = rid, error
+def error_frame(rid: int | None, exc: BaseException) -> bytes:
+    """The final error frame for a fault, named by its kind; never raises."""
+    if isinstance(exc, LLMOSError):
+        return codec.error(rid, exc.errno, None, exc.message)
+    if isinstance(exc, ActorStopped):
+        return codec.error(rid, Errno.EPIPE, None, f"kernel is stopping: {exc}")
+    log.error("handler_crashed", id=rid, error=repr(exc))
+    return codec.error(rid, Errno.EIO, None, f"internal kernel error: {type(exc).__name__}: {exc}")
 
 
-async def dispatch(handlers: Handlers, caller: Caller, frame: bytes, send: Send) -> None:
-    rid = None
+def result_frame(rid: int, result: Any) -> bytes:
+    """The final ok frame, or EMSGSIZE (too big for a frame) or EIO (not encodable) in its place."""
+    try:
+        return codec.ok(rid, result)
+    except FrameTooLarge as exc:
+        return codec.error(rid, Errno.EMSGSIZE, None, f"the reply is too big to send: {exc.message}")
+    except ProtocolError as exc:
+        log.error("reply_unencodable", id=rid, error=exc.message)
+        return codec.error(rid, Errno.EIO, None, f"internal kernel error: {exc.message}")
+
+
+async def dispatch(handlers: Handlers, caller: Caller, frame: bytes, replies: Replies) -> None:
+    """Serve one request frame; ``replies`` gets its chunks, then exactly one final frame."""
+    rid: int | None = None
     try:
         try:
             rid, call, raw_args = parse_request(frame)
@@ -55,23 +89,12 @@ async def dispatch(handlers: Handlers, caller: Caller, frame: bytes, send: Send)
         if fn is None:
             raise NoSuchSyscall(f"syscall {sc.name} has no handler in this kernel")
         args = validate(sc.request, raw_args)
+        request_id = rid
 
         async def emit(data: Any) -> None:
-            await send(codec.chunk(rid, data))
+            replies.chunk(request_id, data)
 
-        result = await fn(caller, args, emit)
-        await send(codec.ok(rid, result))
-    except LLMOSError as exc:
-        await _send_error(send, rid, exc.errno, exc.message)
-    except ActorStopped as exc:
-        await _send_error(send, rid, Errno.EPIPE, f"kernel is stopping: {exc}")
+        final = result_frame(rid, await fn(caller, args, emit))
     except Exception as exc:  # a handler bug must not take the bus down
-        log.error("handler_crashed", id=rid, error=repr(exc))
-        await _send_error(send, rid, Errno.EIO, f"internal kernel error: {type(exc).__name__}: {exc}")
-
-
-async def _send_error(send: Send, rid: Any, errno: Errno, message: str) -> None:
-    try:
-        await send(codec.error(rid, int(errno), Errno(errno).name, message))
-    except Exception as exc:
-        log.warning("reply_lost", id=rid, error=repr(exc))
+        final = error_frame(rid, exc)
+    replies.final(rid, final)

@@ -22,10 +22,14 @@ Emit = Callable[[Any], Awaitable[None]]
 
 @dataclass
 class Caller:
-    """Who is calling: the bus identity and the user it announced in ``hello``."""
+    """Who is calling: one client connection (its bus identity) and the user its ``hello`` named.
+
+    The Bus keeps one Caller per connection and hands it to every request of that connection;
+    ``sys_hello`` sets ``user`` once the hello is valid, so a refused hello records nothing.
+    """
 
     identity: bytes
-    user: str
+    user: str = "anonymous"
 
 
 class Handlers:
@@ -36,6 +40,8 @@ class Handlers:
         if args["version"] != protocol.PROTOCOL_VERSION:
             raise ProtocolError(f"client speaks protocol {args['version']}, kernel speaks "
                                 f"{protocol.PROTOCOL_VERSION}")
+        if args["user"] is not None:  # validated by the table's pattern before we get here
+            caller.user = args["user"]
         return {"version": protocol.PROTOCOL_VERSION, "kernel_version": __version__, "pid": os.getpid(),
                 "max_frame_bytes": protocol.MAX_FRAME_BYTES}
 
@@ -80,7 +86,7 @@ class Handlers:
         return await self.k.procman.ask(m.Kill(args["pid"], args["signal"], caller.user))
 
     async def sys_ps(self, caller: Caller, args: dict, emit: Emit) -> dict:
-        return {"processes": await self.k.procman.ask(m.Ps())}
+        return await self.k.procman.ask(m.Ps())
 
     async def sys_stat(self, caller: Caller, args: dict, emit: Emit) -> dict:
         return await self.k.procman.ask(m.Stat(args["pid"]))

@@ -52,6 +52,21 @@ class LLMProcess:
     finish_reason: str | None = None
     error: dict[str, Any] | None = None
     signal: str | None = None
+    max_new_tokens: int | None = None  # the output limit that applies (asked for, or cut by the context)
+    warnings: list[str] = field(default_factory=list)  # what the kernel changed about the request
+
+    def limit_output(self, context_len: int | None) -> None:
+        """Record the output limit that applies: ``max_new_tokens``, cut to what the model's context
+        holds after the prompt (with a warning saying so)."""
+        asked = self.params.get("max_new_tokens")
+        self.max_new_tokens = asked
+        if context_len is None or asked is None:
+            return
+        room = max(context_len - len(self.prompt_ids), 0)
+        if asked > room:
+            self.max_new_tokens = room
+            self.warnings.append(f"max_new_tokens {asked} was cut to {room}: the model's context holds "
+                                 f"{context_len} tokens and the prompt takes {len(self.prompt_ids)}")
 
     def transition(self, new: State) -> None:
         if new not in _TRANSITIONS[self.state]:
@@ -73,6 +88,7 @@ class LLMProcess:
         return {
             "prompt_tokens": len(self.prompt_ids),
             "output_tokens": n,
+            "max_new_tokens": self.max_new_tokens,
             "queue_time_s": queue,
             "ttft_s": ttft,
             "tpot_s": tpot,
@@ -102,6 +118,7 @@ class LLMProcess:
             "error": self.error,
             "signal": self.signal,
             "stats": self.stats(),
+            "warnings": list(self.warnings),
         }
 
 

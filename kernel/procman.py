@@ -2,22 +2,27 @@
 
 Every state change of every LLM process happens here, one message at a time. Executors
 report tokens with ``StepEvents``; syscall handlers ask for spawn, wait, kill, ps, stat and
-stream subscriptions.
+stream subscriptions. ZOMBIEs nobody waits for are reaped by the retention policy
+(kernel/retention.py) when a process finishes and on a periodic ``Tick``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Callable
 
+import msgpack
+
+from llmos.drivers.memory import blocks_for
 from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor, ActorStopped
 from llmos.kernel.config import KernelConfig
 from llmos.kernel.process import LLMProcess, ProcessTable, State
-from llmos.drivers.memory import blocks_for
+from llmos.kernel.retention import Zombie, to_reap
 from llmos.kernel.scheduler import RunQueue, admit
-from llmos.syscalls.errors import DeviceError, Errno, NotPermitted
+from llmos.syscalls import protocol
+from llmos.syscalls.errors import DeviceError, Errno, NotPermitted, wire_error
 
 END = object()  # put on a stream queue after the final chunk
 
@@ -55,10 +60,35 @@ class FinishedStats:
         return out
 
 
+# What a list of records in one reply may take, leaving room for the rest of the reply.
+RECORDS_BUDGET_BYTES = protocol.MAX_FRAME_BYTES - (1 << 20)
+
+
+def fit_records(records: list[dict], budget: int = RECORDS_BUDGET_BYTES) -> tuple[list[dict], int]:
+    """The records that fit ``budget`` bytes as MessagePack, in order, and how many were left out."""
+    kept: list[dict] = []
+    used = omitted = 0
+    for rec in records:
+        size = len(msgpack.packb(rec, use_bin_type=True, default=str))
+        if used + size > budget:
+            omitted += 1
+        else:
+            kept.append(rec)
+            used += size
+    return kept, omitted
+
+
 class ProcessManager(Actor):
-    def __init__(self, config: KernelConfig | None = None) -> None:
+    def __init__(self, config: KernelConfig | None = None, clock: Callable[[], float] = time.time,
+                 tick_s: float | None = None) -> None:
+        """``clock`` gives the time of finishes and retention (tests pass a fake one); a ``Tick``
+        every ``tick_s`` seconds (default: half the retention period, 0.1..10 s; 0 for none)
+        reaps expired ZOMBIEs."""
         super().__init__("procman")
         self.config = config or KernelConfig()
+        self.clock = clock
+        self.tick_s = min(max(self.config.zombie_ttl_s / 2, 0.1), 10.0) if tick_s is None else tick_s
+        self._ticker: asyncio.Task | None = None
         self.table = ProcessTable()
         self.executors: dict[str, Any] = {}  # executor id -> Executor actor
         self.queues: dict[str, RunQueue] = {}  # executor id -> its READY processes
@@ -67,6 +97,24 @@ class ProcessManager(Actor):
         self.waiters: dict[int, list[tuple[asyncio.Future, bool]]] = {}
         self.subscribers: dict[int, list[asyncio.Queue]] = {}
         self.finished = FinishedStats()
+
+    def start(self) -> "ProcessManager":
+        super().start()
+        if self.tick_s > 0:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="procman:tick")
+        return self
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                self.tell(m.Tick())
+            except ActorStopped:
+                return
+
+    async def on_stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
 
     async def receive(self, msg: Any) -> Any:
         handler = getattr(self, "on_" + type(msg).__name__, None)
@@ -86,6 +134,7 @@ class ProcessManager(Actor):
         ex = min(live, key=lambda e: len(self.running[e.id]) + len(self.queues[e.id]))
         proc = self.table.create(owner=msg.owner, model=msg.model, priority=msg.priority,
                                  params=msg.params, prompt_ids=msg.prompt_ids)
+        proc.limit_output(_context_len(ex))
         self.placement[proc.pid] = ex.id
         proc.transition(State.READY)
         self.queues[ex.id].push(proc.pid, proc.priority)
@@ -130,8 +179,9 @@ class ProcessManager(Actor):
         self.log.info("signal", pid=proc.pid, signal=msg.signal, state=proc.state.value)
         return {"pid": proc.pid, "state": proc.state.value}
 
-    def on_Ps(self, msg: m.Ps) -> list[dict]:
-        return [p.record() for p in self.table]
+    def on_Ps(self, msg: m.Ps) -> dict:
+        kept, omitted = fit_records([p.record() for p in self.table])
+        return {"processes": kept, "omitted": omitted}
 
     def on_Stat(self, msg: m.Stat) -> dict:
         proc = self.table.get(msg.pid)
@@ -145,7 +195,12 @@ class ProcessManager(Actor):
 
     def on_Metrics(self, msg: m.Metrics) -> dict:
         live = [p.record() | {"stats": p.stats()} for p in self.table if p.state is not State.ZOMBIE]
-        return {"processes": live, "finished": self.finished.summary(), "counts": self.table.counts()}
+        kept, omitted = fit_records(live)
+        return {"processes": kept, "omitted": omitted, "finished": self.finished.summary(),
+                "counts": self.table.counts()}
+
+    def on_Tick(self, msg: m.Tick) -> None:
+        self._reap_expired()
 
     def on_Subscribe(self, msg: m.Subscribe) -> asyncio.Queue:
         proc = self._owned(msg.pid, msg.owner)
@@ -188,7 +243,7 @@ class ProcessManager(Actor):
         self._schedule(msg.executor)
 
     def on_WorkerDied(self, msg: m.WorkerDied) -> None:
-        err = {"errno": int(Errno.EIO), "error": "EIO", "message": msg.message}
+        err = wire_error(Errno.EIO, msg.message)
         for pid in list(self.running.get(msg.executor, set())) + self.queues.get(msg.executor, RunQueue()).order():
             proc = self.table.get(pid)
             if proc.state is not State.ZOMBIE:
@@ -248,7 +303,7 @@ class ProcessManager(Actor):
     def _finish(self, proc: LLMProcess, reason: str, final_text: str | None = None,
                 error: dict | None = None) -> None:
         proc.transition(State.ZOMBIE)
-        proc.finished_at = time.time()
+        proc.finished_at = self.clock()
         proc.finish_reason = reason
         proc.error = error
         if final_text is not None:
@@ -270,7 +325,27 @@ class ProcessManager(Actor):
                 reap = reap or r
         if reap:
             self._reap(proc.pid)
+        else:
+            self._reap_expired(proc.owner)
 
     def _reap(self, pid: int) -> None:
         self.table.reap(pid)
         self.subscribers.pop(pid, None)
+
+    def _reap_expired(self, owner: str | None = None) -> None:
+        """Apply the retention policy to every ZOMBIE (or to one owner's, when a process of theirs finished)."""
+        zombies = [Zombie(p.pid, p.owner, p.finished_at or 0.0, bool(self.waiters.get(p.pid) or
+                                                                     self.subscribers.get(p.pid)))
+                   for p in self.table if p.state is State.ZOMBIE and (owner is None or p.owner == owner)]
+        if not zombies:
+            return
+        pids = to_reap(zombies, self.clock(), self.config.zombie_ttl_s, self.config.max_zombies)
+        for pid in pids:
+            self._reap(pid)
+        if pids:
+            self.log.info("reaped", count=len(pids), pids=pids[:20], owner=owner)
+
+
+def _context_len(executor: Any) -> int | None:
+    info = getattr(executor, "info", None) or {}
+    return int(info["context_len"]) if info.get("context_len") else None

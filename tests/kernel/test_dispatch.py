@@ -1,22 +1,50 @@
-"""Dispatch without sockets: frames in, frames out."""
+"""Dispatch without sockets: frames in, frames out; every request ends in exactly one final frame."""
 
 import asyncio
 
 import msgpack
+import pytest
 
 from llmos.kernel.dispatch import dispatch
 from llmos.kernel.handlers import Caller, Handlers
 from llmos.syscalls import codec, protocol
 
 
-def call(frame: bytes) -> list[dict]:
-    sent: list[bytes] = []
+class Collected:
+    """The Replies protocol, recorded."""
 
-    async def send(data: bytes) -> None:
-        sent.append(data)
+    def __init__(self) -> None:
+        self.frames: list[dict] = []
+        self.finals = 0
 
-    asyncio.run(dispatch(Handlers(kernel=None), Caller(b"id", "ann"), frame, send))
-    return [codec.decode(s) for s in sent]
+    def chunk(self, rid, data) -> None:
+        self.frames.append(codec.decode(codec.chunk(rid, data)))
+
+    def final(self, rid, frame: bytes) -> None:
+        self.finals += 1
+        msg = codec.decode(frame)
+        assert msg["id"] == rid
+        self.frames.append(msg)
+
+
+def call(frame: bytes, handlers=None, caller=None) -> list[dict]:
+    out = Collected()
+    asyncio.run(dispatch(handlers or Handlers(kernel=None), caller or Caller(b"id", "ann"), frame, out))
+    assert out.finals == 1, out.frames
+    return out.frames
+
+
+class Fake(Handlers):
+    """Handlers whose results the test chooses."""
+
+    def __init__(self, result=None, chunks=()) -> None:
+        super().__init__(kernel=None)
+        self.result, self.chunks = result, chunks
+
+    async def sys_ps(self, caller, args, emit):
+        for c in self.chunks:
+            await emit(c)
+        return self.result
 
 
 def test_ping_answers_ok_with_the_request_id():
@@ -32,6 +60,16 @@ def test_syscalls_may_be_called_by_number():
 def test_hello_with_another_protocol_version_is_eproto():
     [reply] = call(codec.request(1, "hello", {"version": 99}))
     assert reply["t"] == "err" and reply["error"] == "EPROTO"
+
+
+def test_hello_records_the_user_only_when_it_succeeds():
+    caller = Caller(b"id")
+    [bad] = call(codec.request(1, "hello", {"version": 1, "user": "has space"}), caller=caller)
+    assert bad["error"] == "EINVAL" and caller.user == "anonymous"
+    [wrong] = call(codec.request(2, "hello", {"version": 7, "user": "alice"}), caller=caller)
+    assert wrong["error"] == "EPROTO" and caller.user == "anonymous"
+    [good] = call(codec.request(3, "hello", {"version": 1, "user": "alice"}), caller=caller)
+    assert good["t"] == "ok" and caller.user == "alice"
 
 
 def test_an_unknown_syscall_is_enosys():
@@ -63,6 +101,53 @@ def test_a_handler_that_crashes_becomes_eio_not_a_dead_bus():
     # kernel=None makes kernel_info fail inside the handler
     [reply] = call(codec.request(4, "kernel_info", {}))
     assert reply["error"] == "EIO" and "internal kernel error" in reply["message"]
+
+
+@pytest.mark.parametrize("request_", [
+    {"v": 1, "id": 8, "call": "x" * 4_000_000, "args": {}},
+    {"v": 1, "id": 8, "call": "kill", "args": {"pid": 1, "signal": "S" * 4_000_000}},
+    {"v": 1, "id": 8, "call": "ping", "args": {"k" * 4_000_000: 1, "j" * 4_000_000: 2}},
+    {"v": "v" * 4_000_000, "id": 8, "call": "ping", "args": {}},
+    {"v": 1, "id": 8, "call": list(range(100_000)), "args": {}},
+], ids=["call name", "signal", "field names", "version", "a list as call"])
+def test_an_error_quotes_a_short_prefix_of_a_huge_input(request_):
+    [reply] = call(msgpack.packb(request_))
+    assert reply["id"] == 8 and reply["t"] == "err" and len(reply["message"]) < 400, reply["message"][:500]
+
+
+def test_a_result_too_big_for_a_frame_becomes_emsgsize_with_the_id():
+    [reply] = call(codec.request(12, "ps", {}), handlers=Fake({"processes": ["x" * (6 * 2**20)] * 3}))
+    assert (reply["id"], reply["t"], reply["error"]) == (12, "err", "EMSGSIZE")
+
+
+def test_a_result_with_a_string_over_the_string_bound_becomes_emsgsize():
+    [reply] = call(codec.request(12, "ps", {}), handlers=Fake({"x": "y" * (protocol.MAX_STR_BYTES + 1)}))
+    assert (reply["id"], reply["error"]) == (12, "EMSGSIZE")
+
+
+def test_a_result_that_cannot_be_encoded_becomes_eio_with_the_id():
+    [reply] = call(codec.request(13, "ps", {}), handlers=Fake({"x": object()}))
+    assert (reply["id"], reply["error"]) == (13, "EIO")
+
+
+def test_chunks_come_before_the_one_final_frame():
+    frames = call(codec.request(14, "ps", {}), handlers=Fake({"done": 1}, chunks=[{"text": "a"}, {"text": "b"}]))
+    assert [f["t"] for f in frames] == ["chunk", "chunk", "ok"] and {f["id"] for f in frames} == {14}
+
+
+@pytest.mark.parametrize("frame, rid, error", [
+    (msgpack.packb({"id": 21, "v": 1, "call": "ping", "args": {"p": "x" * (protocol.MAX_FRAME_BYTES + 1)}}),
+     21, "EMSGSIZE"),
+    (msgpack.packb({"v": 1, "call": "ping", "args": {"p": [0] * (protocol.MAX_ARRAY_LEN + 1)}, "id": 22}),
+     22, "EMSGSIZE"),
+    (msgpack.packb({"args": {str(i): i for i in range(protocol.MAX_MAP_LEN + 1)}, "id": 23, "v": 1}), 23, "EMSGSIZE"),
+    (msgpack.packb({"id": 24, "v": 1, "call": "ping", "args": {"s": "y" * 100}})[:-30], 24, "EPROTO"),
+    (msgpack.packb({"v": 1, "call": "ping", "id": True, "args": {"p": "x" * (protocol.MAX_STR_BYTES + 1)}}),
+     None, "EMSGSIZE"),
+])
+def test_a_frame_over_a_bound_or_cut_short_is_answered_with_its_id_when_readable(frame, rid, error):
+    [reply] = call(frame)
+    assert (reply["id"], reply["error"]) == (rid, error)
 
 
 def test_protocol_version_is_one():

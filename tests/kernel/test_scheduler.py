@@ -33,3 +33,18 @@ def test_admit_fills_only_the_free_slots_best_first():
         q.push(pid, nice)
     assert admit(q, 2) == [2, 3]
     assert admit(q, 0) == [] and admit(q, 5) == [1]
+
+
+def test_a_head_that_does_not_fit_blocks_smaller_processes_behind_it():
+    q = RunQueue()
+    for pid, nice in [(1, 0), (2, 0), (3, 5)]:
+        q.push(pid, nice)
+    asked = []
+
+    def fits(pid):
+        asked.append(pid)
+        return pid != 1  # the head needs more memory than is free; the others would fit
+
+    assert admit(q, 3, fits) == [] and asked == [1]
+    assert q.order() == [1, 2, 3]  # nobody overtook the head
+    assert admit(q, 3) == [1, 2, 3]
