@@ -1,7 +1,26 @@
 """A client written from docs/protocol.md alone (raw ZeroMQ + MessagePack) can do a whole job."""
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import msgpack
 import zmq
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+
+
+def test_the_example_session_in_protocol_md_runs_as_written(kernel, tiny_model):
+    [code] = re.findall(r"## Example session.*?```python\n(.*?)```", DOC.read_text(), re.S)
+    assert "s.poll(" in code and "s.recv()" in code  # it never blocks on recv without a timeout
+    code = code.replace('ADDRESS = "ipc:///home/me/.llmos/run/kernel.sock"', f"ADDRESS = {kernel.address!r}")
+    code = code.replace('model="default"', f"model={tiny_model!r}")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "'version': 1" in lines[0] and lines[-2].strip() in ("length", "stop")
+    assert "'output_tokens': " in lines[-1] and "'prompt_tokens': " in lines[-1]
 
 
 def test_a_raw_client_can_hello_spawn_stream_and_wait(kernel, tiny_model):
