@@ -3,6 +3,12 @@
 It starts the worker OS process, forwards ``Encode``/``Add``/``Abort`` to it, turns the
 worker's frames into messages for the ProcessManager, and notices when the worker dies
 (exit, or silence past the heartbeat deadline).
+
+Whatever a worker sends, the kernel stays responsive: the reader takes at most
+``FRAMES_PER_S`` frames and ``BYTES_PER_S`` bytes a second from one worker (token buckets; past
+them it waits, and ZeroMQ's queues push the wait back to the worker). Whatever arrives for a
+worker, no process is left waiting on a message that was never delivered: a message that cannot
+be encoded ends its process (or its spawn) with an error.
 """
 
 from __future__ import annotations
@@ -20,14 +26,39 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from llmos.drivers.model.prompt import check_prompt_ids
+from llmos.drivers.model.prompt import check_prompt_chars, check_prompt_ids
 from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor
-from llmos.syscalls import codec
-from llmos.syscalls.errors import DeviceError, LLMOSError, error_from_errno
+from llmos.syscalls import codec, protocol
+from llmos.syscalls.errors import DeviceError, Errno, FrameTooLarge, LLMOSError, error_from_errno
 
 WORKER_SILENCE_S = 60.0  # default: a worker that sends nothing for this long (not even heartbeats) is dead
+# What the kernel reads from one worker, at most. A worker sends one frame per step that produced
+# tokens (a tiny model on a CPU steps in ~1 ms; real models far slower), an `encoded` per spawn and
+# a heartbeat a second; a burst of FRAMES_PER_S frames passes at once.
+FRAMES_PER_S = 5000
+BYTES_PER_S = 64 * 2**20
 _ids = itertools.count(1)
+WORKER_PROGRAM = (sys.executable, "-m", "llmos.drivers.model.worker")
+
+
+class TokenBucket:
+    """At most ``rate`` units a second on average, after a burst of ``burst``; the clock is injected.
+
+    ``delay(n)`` takes ``n`` units and says how long to wait before using them (0 when they were
+    there); the level may go into debt, so one unit larger than the burst still passes, later.
+    """
+
+    def __init__(self, rate: float, burst: float, clock: Any = time.monotonic) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.level = burst
+        self.at = clock()
+
+    def delay(self, n: float) -> float:
+        now = self.clock()
+        self.level = min(self.burst, self.level + (now - self.at) * self.rate) - n
+        self.at = now
+        return 0.0 if self.level >= 0 else -self.level / self.rate
 
 
 class Executor(Actor):
@@ -35,7 +66,8 @@ class Executor(Actor):
 
     def __init__(self, ctx: zmq.asyncio.Context, run_dir: Path, model_path: str, procman: Actor,
                  on_gone: Any, log_dir: Path, options: dict[str, Any], device: str = "cpu",
-                 silence_s: float = WORKER_SILENCE_S) -> None:
+                 silence_s: float = WORKER_SILENCE_S, frames_per_s: float = FRAMES_PER_S,
+                 bytes_per_s: float = BYTES_PER_S) -> None:
         self.id = f"w{next(_ids)}"
         super().__init__(f"executor:{self.id}")
         self.model_path = model_path
@@ -54,6 +86,9 @@ class Executor(Actor):
         self.address = f"ipc://{run_dir / f'worker-{os.getpid()}-{self.id}.sock'}"
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_TRANSPORT_BYTES)  # a memory guard, as on the bus
+        self.frames = TokenBucket(frames_per_s, frames_per_s)
+        self.bytes = TokenBucket(bytes_per_s, max(bytes_per_s, protocol.MAX_FRAME_BYTES))
         self.log_path = log_dir / f"worker-{self.id}.log"
         self.proc: subprocess.Popen | None = None
         self.ready: asyncio.Future = asyncio.get_event_loop().create_future()
@@ -66,10 +101,11 @@ class Executor(Actor):
         self._tasks: list[asyncio.Task] = []
 
     # -- lifecycle -------------------------------------------------------------------------
-    def launch(self) -> "Executor":
+    def launch(self, program: tuple[str, ...] = WORKER_PROGRAM) -> "Executor":
+        """Bind the worker's socket and start the worker: ``program`` followed by the worker's flags
+        (``--address``, ``--model``, ``--options``, ``--device``)."""
         self.sock.bind(self.address)
-        cmd = [sys.executable, "-m", "llmos.drivers.model.worker", "--address", self.address,
-               "--model", self.model_path, "--options", json.dumps(self.options)]
+        cmd = [*program, "--address", self.address, "--model", self.model_path, "--options", json.dumps(self.options)]
         env = dict(os.environ)
         # big step buffers are reused instead of being mapped and faulted in again every step
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
@@ -118,25 +154,40 @@ class Executor(Actor):
             if self.dead:
                 fut.set_exception(DeviceError(self.dead))
                 return fut
-            if msg.prompt_ids is not None and self.ready.done():
-                # token ids need no tokenizer: check them here instead of waiting for the worker's step to end
+            if self.ready.done():
                 try:
-                    fut.set_result(check_prompt_ids(msg.prompt_ids, int(self.info["vocab_size"]),
-                                                    int(self.info["context_len"])))
+                    if msg.prompt_ids is not None:
+                        # token ids need no tokenizer: check them here instead of waiting for the worker
+                        fut.set_result(check_prompt_ids(msg.prompt_ids, int(self.info["vocab_size"]),
+                                                        int(self.info["context_len"])))
+                        return fut
+                    # a prompt that cannot fit is refused before it costs the worker seconds of tokenising
+                    check_prompt_chars(msg.prompt, msg.messages, int(self.info.get("max_prompt_chars") or 0))
                 except LLMOSError as exc:
                     fut.set_exception(exc)
-                return fut
+                    return fut
             rid = next(self._rids)
             self._pending[rid] = fut
-            self._send({"op": "encode", "rid": rid, "prompt": msg.prompt, "messages": msg.messages,
-                        "prompt_ids": msg.prompt_ids})
+            try:
+                self._send({"op": "encode", "rid": rid, "prompt": msg.prompt, "messages": msg.messages,
+                            "prompt_ids": msg.prompt_ids})
+            except LLMOSError as exc:
+                self._pending.pop(rid, None)
+                if not fut.done():
+                    fut.set_exception(exc)
             return fut
         if isinstance(msg, m.Add):
-            self._send({"op": "add", "pid": msg.pid, "ids": msg.prompt_ids, "params": msg.params,
-                        "user": msg.user, "priority": msg.priority})
+            try:
+                self._send({"op": "add", "pid": msg.pid, "ids": msg.prompt_ids, "params": msg.params,
+                            "user": msg.user, "priority": msg.priority})
+            except LLMOSError as exc:  # the worker will never hear of it: the process ends here
+                self.procman.tell(m.StepEvents(self.id, [[msg.pid, [], "", "error", "", exc.to_wire()]], self.running))
             return None
         if isinstance(msg, m.Abort):
-            self._send({"op": "abort", "pid": msg.pid})
+            try:
+                self._send({"op": "abort", "pid": msg.pid})
+            except LLMOSError as exc:
+                self.log.error("abort_undeliverable", pid=msg.pid, error=exc.message)
             return None
         if isinstance(msg, m.FromWorker):
             return self._from_worker(msg.msg)
@@ -145,11 +196,22 @@ class Executor(Actor):
         raise TypeError(f"executor cannot handle {type(msg).__name__}")
 
     def _send(self, msg: dict) -> None:
-        """Never block the mailbox on a worker that is gone: a send that cannot go out means it died."""
+        """Send a message to the worker, or raise.
+
+        A message that cannot be encoded (a frame over the bounds) raises an LLMOSError (EMSGSIZE,
+        else EIO) for the caller to end what waited on it. Never blocks the mailbox on a worker that
+        is gone: a send that cannot go out means it died (its processes end with EIO).
+        """
         if self.dead:
             return
         try:
-            self.sock.send(codec.encode(msg), zmq.NOBLOCK)
+            frame = codec.encode(msg)
+        except Exception as exc:
+            errno = Errno.EMSGSIZE if isinstance(exc, FrameTooLarge) else Errno.EIO
+            raise error_from_errno(errno, f"cannot deliver '{msg.get('op')}' to the model worker: "
+                                          f"{getattr(exc, 'message', exc)}") from None
+        try:
+            self.sock.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self._died(f"model worker for {self.model_path} stopped taking messages ({exc})")
 
@@ -162,12 +224,15 @@ class Executor(Actor):
             self.running = msg.get("running", 0)
             if msg.get("step_s"):
                 batch = self.stats.get("batch", 0)
-                self.step_count += 1
-                self.batch_sum += batch
+                steps = int(msg.get("steps", 1))  # steps that produced nothing ride on the next frame
+                self.step_count += steps
+                self.batch_sum += batch * steps
                 self.batch_max = max(self.batch_max, batch)
                 self.step_time += msg["step_s"]
-            self.tokens_out += sum(len(e[1]) for e in msg["events"])
-            self.procman.tell(m.StepEvents(self.id, msg["events"], self.running))
+            events = msg.get("events") or []
+            if events:
+                self.tokens_out += sum(len(e[1]) for e in events)
+                self.procman.tell(m.StepEvents(self.id, events, self.running))
         elif op == "encoded":
             fut = self._pending.pop(msg["rid"], None)
             if fut is not None and not fut.done():
@@ -180,18 +245,18 @@ class Executor(Actor):
             self.log.info("worker_ready", **{k: self.info.get(k) for k in ("device", "parameters", "load_s")})
             if not self.ready.done():
                 self.ready.set_result(self)
-        elif op == "failed":
-            self._died(msg["message"])
+        elif op == "failed":  # the load failed; its errno says whose fault (EINVAL: the model's files)
+            self._died(str(msg.get("message")), int(msg.get("errno") or Errno.EIO))
         elif op == "hb":
-            pass
+            self.running = msg.get("running", self.running)
 
-    def _died(self, message: str) -> None:
+    def _died(self, message: str, errno: int = Errno.EIO) -> None:
         if self.dead:
             return
         self.dead = message
         self.log.error("worker_died", message=message)
         if not self.ready.done():
-            self.ready.set_exception(DeviceError(message))
+            self.ready.set_exception(error_from_errno(errno, message) if errno != Errno.EIO else DeviceError(message))
             self.ready.exception()  # mark retrieved: the waiter may be gone
         self._fail_all(message)
         self.procman.tell(m.WorkerDied(self.id, message))
@@ -207,6 +272,10 @@ class Executor(Actor):
     async def _read(self) -> None:
         while True:
             raw = await self.sock.recv()
+            # past the worker's allowance, wait: ZeroMQ's queues fill and the worker's sends block
+            wait = max(self.frames.delay(1), self.bytes.delay(len(raw)))
+            if wait > 0:
+                await asyncio.sleep(wait)
             try:
                 msg = codec.decode(raw)
             except Exception as exc:
@@ -225,7 +294,8 @@ class Executor(Actor):
                                  + (f": {tail}" if tail else "")))
                 return
             if self.ready.done() and time.monotonic() - self.last_seen > self.silence_s:  # loading may be long
-                self.proc.kill()
+                if self.proc:
+                    self.proc.kill()
 
     @property
     def kv_total(self) -> int:

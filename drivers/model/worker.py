@@ -9,10 +9,10 @@ or the kernel stops answering.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import itertools
 import json
-import ctypes
 import os
 import queue
 import signal
@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 
@@ -27,6 +28,7 @@ from llmos.syscalls import codec
 from llmos.syscalls.errors import Errno, LLMOSError
 
 HEARTBEAT_S = 1.0
+ENCODE_THREADS = 2  # a long prompt being tokenised leaves a thread for everyone else's
 _pipes = itertools.count()  # inproc endpoints are released asynchronously: never reuse a name
 
 
@@ -40,9 +42,12 @@ def _die_with_parent() -> None:
 
 class Worker:
     """The main thread loads the model and runs the step loop; once loaded, a socket thread owns the
-    kernel socket. The socket thread answers ``encode`` itself (tokenising needs only the tokenizer),
-    so a spawn never waits for a step in progress, and hands every other op to the main thread,
-    which applies it between steps. The main thread's frames reach the kernel through an inproc pipe."""
+    kernel socket. The socket thread hands ``encode`` to a small pool of encoder threads (tokenising
+    needs only the tokenizer, which the engine does not change), so a spawn never waits for a step
+    in progress nor for another client's long prompt, and every other op to the main thread, which
+    applies it between steps. ZeroMQ sockets are not thread-safe: the main thread's frames reach the
+    socket thread through an inproc pipe, and each encoder thread's replies through an inproc PUSH
+    socket of its own."""
 
     def __init__(self, address: str, model_path: str, device: str | None, options: dict) -> None:
         self.ctx = zmq.Context.instance()
@@ -58,6 +63,10 @@ class Worker:
         self.inbox: queue.Queue = queue.Queue()  # ops for the main thread, from the socket thread
         self.pipe: zmq.Socket | None = None  # the main thread's end of the pipe to the socket thread
         self.io: threading.Thread | None = None
+        self.encoder: ThreadPoolExecutor | None = None
+        self._encoded_endpoint = ""  # where encoder threads push their replies for the socket thread
+        self._local = threading.local()
+        self._encoder_socks: list[zmq.Socket] = []  # one per encoder thread, closed once the pool has ended
 
     def send(self, msg: dict) -> None:
         """Send a frame to the kernel (from the main thread)."""
@@ -83,8 +92,9 @@ class Worker:
             gc.freeze()
             self.send({"op": "ready", "info": info})
         except Exception as exc:
-            self.send({"op": "failed", "errno": int(Errno.EIO),
-                       "message": f"cannot load model {self.model_path}: {type(exc).__name__}: {exc}"})
+            errno = load_errno(exc)
+            self.send({"op": "failed", "errno": int(errno),
+                       "message": f"cannot load model {self.model_path}: {type(exc).__name__}: {exc}"[:2000]})
             traceback.print_exc()
             return 1
         self._start_socket_thread()
@@ -92,6 +102,9 @@ class Worker:
             return self._step_loop()
         finally:
             self.running = False
+            self.encoder.shutdown(wait=True, cancel_futures=True)
+            for sock in self._encoder_socks:  # their threads have ended
+                sock.close(linger=0)
             try:  # an empty frame stops the socket thread once it has sent what is queued
                 self.pipe.send(b"", zmq.NOBLOCK)
             except zmq.Again:
@@ -100,45 +113,64 @@ class Worker:
             self.pipe.close(linger=0)
 
     def _step_loop(self) -> int:
-        last_sent = time.time()
+        """Step while something can run; otherwise block on the inbox (up to a heartbeat), never spin.
+
+        A step that produced no event sends no frame (its time and count ride on the next frame);
+        a heartbeat goes out whenever nothing else has for HEARTBEAT_S, busy or not.
+        """
+        last_sent = time.monotonic()
+        stalled = False  # the last step ran nothing: wait for an op (or a heartbeat) before trying again
+        steps, step_s = 0, 0.0
         while self.running:
-            busy = self.engine.has_work()
-            try:  # apply every op that arrived; when idle, wait for one (or for the next heartbeat)
-                msg = self.inbox.get_nowait() if busy else self.inbox.get(timeout=HEARTBEAT_S / 2)
+            wait = stalled or not self.engine.has_work()
+            try:  # apply every op that arrived
+                msg = self.inbox.get(timeout=HEARTBEAT_S) if wait else self.inbox.get_nowait()
                 while self.running:
                     self.handle(msg)
+                    stalled = False
                     msg = self.inbox.get_nowait()
             except queue.Empty:
                 pass
             if not self.running:
                 break
-            if self.engine.has_work():
+            if self.engine.has_work() and not stalled:
                 t = time.perf_counter()
                 events = self.engine.step()
-                self.send({"op": "step", "events": [e.to_wire() for e in events], "running": self.engine.running,
-                           "step_s": time.perf_counter() - t, "stats": self.engine.stats()})
-                last_sent = time.time()
-            elif time.time() - last_sent >= HEARTBEAT_S:
-                self.send({"op": "hb", "running": 0, "stats": self.engine.stats()})
-                last_sent = time.time()
+                steps, step_s = steps + 1, step_s + time.perf_counter() - t
+                stalled = not events and not self.engine.last_step_tokens
+                if events:
+                    self.send({"op": "step", "events": [e.to_wire() for e in events], "running": self.engine.running,
+                               "step_s": step_s, "steps": steps, "stats": self.engine.stats()})
+                    steps, step_s = 0, 0.0
+                    last_sent = time.monotonic()
+            if time.monotonic() - last_sent >= HEARTBEAT_S:
+                self.send({"op": "hb", "running": self.engine.running, "stats": self.engine.stats()})
+                last_sent = time.monotonic()
             if os.getppid() != self.parent:
                 return 2  # the kernel is gone
         return 0
 
     # -- the socket thread -----------------------------------------------------------------
     def _start_socket_thread(self) -> None:
-        endpoint = f"inproc://worker-pipe-{next(_pipes)}"
+        n = next(_pipes)
+        endpoint = f"inproc://worker-pipe-{n}"
         self.pipe = self.ctx.socket(zmq.PAIR)
         self.pipe.bind(endpoint)
         far = self.ctx.socket(zmq.PAIR)
         far.connect(endpoint)
-        self.io = threading.Thread(target=self._socket_loop, args=(far,), name="llmos-worker-socket", daemon=True)
+        self._encoded_endpoint = f"inproc://worker-encoded-{n}"
+        encoded = self.ctx.socket(zmq.PULL)
+        encoded.bind(self._encoded_endpoint)
+        self.encoder = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="llmos-encode")
+        self.io = threading.Thread(target=self._socket_loop, args=(far, encoded), name="llmos-worker-socket",
+                                   daemon=True)
         self.io.start()
 
-    def _socket_loop(self, pipe: zmq.Socket) -> None:
+    def _socket_loop(self, pipe: zmq.Socket, encoded: zmq.Socket) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(pipe, zmq.POLLIN)
+        poller.register(encoded, zmq.POLLIN)
         try:
             while True:
                 ready = dict(poller.poll())
@@ -147,10 +179,12 @@ class Worker:
                     if not frame:
                         return
                     self.sock.send(frame)
+                if encoded in ready:
+                    self.sock.send(encoded.recv())
                 if self.sock in ready:
                     msg = codec.decode(self.sock.recv())
                     if msg.get("op") == "encode":
-                        self.sock.send(codec.encode(self._encode(msg)))
+                        self.encoder.submit(self._encode_and_reply, msg)
                     else:
                         self.inbox.put(msg)
         except Exception:  # the kernel must learn that this worker is gone, not wait on it
@@ -158,6 +192,21 @@ class Worker:
             os._exit(3)
         finally:
             pipe.close(linger=0)
+            encoded.close(linger=0)
+
+    def _encode_and_reply(self, msg: dict) -> None:
+        """On an encoder thread: tokenise, and push the reply to the socket thread (this thread's socket)."""
+        try:
+            frame = codec.encode(self._encode(msg))
+        except Exception as exc:  # a reply too large for a frame: the kernel still gets one
+            frame = codec.encode({"op": "encoded", "rid": msg.get("rid"), "errno": int(Errno.E2BIG), "error": "E2BIG",
+                                  "message": f"the encoded prompt does not fit a frame: {exc}"})
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = self._local.sock = self.ctx.socket(zmq.PUSH)
+            sock.connect(self._encoded_endpoint)
+            self._encoder_socks.append(sock)
+        sock.send(frame)
 
     def _encode(self, msg: dict) -> dict:
         try:
@@ -181,12 +230,28 @@ class Worker:
                 self.send({"op": "step", "events": [[msg["pid"], [], "", "error", "", err]],
                            "running": self.engine.running, "step_s": 0.0})
         elif op == "abort":
+            # a pid the engine does not know (its add never arrived, or it just finished) still gets a final
+            # event, so a TERM always ends the process; the kernel ignores it for one already ended
             event = self.engine.abort(msg["pid"])
-            if event is not None:
-                self.send({"op": "step", "events": [event.to_wire()], "running": self.engine.running,
-                           "step_s": 0.0, "stats": self.engine.stats()})
+            wire = event.to_wire() if event is not None else [msg["pid"], [], "", "killed", "", None]
+            self.send({"op": "step", "events": [wire], "running": self.engine.running, "step_s": 0.0,
+                       "stats": self.engine.stats()})
         elif op == "shutdown":
             self.running = False
+
+
+def load_errno(exc: BaseException) -> Errno:
+    """Whose fault a failed load is: ENOMEM for memory, EINVAL for the model's files (unreadable,
+    malformed or inconsistent config, tokenizer or weights), EIO for anything else."""
+    if isinstance(exc, LLMOSError):
+        return exc.errno
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return Errno.ENOMEM
+    if isinstance(exc, (OSError, ValueError, KeyError, UnicodeDecodeError)) or type(exc).__name__ == "SafetensorError":
+        return Errno.EINVAL
+    if isinstance(exc, RuntimeError) and ("size mismatch" in str(exc) or "state_dict" in str(exc)):
+        return Errno.EINVAL  # weights whose shapes do not match the config
+    return Errno.EIO
 
 
 def main(argv: list[str] | None = None) -> int:
