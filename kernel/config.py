@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 KV_POLICIES = ("static", "dynamic", "isolated")
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Settings of one kernel. Sizes in bytes, times in seconds."""
+    """Settings of one kernel. Sizes in bytes, times in seconds.
+
+    Every value is checked against its flag's range when the config is built (ValueError naming
+    the flag), so a config made in code is held to the same bounds as the command line.
+    """
 
     max_batch: int = 16  # most processes per model instance per step
     kv_policy: str = "static"  # KV memory policy for models loaded on demand
@@ -25,6 +29,16 @@ class KernelConfig:
     max_zombies: int = 256  # most unreaped ZOMBIEs per owner; the oldest are reaped beyond it
     worker_silence_s: float = 60.0  # a ready worker silent this long (not even heartbeats) is dead
     client_buffer_bytes: int = 64 * 2**20  # most reply bytes the kernel holds for one client
+
+    def __post_init__(self) -> None:
+        for f in FLAGS:
+            value = getattr(self, f.field)
+            if value is None and f.field == "memory_limit":
+                continue
+            try:
+                f.parse.check(value)
+            except (argparse.ArgumentTypeError, TypeError) as exc:
+                raise ValueError(f"{f.option}: {exc}") from None
 
 
 def parse_size(text: str) -> int:
@@ -40,54 +54,95 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+class _Parser:
+    """A flag's parser: ``parser(text)`` turns the command line's text into a value and checks it;
+    ``parser.check(value)`` checks a value given in code. Both raise ArgumentTypeError saying why."""
+
+    def __call__(self, text: str) -> Any:
+        return self.check(self.convert(text))
+
+    def convert(self, text: str) -> Any:
+        raise NotImplementedError
+
+    def check(self, value: Any) -> Any:
+        raise NotImplementedError
+
+
+class _IntIn(_Parser):
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+
+    def convert(self, text: str) -> int:
         try:
-            value = int(text)
+            return int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer in {lo}..{hi}, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be an integer in {lo}..{hi}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be an integer in {self.lo}..{self.hi}, got {text!r}") from None
+
+    def check(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not self.lo <= value <= self.hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in {self.lo}..{self.hi}, got {value!r}")
         return value
-    return parse
 
 
-def _float_in(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
+class _FloatIn(_Parser):
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+
+    def convert(self, text: str) -> float:
         try:
-            value = float(text)
+            return float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number in [{lo:g}, {hi:g}], got {text!r}") from None
-        if not lo <= value <= hi:  # also refuses NaN
-            raise argparse.ArgumentTypeError(f"must be a number in [{lo:g}, {hi:g}], got {text}")
-        return value
-    return parse
+            raise argparse.ArgumentTypeError(f"must be a number in [{self.lo:g}, {self.hi:g}], got {text!r}") \
+                from None
+
+    def check(self, value: Any) -> float:
+        # the comparison also refuses NaN
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.lo <= value <= self.hi:
+            raise argparse.ArgumentTypeError(f"must be a number in [{self.lo:g}, {self.hi:g}], got {value!r}")
+        return float(value)
 
 
-def _size_in(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+class _SizeIn(_Parser):
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+
+    def convert(self, text: str) -> int:
         try:
-            value = parse_size(text)
+            return parse_size(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi} bytes, got {text!r} ({value} bytes)")
+
+    def check(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not self.lo <= value <= self.hi:
+            raise argparse.ArgumentTypeError(f"must be between {_size(self.lo)} and {_size(self.hi)}, "
+                                             f"got {value!r}{' bytes' if isinstance(value, int) else ''}")
         return value
-    return parse
 
 
-def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        if text not in choices:
-            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {text!r}")
+class _Choice(_Parser):
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+
+    def convert(self, text: str) -> str:
         return text
-    return parse
+
+    def check(self, value: Any) -> str:
+        if value not in self.choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(self.choices)}, got {value!r}")
+        return value
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
 
 
 @dataclass(frozen=True)
 class Flag:
     field: str
-    parse: Callable[[str], Any]
+    parse: _Parser
     metavar: str
     help: str
     name: str = ""  # the option's name when it is not the field's
@@ -98,19 +153,19 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("max_batch", _int_in(1, 4096), "N", "most processes per model instance per step (default 16)"),
-    Flag("kv_policy", _choice(KV_POLICIES), "POLICY",
+    Flag("max_batch", _IntIn(1, 4096), "N", "most processes per model instance per step (default 16)"),
+    Flag("kv_policy", _Choice(KV_POLICIES), "POLICY",
          "KV memory policy for models loaded on demand: static, dynamic or isolated (default static)"),
-    Flag("memory_limit", _size_in(2**20, 2**50), "SIZE",
+    Flag("memory_limit", _SizeIn(2**20, 2**50), "SIZE",
          "host memory the kernel may give to models, e.g. 8G or 512M (default: 3/4 of what is free)"),
-    Flag("zombie_ttl_s", _float_in(0.0, 365 * 86400.0), "SECONDS",
+    Flag("zombie_ttl_s", _FloatIn(0.0, 365 * 86400.0), "SECONDS",
          "reap a finished process nobody waited for this long after it finished (default 600)",
          "zombie-ttl"),
-    Flag("max_zombies", _int_in(0, 1_000_000), "N",
+    Flag("max_zombies", _IntIn(0, 1_000_000), "N",
          "most finished, unreaped processes per owner; the oldest are reaped beyond it (default 256)"),
-    Flag("worker_silence_s", _float_in(0.5, 86400.0), "SECONDS",
+    Flag("worker_silence_s", _FloatIn(0.5, 86400.0), "SECONDS",
          "a model worker that sends nothing for this long is counted dead (default 60)", "worker-timeout"),
-    Flag("client_buffer_bytes", _size_in(2**20, 2**40), "SIZE",
+    Flag("client_buffer_bytes", _SizeIn(2**20, 2**40), "SIZE",
          "most reply bytes the kernel holds for one client that does not read them (default 64M)",
          "client-buffer"),
 )

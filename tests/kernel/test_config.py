@@ -1,0 +1,97 @@
+"""The kernel's configuration table: every flag parses its range, refuses the rest by name, and so does a config made in code."""
+
+import argparse
+import math
+
+import pytest
+
+from llmos.kernel import config
+from llmos.kernel.config import FLAGS, KernelConfig, parse_size
+from llmos.kernel.main import build_parser
+
+# for each kind of parser: text the command line may hold that must be refused
+BAD_TEXT = {
+    config._IntIn: ["", "x", "1.5", "1e3", "nan", "-1", "0", "99999999999"],
+    config._FloatIn: ["", "x", "nan", "inf", "-inf", "-1", "1e30"],
+    config._SizeIn: ["", "banana", "G", "12Q", "nan", "inf", "1e400", "-5G", "0", "0.5", "1K"],
+    config._Choice: ["", "x", "STATIC", "static "],
+}
+
+
+def parse(argv):
+    return build_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize("flag", FLAGS, ids=lambda f: f.option)
+def test_every_flag_refuses_text_out_of_its_kind_or_range_naming_the_flag(flag, capsys):
+    bad = [t for t in BAD_TEXT[type(flag.parse)] if not _accepted(flag, t)]
+    assert bad, f"no bad value applies to {flag.option}"
+    for text in bad:
+        with pytest.raises(SystemExit) as exc:
+            parse([flag.option, text])
+        assert exc.value.code == 2, (flag.option, text)
+        err = capsys.readouterr().err
+        assert f"argument {flag.option}:" in err and "Traceback" not in err, err
+
+
+def _accepted(flag, text):
+    try:
+        flag.parse(text)
+        return True
+    except argparse.ArgumentTypeError:
+        return False
+
+
+def test_max_batch_zero_and_a_banana_memory_limit_are_refused_with_exit_code_2(capsys):
+    for argv, named in ((["--max-batch", "0"], "--max-batch"), (["--memory-limit", "banana"], "--memory-limit")):
+        with pytest.raises(SystemExit) as exc:
+            parse(argv)
+        assert exc.value.code == 2 and f"argument {named}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", FLAGS, ids=lambda f: f.option)
+def test_every_flag_accepts_its_bounds_and_the_default_round_trips(flag):
+    p = flag.parse
+    if isinstance(p, config._Choice):
+        values = list(p.choices)
+    else:
+        values = [p.lo, p.hi]
+    for v in values:
+        text = str(int(v)) if isinstance(v, (int, float)) and float(v).is_integer() else str(v)
+        assert p(text) == v
+    default = getattr(KernelConfig(), flag.field)
+    if default is not None:
+        assert p.check(default) == default  # the defaults are inside their own ranges
+
+
+def test_sizes_take_binary_units_and_refuse_what_is_not_a_size():
+    assert parse_size("8G") == 8 * 2**30 and parse_size("512m") == 512 * 2**20 and parse_size("1.5GiB") == 3 * 2**29
+    assert parse_size("100000") == 100000 and parse_size("2KB") == 2048
+    for text in ("banana", "", "G", "nan", "inf", "1e400"):
+        with pytest.raises(ValueError):
+            parse_size(text)
+
+
+def test_flags_parse_into_a_config_and_back_into_the_same_argv():
+    ns = parse(["--max-batch", "3", "--memory-limit", "600M", "--kv-policy", "dynamic", "--zombie-ttl", "2.5"])
+    cfg = config.from_args(ns)
+    assert (cfg.max_batch, cfg.memory_limit, cfg.kv_policy, cfg.zombie_ttl_s) == (3, 600 * 2**20, "dynamic", 2.5)
+    assert cfg.max_zombies == KernelConfig().max_zombies  # unset flags keep the defaults
+    assert config.from_args(parse(config.to_argv(ns))) == cfg
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_batch", 0), ("max_batch", -3), ("max_batch", 2.0), ("max_batch", True), ("max_batch", "4"),
+    ("kv_policy", "greedy"), ("memory_limit", 0), ("memory_limit", "8G"), ("zombie_ttl_s", -1.0),
+    ("zombie_ttl_s", math.nan), ("max_zombies", -1), ("worker_silence_s", 0.0), ("worker_silence_s", math.inf),
+    ("client_buffer_bytes", 10),
+])
+def test_a_config_made_in_code_is_held_to_the_same_ranges(field, value):
+    option = next(f.option for f in FLAGS if f.field == field)
+    with pytest.raises(ValueError, match=f"^{option}: "):
+        KernelConfig(**{field: value})
+
+
+def test_the_default_config_is_valid_and_memory_limit_may_be_left_to_the_kernel():
+    assert KernelConfig().memory_limit is None
+    assert KernelConfig(memory_limit=2**30).memory_limit == 2**30
