@@ -13,16 +13,17 @@ from typing import Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
-from llmos._wire import Calls, current_user, model_arg, spawn_args, text_or_raise
+from llmos._wire import (Calls, connect_address, current_user, kernel_address, model_arg, spawn_args,
+                         text_or_raise)
 from llmos.syscalls import protocol
-from llmos.syscalls.address import ipc_path, resolve_address
+from llmos.syscalls.address import ipc_path
 from llmos.syscalls.errors import KernelGone, KernelUnavailable, TimedOut
 from llmos.types import ProcessInfo, ProcessResult
 
 
 class AsyncClient:
     def __init__(self, address: str | None = None, *, user: str | None = None) -> None:
-        self.address = resolve_address(address)
+        self.address = kernel_address(address)  # InvalidArgument for an unusable one
         self.user = user or current_user()
         self._calls = Calls()
         self._queues: dict[int, asyncio.Queue] = {}
@@ -39,7 +40,7 @@ class AsyncClient:
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.address)
+        self._sock.connect(connect_address(self.address))
         self._reader = asyncio.get_running_loop().create_task(self._read())
         try:
             self.kernel = await self.hello(timeout=timeout)

@@ -12,9 +12,9 @@ from typing import Any, Iterator
 
 import zmq
 
-from llmos._wire import Calls, current_user, model_arg, spawn_args
+from llmos._wire import Calls, connect_address, current_user, kernel_address, model_arg, spawn_args
 from llmos.syscalls import protocol
-from llmos.syscalls.address import ipc_path, resolve_address
+from llmos.syscalls.address import ipc_path
 from llmos.syscalls.errors import KernelGone, KernelUnavailable, LLMOSError, TimedOut
 from llmos.types import ProcessInfo, ProcessResult
 
@@ -22,7 +22,7 @@ from llmos.types import ProcessInfo, ProcessResult
 class Client:
     def __init__(self, address: str | None = None, *, connect_timeout: float = 5.0,
                  user: str | None = None, client_name: str = "llmos.Client") -> None:
-        self.address = resolve_address(address)
+        self.address = kernel_address(address)  # InvalidArgument for an unusable one
         self.user = user or current_user()
         path = ipc_path(self.address)
         if path is not None and not path.exists():
@@ -30,7 +30,7 @@ class Client:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.address)
+        self._sock.connect(connect_address(self.address))
         self._calls = Calls()
         self.kernel: dict[str, Any] = {}
         try:
