@@ -2,7 +2,7 @@
 
 An embedded kernel is a child of the program, started with ``--parent-pid`` so it stops when
 the program exits however it exits; the daemon is started in a new session and outlives its
-starter. Both log to $LLMOS_HOME/log/kernel.log.
+starter. Both log to $LLMOS_HOME/log/kernel.log (owner-only, like everything under the home).
 """
 
 from __future__ import annotations
@@ -14,11 +14,23 @@ import sys
 import time
 from pathlib import Path
 
+from llmos._wire import kernel_address
 from llmos.client import Client
-from llmos.syscalls.address import llmos_home, resolve_address
+from llmos.syscalls.address import llmos_home
 from llmos.syscalls.errors import KernelUnavailable, LLMOSError
 
 EXIT_BUSY = 3  # the kernel found another kernel on the address (llmos.kernel.main.EXIT_BUSY)
+LOG_TAIL_LINES = 5
+
+
+class KernelExited(KernelUnavailable):
+    """Raised by ``launch`` when the kernel process exited before answering; ``code`` is its exit code
+    (2: a bad flag or setting, 4: the address is in use; llmos.kernel.main) and the message ends
+    with the last lines it wrote to its log."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def try_connect(address: str, timeout: float = 2.0) -> Client | None:
@@ -30,18 +42,22 @@ def try_connect(address: str, timeout: float = 2.0) -> Client | None:
 
 def launch(address: str | None = None, home: Path | None = None, *, embedded: bool,
            timeout: float = 60.0, extra: list[str] | None = None) -> tuple[subprocess.Popen | None, Client]:
-    """Start a kernel and return (its process, a connected client).
+    """Start a kernel for ``home`` (default $LLMOS_HOME) and return (its process, a connected client).
 
     If another kernel wins the address first, connect to that one and return (None, client).
+    Raises KernelExited (with the kernel's own last log lines) when the kernel exits before
+    answering, KernelUnavailable when it does not answer within ``timeout`` seconds, and
+    InvalidArgument for an address no kernel could serve.
     """
-    home = home or llmos_home()
-    address = resolve_address(address, home)
-    (home / "log").mkdir(parents=True, exist_ok=True)
+    home = Path(home).expanduser().resolve() if home is not None else llmos_home()
+    address = kernel_address(address, home)
+    log_path = open_log(home)
+    start = log_path.stat().st_size  # only what this kernel writes is quoted back
     cmd = [sys.executable, "-m", "llmos.kernel.main", "--home", str(home), "--address", address]
     if embedded:
         cmd += ["--parent-pid", str(os.getpid())]
     cmd += extra or []
-    with open(home / "log" / "kernel.log", "ab") as log:
+    with open(log_path, "ab") as log:
         # always a session of its own: Ctrl-C in the program's terminal is the program's, not the kernel's
         # (an embedded kernel still stops with its parent: --parent-pid)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
@@ -49,16 +65,50 @@ def launch(address: str | None = None, home: Path | None = None, *, embedded: bo
     while time.monotonic() < deadline:
         code = proc.poll()
         if code is not None:
-            client = try_connect(address)
-            if code == EXIT_BUSY and client is not None:
+            client = try_connect(address) if code == EXIT_BUSY else None
+            if client is not None:
                 return None, client
-            raise KernelUnavailable(f"kernel exited with code {code} before answering; see {home}/log/kernel.log")
+            said = log_tail(log_path, start)
+            raise KernelExited(f"kernel exited with code {code} before answering"
+                               + (f": {said}" if said else "") + f" (log: {log_path})", code)
         client = try_connect(address, timeout=1.0)
         if client is not None:
             return proc, client
         time.sleep(0.05)
     proc.kill()
     raise KernelUnavailable(f"kernel did not answer at {address} within {timeout} s")
+
+
+def open_log(home: Path) -> Path:
+    """Create (owner-only) ``home``, ``home/log`` and ``home/log/kernel.log`` if missing; return the log's path.
+
+    Modes are set explicitly, whatever the program's umask: the log quotes prompts and paths.
+    """
+    log_dir = home / "log"
+    for d in (home, log_dir):
+        if not d.is_dir():
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)  # mkdir's mode is masked by the umask
+    if log_dir.stat().st_mode & 0o077:
+        os.chmod(log_dir, 0o700)  # a log/ of an older LLMOS that made it 0755
+    path = log_dir / "kernel.log"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
+    return path
+
+
+def log_tail(path: Path, start: int = 0, lines: int = LOG_TAIL_LINES, limit: int = 8000) -> str:
+    """What a kernel that exited said in ``path`` after byte ``start``: its own messages (lines that begin
+    "llmos kernel"), else its last ``lines`` non-empty lines; joined by " | "."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(start, f.seek(0, os.SEEK_END) - limit))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    said = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " | ".join([ln for ln in said if ln.startswith("llmos kernel")][-lines:] or said[-lines:])
 
 
 def stop(client: Client, proc: subprocess.Popen | None, pid: int | None = None, timeout: float = 30.0) -> None:

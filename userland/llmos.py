@@ -3,38 +3,44 @@
 from __future__ import annotations
 
 import atexit
+import os
 import subprocess
 import weakref
+from pathlib import Path
 from typing import Any
 
 from llmos import embedded
-from llmos._wire import text_or_raise
+from llmos._wire import kernel_address, text_or_raise
 from llmos.client import Client, OutputStream
-from llmos.syscalls.address import resolve_address
+from llmos.syscalls.errors import KernelUnavailable
 from llmos.types import ProcessInfo, ProcessResult
 
 
 class LLMOS:
     """A program's handle on LLMOS.
 
-    ``LLMOS(model_path=None, address=None)`` connects to the kernel at ``address`` (or
-    $LLMOS_ADDRESS, or the default). When none answers it starts an embedded kernel, which
-    stops when this object is closed or the program exits. ``model_path`` is the default model
-    for this handle's calls; None means the kernel's shipped default model.
+    ``LLMOS(model_path=None, address=None, home=None)`` connects to the kernel at ``address``
+    (else the default address under ``home``, else $LLMOS_ADDRESS, else the default under
+    $LLMOS_HOME). When none answers it starts an embedded kernel with that home, which stops
+    when this object is closed or the program exits. ``model_path`` is the default model for
+    this handle's calls; None means the kernel's shipped default model.
+
+    Raises InvalidArgument for an address no kernel could use, KernelUnavailable when none
+    answers and ``start_kernel`` is False or the embedded kernel cannot start (its message
+    quotes the kernel's own).
     """
 
     def __init__(self, model_path: str | None = None, address: str | None = None, *,
-                 start_kernel: bool = True) -> None:
+                 home: str | os.PathLike | None = None, start_kernel: bool = True) -> None:
         self.model = model_path
-        self.address = resolve_address(address)
+        self.home = Path(home).expanduser().resolve() if home is not None else None
+        self.address = kernel_address(address, self.home)
         self._proc: subprocess.Popen | None = None
         client = embedded.try_connect(self.address)
         if client is None:
             if not start_kernel:
-                from llmos.syscalls.errors import KernelUnavailable
-
                 raise KernelUnavailable(f"no kernel answers at {self.address}")
-            self._proc, client = embedded.launch(self.address, embedded=True)
+            self._proc, client = embedded.launch(self.address, self.home, embedded=True)
         self.client: Client = client
         self._finalizer = weakref.finalize(self, _shutdown, client, self._proc)
         atexit.register(self._finalizer)

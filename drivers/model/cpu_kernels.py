@@ -57,10 +57,22 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+def _private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents owner-only; bring LLMOS's own cache directories to 0700."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ours = set(missing)
+    if path.parent.name == "llmos" and path.name == "kernels":  # the default location: both levels are LLMOS's
+        ours |= {path, path.parent}
+    for p in ours:
+        if p.stat().st_mode & 0o077:
+            os.chmod(p, 0o700)  # mkdir's mode is masked by the umask; an older LLMOS made them 0755
+
+
 def _writable(preferred: Path) -> Path:
     """The cache directory, or a private one under the temp dir when it cannot be created (a read-only home)."""
     try:
-        preferred.mkdir(parents=True, exist_ok=True)
+        _private_dirs(preferred)
         if os.access(preferred, os.W_OK):
             return preferred
     except OSError:
@@ -82,6 +94,8 @@ def _build() -> Path:
                                      _cpu_signature().encode(), torch.__version__.encode()])).hexdigest()[:16]
     target = _writable(cache_dir()) / f"llmos_cpu-{key}.so"
     if target.exists():
+        if target.stat().st_mode & 0o077:
+            os.chmod(target, 0o600)  # built by an older LLMOS with the umask's 0755
         return target
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
@@ -91,6 +105,7 @@ def _build() -> Path:
                              capture_output=True, text=True, check=False, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {res.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o600)  # the linker writes 0755 (umask); loading needs read only
         os.replace(tmp, target)  # atomic: a concurrent build by another worker is harmless
     finally:
         if os.path.exists(tmp):
