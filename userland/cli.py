@@ -1,34 +1,89 @@
-"""The ``llmos`` command: kernel start/stop/status, run, ps, kill, wait, stat."""
+"""The ``llmos`` command: kernel start/stop/status, run, ps, kill, wait, stat, models and devices.
+
+Exit codes: 0 success; 1 the kernel refused the request (the message carries its errno); 2 a
+usage error (a bad flag, address or home); 3/4 ``kernel start`` found the address taken
+(llmos.kernel.main); 70 an internal error (one line; LLMOS_DEBUG=1 prints the traceback);
+130 Ctrl-C; 141 stdout closed early (``llmos ps | head``); 128+N a process ended by signal N
+(``run`` and ``wait``: 143 TERM, 137 KILL).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from llmos import embedded
+from llmos._wire import kernel_address
 from llmos.client import Client
 from llmos.kernel.config import add_flags as add_kernel_flags
-from llmos.syscalls.address import llmos_home, resolve_address
-from llmos.syscalls.errors import KernelUnavailable, LLMOSError
-from llmos.types import ProcessInfo
+from llmos.syscalls.address import llmos_home
+from llmos.syscalls.errors import InvalidArgument, KernelUnavailable, LLMOSError, NoSuchProcess
+from llmos.syscalls.table import SIGNALS
+from llmos.types import ProcessInfo, ProcessResult
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70  # EX_SOFTWARE
+EXIT_SIGPIPE = 128 + signal.SIGPIPE
 
 
 def _address(args: argparse.Namespace) -> str:
-    return resolve_address(args.address, _home(args))
+    """The kernel address for this command: --address, else the default under --home, else
+    $LLMOS_ADDRESS, else the default under $LLMOS_HOME (checked once, in main)."""
+    return kernel_address(args.address, args.home)
 
 
 def _home(args: argparse.Namespace) -> Path:
-    return Path(args.home).expanduser().resolve() if getattr(args, "home", None) else llmos_home()
+    return Path(args.home).expanduser().resolve() if args.home else llmos_home()
 
 
 def _connect(args: argparse.Namespace) -> Client:
-    client = embedded.try_connect(_address(args))
+    address = _address(args)
+    client = embedded.try_connect(address)
     if client is None:
-        raise KernelUnavailable(f"no kernel running at {_address(args)} (start one: llmos kernel start)")
+        raise KernelUnavailable(f"no kernel running at {address} (start one: llmos kernel start, with the same "
+                                f"--home or --address)")
     return client
+
+
+def exit_status(result: ProcessResult) -> int:
+    """A finished process as a command's exit status: 0, 1 for an error, 128+N when signal N ended it."""
+    if result.finish_reason == "error":
+        return 1
+    if result.finish_reason == "killed":
+        return 128 + signal.Signals["SIG" + (result.signal or "TERM")].value
+    return 0
+
+
+def outcome(result: ProcessResult) -> str | None:
+    """The line a command prints on stderr for a process that did not finish normally, else None."""
+    if result.finish_reason == "error":
+        return f"[pid {result.pid} failed: {(result.error or {}).get('message', '')}]"
+    if result.finish_reason == "killed":
+        return f"[pid {result.pid} killed by SIG{result.signal or 'TERM'}]"
+    return None
+
+
+def reap(client: Any, pid: int) -> None:
+    """Collect a finished process so it leaves no ZOMBIE; another client may have collected it first."""
+    try:
+        client.wait(pid, timeout=30)
+    except NoSuchProcess:
+        pass
+
+
+def end(client: Any, pid: int) -> ProcessResult | None:
+    """Stop a process of ours (TERM: it keeps its output) and reap it; its result, or None if already gone."""
+    try:
+        client.kill(pid, "TERM")
+        return client.wait(pid, timeout=30)
+    except NoSuchProcess:
+        return None
 
 
 # -- kernel --------------------------------------------------------------------------------
@@ -49,7 +104,11 @@ def cmd_kernel_start(args: argparse.Namespace) -> int:
         print(f"llmos kernel already running: pid {client.kernel['pid']} at {address}")
         client.close()
         return 0
-    proc, client = embedded.launch(address, home, embedded=False, extra=_kernel_flags(args))
+    try:
+        proc, client = embedded.launch(address, home, embedded=False, extra=_kernel_flags(args))
+    except embedded.KernelExited as exc:
+        print(f"llmos: {exc.message}", file=sys.stderr)
+        return exc.code if exc.code in (2, 3, 4) else 1  # the kernel's own refusal codes pass through
     pid = client.kernel["pid"]
     client.close()
     print(f"llmos kernel {'started' if proc else 'already running'}: pid {pid} at {address}")
@@ -107,11 +166,13 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from llmos.llmos import LLMOS
 
-    os_ = LLMOS(model_path=args.model, address=args.address)
+    os_ = LLMOS(model_path=args.model, address=_address(args), home=args.home)
     try:
         kwargs: dict[str, Any] = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat \
             else {"prompt": args.prompt}
         pid = os_.spawn(priority=args.priority, **kwargs, **_params(args))
+        if args.verbose:
+            print(f"[pid {pid}]", file=sys.stderr, flush=True)
         stream = os_.stream(pid)
         try:
             for text in stream:
@@ -119,22 +180,25 @@ def cmd_run(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         except KeyboardInterrupt:
             stream.close()
-            os_.kill(pid, "TERM")
-            sys.stdout.write("\n")
-            print(f"[pid {pid} terminated]", file=sys.stderr)
+            end(os_.client, pid)  # ours to stop and to reap: nobody else waits for it
+            print(f"\n[pid {pid} stopped by Ctrl-C]", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            stream.close()
+            end(os_.client, pid)
+            raise
         sys.stdout.write("\n")
-        result = stream.result
-        if result is not None:
-            os_.wait(pid, timeout=30)  # reap it
-            if result.finish_reason == "error":
-                print(f"llmos: pid {pid} failed: {result.error['message'] if result.error else ''}", file=sys.stderr)
-                return 1
-            if args.verbose:
-                s = result.stats
-                print(f"[pid {pid}: {result.finish_reason}, {s.output_tokens} tokens, ttft {s.ttft_s or 0:.3f} s]",
-                      file=sys.stderr)
-        return 0
+        result = stream.result  # the stream's final frame: the result, whoever reaps the process
+        assert result is not None, "a stream ends with its final frame"
+        reap(os_.client, pid)
+        said = outcome(result)
+        if said:
+            print(said, file=sys.stderr)
+        elif args.verbose:
+            s = result.stats
+            print(f"[pid {pid}: {result.finish_reason}, {s.output_tokens} tokens, ttft {s.ttft_s or 0:.3f} s]",
+                  file=sys.stderr)
+        return exit_status(result)
     finally:
         os_.close()
 
@@ -157,19 +221,40 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
+def kill_message(pid: int, sig: str, state: str) -> str:
+    """What ``kill`` tells the user: the signal was sent, what happens next, and how to collect the result."""
+    collect = f"`llmos wait {pid}` collects it"
+    if sig == "KILL":
+        return f"sent KILL to pid {pid}: it has ended at once; {collect}"
+    if state == "ZOMBIE":
+        return f"sent TERM to pid {pid}: it has ended, keeping its output; {collect}"
+    return f"sent TERM to pid {pid}: it stops after its current step, keeping its output; {collect}"
+
+
+def signal_name(text: str) -> str:
+    """'term', 'SIGKILL', 'KILL' -> 'TERM'/'KILL'; ArgumentTypeError for a signal processes do not take."""
+    name = text.upper().removeprefix("SIG")
+    if name not in SIGNALS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(SIGNALS)}, got {text!r}")
+    return name
+
+
 def cmd_kill(args: argparse.Namespace) -> int:
     with _connect(args) as c:
-        state = c.kill(args.pid, args.signal.upper().removeprefix("SIG"))
-    print(f"pid {args.pid}: {state}")
+        state = c.kill(args.pid, args.signal)
+    print(kill_message(args.pid, args.signal, state))
     return 0
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
     with _connect(args) as c:
         r = c.wait(args.pid, timeout=args.timeout)
-    print(json.dumps({"pid": r.pid, "finish_reason": r.finish_reason, "text": r.text,
+    print(json.dumps({"pid": r.pid, "finish_reason": r.finish_reason, "signal": r.signal, "text": r.text,
                       "stats": r.stats.__dict__, "error": r.error}) if args.json else r.text)
-    return 0 if r.finish_reason != "error" else 1
+    said = outcome(r)
+    if said and not args.json:
+        print(said, file=sys.stderr)
+    return exit_status(r)
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
@@ -183,15 +268,18 @@ def _mib(n: Any) -> str:
 
 
 def format_models(models: list[dict[str, Any]]) -> str:
-    lines = [f"{'MODEL':<48} {'DEVICE':<7} {'INST':>4} {'KEEP':>6} {'KV USED/TOTAL':>14} {'BATCH':>6} {'MEM':>9}"]
+    """The ``llmos models`` table; memory is the estimate per instance and, in the last column, for all of them."""
+    lines = [f"{'MODEL':<48} {'DEVICE':<7} {'INST':>4} {'KEEP':>6} {'KV USED/TOTAL':>14} {'BATCH':>6} "
+             f"{'MEM/INST':>9} {'MEM TOTAL':>10}"]
     for d in models:
         exs = d.get("executors") or []
         used = sum(e.get("kv_used", 0) for e in exs)
         total = sum(e.get("kv_total", 0) for e in exs)
         batch = max((e.get("batch_last", 0) for e in exs), default=0)
         keep = "pinned" if d.get("keep_alive") == -1 else f"{d.get('keep_alive', 0):.0f}s"
+        each = d["estimate"]["total_bytes"]
         lines.append(f"{d['model'][-48:]:<48} {d.get('device', ''):<7} {len(exs):>4} {keep:>6} "
-                     f"{f'{used}/{total}':>14} {batch:>6} {_mib(d['estimate']['total_bytes']):>9}")
+                     f"{f'{used}/{total}':>14} {batch:>6} {_mib(each):>9} {_mib(each * len(exs)):>10}")
     return "\n".join(lines)
 
 
@@ -266,19 +354,25 @@ def build_parser() -> argparse.ArgumentParser:
     kst.add_argument("--json", action="store_true")
     kst.set_defaults(fn=cmd_kernel_status)
 
-    r = sub.add_parser("run", help="generate from a prompt, streaming tokens to stdout")
+    r = sub.add_parser("run", help="generate from a prompt, streaming tokens to stdout",
+                       description="Generate from PROMPT, streaming the text to stdout. Sampling is at "
+                                   "temperature 0.8 by default, so every run differs; --temperature 0 "
+                                   "(greedy) repeats a run exactly. Exit status: 0, 1 on an error, "
+                                   "143/137 when the process was killed (TERM/KILL), 130 on Ctrl-C.")
     r.add_argument("prompt")
     r.add_argument("--model", default=None, help="model directory (default: the shipped default model)")
     r.add_argument("--max-new-tokens", type=int, default=128)
     r.add_argument("--priority", type=int, default=0, help="nice value -20..19, lower runs first")
-    r.add_argument("--temperature", type=float, default=None)
+    r.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default 0.8: every run differs; --temperature 0 repeats a run)")
     r.add_argument("--top-p", type=float, default=None)
     r.add_argument("--top-k", type=int, default=None)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     r.add_argument("--ignore-eos", action="store_true")
     r.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
-    r.add_argument("-v", "--verbose", action="store_true", help="print finish reason and timings to stderr")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="print the pid once spawned, then the finish reason and timings, to stderr")
     r.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("ps", help="list processes")
@@ -286,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_ps)
     kl = sub.add_parser("kill", help="signal a process (TERM keeps partial output; KILL ends it at once)")
     kl.add_argument("pid", type=int)
-    kl.add_argument("signal", nargs="?", default="TERM")
+    kl.add_argument("signal", nargs="?", default="TERM", type=signal_name, help="TERM (default) or KILL")
     kl.set_defaults(fn=cmd_kill)
     w = sub.add_parser("wait", help="wait for a process and print its output")
     w.add_argument("pid", type=int)
@@ -332,12 +426,47 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _address(args)
+        if _home(args).exists() and not _home(args).is_dir():
+            raise InvalidArgument(f"the home {_home(args)} is not a directory")
+    except LLMOSError as exc:  # a bad --address, $LLMOS_ADDRESS or --home: a usage error, like a bad flag
+        print(f"llmos: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         return args.fn(args)
     except LLMOSError as exc:
         print(f"llmos: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (llmos ps | head): end quietly, as Unix tools do
+        quiet_stdout()
+        return EXIT_SIGPIPE
+    except OSError as exc:  # a file the user named or the home cannot be used
+        print(f"llmos: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 1
+    except Exception as exc:
+        return internal_error("llmos", exc, _home(args))
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush cannot raise BrokenPipeError again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def internal_error(prog: str, exc: BaseException, home: Path) -> int:
+    """The last resort for a bug: one line, where to look, and the traceback only with LLMOS_DEBUG=1."""
+    if os.environ.get("LLMOS_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(exc)
+    print(f"{prog}: internal error: {type(exc).__name__}: {str(exc)[:500]} (a bug in llmos; run with "
+          f"LLMOS_DEBUG=1 for the traceback; the kernel's log is {home / 'log' / 'kernel.log'})", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -1,28 +1,34 @@
-"""``llmos-shell``: an interactive REPL over one LLMOS connection (prompt_toolkit line editing, history).
+"""llmos-shell: an interactive REPL over one LLMOS connection (prompt_toolkit line editing, history).
 
-Ctrl-C while a generation streams sends it TERM and returns to the prompt; the shell stays.
-With stdin not a terminal it reads commands line by line, so scripts can drive it.
+Ctrl-C while a generation streams stops it (TERM), collects it and returns to the prompt; the
+shell stays. With stdin not a terminal it reads commands line by line, so scripts can drive it.
+A command with bad arguments prints its usage; a bug prints one line (LLMOS_DEBUG=1: the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Callable, TextIO
 
-from llmos.cli import format_ps
+from llmos.cli import (EXIT_SIGPIPE, end, format_ps, internal_error, kill_message, outcome, quiet_stdout, reap,
+                       signal_name)
 from llmos.llmos import LLMOS
 from llmos.syscalls.address import llmos_home
 from llmos.syscalls.errors import LLMOSError
 
 HELP = """commands:
   run [--model M] [-n N] [--priority P] [--temperature T] [--seed S] [--chat] [--ignore-eos] PROMPT
-                      generate, streaming the text (Ctrl-C stops it)
+                      generate, streaming the text (Ctrl-C stops it); temperature 0.8 by default,
+                      --temperature 0 repeats a run exactly
   spawn [same options] PROMPT
                       start a generation in the background; prints its pid
   ps                  list processes
-  kill PID [SIGNAL]   send TERM (default) or KILL
+  kill PID [TERM|KILL]
+                      send TERM (default: stops after the current step, keeps the output) or KILL
   wait PID            wait for a process and print its output
   stat PID            a process's record and stats
   status              the kernel's pid, address, uptime and models
@@ -31,12 +37,32 @@ HELP = """commands:
 
 
 class _ArgError(Exception):
-    pass
+    """A command line the command's parser refused; the message carries the command's usage."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # never exit the shell on a typo
-        raise _ArgError(message)
+        raise _ArgError(f"{self.format_usage().strip()} ({message})")
+
+
+def _parser(name: str, *args: tuple[str, dict]) -> _Parser:
+    p = _Parser(prog=name, add_help=False)
+    for flag, opts in args:
+        p.add_argument(flag, **opts)
+    return p
+
+
+def _pid(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"PID must be a number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"PID must be 1 or more, got {value}")
+    return value
+
+
+_PID = ("pid", {"type": _pid, "metavar": "PID"})
 
 
 def _run_parser(name: str) -> _Parser:
@@ -48,15 +74,29 @@ def _run_parser(name: str) -> _Parser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("prompt", nargs="+")
+    p.add_argument("prompt", nargs="+", metavar="PROMPT")
     return p
 
 
+PARSERS: dict[str, Callable[[], _Parser]] = {
+    "run": lambda: _run_parser("run"),
+    "spawn": lambda: _run_parser("spawn"),
+    "ps": lambda: _parser("ps"),
+    "kill": lambda: _parser("kill", _PID, ("signal", {"nargs": "?", "default": "TERM", "type": signal_name,
+                                                      "metavar": "TERM|KILL"})),
+    "wait": lambda: _parser("wait", _PID),
+    "stat": lambda: _parser("stat", _PID),
+    "status": lambda: _parser("status"),
+    "help": lambda: _parser("help"),
+}
+
+
 class Shell:
-    def __init__(self, os_: LLMOS, out: TextIO = sys.stdout) -> None:
+    def __init__(self, os_: LLMOS, out: TextIO | None = None, home: Path | None = None) -> None:
         self.os = os_
-        self.out = out
-        self.commands: dict[str, Callable[[list[str]], None]] = {
+        self.out = out or sys.stdout
+        self.home = home or llmos_home()
+        self.commands: dict[str, Callable[[argparse.Namespace], None]] = {
             "run": self.do_run, "spawn": self.do_spawn, "ps": self.do_ps, "kill": self.do_kill,
             "wait": self.do_wait, "stat": self.do_stat, "status": self.do_status, "help": self.do_help,
         }
@@ -82,19 +122,20 @@ class Shell:
             self.say(f"unknown command {cmd!r}; type help")
             return True
         try:
-            fn(rest)
+            fn(PARSERS[cmd]().parse_args(rest))
         except KeyboardInterrupt:  # Ctrl-C outside a stream (a model still loading): back to the prompt
             self.say("\n[interrupted]")
         except _ArgError as exc:
-            self.say(f"usage error: {exc}")
-        except (ValueError, IndexError) as exc:
-            self.say(f"usage error: {exc}; type help")
+            self.say(str(exc))
         except LLMOSError as exc:
             self.say(f"error: {exc}")
+        except BrokenPipeError:
+            raise
+        except Exception as exc:  # a bug in one command: one line, and the shell stays
+            internal_error("llmos-shell", exc, self.home)
         return True
 
-    def _spawn(self, name: str, rest: list[str]) -> int:
-        a = _run_parser(name).parse_args(rest)
+    def _spawn(self, a: argparse.Namespace) -> int:
         params = {"max_new_tokens": a.max_new_tokens, "priority": a.priority}
         if a.temperature is not None:
             params["temperature"] = a.temperature
@@ -107,59 +148,69 @@ class Shell:
             return self.os.spawn(messages=[{"role": "user", "content": text}], model=a.model, **params)
         return self.os.spawn(prompt=text, model=a.model, **params)
 
-    def do_run(self, rest: list[str]) -> None:
-        pid = self._spawn("run", rest)
+    def do_run(self, a: argparse.Namespace) -> None:
+        pid = self._spawn(a)
         stream = self.os.stream(pid)
         try:
             for text in stream:
                 self.say(text, end="")
         except KeyboardInterrupt:
             stream.close()
-            self.os.kill(pid, "TERM")
-            self.say(f"\n[pid {pid} terminated]")
+            end(self.os.client, pid)  # ours: stop it and collect it, so no ZOMBIE is left behind
+            self.say(f"\n[pid {pid} stopped by Ctrl-C]")
             return
         self.say()
-        self.os.wait(pid, timeout=30)
-        if stream.result and stream.result.finish_reason == "error":
-            self.say(f"[pid {pid} failed: {(stream.result.error or {}).get('message', '')}]")
+        reap(self.os.client, pid)  # the result came with the stream's final frame
+        said = outcome(stream.result) if stream.result else None
+        if said:
+            self.say(said)
 
-    def do_spawn(self, rest: list[str]) -> None:
-        self.say(f"pid {self._spawn('spawn', rest)}")
+    def do_spawn(self, a: argparse.Namespace) -> None:
+        self.say(f"pid {self._spawn(a)}")
 
-    def do_ps(self, rest: list[str]) -> None:
+    def do_ps(self, a: argparse.Namespace) -> None:
         self.say(format_ps(self.os.ps()))
 
-    def do_kill(self, rest: list[str]) -> None:
-        sig = rest[1].upper().removeprefix("SIG") if len(rest) > 1 else "TERM"
-        self.say(f"pid {rest[0]}: {self.os.kill(int(rest[0]), sig)}")
+    def do_kill(self, a: argparse.Namespace) -> None:
+        self.say(kill_message(a.pid, a.signal, self.os.kill(a.pid, a.signal)).replace("`llmos wait", "`wait"))
 
-    def do_wait(self, rest: list[str]) -> None:
-        r = self.os.wait(int(rest[0]))
+    def do_wait(self, a: argparse.Namespace) -> None:
+        r = self.os.wait(a.pid)
         self.say(r.text)
-        self.say(f"[pid {r.pid}: {r.finish_reason}, {r.stats.output_tokens} tokens]")
+        self.say(outcome(r) or f"[pid {r.pid}: {r.finish_reason}, {r.stats.output_tokens} tokens]")
 
-    def do_stat(self, rest: list[str]) -> None:
-        info = self.os.client.stat(int(rest[0]))
+    def do_stat(self, a: argparse.Namespace) -> None:
+        info = self.os.client.stat(a.pid)
         for k, v in info.__dict__.items():
             self.say(f"{k:>14}: {v}")
 
-    def do_status(self, rest: list[str]) -> None:
+    def do_status(self, a: argparse.Namespace) -> None:
         info = self.os.client.kernel_info()
         self.say(f"kernel {info['version']} pid {info['pid']} at {info['address']}, up {info['uptime_s']:.0f} s")
         for m in info["models"]:
             self.say(f"  {m['model']}: worker {m['worker_pid']} on {m['device']}, running {m['running']}")
 
-    def do_help(self, rest: list[str]) -> None:
+    def do_help(self, a: argparse.Namespace) -> None:
         self.say(HELP)
 
 
-def _interactive(shell: Shell) -> None:
+def history_file(home: Path) -> Path:
+    """The shell's history (it holds prompts): created owner-only, and made so if an older LLMOS left it 0644."""
+    if not home.is_dir():
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(home, 0o700)
+    path = home / "shell_history"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
+    return path
+
+
+def _interactive(shell: Shell, home: Path) -> None:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
 
-    home = llmos_home()
-    home.mkdir(parents=True, exist_ok=True)
-    session: PromptSession = PromptSession(history=FileHistory(str(home / "shell_history")))
+    session: PromptSession = PromptSession(history=FileHistory(str(history_file(home))))
     while True:
         try:
             line = session.prompt("llmos> ")
@@ -172,24 +223,34 @@ def _interactive(shell: Shell) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="llmos-shell", description=__doc__.splitlines()[0])
-    ap.add_argument("--address", default=None)
+    ap = argparse.ArgumentParser(prog="llmos-shell", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    ap.add_argument("--address", default=None, help="kernel bus address (default: the default under --home, "
+                                                    "else $LLMOS_ADDRESS, else ipc under $LLMOS_HOME/run)")
+    ap.add_argument("--home", default=None, help="state directory (default: $LLMOS_HOME or ~/.llmos)")
     ap.add_argument("--model", default=None, help="default model for run/spawn")
     args = ap.parse_args(argv)
+    home = Path(args.home).expanduser().resolve() if args.home else llmos_home()
     try:
-        os_ = LLMOS(model_path=args.model, address=args.address)
+        os_ = LLMOS(model_path=args.model, address=args.address, home=args.home)
     except LLMOSError as exc:
         print(f"llmos-shell: {exc}", file=sys.stderr)
         return 1
-    shell = Shell(os_)
+    except Exception as exc:
+        return internal_error("llmos-shell", exc, home)
+    shell = Shell(os_, home=home)
     try:
         if sys.stdin.isatty():
             shell.say("llmos shell; type help")
-            _interactive(shell)
+            _interactive(shell, home)
         else:
             for line in sys.stdin:
                 if not shell.execute(line):
                     break
+    except BrokenPipeError:
+        quiet_stdout()
+        return EXIT_SIGPIPE
+    except Exception as exc:  # the last resort: a bug, not the user's fault
+        return internal_error("llmos-shell", exc, home)
     finally:
         os_.close()
     return 0
