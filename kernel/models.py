@@ -127,15 +127,32 @@ class ModelManager(Actor):
             entry.keep_alive = keep_alive
         return path, [ex.ready for ex in entry.executors], entry
 
+    # load options a loaded model cannot change without a reload, as (request key, user-facing name)
+    _FIXED = (("device", "device"), ("instances", "instances"), ("kv_policy", "kv_policy"),
+              ("num_blocks", "kv_blocks"), ("max_blocks", "kv_max_blocks"), ("user_cap_blocks", "user_cap_blocks"),
+              ("max_batch", "max_batch"), ("engine", "engine"))
+
     def _check_same(self, entry: ModelEntry, req: dict[str, Any]) -> None:
-        asked = {"device": req.get("device"), "instances": req.get("instances"), "kv_policy": req.get("kv_policy")}
+        """EBUSY naming each option asked for that differs from how the model is loaded, and what to do."""
+        engines = {ex.info.get("engine") for ex in entry.executors} - {None}  # what "auto" chose, once ready
         have = {"device": entry.device, "instances": len(entry.executors),
-                "kv_policy": entry.options.get("kv_policy", "static")}
-        differ = [k for k, v in asked.items() if v not in (None, "auto") and v != have[k] and
-                  not (k == "instances" and v == 1 and have[k] == 1)]
+                "kv_policy": entry.options.get("kv_policy", "static"),
+                "engine": engines.pop() if len(engines) == 1 else entry.options.get("engine", "auto")}
+        differ = []
+        for key, name in self._FIXED:
+            asked = req.get(key)
+            if asked is None or (key in ("device", "engine") and asked == "auto"):
+                continue
+            loaded = have[key] if key in have else entry.options.get(key)
+            if asked != loaded:
+                if key in ("num_blocks", "max_blocks"):  # the request counts one block more than the user asked
+                    asked, loaded = asked - 1, None if loaded is None else loaded - 1
+                differ.append(f"{name} (asked {asked}, loaded {'default' if loaded is None else loaded})")
         if differ:
-            raise Busy(f"model {entry.path} is loaded with " + ", ".join(f"{k}={have[k]}" for k in differ)
-                       + "; unload it first to load it differently")
+            name = entry.path
+            raise Busy(f"model {name} is already loaded with other options: {'; '.join(differ)}. To load it "
+                       f"with these, run `llmos unload {name}` (model_unload) and load it again; or load it "
+                       f"without them to use it as it is")
 
     def _options(self, path: str, req: dict[str, Any]) -> tuple[dict[str, Any], str, int, float]:
         opts = {**self.defaults, **{k: v for k, v in req.items() if v is not None}}
