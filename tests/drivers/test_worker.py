@@ -1,6 +1,7 @@
 """The model worker's loop, in-process: a real engine and real ZeroMQ sockets, the kernel's end played by the test."""
 
 import threading
+import time
 
 import pytest
 import zmq
@@ -15,54 +16,70 @@ class Gate:
     def __init__(self):
         self.stepping, self.go = threading.Event(), threading.Event()
 
-    def wrap(self, load_engine):
-        def load(*args, **kw):
-            engine = load_engine(*args, **kw)
-            real = engine.step
+    def __call__(self, engine):
+        real = engine.step
 
-            def held():
-                self.stepping.set()
-                assert self.go.wait(30)
-                return real()
+        def held():
+            self.stepping.set()
+            assert self.go.wait(30)
+            return real()
 
-            engine.step = held
-            return engine
-
-        return load
+        engine.step = held
 
 
 @pytest.fixture
-def worker(tiny_model, tmp_path, monkeypatch):
+def start_worker(tiny_model, tmp_path, monkeypatch):
+    """Start a worker thread on the tiny model, with ``patch(engine)`` applied once it is loaded; returns
+    (worker, kernel-end socket, recv) where recv() gives the next frame that is not a heartbeat."""
     from llmos.drivers.model import engine
 
-    gate = Gate()
-    monkeypatch.setattr(engine, "load_engine", gate.wrap(engine.load_engine))
+    started = []
     ctx = zmq.Context.instance()
-    kernel_end = ctx.socket(zmq.DEALER)
-    kernel_end.setsockopt(zmq.LINGER, 0)
-    kernel_end.setsockopt(zmq.RCVTIMEO, 30_000)
-    address = f"ipc://{tmp_path}/w.sock"
-    kernel_end.bind(address)
-    w = Worker(address, tiny_model, "cpu", {"max_batch": 4})
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("rc", w.serve()), daemon=True)
-    thread.start()
 
-    def recv():  # the next frame that is not a heartbeat
-        while True:
-            msg = codec.decode(kernel_end.recv())
-            if msg["op"] != "hb":
-                return msg
+    def start(patch=lambda engine: None):
+        def load(*args, **kw):
+            e = real_load(*args, **kw)
+            patch(e)
+            return e
 
-    assert recv()["op"] == "ready"
+        real_load = engine.load_engine
+        monkeypatch.setattr(engine, "load_engine", load)
+        kernel_end = ctx.socket(zmq.DEALER)
+        kernel_end.setsockopt(zmq.LINGER, 0)
+        kernel_end.setsockopt(zmq.RCVTIMEO, 30_000)
+        address = f"ipc://{tmp_path}/w{len(started)}.sock"
+        kernel_end.bind(address)
+        w = Worker(address, tiny_model, "cpu", {"max_batch": 4})
+        result = {}
+        thread = threading.Thread(target=lambda: result.setdefault("rc", w.serve()), daemon=True)
+        thread.start()
+
+        def recv():
+            while True:
+                msg = codec.decode(kernel_end.recv())
+                if msg["op"] != "hb":
+                    return msg
+
+        assert recv()["op"] == "ready"
+        started.append((w, kernel_end, thread, result))
+        return w, kernel_end, recv
+
+    yield start
+    for w, kernel_end, thread, result in started:
+        kernel_end.send(codec.encode({"op": "shutdown"}))
+        thread.join(30)
+        assert not w.io.is_alive()
+        w.sock.close(linger=0)
+        kernel_end.close()
+        assert result.get("rc") == 0
+
+
+@pytest.fixture
+def worker(start_worker):
+    gate = Gate()
+    w, kernel_end, recv = start_worker(gate)
     yield w, gate, kernel_end, recv
     gate.go.set()
-    kernel_end.send(codec.encode({"op": "shutdown"}))
-    thread.join(30)
-    assert not w.io.is_alive()
-    w.sock.close(linger=0)
-    kernel_end.close()
-    assert result.get("rc") == 0
 
 
 def test_a_prompt_is_encoded_while_a_step_is_in_progress(worker):
@@ -87,3 +104,34 @@ def test_a_bad_prompt_gets_an_error_reply_from_the_socket_thread(worker):
     kernel.send(codec.encode({"op": "encode", "rid": 3, "prompt": None, "messages": None, "prompt_ids": [-1]}))
     reply = recv()
     assert reply["rid"] == 3 and reply["error"] == "EINVAL"
+
+
+def test_abort_for_a_pid_the_engine_never_heard_of_still_answers_a_final_killed_event(start_worker):
+    w, kernel, recv = start_worker()
+    kernel.send(codec.encode({"op": "abort", "pid": 77}))
+    msg = recv()
+    assert msg["op"] == "step" and msg["events"] == [[77, [], "", "killed", "", None]]
+
+
+def test_a_worker_with_nothing_runnable_sleeps_and_sends_no_step_frames(start_worker):
+    calls = []
+
+    def stalled(engine):  # a sequence waits for memory no one can give: each step runs nothing
+        def step():
+            calls.append(time.monotonic())
+            engine.last_step_tokens = 0
+            return []
+
+        engine.step = step
+
+    w, kernel, recv = start_worker(stalled)
+    kernel.send(codec.encode({"op": "add", "pid": 1, "ids": [5, 6, 7], "params": {"max_new_tokens": 2}}))
+    frames = []
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        if kernel.poll(100):
+            frames.append(codec.decode(kernel.recv()))
+    assert 1 <= len(calls) <= 4  # one try, then one a heartbeat (1 s) later: no spinning
+    assert frames and all(f["op"] == "hb" and f["running"] == 1 for f in frames)  # alive, and silent otherwise
+    kernel.send(codec.encode({"op": "abort", "pid": 1}))  # an op wakes it at once
+    assert recv()["events"][0][3] == "killed"
