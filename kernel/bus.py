@@ -30,6 +30,7 @@ from llmos.syscalls import codec, protocol
 from llmos.syscalls.errors import Errno
 
 SNDHWM_FRAMES = 32  # frames ZeroMQ may hold for one client; the outbox holds the rest, in bytes
+RCVHWM_FRAMES = 16  # requests ZeroMQ may hold from one client before the kernel reads them
 RETRY_MIN_S, RETRY_MAX_S = 0.001, 0.05  # retry a refused send after this long, doubling while stuck
 CLOSE_FLUSH_S = 0.5  # on shutdown, how long the last frames (bye) may take to leave
 
@@ -69,6 +70,9 @@ class Bus:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.LINGER, 500)
         self.sock.setsockopt(zmq.SNDHWM, SNDHWM_FRAMES)
+        # frames read from a connection but not yet taken by the kernel: a client that sends faster
+        # than the kernel reads is held back by ZeroMQ instead of filling the kernel's memory
+        self.sock.setsockopt(zmq.RCVHWM, RCVHWM_FRAMES)
         # frames over MAX_FRAME_BYTES are read and answered EMSGSIZE; this cap only guards memory
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_TRANSPORT_BYTES)
         self.clients: dict[bytes, _Client] = {}

@@ -18,6 +18,7 @@ from llmos.kernel import messages as m
 from llmos.kernel.bus import Bus
 from llmos.kernel.config import KernelConfig
 from llmos.kernel.handlers import Handlers
+from llmos.kernel.heap import return_big_buffers_to_the_os
 from llmos.kernel.log import get_logger
 from llmos.kernel.models import ModelManager
 from llmos.kernel.procman import ProcessManager
@@ -36,6 +37,7 @@ class Kernel:
         self._stop_reason = ""
 
     async def start(self) -> None:
+        return_big_buffers_to_the_os()  # frames of many MiB must not stay in the kernel's heap
         self.ctx = zmq.asyncio.Context()
         self.procman = ProcessManager(self.config).start()
         self.devices = DeviceTable(self.config.memory_limit)
