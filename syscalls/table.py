@@ -37,7 +37,8 @@ OMITTED = Field("omitted", "int", "process records left out so that the reply fi
                 "0 unless the table is very large)")
 
 SAMPLING: tuple[Field, ...] = (
-    Field("max_new_tokens", "int", "most tokens to generate", default=128, min=1, max=1_000_000),
+    Field("max_new_tokens", "int", "most tokens to generate; cut to what the model's context holds after the "
+          "prompt (the result's stats.max_new_tokens and warnings say so)", default=128, min=1, max=1_000_000),
     Field("temperature", "float", "0 means greedy decoding", default=0.8, min=0.0, max=100.0),
     Field("top_p", "float", "nucleus sampling mass", default=0.95, min=1e-6, max=1.0),
     Field("top_k", "int", "keep the k most likely tokens; 0 turns it off", default=0, min=0, max=1_000_000),
