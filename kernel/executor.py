@@ -88,7 +88,9 @@ class Executor(Actor):
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_TRANSPORT_BYTES)  # a memory guard, as on the bus
         self.frames = TokenBucket(frames_per_s, frames_per_s)
-        self.bytes = TokenBucket(bytes_per_s, max(bytes_per_s, protocol.MAX_FRAME_BYTES))
+        self.frames_in = 0  # frames and bytes read from the worker (the reader task counts them)
+        self.bytes_in = 0
+        self.bytes = TokenBucket(bytes_per_s, protocol.MAX_FRAME_BYTES)  # one largest frame passes at once
         self.log_path = log_dir / f"worker-{self.id}.log"
         self.proc: subprocess.Popen | None = None
         self.ready: asyncio.Future = asyncio.get_event_loop().create_future()
@@ -272,10 +274,12 @@ class Executor(Actor):
     async def _read(self) -> None:
         while True:
             raw = await self.sock.recv()
+            self.frames_in += 1
+            self.bytes_in += len(raw)
             # past the worker's allowance, wait: ZeroMQ's queues fill and the worker's sends block
             wait = max(self.frames.delay(1), self.bytes.delay(len(raw)))
-            if wait > 0:
-                await asyncio.sleep(wait)
+            # a recv that finds a frame waiting does not yield: yield anyway, so a burst never holds the loop
+            await asyncio.sleep(wait)
             try:
                 msg = codec.decode(raw)
             except Exception as exc:

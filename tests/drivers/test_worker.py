@@ -135,3 +135,24 @@ def test_a_worker_with_nothing_runnable_sleeps_and_sends_no_step_frames(start_wo
     assert frames and all(f["op"] == "hb" and f["running"] == 1 for f in frames)  # alive, and silent otherwise
     kernel.send(codec.encode({"op": "abort", "pid": 1}))  # an op wakes it at once
     assert recv()["events"][0][3] == "killed"
+
+
+@pytest.mark.parametrize("config, fault", [('{"model_type": "no-such-architecture"}', "ValueError"),
+                                           ('{"model_type": "llama", "vocab_size": 8}', "")])
+def test_a_model_the_loader_refuses_for_its_files_is_reported_as_einval(tmp_path, config, fault):
+    model = tmp_path / "bad"
+    model.mkdir()
+    (model / "config.json").write_text(config)  # no tokenizer, no weights
+    ctx = zmq.Context.instance()
+    kernel_end = ctx.socket(zmq.DEALER)
+    kernel_end.setsockopt(zmq.LINGER, 0)
+    kernel_end.setsockopt(zmq.RCVTIMEO, 60_000)
+    kernel_end.bind(f"ipc://{tmp_path}/w.sock")
+    w = Worker(f"ipc://{tmp_path}/w.sock", str(model), "cpu", {})
+    try:
+        assert w.serve() == 1
+        msg = codec.decode(kernel_end.recv())
+    finally:
+        w.sock.close(linger=0)
+        kernel_end.close()
+    assert msg["op"] == "failed" and msg["errno"] == 22 and fault in msg["message"] and str(model) in msg["message"]

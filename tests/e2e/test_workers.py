@@ -1,0 +1,275 @@
+"""The kernel and its model workers: floods, undeliverable messages, signals that must reach the worker,
+liveness, and prompts too big to tokenise. Real ZeroMQ sockets and real worker processes throughout."""
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from llmos import InvalidArgument
+from llmos.kernel import messages as m
+from llmos.kernel.actor import Actor
+from llmos.kernel.executor import BYTES_PER_S, FRAMES_PER_S, Executor
+from llmos.syscalls import protocol
+from llmos.syscalls.errors import FrameTooLarge, TooBig
+from tests.conftest import KernelProc, wait_for
+
+# A stand-in worker process: it speaks the worker protocol over a real DEALER socket and then either
+# floods the kernel (mode "frames": empty step frames; "bytes": 1 MiB heartbeats), answers each add
+# with a one-token "length" event (mode "echo"), or reports a load failure blamed on the files ("fail").
+FAKE_WORKER = r'''
+import argparse, msgpack, zmq
+ap = argparse.ArgumentParser()
+for flag in ("--address", "--model", "--options", "--device", "--mode"):
+    ap.add_argument(flag)
+a = ap.parse_args()
+sock = zmq.Context().socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(a.address)
+pack = lambda msg: msgpack.packb(msg, use_bin_type=True)
+if a.mode == "fail":
+    sock.send(pack({"op": "failed", "errno": 22, "message": "cannot load model: ValueError: no-such-architecture"}))
+    sock.recv()  # until the kernel stops it
+sock.send(pack({"op": "ready", "info": {"vocab_size": 100, "context_len": 64}}))
+if a.mode == "frames":
+    frame = pack({"op": "step", "events": [], "running": 1, "step_s": 1e-6, "steps": 1})
+elif a.mode == "bytes":
+    frame = pack({"op": "hb", "running": 0, "stats": {"pad": "x" * 2**20}})
+while a.mode in ("frames", "bytes"):
+    sock.send(frame)
+while True:
+    msg = msgpack.unpackb(sock.recv(), raw=False)
+    if msg["op"] == "add":
+        sock.send(pack({"op": "step", "events": [[msg["pid"], [1], "x", "length", "x", None]], "running": 0,
+                        "step_s": 0.001}))
+'''
+
+
+class Recorder(Actor):
+    """Plays the ProcessManager: keeps every message an executor tells it."""
+
+    def __init__(self):
+        super().__init__("recorder")
+        self.got = []
+
+    async def receive(self, msg):
+        self.got.append(msg)
+
+
+async def start_executor(tmp_path: Path, mode: str, **limits) -> tuple[Executor, Recorder, zmq.asyncio.Context]:
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    ctx = zmq.asyncio.Context()
+    rec = Recorder().start()
+    (tmp_path / "run").mkdir(exist_ok=True)
+    ex = Executor(ctx, tmp_path / "run", "fake-model", rec, lambda ex: None, tmp_path, {"max_batch": 4}, **limits)
+    ex.launch((sys.executable, str(script), "--mode", mode))
+    await asyncio.wait([ex.ready], timeout=30)
+    return ex, rec, ctx
+
+
+async def stop_executor(ex: Executor, rec: Recorder, ctx: zmq.asyncio.Context) -> None:
+    ex.proc.kill()  # the stand-in does not answer shutdown
+    await ex.stop()
+    await rec.stop()
+    ctx.term()
+
+
+async def loop_lag_while(seconds: float) -> float:
+    """The longest the event loop took to wake a 10 ms sleeper during ``seconds``."""
+    worst, end = 0.0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        t = time.monotonic()
+        await asyncio.sleep(0.01)
+        worst = max(worst, time.monotonic() - t - 0.01)
+    return worst
+
+
+RATES = {"frames": {"frames_per_s": 300}, "bytes": {"bytes_per_s": 8 * 2**20}}
+
+
+@pytest.mark.parametrize("mode", ["frames", "bytes"])
+def test_a_worker_that_floods_is_read_at_its_allowance_and_the_kernel_loop_stays_responsive(tmp_path, mode):
+    async def main():
+        ex, rec, ctx = await start_executor(tmp_path, mode, **RATES[mode])
+        try:
+            t0, frames0, bytes0 = time.monotonic(), ex.frames_in, ex.bytes_in
+            lag = await loop_lag_while(1.5)
+            t_ask = time.monotonic()
+            ids = await (await ex.ask(m.Encode(None, None, [1, 2, 3])))  # the executor's mailbox answers at once
+            ask_s = time.monotonic() - t_ask
+            elapsed = time.monotonic() - t0
+            taken = ex.frames_in - frames0 if mode == "frames" else (ex.bytes_in - bytes0) / 2**20
+            return taken, elapsed, lag, ask_s, ids
+        finally:
+            await stop_executor(ex, rec, ctx)
+
+    taken, elapsed, lag, ask_s, ids = asyncio.run(main())
+    if mode == "frames":  # empty step frames: 300 a second after a burst of 300 (and one in hand)
+        assert 100 < taken <= 300 * elapsed + 300 + 2
+    else:  # 1 MiB frames, in MiB: 8 a second after a burst of one largest frame (16)
+        assert 4 < taken <= 8 * elapsed + 16 + 2
+    assert lag < 0.3 and ask_s < 0.3 and ids == [1, 2, 3]
+
+
+def test_the_byte_allowance_bounds_a_flood_of_large_frames():
+    from llmos.kernel.executor import TokenBucket
+
+    clock = [0.0]
+    burst = protocol.MAX_FRAME_BYTES
+    bucket = TokenBucket(BYTES_PER_S, burst, clock=lambda: clock[0])
+    for _ in range(200):  # 200 MiB of frames, the reader sleeping as long as it is told
+        clock[0] += bucket.delay(2**20)
+    assert clock[0] == pytest.approx((200 * 2**20 - burst) / BYTES_PER_S, rel=0.01)
+    clock[0] += 1000
+    assert bucket.delay(2**20) == 0.0  # the allowance refills with time, up to the burst
+
+
+def test_a_message_the_executor_cannot_deliver_ends_that_process_and_the_next_one_runs(tmp_path):
+    async def main():
+        ex, rec, ctx = await start_executor(tmp_path, "echo")
+        try:
+            huge = {"stop": ["s" * 6 * 2**20] * 3, "max_new_tokens": 1}  # each string under its bound, not all three
+            ex.tell(m.Add(7, [1, 2], huge))
+            ex.tell(m.Add(8, [1, 2], {"max_new_tokens": 1}))
+            with pytest.raises(Exception) as err:
+                await (await ex.ask(m.Encode(None, [{"role": "user", "content": "c" * 2**20}] * 20)))
+            deadline = time.monotonic() + 10
+            while len(rec.got) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return err.value, [e for msg in rec.got for e in msg.events], ex.dead
+        finally:
+            await stop_executor(ex, rec, ctx)
+
+    encode_error, events, dead = asyncio.run(main())
+    by_pid = {e[0]: e for e in events}
+    assert by_pid[7][3] == "error" and by_pid[7][5]["error"] == "EMSGSIZE" and "add" in by_pid[7][5]["message"]
+    assert by_pid[8][3] == "length"  # the worker still serves the next one
+    assert isinstance(encode_error, FrameTooLarge) and not dead
+
+
+# -- through the shared kernel -------------------------------------------------------------------------------
+
+def executor_of(client, model):
+    [ex] = client.model_info(model)["executors"]
+    return ex
+
+
+def test_kill_reaches_the_worker_and_it_drops_the_sequence(client, long_model):
+    pids = [client.spawn(prompt="k" * 40, model=long_model, max_new_tokens=90_000, ignore_eos=True)
+            for _ in range(2)]
+    wait_for(lambda: executor_of(client, long_model)["running"] == 2 and all(
+        client.stat(p).output_tokens > 5 for p in pids), what="both processes generating")
+    for p in pids:
+        client.kill(p, "KILL")
+        assert client.wait(p, timeout=10).finish_reason == "killed"
+    ex = wait_for(lambda: (lambda e: e if e["running"] == 0 and e["kv_used"] == 0 else None)(
+        executor_of(client, long_model)), timeout=10, what="the worker to drop both sequences")
+    assert ex["kv_free"] == ex["kv_total"]
+
+
+def test_ping_is_answered_at_once_while_a_long_prefill_runs(client, long_model):
+    pid = client.spawn(prompt_ids=[5 + i % 200 for i in range(6000)], model=long_model, max_new_tokens=1)
+    wait_for(lambda: client.stat(pid).state == "RUNNING", what="the prefill to start")
+    times = []
+    for _ in range(5):
+        t = time.monotonic()
+        client.ping()
+        times.append(time.monotonic() - t)
+    prefilling = client.stat(pid).output_tokens == 0
+    client.kill(pid, "KILL")
+    client.wait(pid)
+    assert prefilling, "the prefill ended before the pings: make the prompt longer"
+    assert max(times) < 0.2, times
+
+
+def test_a_prompt_too_long_for_the_context_is_e2big_before_it_is_tokenised(client, long_model):
+    info = executor_of(client, long_model)
+    t = time.monotonic()
+    with pytest.raises(TooBig, match="at most 1200000"):  # 100,000 tokens of at most 12 characters
+        client.spawn(prompt="x" * 4_000_000, model=long_model, max_new_tokens=1)
+    with pytest.raises(TooBig, match="characters"):
+        client.spawn(messages=[{"role": "user", "content": "y" * 700_000}] * 2, model=long_model, max_new_tokens=1)
+    assert time.monotonic() - t < 2.0 and info["context_len"] == 100_000
+
+
+def test_a_spawn_is_not_delayed_by_another_clients_long_tokenisation(kernel, client, long_model):
+    big = {}
+
+    def spawn_big():
+        with kernel.client() as c:
+            big["start"] = time.monotonic()
+            try:
+                c.spawn(prompt="ab cd " * 190_000, model=long_model, max_new_tokens=1)  # 1.14M chars: admitted
+            except TooBig as exc:  # ... then too many tokens for the context
+                big["error"] = exc
+            big["end"] = time.monotonic()
+
+    thread = threading.Thread(target=spawn_big)
+    thread.start()
+    wait_for(lambda: "start" in big, what="the big spawn to be sent")
+    t = time.monotonic()
+    pid = client.spawn(prompt="hello", model=long_model, max_new_tokens=1)
+    small_s = time.monotonic() - t
+    thread.join(60)
+    client.wait(pid)
+    assert "error" in big and big["end"] - big["start"] > 1.0  # it really tokenised for a while
+    assert small_s < 0.5 and t + small_s < big["end"], (small_s, big["end"] - big["start"])
+
+
+def test_a_broken_model_directory_is_einval_naming_the_file_and_the_fault(client, tmp_path):
+    from tests.tinymodel import make_tiny_llama
+
+    path = make_tiny_llama(tmp_path / "broken")
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(InvalidArgument, match=r"config\.json is not valid JSON"):
+        client.spawn(prompt="x", model=str(path), max_new_tokens=1)
+    (path / "config.json").write_text('{"model_type": "llama", "vocab_size": 261}')
+    (path / "model.safetensors").write_bytes(os.urandom(4096))
+    with pytest.raises(InvalidArgument, match=r"model\.safetensors is not a safetensors file"):
+        client.model_info(str(path))
+    with pytest.raises(InvalidArgument, match=r"model\.safetensors"):
+        client.model_load(str(path))
+    client.ping()
+
+
+def test_a_load_failure_the_worker_blames_on_the_files_reaches_the_caller_as_einval(tmp_path):
+    async def main():
+        ex, rec, ctx = await start_executor(tmp_path, "fail")
+        try:
+            return ex.ready.exception()
+        finally:
+            await stop_executor(ex, rec, ctx)
+
+    err = asyncio.run(main())
+    assert isinstance(err, InvalidArgument) and "no-such-architecture" in err.message
+
+
+def test_a_silent_worker_is_counted_dead_and_its_processes_end_with_eio(tiny_model):
+    k = KernelProc(extra=["--worker-timeout", "2"])
+    try:
+        with k.client() as c:
+            pid = c.spawn(prompt="x", model=tiny_model, max_new_tokens=100_000, ignore_eos=True)
+            wait_for(lambda: c.stat(pid).output_tokens > 0, what="the process to generate")
+            [worker] = k.worker_pids()
+            os.kill(worker, signal.SIGSTOP)
+            t = time.monotonic()
+            try:
+                r = c.wait(pid, timeout=20)
+            finally:
+                try:
+                    os.kill(worker, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            assert r.finish_reason == "error" and r.error["error"] == "EIO"
+            assert 1.5 < time.monotonic() - t < 10
+            c.ping()
+    finally:
+        k.stop()
