@@ -1,8 +1,10 @@
 """The fallback engine: any transformers causal LM, one KV cache per sequence, one token per sequence per step.
 
-Used for architectures the paged engine does not implement. Every process still makes
-progress every step, and its KV use is accounted in the same block pool (as logical blocks:
-transformers holds the tensors).
+Used for architectures the paged engine does not implement. Every process makes progress
+every step while memory lasts; its KV use is accounted in the same block pool (as logical
+blocks: transformers holds the tensors), under the same memory contract as the paged engine
+(``BaseEngine._make_room``: ENOMEM for a sequence that can never fit, else preemption of the
+last-ranked sequence, whose cache is dropped and recomputed from its tokens).
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ class Worker:
                     stalled = False
                     msg = self.inbox.get_nowait()
             except queue.Empty:
-                pass
+                stalled = False  # a heartbeat's wait without news: try the step again (a pool may grow)
             if not self.running:
                 break
             if self.engine.has_work() and not stalled:

@@ -179,15 +179,15 @@ def test_ping_is_answered_at_once_while_a_long_prefill_runs(client, long_model):
     pid = client.spawn(prompt_ids=[5 + i % 200 for i in range(6000)], model=long_model, max_new_tokens=1)
     wait_for(lambda: client.stat(pid).state == "RUNNING", what="the prefill to start")
     times = []
-    for _ in range(5):
+    while client.stat(pid).output_tokens == 0 and len(times) < 400:  # ping all along the prefill
         t = time.monotonic()
         client.ping()
         times.append(time.monotonic() - t)
-    prefilling = client.stat(pid).output_tokens == 0
+        time.sleep(0.005)
     client.kill(pid, "KILL")
     client.wait(pid)
-    assert prefilling, "the prefill ended before the pings: make the prompt longer"
-    assert max(times) < 0.2, times
+    assert len(times) >= 20, "the prefill ended too soon to show anything: make the prompt longer"
+    assert max(times) < 0.2, sorted(times)[-3:]
 
 
 def test_a_prompt_too_long_for_the_context_is_e2big_before_it_is_tokenised(client, long_model):
