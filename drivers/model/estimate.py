@@ -7,7 +7,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from llmos.drivers.model.shape import model_shape
+from llmos.drivers.model.shape import PACK_LIMIT_BYTES, PAGED_MODEL_TYPES, model_shape
 
 WORKER_OVERHEAD_BYTES = 350 * 2**20  # a worker with torch and transformers imported: the RSS ps showed for one on the tiny test model
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -51,10 +51,8 @@ def estimate(path: str | Path, device: str = "cpu", kv_tokens: int | None = None
     if kv_tokens is None:
         kv_tokens = max_batch * context
     weights = params * elem
-    from llmos.drivers.model.paged import PACK_LIMIT_BYTES, SUPPORTED
-
     # the paged engine on a CPU keeps a oneDNN-packed copy of the weights of models up to the limit
-    if device == "cpu" and config.get("model_type") in SUPPORTED and weights <= PACK_LIMIT_BYTES:
+    if device == "cpu" and config.get("model_type") in PAGED_MODEL_TYPES and weights <= PACK_LIMIT_BYTES:
         weights *= 2
     kv = per_token * kv_tokens
     return {"parameters": params, "weight_bytes": weights, "kv_bytes": kv, "kv_bytes_per_token": per_token,

@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from llmos.drivers.model import cpu_kernels
 from llmos.drivers.model.engine import BaseEngine, Sequence, StepEvent
 from llmos.drivers.model.sampling import sample_batch
+from llmos.drivers.model.shape import PACK_LIMIT_BYTES, PAGED_MODEL_TYPES as SUPPORTED
 from llmos.syscalls.errors import Errno
 
-SUPPORTED = {"llama", "qwen2", "mistral"}
-PACK_LIMIT_BYTES = 4 * 2**30
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

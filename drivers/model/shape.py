@@ -13,6 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+# the architectures the paged engine runs (model_type), and the largest weights it keeps a oneDNN-packed
+# copy of on a CPU; here, not in paged.py, so that the kernel can estimate memory without importing torch
+PAGED_MODEL_TYPES = frozenset({"llama", "qwen2", "mistral"})
+PACK_LIMIT_BYTES = 4 * 2**30
+
 DEFAULT_CONTEXT = 2048  # a config that states no context length (ALiBi models such as BLOOM)
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_seq_len",

@@ -69,3 +69,20 @@ def test_model_info_before_loading_reads_a_gpt2_config(tmp_path):
     est = estimate(path, "cpu", kv_tokens=None, max_batch=2)
     assert est["context_len"] == 256 and est["kv_bytes_per_token"] == 2 * 2 * 32 * 4
     assert est["kv_bytes"] == 2 * 256 * est["kv_bytes_per_token"] > 0
+
+
+def test_the_kernel_estimates_and_checks_a_model_without_importing_torch():
+    # the kernel's event loop calls these on model_info, model_load and the first spawn: importing torch
+    # there froze every client for seconds
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from llmos.kernel.kernel import Kernel\n"
+            "from llmos.drivers.model.estimate import estimate\n"
+            "from llmos.drivers.model.registry import resolve_model\n"
+            "estimate(resolve_model(None), 'cpu')\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
