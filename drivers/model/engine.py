@@ -22,7 +22,7 @@ from llmos.drivers.model.prompt import check_length, check_prompt_chars, check_p
 from llmos.drivers.model.sampling import SamplingParams
 from llmos.drivers.model.shape import model_shape
 from llmos.drivers.model.text import TextTracker, silent_tokens, split_stops
-from llmos.syscalls.errors import Errno, InvalidArgument, OutOfMemory
+from llmos.syscalls.errors import Errno, InvalidArgument, OutOfMemory, wire_error
 
 
 @dataclass
@@ -69,10 +69,6 @@ class Sequence:
     def rank(self) -> tuple[int, int]:
         """Lower ranks run first and are preempted last."""
         return (self.priority, self.arrival)
-
-
-def error_dict(errno: Errno, message: str) -> dict[str, Any]:
-    return {"errno": int(errno), "error": errno.name, "message": message}
 
 
 def longest_token_chars(tokenizer: Any) -> int:
@@ -240,7 +236,7 @@ class BaseEngine:
 
     def _fail(self, seq: Sequence, errno: Errno, message: str) -> StepEvent:
         self._drop(seq.pid)
-        return StepEvent(seq.pid, [], seq.text.finish(), "error", seq.text.text, error_dict(errno, message))
+        return StepEvent(seq.pid, [], seq.text.finish(), "error", seq.text.text, wire_error(errno, message))
 
     # -- memory: one contract for every engine ------------------------------------------------
     def _block_limit(self, seq: Sequence) -> int:

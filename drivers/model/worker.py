@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import zmq
 
 from llmos.syscalls import codec
-from llmos.syscalls.errors import Errno, LLMOSError
+from llmos.syscalls.errors import Errno, LLMOSError, wire_error
 
 HEARTBEAT_S = 1.0
 ENCODE_THREADS = 2  # a long prompt being tokenised leaves a thread for everyone else's
@@ -93,8 +93,8 @@ class Worker:
             self.send({"op": "ready", "info": info})
         except Exception as exc:
             errno = load_errno(exc)
-            self.send({"op": "failed", "errno": int(errno),
-                       "message": f"cannot load model {self.model_path}: {type(exc).__name__}: {exc}"[:2000]})
+            self.send({"op": "failed", **wire_error(errno, f"cannot load model {self.model_path}: "
+                                                          f"{type(exc).__name__}: {exc}")})
             traceback.print_exc()
             return 1
         self._start_socket_thread()
@@ -199,8 +199,8 @@ class Worker:
         try:
             frame = codec.encode(self._encode(msg))
         except Exception as exc:  # a reply too large for a frame: the kernel still gets one
-            frame = codec.encode({"op": "encoded", "rid": msg.get("rid"), "errno": int(Errno.E2BIG), "error": "E2BIG",
-                                  "message": f"the encoded prompt does not fit a frame: {exc}"})
+            frame = codec.encode({"op": "encoded", "rid": msg.get("rid"),
+                                  **wire_error(Errno.E2BIG, f"the encoded prompt does not fit a frame: {exc}")})
         sock = getattr(self._local, "sock", None)
         if sock is None:
             sock = self._local.sock = self.ctx.socket(zmq.PUSH)
@@ -215,8 +215,8 @@ class Worker:
         except LLMOSError as exc:
             return {"op": "encoded", "rid": msg["rid"], **exc.to_wire()}
         except Exception as exc:
-            return {"op": "encoded", "rid": msg["rid"], "errno": int(Errno.EINVAL), "error": "EINVAL",
-                    "message": f"cannot encode input: {type(exc).__name__}: {exc}"}
+            return {"op": "encoded", "rid": msg["rid"],
+                    **wire_error(Errno.EINVAL, f"cannot encode input: {type(exc).__name__}: {exc}")}
 
     # -- ops, applied by the main thread between steps --------------------------------------
     def handle(self, msg: dict) -> None:
@@ -225,8 +225,7 @@ class Worker:
             try:
                 self.engine.add(msg["pid"], msg["ids"], msg["params"], msg.get("user", ""), msg.get("priority", 0))
             except Exception as exc:
-                err = exc.to_wire() if isinstance(exc, LLMOSError) else {
-                    "errno": int(Errno.EIO), "error": "EIO", "message": repr(exc)}
+                err = exc.to_wire() if isinstance(exc, LLMOSError) else wire_error(Errno.EIO, repr(exc))
                 self.send({"op": "step", "events": [[msg["pid"], [], "", "error", "", err]],
                            "running": self.engine.running, "step_s": 0.0})
         elif op == "abort":
