@@ -59,7 +59,8 @@ def kernel_address(address: str | None = None, home: Path | str | None = None) -
     if address:
         return check_address(address, "the address given")
     if home is not None:
-        return check_address(default_address(Path(home).expanduser().resolve()), f"the default socket under home {home}")
+        path = Path(home).expanduser().resolve()
+        return check_address(default_address(path), f"the default socket under home {home}")
     env = os.environ.get("LLMOS_ADDRESS")
     if env:
         return check_address(env, "$LLMOS_ADDRESS")
@@ -67,7 +68,8 @@ def kernel_address(address: str | None = None, home: Path | str | None = None) -
 
 
 def connect_address(address: str) -> str:
-    """Where a client connects for ``address``: a kernel listening on every interface (tcp://*) is reached on the loopback."""
+    """Where a client connects for ``address``: a kernel listening on every interface (tcp://*) is reached
+    on the loopback."""
     return "tcp://127.0.0.1:" + address.rpartition(":")[2] if address.startswith("tcp://*:") else address
 
 

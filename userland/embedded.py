@@ -73,7 +73,16 @@ def launch(address: str | None = None, home: Path | None = None, *, embedded: bo
                                + (f": {said}" if said else "") + f" (log: {log_path})", code)
         client = try_connect(address, timeout=1.0)
         if client is not None:
-            return proc, client
+            if client.kernel.get("pid") == proc.pid:
+                return proc, client
+            # another kernel answers at the address (it won a race with ours, which will find the address
+            # taken and exit): use that one, and never treat it as ours to stop
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            return None, client
         time.sleep(0.05)
     proc.kill()
     raise KernelUnavailable(f"kernel did not answer at {address} within {timeout} s")

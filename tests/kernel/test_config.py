@@ -1,4 +1,5 @@
-"""The kernel's configuration table: every flag parses its range, refuses the rest by name, and so does a config made in code."""
+"""The kernel's configuration table: every flag parses its range and refuses the rest by name; so does a
+config made in code."""
 
 import argparse
 import math

@@ -1,7 +1,6 @@
 """A user never sees a Python traceback from llmos or llmos-shell: bugs are one line, usage errors say the usage."""
 
 import io
-import sys
 
 import pytest
 

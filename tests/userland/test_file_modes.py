@@ -4,7 +4,6 @@ older LLMOS left readable is made so; stale worker sockets of a dead kernel are 
 import os
 import stat
 import subprocess
-from pathlib import Path
 
 import pytest
 
