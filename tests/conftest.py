@@ -31,14 +31,44 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama"))
 
 
-class KernelProc:
-    """A real kernel in a subprocess, with its own $LLMOS_HOME (short path: ipc paths are bounded)."""
+@pytest.fixture(scope="session")
+def long_model(kernel, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny model with a 100,000-token context, loaded on the shared kernel with a small KV pool
+    (4096 blocks of 8 tokens, 16 MiB): a process asked for many tokens is still running seconds later,
+    instead of ending at a short context. Tests that start such processes kill and reap them."""
+    path = str(make_tiny_llama(tmp_path_factory.mktemp("models") / "long-llama", seed=7, context=100_000))
+    with kernel.client() as c:
+        c.model_load(path, kv_blocks=4096, keep_alive=-1)
+    return path
 
-    def __init__(self, max_batch: int = 16, extra: list[str] | None = None) -> None:
-        self.home = Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "the condition"):
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` seconds pass (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class KernelProc:
+    """A real kernel in a subprocess, with its own $LLMOS_HOME (short path: ipc paths are bounded).
+
+    ``home``: use this (existing or not) directory instead of a fresh one. ``stop()`` ends the kernel
+    and removes the home (the log tail stays readable through ``logs()``).
+    """
+
+    def __init__(self, max_batch: int = 16, extra: list[str] | None = None, home: Path | None = None) -> None:
+        self.home = Path(home) if home is not None else Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
+        self.home.mkdir(parents=True, exist_ok=True)
         self.address = f"ipc://{self.home}/run/kernel.sock"
         self.env = {**os.environ, "LLMOS_HOME": str(self.home), "LLMOS_ADDRESS": self.address}
-        self.log = open(self.home / "kernel.out", "wb")
+        self._out = self.home / "kernel.out"
+        self._saved_logs: str | None = None
+        self.log = open(self._out, "wb")
         self.proc = subprocess.Popen(
             # --parent-pid: a test run that dies never leaves its kernels behind
             [sys.executable, "-m", "llmos.kernel.main", "--max-batch", str(max_batch), "--parent-pid",
@@ -70,7 +100,9 @@ class KernelProc:
             return [m["worker_pid"] for m in c.kernel_info()["models"]]
 
     def logs(self) -> str:
-        return (self.home / "kernel.out").read_text(errors="replace")[-3000:]
+        if self._saved_logs is not None:
+            return self._saved_logs
+        return self._out.read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -81,6 +113,9 @@ class KernelProc:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        if self._saved_logs is None:
+            self._saved_logs = self.logs()
+            shutil.rmtree(self.home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

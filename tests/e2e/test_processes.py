@@ -1,12 +1,12 @@
 """LLM processes end to end: a real kernel subprocess, real ZeroMQ, a real tiny model."""
 
-import time
-
 import pytest
 
 from llmos import NoSuchProcess, TimedOut
+from tests.conftest import wait_for
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
+LONG = {"max_new_tokens": 100_000, **GREEDY}  # with long_model's context: running until killed
 
 
 def test_spawn_and_wait_return_text_tokens_reason_and_timings(client, tiny_model):
@@ -49,26 +49,24 @@ def test_chat_messages_spawn_a_process(client, tiny_model):
     assert client.wait(pid).stats.output_tokens == 4
 
 
-def test_ps_lists_processes_with_state_priority_and_model(client, tiny_model):
-    pid = client.spawn(prompt="x", model=tiny_model, max_new_tokens=1000, priority=7, **GREEDY)
+def test_ps_lists_processes_with_state_priority_and_model(client, long_model):
+    pid = client.spawn(prompt="x", model=long_model, priority=7, **LONG)
     row = next(p for p in client.ps() if p.pid == pid)
-    assert row.priority == 7 and row.model == tiny_model and row.state in ("READY", "RUNNING")
+    assert row.priority == 7 and row.model == long_model and row.state in ("READY", "RUNNING")
     client.kill(pid, "KILL")
     assert client.wait(pid).finish_reason == "killed"
 
 
-def test_term_cancels_and_keeps_the_partial_output(client, tiny_model):
-    pid = client.spawn(prompt="long", model=tiny_model, max_new_tokens=5000, **GREEDY)
-    deadline = time.monotonic() + 30
-    while client.stat(pid).output_tokens < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
+def test_term_cancels_and_keeps_the_partial_output(client, long_model):
+    pid = client.spawn(prompt="long", model=long_model, **LONG)
+    wait_for(lambda: client.stat(pid).output_tokens >= 3, 30, "3 tokens")
     client.kill(pid, "TERM")
     r = client.wait(pid, timeout=30)
     assert r.finish_reason == "killed" and r.signal == "TERM" and len(r.token_ids) >= 3
 
 
-def test_wait_with_a_timeout_raises_etimedout_and_the_process_lives_on(client, tiny_model):
-    pid = client.spawn(prompt="x", model=tiny_model, max_new_tokens=5000, **GREEDY)
+def test_wait_with_a_timeout_raises_etimedout_and_the_process_lives_on(client, long_model):
+    pid = client.spawn(prompt="x", model=long_model, **LONG)
     with pytest.raises(TimedOut):
         client.wait(pid, timeout=0.2)
     assert client.stat(pid).state in ("READY", "RUNNING")
@@ -85,30 +83,24 @@ def test_a_reaped_process_is_gone_and_an_unreaped_zombie_stays(client, tiny_mode
         client.stat(pid)
 
 
-def test_several_processes_on_one_model_make_progress_together(client, tiny_model):
-    pids = [client.spawn(prompt=f"p{i}", model=tiny_model, max_new_tokens=5000, **GREEDY) for i in range(3)]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        stats = [client.stat(p) for p in pids]
-        if all(s.output_tokens >= 5 for s in stats):
-            break
-        time.sleep(0.05)
-    assert all(s.state == "RUNNING" and s.output_tokens >= 5 for s in stats)
+def test_several_processes_on_one_model_make_progress_together(client, long_model):
+    pids = [client.spawn(prompt=f"p{i}", model=long_model, **LONG) for i in range(3)]
+    stats = wait_for(lambda: (lambda st: st if all(s.output_tokens >= 5 for s in st) else None)(
+        [client.stat(p) for p in pids]), 30, "5 tokens from each")
+    assert all(s.state == "RUNNING" for s in stats)
     for p in pids:
         client.kill(p, "KILL")
         client.wait(p)
 
 
-def test_a_waiting_process_with_better_priority_is_admitted_first(client, tiny_model):
+def test_a_waiting_process_with_better_priority_is_admitted_first(client, long_model):
     # the shared kernel runs at most 4 processes per model at once
-    blockers = [client.spawn(prompt="b", model=tiny_model, max_new_tokens=5000, **GREEDY) for _ in range(4)]
-    low = client.spawn(prompt="low", model=tiny_model, max_new_tokens=3, priority=15, **GREEDY)
-    high = client.spawn(prompt="high", model=tiny_model, max_new_tokens=3, priority=-15, **GREEDY)
+    blockers = [client.spawn(prompt="b", model=long_model, **LONG) for _ in range(4)]
+    low = client.spawn(prompt="low", model=long_model, max_new_tokens=3, priority=15, **GREEDY)
+    high = client.spawn(prompt="high", model=long_model, max_new_tokens=3, priority=-15, **GREEDY)
     assert client.stat(low).state == "READY" and client.stat(high).state == "READY"
     client.kill(blockers[0], "KILL")
-    deadline = time.monotonic() + 10
-    while client.stat(high).state == "READY" and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: client.stat(high).state != "READY", 10, "the better priority to be admitted")
     assert client.stat(high).state in ("RUNNING", "ZOMBIE") and client.stat(low).state == "READY"
     for b in blockers[1:]:
         client.kill(b, "KILL")

@@ -1,6 +1,7 @@
 """The seed example, exactly as written, in a fresh program: embedded kernel, no process left behind."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -9,6 +10,10 @@ import pytest
 
 from llmos.drivers.model.registry import DEFAULT_MODEL_DIR
 from tests.e2e.test_lifecycle import processes_mentioning
+from tests.tinymodel import byte_level_tokenizer, make_chain_llama
+
+SEED_PROMPT = "这是一个关于"
+STORY = " story."  # what the chain model below writes after the seed prompt
 
 SEED = """
 from llmos import LLMOS
@@ -25,26 +30,62 @@ with LLMOS() as llmos:
 """
 
 
-def run_program(code: str, cwd: str | None = None) -> tuple[subprocess.CompletedProcess, str]:
+@pytest.fixture
+def fresh_home():
+    """A $LLMOS_HOME of the program's own, removed afterwards; the environment that points at it."""
     home = tempfile.mkdtemp(prefix="llmos-s-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k != "LLMOS_ADDRESS"}
     env["LLMOS_HOME"] = home
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180, cwd=cwd)
-    return r, home
+    yield home, env
+    for p in processes_mentioning(home):
+        p.kill()
+    shutil.rmtree(home, ignore_errors=True)
 
 
-def test_the_seed_example_prints_text_from_a_hugging_face_directory_and_leaves_nothing(tiny_model):
-    parent, name = os.path.split(tiny_model)
+def run_program(code: str, env: dict, cwd: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def story_model(tmp_path_factory):
+    """A model whose every continuation of the seed prompt is " story." then end-of-sequence: the greedy
+    token has logit 30 and every other 0, so the default sampling (temperature 0.8, top_p 0.95) keeps
+    only the greedy token, and the example, written without a temperature, prints a known text."""
+    tok = byte_level_tokenizer()
+    last = tok(SEED_PROMPT)["input_ids"][-1]
+    story = tok(STORY)["input_ids"]
+    assert len(set(story)) == len(story) and last not in story
+    chain = dict(zip([last, *story], [*story, tok.eos_token_id]))
+    return str(make_chain_llama(tmp_path_factory.mktemp("seed") / "story", tok, chain))
+
+
+def greedy_reference(model: str, prompt: str) -> str:
+    """What transformers' own greedy generate writes (no LLMOS involved)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = AutoModelForCausalLM.from_pretrained(model).generate(ids, do_sample=False, max_new_tokens=32)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_the_seed_example_prints_the_generated_text_and_leaves_nothing(story_model, fresh_home):
+    home, env = fresh_home
+    parent, name = os.path.split(story_model)
     # "path/to/model" in the example is relative to the program's working directory
-    r, home = run_program(SEED.format(path=name), cwd=parent)
+    r = run_program(SEED.format(path=name), env, cwd=parent)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.endswith("\n")  # print(text) ran; a random tiny model may well produce blank text
+    reference = greedy_reference(story_model, SEED_PROMPT)
+    assert reference == STORY and r.stdout == reference + "\n"
     assert processes_mentioning(home) == []
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").exists(), reason="default model not built")
-def test_llmos_with_no_model_uses_the_shipped_default_model(tiny_model):
-    r, home = run_program(DEFAULT)
+def test_llmos_with_no_model_uses_the_shipped_default_model(fresh_home):
+    home, env = fresh_home
+    r = run_program(DEFAULT, env)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip()) > 10 and any(c.isalpha() for c in r.stdout)
     assert processes_mentioning(home) == []
@@ -62,12 +103,10 @@ with LLMOS(model_path=sys.argv[1]) as os_:
 """
 
 
-def test_ctrl_c_in_the_programs_terminal_does_not_reach_its_embedded_kernel(tiny_model):
+def test_ctrl_c_in_the_programs_terminal_does_not_reach_its_embedded_kernel(tiny_model, fresh_home):
     import signal
 
-    home = tempfile.mkdtemp(prefix="llmos-c-", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k != "LLMOS_ADDRESS"}
-    env["LLMOS_HOME"] = home
+    home, env = fresh_home
     p = subprocess.Popen([sys.executable, "-c", CTRL_C, tiny_model], env=env, stdout=subprocess.PIPE, text=True,
                          start_new_session=True)
     assert p.stdout.readline().strip() == "ready"
