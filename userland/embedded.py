@@ -49,8 +49,8 @@ def launch(address: str | None = None, home: Path | None = None, *, embedded: bo
     answering, KernelUnavailable when it does not answer within ``timeout`` seconds, and
     InvalidArgument for an address no kernel could serve.
     """
+    address = kernel_address(address, home)  # the same order as every other party: home only when given
     home = Path(home).expanduser().resolve() if home is not None else llmos_home()
-    address = kernel_address(address, home)
     log_path = open_log(home)
     start = log_path.stat().st_size  # only what this kernel writes is quoted back
     cmd = [sys.executable, "-m", "llmos.kernel.main", "--home", str(home), "--address", address]
