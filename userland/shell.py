@@ -159,6 +159,10 @@ class Shell:
             end(self.os.client, pid)  # ours: stop it and collect it, so no ZOMBIE is left behind
             self.say(f"\n[pid {pid} stopped by Ctrl-C]")
             return
+        except BrokenPipeError:  # nobody reads the output any more: stop generating it
+            stream.close()
+            end(self.os.client, pid)
+            raise
         self.say()
         reap(self.os.client, pid)  # the result came with the stream's final frame
         said = outcome(stream.result) if stream.result else None
