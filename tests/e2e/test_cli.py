@@ -188,11 +188,17 @@ def test_a_closed_stdout_ends_a_command_quietly_and_stops_its_run(kernel, client
             r = subprocess.run([*BIN, *args], env=kernel.env, stdout=write_end, stderr=subprocess.PIPE, text=True,
                                timeout=60)
             assert r.returncode == 141 and "Traceback" not in r.stderr and "Error" not in r.stderr, (args, r.stderr)
+        pid = int(r.stderr.split("[pid ", 1)[1].split("]")[0])
+        with pytest.raises(NoSuchProcess):
+            client.stat(pid)  # the run stopped its process and reaped it
+        before = {p.pid for p in client.ps()}
+        shell = subprocess.run([sys.executable, "-m", "llmos.shell"], env=kernel.env, stdout=write_end,
+                               stderr=subprocess.PIPE, text=True, timeout=60,
+                               input=f"run --model {long_model} -n 100000 --ignore-eos piped\nps\n")
+        assert shell.returncode == 141 and "Traceback" not in shell.stderr, shell.stderr
+        assert [p.pid for p in client.ps() if p.pid not in before] == []  # the shell's run was stopped and reaped
     finally:
         os.close(write_end)
-    pid = int(r.stderr.split("[pid ", 1)[1].split("]")[0])
-    with pytest.raises(NoSuchProcess):
-        client.stat(pid)  # the run stopped its process and reaped it
 
 
 def test_bad_addresses_are_a_usage_error_with_a_message_not_a_traceback(kernel, monkeypatch, capsys):
