@@ -33,7 +33,7 @@ from pathlib import Path
 import uvloop
 import zmq
 
-from llmos._wire import kernel_address
+from llmos.syscalls.address import resolve_address
 from llmos.kernel.config import KernelConfig, add_flags, from_args
 from llmos.kernel.kernel import Kernel
 from llmos.kernel.log import get_logger
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace, config: KernelConfig) -> int:
     home = Path(args.home).expanduser().resolve() if args.home else llmos_home()
     try:
-        address = kernel_address(args.address, home if args.home else None)
+        address = resolve_address(args.address, home if args.home else None)
     except InvalidArgument as exc:
         return _refuse(exc.message)
     try:

@@ -13,17 +13,16 @@ from typing import Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
-from llmos._wire import (Calls, connect_address, current_user, kernel_address, model_arg, spawn_args,
-                         text_or_raise)
+from llmos._wire import Calls, current_user, model_arg, spawn_args, text_or_raise
 from llmos.syscalls import protocol
-from llmos.syscalls.address import ipc_path
+from llmos.syscalls.address import connect_address, ipc_path, resolve_address
 from llmos.syscalls.errors import KernelGone, KernelUnavailable, TimedOut
 from llmos.types import ProcessInfo, ProcessResult
 
 
 class AsyncClient:
     def __init__(self, address: str | None = None, *, user: str | None = None) -> None:
-        self.address = kernel_address(address)  # InvalidArgument for an unusable one
+        self.address = resolve_address(address)  # InvalidArgument for an unusable one
         self.user = user or current_user()
         self._calls = Calls()
         self._queues: dict[int, asyncio.Queue] = {}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos import embedded
-from llmos._wire import kernel_address
+from llmos.syscalls.address import resolve_address
 from llmos.client import Client
 from llmos.kernel.config import add_flags as add_kernel_flags
 from llmos.syscalls.address import llmos_home
@@ -35,7 +35,7 @@ EXIT_SIGPIPE = 128 + signal.SIGPIPE
 def _address(args: argparse.Namespace) -> str:
     """The kernel address for this command: --address, else the default under --home, else
     $LLMOS_ADDRESS, else the default under $LLMOS_HOME (checked once, in main)."""
-    return kernel_address(args.address, args.home)
+    return resolve_address(args.address, args.home)
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -61,12 +61,14 @@ def exit_status(result: ProcessResult) -> int:
 
 
 def outcome(result: ProcessResult) -> str | None:
-    """The line a command prints on stderr for a process that did not finish normally, else None."""
+    """What a command prints on stderr about a result: the kernel's warnings (e.g. max_new_tokens cut to the
+    context) and how it ended when that was not normal; None when there is nothing to say."""
+    lines = [f"[pid {result.pid}: warning: {w}]" for w in result.warnings]
     if result.finish_reason == "error":
-        return f"[pid {result.pid} failed: {(result.error or {}).get('message', '')}]"
-    if result.finish_reason == "killed":
-        return f"[pid {result.pid} killed by SIG{result.signal or 'TERM'}]"
-    return None
+        lines.append(f"[pid {result.pid} failed: {(result.error or {}).get('message', '')}]")
+    elif result.finish_reason == "killed":
+        lines.append(f"[pid {result.pid} killed by SIG{result.signal or 'TERM'}]")
+    return "\n".join(lines) or None
 
 
 def reap(client: Any, pid: int) -> None:
@@ -194,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         said = outcome(result)
         if said:
             print(said, file=sys.stderr)
-        elif args.verbose:
+        if args.verbose and result.finish_reason in ("stop", "length"):
             s = result.stats
             print(f"[pid {pid}: {result.finish_reason}, {s.output_tokens} tokens, ttft {s.ttft_s or 0:.3f} s]",
                   file=sys.stderr)

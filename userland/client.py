@@ -12,7 +12,8 @@ from typing import Any, Iterator
 
 import zmq
 
-from llmos._wire import Calls, connect_address, current_user, kernel_address, model_arg, spawn_args
+from llmos._wire import Calls, current_user, model_arg, spawn_args
+from llmos.syscalls.address import connect_address, resolve_address
 from llmos.syscalls import protocol
 from llmos.syscalls.address import ipc_path
 from llmos.syscalls.errors import KernelGone, KernelUnavailable, LLMOSError, TimedOut
@@ -22,7 +23,7 @@ from llmos.types import ProcessInfo, ProcessResult
 class Client:
     def __init__(self, address: str | None = None, *, connect_timeout: float = 5.0,
                  user: str | None = None, client_name: str = "llmos.Client") -> None:
-        self.address = kernel_address(address)  # InvalidArgument for an unusable one
+        self.address = resolve_address(address)  # InvalidArgument for an unusable one
         self.user = user or current_user()
         path = ipc_path(self.address)
         if path is not None and not path.exists():

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmos._wire import kernel_address
+from llmos.syscalls.address import resolve_address
 from llmos.client import Client
 from llmos.syscalls.address import llmos_home
 from llmos.syscalls.errors import KernelUnavailable, LLMOSError
@@ -49,7 +49,7 @@ def launch(address: str | None = None, home: Path | None = None, *, embedded: bo
     answering, KernelUnavailable when it does not answer within ``timeout`` seconds, and
     InvalidArgument for an address no kernel could serve.
     """
-    address = kernel_address(address, home)  # the same order as every other party: home only when given
+    address = resolve_address(address, home)  # the same order as every other party: home only when given
     home = Path(home).expanduser().resolve() if home is not None else llmos_home()
     log_path = open_log(home)
     start = log_path.stat().st_size  # only what this kernel writes is quoted back

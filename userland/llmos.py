@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from llmos import embedded
-from llmos._wire import kernel_address, text_or_raise
+from llmos._wire import text_or_raise
+from llmos.syscalls.address import resolve_address
 from llmos.client import Client, OutputStream
 from llmos.syscalls.errors import KernelUnavailable
 from llmos.types import ProcessInfo, ProcessResult
@@ -34,7 +35,7 @@ class LLMOS:
                  home: str | os.PathLike | None = None, start_kernel: bool = True) -> None:
         self.model = model_path
         self.home = Path(home).expanduser().resolve() if home is not None else None
-        self.address = kernel_address(address, self.home)
+        self.address = resolve_address(address, self.home)
         self._proc: subprocess.Popen | None = None
         client = embedded.try_connect(self.address)
         if client is None:

@@ -17,6 +17,7 @@ class Stats:
 
     prompt_tokens: int = 0
     output_tokens: int = 0
+    max_new_tokens: int | None = None  # the output limit that applied: as asked, or cut to the context
     queue_time_s: float | None = None
     ttft_s: float | None = None
     tpot_s: float | None = None
@@ -35,6 +36,7 @@ class ProcessResult:
     state: str = "ZOMBIE"
     error: dict[str, Any] | None = None
     signal: str | None = None
+    warnings: list[str] = field(default_factory=list)  # what the kernel changed about the request
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> "ProcessResult":

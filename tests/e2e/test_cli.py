@@ -40,6 +40,14 @@ def test_run_prints_the_generated_text_on_stdout(kernel, client, tiny_model):
         client.stat(pid)  # run reaped its process
 
 
+def test_run_says_on_stderr_when_max_new_tokens_was_cut_to_the_context(kernel, tiny_model):
+    # the tiny model's context is 1024 tokens and its tokenizer gives one token per byte
+    r = llmos(kernel, "run", "--model", tiny_model, "--max-new-tokens", "500", "--temperature", "0", "--ignore-eos",
+              "w" * 1000)
+    assert r.returncode == 0, r.stderr
+    assert "warning: max_new_tokens" in r.stderr and "500" in r.stderr
+
+
 def test_ps_and_kill_act_on_processes_and_kill_says_what_happens_next(kernel, client, long_model):
     pid = client.spawn(prompt="x", model=long_model, max_new_tokens=100000, ignore_eos=True)
     other = client.spawn(prompt="y", model=long_model, max_new_tokens=100000, ignore_eos=True)
@@ -253,7 +261,7 @@ def test_every_subcommand_honours_home_and_address(kernel, client, long_model, t
         monkeypatch.setattr(sys, "stdin", io.StringIO("status\nexit\n"))
         assert shell_main(by[how]) == 0 and f"pid {kernel.proc.pid}" in capsys.readouterr().out
     assert "sent TERM" in cli("address", "kill", str(pid))
-    assert cli("home", "wait", str(pid), code=143).strip() == f"[pid {pid} killed by SIGTERM]"
+    assert cli("home", "wait", str(pid), code=143).splitlines()[-1] == f"[pid {pid} killed by SIGTERM]"
     assert not elsewhere.exists()  # nothing looked for (or started) a kernel where the environment points
 
 

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from llmos import AsyncClient, Client, InvalidArgument, LLMOS
-from llmos._wire import check_address, connect_address, kernel_address
+from llmos.syscalls.address import check_address, connect_address, resolve_address
 from llmos.embedded import launch
 
 GOOD = ["ipc:///tmp/k.sock", "ipc:///home/u/.llmos/run/kernel.sock", "tcp://127.0.0.1:5555", "tcp://localhost:1",
@@ -37,16 +37,16 @@ def test_every_kind_of_bad_address_is_refused_saying_why_and_what_is_expected(ad
 def test_the_address_comes_from_the_flag_then_the_home_then_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMOS_HOME", str(tmp_path / "envhome"))
     monkeypatch.delenv("LLMOS_ADDRESS", raising=False)
-    assert kernel_address() == f"ipc://{tmp_path}/envhome/run/kernel.sock"
+    assert resolve_address() == f"ipc://{tmp_path}/envhome/run/kernel.sock"
     monkeypatch.setenv("LLMOS_ADDRESS", "tcp://127.0.0.1:7001")
-    assert kernel_address() == "tcp://127.0.0.1:7001"
-    assert kernel_address(home=tmp_path / "flag") == f"ipc://{tmp_path}/flag/run/kernel.sock"  # --home beats env
-    assert kernel_address("tcp://127.0.0.1:7002", tmp_path / "flag") == "tcp://127.0.0.1:7002"
+    assert resolve_address() == "tcp://127.0.0.1:7001"
+    assert resolve_address(home=tmp_path / "flag") == f"ipc://{tmp_path}/flag/run/kernel.sock"  # --home beats env
+    assert resolve_address("tcp://127.0.0.1:7002", tmp_path / "flag") == "tcp://127.0.0.1:7002"
     monkeypatch.setenv("LLMOS_ADDRESS", "foo")
     with pytest.raises(InvalidArgument, match=r"'foo' \(\$LLMOS_ADDRESS\)"):
-        kernel_address()
+        resolve_address()
     with pytest.raises(InvalidArgument, match="a tcp address needs a port"):
-        kernel_address("tcp://x")
+        resolve_address("tcp://x")
 
 
 def test_a_kernel_listening_everywhere_is_reached_on_the_loopback():
