@@ -8,6 +8,7 @@ value with a message naming the flag, so argparse exits with code 2 before anyth
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -137,6 +138,14 @@ def _size(n: int) -> str:
         if n >= scale and n % scale == 0:
             return f"{n // scale}{unit}"
     return str(n)
+
+
+def home_dir(text: str) -> Path:
+    """--home: a directory path, absolute once parsed; an empty one is refused (it would mean the current
+    directory to one party and $LLMOS_HOME to another)."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("must be a directory path, got an empty string")
+    return Path(text).expanduser().resolve()
 
 
 @dataclass(frozen=True)

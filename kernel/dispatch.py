@@ -61,7 +61,12 @@ def error_frame(rid: int | None, exc: BaseException) -> bytes:
     if isinstance(exc, ActorStopped):
         return codec.error(rid, Errno.EPIPE, None, f"kernel is stopping: {exc}")
     log.error("handler_crashed", id=rid, error=repr(exc))
-    return codec.error(rid, Errno.EIO, None, f"internal kernel error: {type(exc).__name__}: {exc}")
+    # a bug's exception may carry a client's input (a path, a name): say what broke, not all of it
+    return codec.error(rid, Errno.EIO, None, f"internal kernel error: {type(exc).__name__}: {_cut(str(exc))}")
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def result_frame(rid: int, result: Any) -> bytes:

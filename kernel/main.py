@@ -34,7 +34,7 @@ import uvloop
 import zmq
 
 from llmos.syscalls.address import resolve_address
-from llmos.kernel.config import KernelConfig, add_flags, from_args
+from llmos.kernel.config import KernelConfig, add_flags, from_args, home_dir
 from llmos.kernel.kernel import Kernel
 from llmos.kernel.log import get_logger
 from llmos.syscalls.address import ipc_path, llmos_home
@@ -140,7 +140,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmos kernel", description=__doc__.splitlines()[0])
-    ap.add_argument("--home", default=None, help="state directory (default: $LLMOS_HOME or ~/.llmos)")
+    ap.add_argument("--home", type=home_dir, default=None, help="state directory (default: $LLMOS_HOME or ~/.llmos)")
     ap.add_argument("--address", default=None, help="bus address: ipc:///path or tcp://HOST:PORT "
                                                     "(default: $LLMOS_ADDRESS or ipc under HOME/run)")
     ap.add_argument("--parent-pid", type=_positive_int, default=None,

@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 
 from llmos.syscalls import protocol
-from llmos.syscalls.errors import Errno, FrameTooLarge, ProtocolError, wire_error
+from llmos.syscalls.errors import Errno, FrameTooLarge, InvalidArgument, ProtocolError, wire_error
 
 _LIMITS = dict(max_str_len=protocol.MAX_STR_BYTES, max_bin_len=protocol.MAX_STR_BYTES,
                max_array_len=protocol.MAX_ARRAY_LEN, max_map_len=protocol.MAX_MAP_LEN, max_ext_len=0)
@@ -86,7 +86,15 @@ def _is_int_header(byte: int) -> bool:
 
 
 def request(request_id: int, call: str | int, args: dict) -> bytes:
-    return encode({"v": protocol.PROTOCOL_VERSION, "id": request_id, "call": call, "args": args})
+    """A request frame. Arguments MessagePack cannot carry (an integer beyond 64 bits, an object) are the
+    caller's fault: InvalidArgument (EINVAL), not a protocol error; FrameTooLarge for one over the bounds."""
+    try:
+        return encode({"v": protocol.PROTOCOL_VERSION, "id": request_id, "call": call, "args": args})
+    except FrameTooLarge:
+        raise
+    except ProtocolError as exc:
+        raise InvalidArgument(f"the arguments of {call!r} cannot be sent: {exc.message.removeprefix('cannot encode frame: ')}"
+                              " (integers must fit 64 bits; values must be numbers, strings, lists or maps)") from None
 
 
 def ok(request_id: int | None, result: Any) -> bytes:

@@ -107,6 +107,19 @@ def _check_scalar(field: Field, kind: str, value: Any, where: str) -> Any:
     raise AssertionError(f"unknown schema type {kind}")
 
 
+_EXACT = {"int": int, "str": str, "map": dict, "bool": bool}  # item types a list can be checked for in one pass
+
+
+def _check_items(field: Field, item: str, value: list | tuple) -> list:
+    """The items of a list field, checked. A list of a million ids is checked in one pass at C speed
+    (the kernel's loop serves everyone meanwhile); only a list with a bad item is walked item by item,
+    to name the first one."""
+    exact = _EXACT.get(item)
+    if exact is not None and set(map(type, value)) <= {exact}:
+        return list(value)
+    return [_check_scalar(field, item, v, f"item {i} of '{field.name}'") for i, v in enumerate(value)]
+
+
 def check(field: Field, value: Any) -> Any:
     """Validate one value against its field; return the normalised value."""
     if value is None:
@@ -119,7 +132,7 @@ def check(field: Field, value: Any) -> Any:
             raise InvalidArgument(f"field '{field.name}' must be a list, got {type(value).__name__}")
         if field.max_len is not None and len(value) > field.max_len:
             raise InvalidArgument(f"field '{field.name}' has {len(value)} items, at most {field.max_len} allowed")
-        out = [_check_scalar(field, item, v, f"item {i} of '{field.name}'") for i, v in enumerate(value)]
+        out = _check_items(field, item, value)
         if field.item_max_len is not None:
             for i, v in enumerate(out):
                 if isinstance(v, str) and len(v) > field.item_max_len:

@@ -1,30 +1,46 @@
 """LLMOS for programs: ``from llmos import LLMOS``.
 
-The public names are pinned by tests/userland/test_public_api.py.
+The public names are pinned by tests/userland/test_public_api.py. They are imported on first use
+(PEP 562), so that ``import llmos`` costs nothing until a name is needed: the ``llmos`` command's
+entry point must be able to catch a Ctrl-C while the rest is still importing.
 """
 
-from llmos.aclient import AsyncClient
-from llmos.client import Client, OutputStream
-from llmos.llmos import LLMOS
-from llmos.syscalls.errors import (
-    DeviceError,
-    Errno,
-    InvalidArgument,
-    KernelGone,
-    KernelUnavailable,
-    LLMOSError,
-    NoSuchProcess,
-    NotFound,
-    NotPermitted,
-    TimedOut,
-    TooBig,
-)
-from llmos.types import ProcessInfo, ProcessResult, Stats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LLMOS", "Client", "AsyncClient", "OutputStream", "ProcessResult", "ProcessInfo", "Stats",
-    "LLMOSError", "Errno", "InvalidArgument", "NotFound", "NoSuchProcess", "NotPermitted", "TimedOut",
-    "TooBig", "DeviceError", "KernelGone", "KernelUnavailable",
-]
+_ERRORS = "llmos.syscalls.errors"
+_WHERE = {
+    "LLMOS": "llmos.llmos", "Client": "llmos.client", "AsyncClient": "llmos.aclient", "OutputStream": "llmos.client",
+    "ProcessResult": "llmos.types", "ProcessInfo": "llmos.types", "Stats": "llmos.types",
+    **{name: _ERRORS for name in ("LLMOSError", "Errno", "InvalidArgument", "NotFound", "NoSuchProcess",
+                                  "NotPermitted", "TimedOut", "TooBig", "DeviceError", "KernelGone",
+                                  "KernelUnavailable")},
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'llmos' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # imported once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from llmos.aclient import AsyncClient
+    from llmos.client import Client, OutputStream
+    from llmos.llmos import LLMOS
+    from llmos.syscalls.errors import (DeviceError, Errno, InvalidArgument, KernelGone, KernelUnavailable,
+                                       LLMOSError, NoSuchProcess, NotFound, NotPermitted, TimedOut, TooBig)
+    from llmos.types import ProcessInfo, ProcessResult, Stats

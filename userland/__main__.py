@@ -2,6 +2,6 @@
 
 import sys
 
-from llmos.cli import main
+from llmos._main import cli
 
-sys.exit(main())
+sys.exit(cli())

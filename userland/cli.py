@@ -16,15 +16,15 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from llmos import embedded
-from llmos.syscalls.address import resolve_address
 from llmos.client import Client
-from llmos.kernel.config import add_flags as add_kernel_flags
-from llmos.syscalls.address import llmos_home
+from llmos.kernel.config import add_flags as add_kernel_flags, home_dir
+from llmos.syscalls.address import llmos_home, resolve_address
 from llmos.syscalls.errors import InvalidArgument, KernelUnavailable, LLMOSError, NoSuchProcess
-from llmos.syscalls.table import SIGNALS
+from llmos.syscalls.schema import check
+from llmos.syscalls.table import SIGNALS, lookup
 from llmos.types import ProcessInfo, ProcessResult
 
 EXIT_USAGE = 2
@@ -338,38 +338,62 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def syscall_arg(call: str, name: str) -> Callable[[str], Any]:
+    """An argparse type for a syscall field: the type and range come from the syscall table, so the CLI
+    refuses (exit 2, naming the option) what the kernel would refuse."""
+    field = next(f for f in lookup(call).request if f.name == name)
+    convert = int if field.type == "int" else float
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if convert is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        try:
+            return check(field, value)
+        except InvalidArgument as exc:
+            raise argparse.ArgumentTypeError(exc.message.replace(f"field '{name}' ", "")) from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmos", description="LLMOS: an operating-system-style kernel for LLMs")
-    ap.add_argument("--address", default=None, help="kernel bus address (default: $LLMOS_ADDRESS or ipc under "
-                                                    "$LLMOS_HOME/run)")
-    ap.add_argument("--home", default=None, help="state directory (default: $LLMOS_HOME or ~/.llmos)")
+    # --address and --home go before the subcommand or after it (llmos --home H ps, llmos ps --home H)
+    common = argparse.ArgumentParser(add_help=False)
+    for parser, default in ((ap, None), (common, argparse.SUPPRESS)):
+        parser.add_argument("--address", default=default, help="kernel bus address: ipc:///path or tcp://HOST:PORT "
+                            "(default: ipc under --home, else $LLMOS_ADDRESS, else ipc under $LLMOS_HOME/run)")
+        parser.add_argument("--home", type=home_dir, default=default,
+                            help="state directory (default: $LLMOS_HOME or ~/.llmos)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     k = sub.add_parser("kernel", help="start, stop or inspect the kernel daemon")
     ksub = k.add_subparsers(dest="action", required=True)
-    ks = ksub.add_parser("start", help="start the kernel as a daemon")
+    ks = ksub.add_parser("start", parents=[common], help="start the kernel as a daemon")
     ks.add_argument("--foreground", action="store_true", help="stay attached to the terminal")
     add_kernel_flags(ks)
     ks.set_defaults(fn=cmd_kernel_start)
-    ksub.add_parser("stop", help="stop the kernel and its model workers").set_defaults(fn=cmd_kernel_stop)
-    kst = ksub.add_parser("status", help="is a kernel running; its pid, address, uptime")
+    ksub.add_parser("stop", parents=[common], help="stop the kernel and its model workers").set_defaults(fn=cmd_kernel_stop)
+    kst = ksub.add_parser("status", parents=[common], help="is a kernel running; its pid, address, uptime")
     kst.add_argument("--json", action="store_true")
     kst.set_defaults(fn=cmd_kernel_status)
 
-    r = sub.add_parser("run", help="generate from a prompt, streaming tokens to stdout",
+    r = sub.add_parser("run", parents=[common], help="generate from a prompt, streaming tokens to stdout",
                        description="Generate from PROMPT, streaming the text to stdout. Sampling is at "
                                    "temperature 0.8 by default, so every run differs; --temperature 0 "
                                    "(greedy) repeats a run exactly. Exit status: 0, 1 on an error, "
                                    "143/137 when the process was killed (TERM/KILL), 130 on Ctrl-C.")
     r.add_argument("prompt")
     r.add_argument("--model", default=None, help="model directory (default: the shipped default model)")
-    r.add_argument("--max-new-tokens", type=int, default=128)
-    r.add_argument("--priority", type=int, default=0, help="nice value -20..19, lower runs first")
-    r.add_argument("--temperature", type=float, default=None,
+    r.add_argument("--max-new-tokens", type=syscall_arg("spawn", "max_new_tokens"), default=128)
+    r.add_argument("--priority", type=syscall_arg("spawn", "priority"), default=0, help="nice value -20..19, lower runs first")
+    r.add_argument("--temperature", type=syscall_arg("spawn", "temperature"), default=None,
                    help="sampling temperature (default 0.8: every run differs; --temperature 0 repeats a run)")
-    r.add_argument("--top-p", type=float, default=None)
-    r.add_argument("--top-k", type=int, default=None)
-    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--top-p", type=syscall_arg("spawn", "top_p"), default=None)
+    r.add_argument("--top-k", type=syscall_arg("spawn", "top_k"), default=None)
+    r.add_argument("--seed", type=syscall_arg("spawn", "seed"), default=None)
     r.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     r.add_argument("--ignore-eos", action="store_true")
     r.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
@@ -377,49 +401,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the pid once spawned, then the finish reason and timings, to stderr")
     r.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("ps", help="list processes")
+    p = sub.add_parser("ps", parents=[common], help="list processes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_ps)
-    kl = sub.add_parser("kill", help="signal a process (TERM keeps partial output; KILL ends it at once)")
+    kl = sub.add_parser("kill", parents=[common], help="signal a process (TERM keeps partial output; KILL ends it at once)")
     kl.add_argument("pid", type=int)
     kl.add_argument("signal", nargs="?", default="TERM", type=signal_name, help="TERM (default) or KILL")
     kl.set_defaults(fn=cmd_kill)
-    w = sub.add_parser("wait", help="wait for a process and print its output")
+    w = sub.add_parser("wait", parents=[common], help="wait for a process and print its output")
     w.add_argument("pid", type=int)
     w.add_argument("--timeout", type=float, default=None)
     w.add_argument("--json", action="store_true")
     w.set_defaults(fn=cmd_wait)
-    st = sub.add_parser("stat", help="one process's record and stats")
+    st = sub.add_parser("stat", parents=[common], help="one process's record and stats")
     st.add_argument("pid", type=int)
     st.set_defaults(fn=cmd_stat)
 
-    ms = sub.add_parser("models", help="list loaded models")
+    ms = sub.add_parser("models", parents=[common], help="list loaded models")
     ms.add_argument("--json", action="store_true")
     ms.set_defaults(fn=cmd_models)
-    ld = sub.add_parser("load", help="load a model: device, instances, KV memory policy, keep-alive")
+    ld = sub.add_parser("load", parents=[common], help="load a model: device, instances, KV memory policy, keep-alive")
     ld.add_argument("model", nargs="?", default=None, help="model directory (default: the default model)")
     ld.add_argument("--device", default=None, help="cpu, cuda:N or auto")
-    ld.add_argument("--instances", type=int, default=None)
+    ld.add_argument("--instances", type=syscall_arg("model_load", "instances"), default=None)
     ld.add_argument("--kv-policy", choices=("static", "dynamic", "isolated"), default=None)
-    ld.add_argument("--kv-blocks", type=int, default=None)
-    ld.add_argument("--kv-max-blocks", type=int, default=None)
-    ld.add_argument("--user-cap-blocks", type=int, default=None)
-    ld.add_argument("--max-batch", type=int, default=None)
-    ld.add_argument("--keep-alive", type=float, default=None, help="seconds once idle; -1 pins, 0 unloads after use")
+    ld.add_argument("--kv-blocks", type=syscall_arg("model_load", "kv_blocks"), default=None)
+    ld.add_argument("--kv-max-blocks", type=syscall_arg("model_load", "kv_max_blocks"), default=None)
+    ld.add_argument("--user-cap-blocks", type=syscall_arg("model_load", "user_cap_blocks"), default=None)
+    ld.add_argument("--max-batch", type=syscall_arg("model_load", "max_batch"), default=None)
+    ld.add_argument("--keep-alive", type=syscall_arg("model_load", "keep_alive"), default=None, help="seconds once idle; -1 pins, 0 unloads after use")
     ld.add_argument("--engine", choices=("auto", "paged", "sequential"), default=None)
     ld.add_argument("--json", action="store_true")
     ld.set_defaults(fn=cmd_load)
-    ul = sub.add_parser("unload", help="unload a model")
+    ul = sub.add_parser("unload", parents=[common], help="unload a model")
     ul.add_argument("model", nargs="?", default=None)
     ul.add_argument("--force", action="store_true", help="also end its live processes")
     ul.set_defaults(fn=cmd_unload)
-    mi = sub.add_parser("model-info", help="describe a model: memory estimate, instances, KV pool")
+    mi = sub.add_parser("model-info", parents=[common], help="describe a model: memory estimate, instances, KV pool")
     mi.add_argument("model", nargs="?", default=None)
     mi.set_defaults(fn=cmd_model_info)
-    dv = sub.add_parser("devices", help="cpu and gpus, with what models hold")
+    dv = sub.add_parser("devices", parents=[common], help="cpu and gpus, with what models hold")
     dv.add_argument("--json", action="store_true")
     dv.set_defaults(fn=cmd_devices)
-    mt = sub.add_parser("metrics", help="process and model metrics")
+    mt = sub.add_parser("metrics", parents=[common], help="process and model metrics")
     mt.add_argument("--json", action="store_true")
     mt.set_defaults(fn=cmd_metrics)
     return ap

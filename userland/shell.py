@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from llmos.cli import (EXIT_SIGPIPE, end, format_ps, internal_error, kill_message, outcome, quiet_stdout, reap,
-                       signal_name)
+                       signal_name, syscall_arg)
+from llmos.kernel.config import home_dir
 from llmos.llmos import LLMOS
 from llmos.syscalls.address import llmos_home
 from llmos.syscalls.errors import LLMOSError
@@ -68,10 +69,10 @@ _PID = ("pid", {"type": _pid, "metavar": "PID"})
 def _run_parser(name: str) -> _Parser:
     p = _Parser(prog=name, add_help=False)
     p.add_argument("--model", default=None)
-    p.add_argument("-n", "--max-new-tokens", type=int, default=128)
-    p.add_argument("--priority", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("-n", "--max-new-tokens", type=syscall_arg("spawn", "max_new_tokens"), default=128)
+    p.add_argument("--priority", type=syscall_arg("spawn", "priority"), default=0)
+    p.add_argument("--temperature", type=syscall_arg("spawn", "temperature"), default=None)
+    p.add_argument("--seed", type=syscall_arg("spawn", "seed"), default=None)
     p.add_argument("--chat", action="store_true")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("prompt", nargs="+", metavar="PROMPT")
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="llmos-shell", description=__doc__.splitlines()[0].split(": ", 1)[1])
     ap.add_argument("--address", default=None, help="kernel bus address (default: the default under --home, "
                                                     "else $LLMOS_ADDRESS, else ipc under $LLMOS_HOME/run)")
-    ap.add_argument("--home", default=None, help="state directory (default: $LLMOS_HOME or ~/.llmos)")
+    ap.add_argument("--home", type=home_dir, default=None, help="state directory (default: $LLMOS_HOME or ~/.llmos)")
     ap.add_argument("--model", default=None, help="default model for run/spawn")
     args = ap.parse_args(argv)
     home = Path(args.home).expanduser().resolve() if args.home else llmos_home()

@@ -96,3 +96,15 @@ def test_a_config_made_in_code_is_held_to_the_same_ranges(field, value):
 def test_the_default_config_is_valid_and_memory_limit_may_be_left_to_the_kernel():
     assert KernelConfig().memory_limit is None
     assert KernelConfig(memory_limit=2**30).memory_limit == 2**30
+
+
+def test_home_is_an_absolute_directory_path_and_an_empty_one_is_refused(tmp_path, monkeypatch):
+    import argparse
+
+    from llmos.kernel.config import home_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert home_dir("rel/h") == tmp_path / "rel" / "h"
+    for bad in ("", "   "):
+        with pytest.raises(argparse.ArgumentTypeError, match="empty"):
+            home_dir(bad)

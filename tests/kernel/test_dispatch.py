@@ -103,6 +103,15 @@ def test_a_handler_that_crashes_becomes_eio_not_a_dead_bus():
     assert reply["error"] == "EIO" and "internal kernel error" in reply["message"]
 
 
+def test_a_crash_whose_exception_carries_a_clients_input_is_reported_short():
+    class Crashing(Handlers):
+        async def sys_ping(self, caller, args, emit):
+            raise OSError(36, "File name too long", "/" + "a" * 5000)  # as pathlib reports a client's path
+
+    [reply] = call(codec.request(5, "ping", {}), Crashing(kernel=None))
+    assert reply["error"] == "EIO" and "OSError" in reply["message"] and len(reply["message"]) < 300
+
+
 @pytest.mark.parametrize("request_", [
     {"v": 1, "id": 8, "call": "x" * 4_000_000, "args": {}},
     {"v": 1, "id": 8, "call": "kill", "args": {"pid": 1, "signal": "S" * 4_000_000}},

@@ -73,3 +73,12 @@ def test_the_id_of_a_refused_frame_is_read_without_decoding_the_rest():
 def test_an_error_frame_is_always_encodable_and_its_message_bounded():
     msg = codec.decode(codec.error(5, Errno.EINVAL, None, "x" * 20_000_000))
     assert msg["error"] == "EINVAL" and msg["errno"] == 22 and len(msg["message"]) <= 1000
+
+
+def test_a_request_whose_arguments_cannot_be_encoded_is_the_callers_einval():
+    from llmos.syscalls.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="64 bits"):
+        codec.request(1, "spawn", {"prompt": "x", "max_new_tokens": 2**64})
+    with pytest.raises(InvalidArgument):
+        codec.request(1, "spawn", {"prompt": object()})

@@ -118,3 +118,16 @@ def test_no_valid_spawn_makes_a_kernel_to_worker_message_over_the_frame_limit():
     frame = codec.encode({"op": "add", "pid": 2**62, "ids": a["prompt_ids"], "params": params, "user": "u" * 64,
                           "priority": 19})
     assert len(frame) < protocol.MAX_FRAME_BYTES // 2
+
+
+def test_a_long_list_is_checked_whole_and_its_first_bad_item_named():
+    from llmos.syscalls.table import lookup
+
+    spawn = lookup("spawn").request
+    ids = [7] * 1_000_000
+    assert validate(spawn, {"prompt_ids": ids})["prompt_ids"] == ids
+    for bad, kind in ((True, "bool"), ("7", "str"), (7.0, "float")):
+        ids[123_456] = bad
+        with pytest.raises(InvalidArgument, match=f"item 123456 of 'prompt_ids' must be an int, got {kind}"):
+            validate(spawn, {"prompt_ids": ids})
+        ids[123_456] = 7

@@ -104,3 +104,62 @@ def test_broken_pipe_and_ctrl_c_become_their_exit_codes(monkeypatch, capsys, tmp
     assert main(["ps"]) == 141 and "Error" not in capsys.readouterr().err
     monkeypatch.setattr(cli, "cmd_ps", interrupt)
     assert main(["ps"]) == 130
+
+
+class _InterruptedImport:
+    """A meta path finder that raises KeyboardInterrupt for one module, as a Ctrl-C during its import does."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name:
+            raise KeyboardInterrupt
+        return None
+
+
+@pytest.mark.parametrize("entry, module", [("cli", "llmos.cli"), ("shell", "llmos.shell")])
+def test_ctrl_c_while_the_command_is_still_importing_exits_130_without_a_traceback(monkeypatch, entry, module):
+    import sys
+
+    import llmos._main
+
+    monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setattr(sys, "meta_path", [_InterruptedImport(module), *sys.meta_path])
+    assert getattr(llmos._main, entry)() == 130
+
+
+def test_the_console_scripts_enter_through_the_guarded_entry_points():
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("llmos")}
+    assert scripts == {"llmos": "llmos._main:cli", "llmos-shell": "llmos._main:shell"}
+
+
+def test_home_and_address_go_before_or_after_the_subcommand_and_an_empty_home_is_refused(capsys):
+    from pathlib import Path
+
+    p = cli.build_parser()
+    assert p.parse_args(["ps"]).home is None and p.parse_args(["ps"]).address is None
+    assert p.parse_args(["--home", "/a", "ps"]).home == Path("/a")
+    assert p.parse_args(["ps", "--home", "/b"]).home == Path("/b")
+    assert p.parse_args(["--home", "/a", "ps", "--home", "/b"]).home == Path("/b")  # the later one wins
+    assert p.parse_args(["kernel", "start", "--address", "tcp://127.0.0.1:5555"]).address == "tcp://127.0.0.1:5555"
+    for argv in (["--home", "", "ps"], ["run", "--home", " ", "hi"], ["kernel", "start", "--home", ""]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and "--home: must be a directory path, got an empty string" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["run", "--max-new-tokens", "99999999999999999999", "hi"], "--max-new-tokens: must be <= 1000000"),
+    (["run", "--max-new-tokens", "0", "hi"], "--max-new-tokens: must be >= 1"),
+    (["run", "--temperature", "-1", "hi"], "--temperature: must be >= 0.0"),
+    (["run", "--top-p", "nan", "hi"], "--top-p: must be finite"),
+    (["run", "--priority", "x", "hi"], "--priority: must be an integer"),
+    (["load", "--kv-blocks", "1"], "--kv-blocks: must be >= 2"),
+])
+def test_numeric_options_are_checked_against_the_syscall_table_before_anything_is_sent(capsys, argv, says):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and says in capsys.readouterr().err
