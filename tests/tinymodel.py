@@ -3,7 +3,7 @@
 Besides the random tiny Llama, this builds *chain* models (a Llama whose greedy next token depends
 only on the current token, so a test scripts exactly what is generated), a tiny GPT-2 (the
 sequential engine's path) and small tokenizers of the three decoder kinds: byte-level BPE,
-SentencePiece-style Metaspace and WordPiece.
+SentencePiece-style Metaspace (also with byte fallback, as Llama-2) and WordPiece.
 """
 
 from __future__ import annotations
@@ -56,6 +56,40 @@ def metaspace_tokenizer(llama2_decoder: bool = True) -> Any:
                                          decoders.Strip(" ", 1, 0)])
     else:
         tok.decoder = decoders.Metaspace()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>", clean_up_tokenization_spaces=False)
+
+
+def byte_fallback_tokenizer() -> Any:
+    """Llama-2/Mistral-style: BPE over Metaspace words with SentencePiece byte fallback (a character outside
+    the vocabulary becomes byte tokens ``<0x0A>``, ``<0xE4>``... that are ordinary tokens, not special ones)
+    and the Llama-2 fast tokenizer's decoder chain, whose ByteFallback decodes each run of byte tokens at
+    once (one invalid byte turns the whole run into U+FFFDs). Specials: <unk> 0, <s> 1, </s> 2; bytes 3-258."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def shell(model):
+        tok = Tokenizer(model)
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+        return tok
+
+    corpus = ["The model runs the kernel.", "Hello world, I said.", "The kernel's model runs the world."]
+    trained = shell(models.BPE(unk_token="<unk>"))
+    trained.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
+                                                            show_progress=False))
+    learned = json.loads(trained.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = shell(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",

@@ -65,6 +65,27 @@ def real_tokenizers(tiny_model):
     return [AutoTokenizer.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)]
 
 
+def byte_level_bytes(tok, ids):
+    """The bytes a byte-level BPE tokenizer decodes ``ids`` from (special tokens skipped)."""
+    table = {c: b for b, c in _bytes_to_unicode().items()}
+    added = {i: t.content for i, t in tok.added_tokens_decoder.items()}
+    return b"".join(b"" if i in tok.all_special_ids else added[i].encode() if i in added
+                    else bytes(table[c] for c in tok.convert_ids_to_tokens(i)) for i in ids)
+
+
+def ends_inside_a_character(data: bytes) -> bool:
+    """True when ``data`` ends with the first bytes of a UTF-8 character whose other bytes could still come."""
+    for back in range(1, min(3, len(data)) + 1):
+        lead = data[-back]
+        if 0x80 <= lead <= 0xBF:
+            continue  # a continuation byte: look further back for the lead
+        size = 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if 0xF0 <= lead <= 0xF4 else 0
+        lo, hi = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(lead, (0x80, 0xBF))
+        rest = data[len(data) - back + 1:]
+        return back < size and (not rest or lo <= rest[0] <= hi)
+    return False
+
+
 def test_streamed_text_equals_a_full_decode_on_real_tokenizers(tiny_model):
     import random
 
@@ -77,7 +98,10 @@ def test_streamed_text_equals_a_full_decode_on_real_tokenizers(tiny_model):
             t = TextTracker(tok, [])
             out = "".join(t.update(ids[:i + 1]) for i in range(len(ids))) + t.finish()
             full = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            assert out == t.text == full.rstrip("\ufffd")
+            # only a character left unfinished at the end is dropped (one U+FFFD in byte-level decoding); a
+            # U+FFFD for invalid bytes is text like any other
+            dangling = ends_inside_a_character(byte_level_bytes(tok, ids))
+            assert out == t.text and t.text + "\ufffd" * dangling == full
 
 
 def test_each_update_decodes_only_the_new_tail(tiny_model):
@@ -240,3 +264,54 @@ def test_a_prompt_ending_inside_a_character_gives_the_completed_character_to_the
             chunks = [t.update(raw[cut:i + 1]) for i in range(cut, len(raw))] + [t.finish()]
             assert "".join(chunks) == t.text == char + " value", (char, cut)
             assert not any("\ufffd" in c for c in chunks)
+
+
+# -- decided text: never retracted, and the only text stop strings see ---------------------------------------
+
+def test_text_already_streamed_is_never_retracted_at_a_byte_fallback_boundary_whatever_the_split():
+    from tests.tinymodel import byte_fallback_tokenizer
+
+    tok = byte_fallback_tokenizer()
+
+    def dec(x):
+        return tok.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    prompt = tok("The model")["input_ids"]
+    nl, e4, b8, the = tok.convert_tokens_to_ids(["<0x0A>", "<0xE4>", "<0xB8>", "▁the"])
+    valid = tok.encode(" runs\n中 the kernel ✓\n\n🙂 world", add_special_tokens=False)
+    assert nl in valid and e4 in valid  # byte tokens next to each other: newline, then a character's first byte
+    for k in range(1, len(valid) + 1):  # the process ends after k tokens
+        t = TextTracker(tok, [], prompt)
+        streamed = "".join(t.update(valid[:i + 1]) for i in range(k)) + t.finish()
+        whole = max(j for j in range(k + 1) if "\ufffd" not in dec(prompt + valid[:j]))  # a dangling character dropped
+        assert streamed == t.text == dec(prompt + valid[:whole])[len(dec(prompt)):], k
+    # the field case: "\n" streamed, then 0xE4 and the end (ByteFallback decodes <0x0A><0xE4> as two U+FFFDs)
+    # (after the newline, new bytes decode as the tokenizer decodes them: an invalid run is all U+FFFDs)
+    for output, final in (([nl, e4], "\n"), ([nl, e4, b8], "\n"), ([nl, e4, the], "\n\ufffd the"),
+                          ([nl, e4, nl, e4], "\n\ufffd\ufffd")):
+        t = TextTracker(tok, [], prompt)
+        chunks = [t.update(output[:i + 1]) for i in range(len(output))] + [t.finish()]
+        assert chunks[0] == "\n" and "".join(chunks) == t.text == final, output
+
+
+def test_a_stop_string_never_matches_a_character_that_is_only_half_generated(tiny_model):
+    from transformers import AutoTokenizer
+
+    from tests.tinymodel import byte_fallback_tokenizer
+
+    for tok in (AutoTokenizer.from_pretrained(tiny_model), byte_fallback_tokenizer()):  # byte-level, byte fallback
+        ids = tok.encode("中 value", add_special_tokens=False)
+        assert sum(tok.decode([i]) == "\ufffd" for i in ids) == 3  # 中 is three byte tokens
+        out, t = stream(tok, ids, stop=["\ufffd"])
+        assert (out, t.text, t.stopped) == ("中 value", "中 value", False), type(tok).__name__
+        # a genuine U+FFFD (its own three bytes) still matches, followed by more text or at the very end
+        for text in ("a\ufffdb", "a\ufffd"):
+            out, t = stream(tok, tok.encode(text, add_special_tokens=False), stop=["\ufffd"])
+            assert (out, t.text, t.stopped) == ("a", "a", True), (type(tok).__name__, text)
+
+
+def test_a_stop_string_never_matches_the_placeholder_of_an_incomplete_character_without_token_bytes():
+    t = TextTracker(CharTokenizer(), ["\ufffd"])  # no byte view: a trailing U+FFFD might be half a character
+    assert t.update([ord("a"), 0]) == "a" and not t.stopped
+    assert t.update([ord("a"), 0x4E2D]) == "中" and not t.stopped
+    assert t.update([ord("a"), 0x4E2D, 0xFFFD, ord("b")]) == "" and t.stopped and t.text == "a中"
