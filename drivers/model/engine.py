@@ -10,6 +10,7 @@ causal LM.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from llmos.drivers.model.prompt import check_length, check_prompt_chars, check_p
 from llmos.drivers.model.sampling import SamplingParams
 from llmos.drivers.model.shape import model_shape
 from llmos.drivers.model.text import TextTracker, silent_tokens, split_stops
-from llmos.syscalls.errors import Errno, InvalidArgument, OutOfMemory, wire_error
+from llmos.syscalls.errors import Errno, InvalidArgument, OutOfMemory, TooBig, quote, wire_error
 
 
 @dataclass
@@ -41,6 +42,29 @@ class StepEvent:
 
 
 _arrivals = itertools.count()
+
+PREFIX_CHARS_PER_TOKEN = 4  # the first prefix of a long text tried against the context: ~one token per 4 characters
+CUT_MARGIN_TOKENS = 64  # tokens a prefix may have beyond the context and the whole text still fit (the cut word)
+RELEASE_AFTER_CHARS = 2**18  # tokenising a text this long leaves tens of MB in the allocator's free lists
+
+
+def release_memory() -> None:
+    """Give the C allocator's free memory back to the OS (glibc ``malloc_trim(0)``; nothing elsewhere).
+
+    The tokenizer's Rust code allocates through malloc on the encoder threads, each with an arena of
+    its own; glibc keeps freed pages in those arenas, so a worker that tokenised a few MB of text
+    would keep hundreds of MB. ``malloc_trim`` returns them from every arena, in milliseconds."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 @dataclass
@@ -159,7 +183,12 @@ class BaseEngine:
     # -- input -----------------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
                prompt_ids: list[int] | None = None) -> list[int]:
-        """Tokenise a prompt, render chat messages with the model's chat template, or check token ids."""
+        """Tokenise a prompt, render chat messages with the model's chat template, or check token ids.
+
+        TooBig (E2BIG) when the prompt cannot fit the context, decided as cheaply as can be: ids by their
+        count; text by its characters (every string of the messages counts, then the rendered
+        template), then by the tokens of a prefix (:meth:`tokenize`); InvalidArgument for bad input.
+        """
         if sum(x is not None for x in (prompt, messages, prompt_ids)) != 1:
             raise InvalidArgument("give exactly one of 'prompt', 'messages' and 'prompt_ids'")
         if prompt_ids is not None:
@@ -168,7 +197,7 @@ class BaseEngine:
         if messages is not None:
             ids = self._encode_messages(messages)
         else:
-            ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            ids = self.tokenize(prompt, add_special_tokens=True, what="prompt")
             if not ids:
                 bos = self.tokenizer.bos_token_id
                 if bos is None:
@@ -179,14 +208,40 @@ class BaseEngine:
 
     def _encode_messages(self, messages: list[dict]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidArgument(f"model {self.name} has no chat template; use 'prompt'")
+            raise InvalidArgument(f"model {quote(self.name)} has no chat template; use 'prompt'")
         if not messages:
             raise InvalidArgument("'messages' is empty")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidArgument(f"message {i} must be a map with string 'role' and 'content'")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self.max_prompt_chars and len(text) > self.max_prompt_chars:  # a template may repeat what it is given
+            raise TooBig(f"the chat template renders the messages as {len(text)} characters; the model's "
+                         f"context holds at most {self.max_prompt_chars}")
+        return self.tokenize(text, add_special_tokens=False, what="the rendered chat template")
+
+    def tokenize(self, text: str, add_special_tokens: bool, what: str = "prompt") -> list[int]:
+        """Token ids of ``text``; TooBig as soon as a prefix shows it cannot fit the context.
+
+        A text longer than ``PREFIX_CHARS_PER_TOKEN`` characters per context token is first tokenised by
+        prefixes (that many characters per context token, then twice as many..., while shorter than
+        half the text): one with at least ``CUT_MARGIN_TOKENS`` more tokens than the context holds (a
+        cut inside a word can split it into more tokens than the whole text gives it) cannot fit, and
+        the rest is never tokenised. Only otherwise is the whole text tokenised. After a long text the
+        allocator's free memory goes back to the OS (:func:`release_memory`).
+        """
+        try:
+            size = PREFIX_CHARS_PER_TOKEN * self.context_len
+            while size <= len(text) // 2:
+                n = len(self.tokenizer(text[:size], add_special_tokens=add_special_tokens)["input_ids"])
+                if n >= self.context_len + CUT_MARGIN_TOKENS:
+                    raise TooBig(f"{what} cannot fit: its first {size} of {len(text)} characters are already "
+                                 f"{n} tokens; the model's context holds {self.context_len}")
+                size *= 2
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        finally:
+            if len(text) >= RELEASE_AFTER_CHARS:
+                release_memory()
 
     # -- sequences -------------------------------------------------------------------------
     def add(self, pid: int, prompt_ids: list[int], params: SamplingParams | dict, user: str = "",
@@ -342,14 +397,31 @@ class BaseEngine:
 
 
 def load_model(path: str | Path, device: str | None = None) -> tuple[Any, Any, torch.device]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer, device) from a model directory; InvalidArgument when its tokenizer is not one
+    (:func:`check_tokenizer`), before the weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    check_tokenizer(tokenizer, int(getattr(AutoConfig.from_pretrained(str(path)), "vocab_size", 0) or 0))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(dev)
     model.eval()
     return model, tokenizer, dev
+
+
+MIN_TOKENIZER_TOKENS = 256  # a byte-level vocabulary's alphabet alone
+
+
+def check_tokenizer(tokenizer: Any, vocab_size: int) -> None:
+    """InvalidArgument when a loaded tokenizer has implausibly few tokens: fewer than 256 and fewer than
+    half the model's vocabulary. transformers builds an empty tokenizer (one token) when a model's
+    tokenizer files are missing or empty, and the model would then print nothing."""
+    n = len(tokenizer)
+    if n < min(MIN_TOKENIZER_TOKENS, vocab_size // 2):
+        raise InvalidArgument(f"its tokenizer ({type(tokenizer).__name__}) has {n} tokens for a model of {vocab_size}: "
+                              "the tokenizer's files in the model directory (tokenizer.json, tokenizer.model, "
+                              "vocab.json with merges.txt, vocab.txt...) are missing or empty")
 
 
 def load_engine(path: str | Path, device: str | None = None, engine: str = "auto", **kw: Any) -> BaseEngine:

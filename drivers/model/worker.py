@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import zmq
 
 from llmos.syscalls import codec
-from llmos.syscalls.errors import Errno, LLMOSError, wire_error
+from llmos.syscalls.errors import Errno, LLMOSError, quote, wire_error
 
 HEARTBEAT_S = 1.0
 ENCODE_THREADS = 2  # a long prompt being tokenised leaves a thread for everyone else's
@@ -92,9 +92,9 @@ class Worker:
             gc.freeze()
             self.send({"op": "ready", "info": info})
         except Exception as exc:
-            errno = load_errno(exc)
-            self.send({"op": "failed", **wire_error(errno, f"cannot load model {self.model_path}: "
-                                                          f"{type(exc).__name__}: {exc}")})
+            detail = exc.message if isinstance(exc, LLMOSError) else f"{type(exc).__name__}: {exc}"
+            self.send({"op": "failed", **wire_error(load_errno(exc), f"cannot load model {quote(self.model_path)}: "
+                                                                     f"{detail}")})
             traceback.print_exc()
             return 1
         self._start_socket_thread()

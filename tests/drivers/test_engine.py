@@ -87,6 +87,47 @@ def test_a_prompt_longer_than_the_context_is_e2big(engine):
         engine.encode("x" * (engine.context_len + 5))
 
 
+class RecordingTokenizer:
+    """The engine's tokenizer, recording the length of every text it is asked to tokenise."""
+
+    def __init__(self, inner):
+        self.inner, self.lengths = inner, []
+
+    def __call__(self, text, **kw):
+        self.lengths.append(len(text))
+        return self.inner(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_text_that_cannot_fit_is_refused_after_tokenising_a_prefix_and_one_that_fits_is_tokenised_whole(
+        engine, monkeypatch):
+    tok = RecordingTokenizer(engine.tokenizer)
+    monkeypatch.setattr(engine, "tokenizer", tok)
+    assert engine.max_prompt_chars == 12 * 1024  # under the character bound...
+    with pytest.raises(TooBig, match=r"prompt cannot fit: its first 4096 of 12000 characters are already 4096 "
+                                     r"tokens; the model's context holds 1024"):
+        engine.encode("ab " * 4000)  # ... but one token per character
+    assert tok.lengths == [4096]  # the rest was never tokenised
+    fits = "<|im_start|>" * 1000  # 12000 characters, 1000 tokens: the prefix is no proof, the whole is tokenised
+    tok.lengths.clear()
+    assert engine.encode(fits) == tok.inner(fits)["input_ids"] and tok.lengths[-2:] == [4096, 12000]
+    messages = [{"role": "user", "content": "ab " * 1800}] * 2  # 10808 characters in all
+    with pytest.raises(TooBig, match=r"the rendered chat template cannot fit: its first 4096 of 108\d\d characters"):
+        engine.encode(messages=messages)
+
+
+def test_a_chat_template_that_renders_more_than_the_character_bound_is_refused_before_tokenising(
+        engine, monkeypatch):
+    tok = RecordingTokenizer(engine.tokenizer)
+    monkeypatch.setattr(engine, "tokenizer", tok)
+    monkeypatch.setattr(tok.inner, "chat_template", "{% for m in messages %}{{ m['content'] * 100 }}{% endfor %}")
+    with pytest.raises(TooBig, match=r"the chat template renders the messages as 20000 characters; .* at most 12288"):
+        engine.encode(messages=[{"role": "user", "content": "x" * 200}])
+    assert tok.lengths == []
+
+
 def test_chat_messages_use_the_models_template(engine):
     ids = engine.encode(messages=[{"role": "user", "content": "hi"}])
     text = engine.tokenizer.decode(ids)

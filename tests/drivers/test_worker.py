@@ -8,6 +8,7 @@ import zmq
 
 from llmos.drivers.model.worker import Worker
 from llmos.syscalls import codec
+from llmos.syscalls.errors import quote
 
 
 class Gate:
@@ -137,22 +138,52 @@ def test_a_worker_with_nothing_runnable_sleeps_and_sends_no_step_frames(start_wo
     assert recv()["events"][0][3] == "killed"
 
 
-@pytest.mark.parametrize("config, fault", [('{"model_type": "no-such-architecture"}', "ValueError"),
-                                           ('{"model_type": "llama", "vocab_size": 8}', "")])
-def test_a_model_the_loader_refuses_for_its_files_is_reported_as_einval(tmp_path, config, fault):
-    model = tmp_path / "bad"
-    model.mkdir()
-    (model / "config.json").write_text(config)  # no tokenizer, no weights
+def load_failure(tmp_path, model):
+    """The first frame a worker sends the kernel on ``model``: "failed" when it cannot load it (a worker
+    that loads it after all is shut down, so that the test fails instead of hanging)."""
     ctx = zmq.Context.instance()
     kernel_end = ctx.socket(zmq.DEALER)
     kernel_end.setsockopt(zmq.LINGER, 0)
     kernel_end.setsockopt(zmq.RCVTIMEO, 60_000)
     kernel_end.bind(f"ipc://{tmp_path}/w.sock")
     w = Worker(f"ipc://{tmp_path}/w.sock", str(model), "cpu", {})
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", w.serve()), daemon=True)
+    thread.start()
     try:
-        assert w.serve() == 1
         msg = codec.decode(kernel_end.recv())
+        if msg["op"] != "failed":
+            kernel_end.send(codec.encode({"op": "shutdown"}))
+        thread.join(30)
     finally:
-        w.sock.close(linger=0)
+        if w.io is None or not w.io.is_alive():
+            w.sock.close(linger=0)
         kernel_end.close()
-    assert msg["op"] == "failed" and msg["errno"] == 22 and fault in msg["message"] and str(model) in msg["message"]
+    assert msg["op"] != "failed" or result["rc"] == 1
+    return msg
+
+
+@pytest.mark.parametrize("config, fault", [('{"model_type": "no-such-architecture"}', "ValueError"),
+                                           ('{"model_type": "llama", "vocab_size": 8}', "")])
+def test_a_model_the_loader_refuses_for_its_files_is_reported_as_einval(tmp_path, config, fault):
+    model = tmp_path / "bad"
+    model.mkdir()
+    (model / "config.json").write_text(config)  # no tokenizer, no weights
+    msg = load_failure(tmp_path, model)
+    assert msg["op"] == "failed" and msg["errno"] == 22 and fault in msg["message"]
+    assert f"cannot load model {quote(str(model))}: " in msg["message"]
+
+
+def test_a_tokenizer_with_implausibly_few_tokens_is_refused_at_load_naming_the_directory(tmp_path):
+    from tests.tinymodel import make_tiny_gpt2
+
+    model = make_tiny_gpt2(tmp_path / "g" / ("long-directory-name-" * 4))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    (model / "vocab.json").write_text("{}")  # files there, but empty: transformers builds a GPT2Tokenizer of 1 token
+    (model / "merges.txt").write_text("#version: 0.2\n")
+    msg = load_failure(tmp_path, model)
+    assert msg["op"] == "failed" and msg["error"] == "EINVAL", msg
+    assert msg["message"].startswith(f"cannot load model {quote(str(model))}: its tokenizer (GPT2Tokenizer) has 1 "
+                                     "tokens for a model of 261: the tokenizer's files in the model directory")
+    assert len(msg["message"]) < 400
