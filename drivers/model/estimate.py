@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from llmos.drivers.model.shape import PACK_LIMIT_BYTES, PAGED_MODEL_TYPES, model_shape
+from llmos.syscalls.errors import InvalidArgument, quote
 
+MAX_ESTIMATE_BYTES = 2**63 - 1
 WORKER_OVERHEAD_BYTES = 350 * 2**20  # a worker with torch and transformers imported: the RSS ps showed for one on the tiny test model
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -41,7 +43,11 @@ def kv_bytes_per_token(config: dict[str, Any], elem_bytes: int) -> int:
 
 def estimate(path: str | Path, device: str = "cpu", kv_tokens: int | None = None,
              max_batch: int = 64) -> dict[str, Any]:
-    """Bytes for weights, KV pool and process overhead of one instance on ``device``."""
+    """Bytes for weights, KV pool and process overhead of one instance on ``device``.
+
+    InvalidArgument when a number would not fit a signed 64-bit integer (MessagePack's, and any
+    memory budget's, range): the config states a shape no real model has.
+    """
     config = json.loads((Path(path) / "config.json").read_text())
     elem = 4 if device == "cpu" else 2  # the loader uses float32 on CPU, bfloat16 on GPUs
     params = parameter_count(path)
@@ -55,6 +61,10 @@ def estimate(path: str | Path, device: str = "cpu", kv_tokens: int | None = None
     if device == "cpu" and config.get("model_type") in PAGED_MODEL_TYPES and weights <= PACK_LIMIT_BYTES:
         weights *= 2
     kv = per_token * kv_tokens
+    if max(weights, kv, weights + kv + WORKER_OVERHEAD_BYTES) > MAX_ESTIMATE_BYTES:
+        raise InvalidArgument(f"model {quote(str(path))}: config.json gives {per_token} bytes of KV cache per token "
+                              f"and {context} tokens of context, {weights + kv} bytes for {kv_tokens} tokens; "
+                              "that is no real model's shape (more than 2**63 bytes cannot even be counted)")
     return {"parameters": params, "weight_bytes": weights, "kv_bytes": kv, "kv_bytes_per_token": per_token,
             "kv_tokens": kv_tokens, "overhead_bytes": WORKER_OVERHEAD_BYTES,
             "total_bytes": weights + kv + WORKER_OVERHEAD_BYTES, "context_len": context}

@@ -26,6 +26,7 @@ HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 HEADS_KEYS = ("num_attention_heads", "n_head", "n_heads", "num_heads")
 LAYERS_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 HEAD_DIM_KEYS = ("head_dim", "kv_channels")
+KV_HEADS_KEYS = ("num_key_value_heads", "n_head_kv", "num_kv_heads", "multi_query_group_num")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Model directories are checked before loading: a broken config.json or safetensors file is EINVAL naming it."""
+"""Model directories are checked before loading: a path the OS refuses, a broken config.json (or a model shape out
+of range), no tokenizer files, or a broken safetensors file is EINVAL (or ENOENT) naming it."""
 
 import json
 import shutil
@@ -71,3 +72,63 @@ def test_a_file_fixed_after_a_failed_check_passes_and_a_missing_directory_is_eno
     check_model_dir(model_dir)
     with pytest.raises(NotFound):
         resolve_model(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("model, error, fault", [
+    ("/" + "a" * 300, InvalidArgument, "File name too long"),  # a component over 255 bytes
+    ("/tmp/" + "b" * 300 + "/m", InvalidArgument, "File name too long"),
+    ("/" + "c/" * 2100, InvalidArgument, "File name too long"),  # the whole path over 4096 bytes
+    ("~no_such_user_of_llmos/" + "d" * 300, NotFound, "no such user's home"),
+    ("/tmp/nul\x00" + "e" * 300, NotFound, "no model at"),
+    ("relative/" + "f" * 300, NotFound, "absolute path"),
+])
+def test_a_model_path_the_os_refuses_is_einval_or_enoent_quoting_only_a_short_prefix(model, error, fault):
+    with pytest.raises(error, match=fault) as err:
+        resolve_model(model)
+    assert len(err.value.message) < 250 and f"({len(model)} characters)" in err.value.message
+
+
+def write_config(model_dir, **changes):
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(changes)
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, fault", [
+    ({"n_positions": -5}, "n_positions is -5"),  # transformers: "negative dimension" at load
+    ({"max_position_embeddings": 0}, "max_position_embeddings is 0"),
+    ({"n_embd": 10**12}, "n_embd is 1000000000000"),  # the estimate would overflow MessagePack's ints
+    ({"num_hidden_layers": 10**6}, "num_hidden_layers is 1000000"),
+    ({"num_attention_heads": "4"}, "num_attention_heads is '4'"),
+    ({"num_key_value_heads": 2.5}, "num_key_value_heads is 2.5"),
+    ({"vocab_size": True}, "vocab_size is True"),
+    ({"intermediate_size": -1}, "intermediate_size is -1"),
+    ({"text_config": {"num_hidden_layers": -2}}, "text_config.num_hidden_layers is -2"),
+])
+def test_a_model_shape_out_of_range_in_config_json_is_einval_naming_the_key(model_dir, changes, fault):
+    write_config(model_dir, **changes)
+    with pytest.raises(InvalidArgument, match=f"config.json: {fault}; it must be a whole number from 1 to"):
+        resolve_model(str(model_dir))
+
+
+def test_an_infinite_or_null_size_is_told_apart(model_dir):
+    text = (model_dir / "config.json").read_text()
+    (model_dir / "config.json").write_text(text.replace('"hidden_size":', '"hidden_size": 1e400, "x":'))
+    with pytest.raises(InvalidArgument, match="hidden_size is inf"):
+        resolve_model(str(model_dir))
+    write_config(model_dir, hidden_size=64, head_dim=None, max_position_embeddings=2048.0)  # null: not stated
+    resolve_model(str(model_dir))
+
+
+@pytest.mark.parametrize("remove, add", [(["tokenizer.json"], {}), (["tokenizer.json", "tokenizer_config.json"], {}),
+                                         (["tokenizer.json"], {"vocab.json": "{}"})])  # vocab.json needs merges.txt
+def test_a_model_directory_without_a_tokenizers_files_is_einval(model_dir, remove, add):
+    for name in remove:
+        (model_dir / name).unlink()
+    for name, text in add.items():
+        (model_dir / name).write_text(text)
+    with pytest.raises(InvalidArgument, match="no tokenizer files"):
+        resolve_model(str(model_dir))
+    (model_dir / "merges.txt").write_text("#version: 0.2\n")
+    if "vocab.json" in add:
+        resolve_model(str(model_dir))  # present: whether they make a tokenizer is the worker's check

@@ -86,3 +86,16 @@ def test_the_kernel_estimates_and_checks_a_model_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_an_estimate_past_what_a_64_bit_integer_holds_is_einval_naming_the_model(tmp_path):
+    import json
+
+    from llmos.syscalls.errors import InvalidArgument
+
+    # every size in range on its own (registry.SHAPE_BOUNDS), together ~2**70 bytes of KV cache
+    (tmp_path / "config.json").write_text(json.dumps({"n_layer": 60_000, "n_embd": 2**20, "n_head": 1,
+                                                      "n_positions": 2**31}))
+    with pytest.raises(InvalidArgument, match=r"config\.json gives \d+ bytes of KV cache per token .* 2\*\*63"):
+        estimate(tmp_path, "cpu", kv_tokens=None, max_batch=64)
+    assert estimate(tmp_path, "cpu", kv_tokens=8)["kv_bytes"] == 8 * 2 * 60_000 * 2**20 * 4 < 2**63
