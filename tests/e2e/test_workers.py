@@ -190,6 +190,19 @@ def test_ping_is_answered_at_once_while_a_long_prefill_runs(client, long_model):
     assert max(times) < 0.2, sorted(times)[-3:]
 
 
+# On the long model (context 100,000; at most 1,200,000 characters): the first 400,000 characters of this prompt
+# are 33,337 tokens, no proof that it cannot fit, so the worker tokenises all of it (1,895,334 tokens: a byte each,
+# ~2 s) before E2BIG.
+FULLY_TOKENISED = "<|im_start|>" * 33_334 + "中文 " * 266_000
+
+
+def worker_rss(client, model):
+    import psutil
+
+    [pid] = [m["worker_pid"] for m in client.kernel_info()["models"] if m["model"] == model]
+    return psutil.Process(pid).memory_info().rss
+
+
 def test_a_prompt_too_long_for_the_context_is_e2big_before_it_is_tokenised(client, long_model):
     info = executor_of(client, long_model)
     t = time.monotonic()
@@ -200,6 +213,30 @@ def test_a_prompt_too_long_for_the_context_is_e2big_before_it_is_tokenised(clien
     assert time.monotonic() - t < 2.0 and (info["context_len"], info["max_prompt_chars"]) == (100_000, 1_200_000)
 
 
+def test_every_string_of_the_chat_messages_counts_against_the_character_bound(client, long_model):
+    t = time.monotonic()
+    with pytest.raises(TooBig, match=r"messages hold 3000013 characters \(roles, contents and every other field\)"):
+        client.spawn(messages=[{"role": "u " * 1_500_000, "content": "hi"}], model=long_model, max_new_tokens=1)
+    assert time.monotonic() - t < 2.0  # not tokenised: 4.5 s before
+
+
+def test_a_prompt_that_cannot_fit_is_refused_after_a_prefix_and_the_worker_gives_its_memory_back(client, long_model):
+    before = worker_rss(client, long_model)
+    with pytest.raises(TooBig, match="prompt is 1895334 tokens"):
+        client.spawn(prompt=FULLY_TOKENISED, model=long_model, max_new_tokens=1)
+    after_whole = worker_rss(client, long_model)
+    t = time.monotonic()
+    with pytest.raises(TooBig, match="prompt cannot fit: its first 400000 of 1194000 characters are already 400000 "
+                                     "tokens; the model's context holds 100000"):
+        client.spawn(prompt="ab cd " * 199_000, model=long_model, max_new_tokens=1)  # just under the bound
+    prefix_s = time.monotonic() - t
+    after_prefix = worker_rss(client, long_model)
+    # tokenising ~1.2M characters took hundreds of MB of the encoder threads' malloc arenas, and kept them
+    assert (after_whole - before) / 2**20 < 64 and (after_prefix - before) / 2**20 < 64, (before, after_whole,
+                                                                                          after_prefix)
+    assert prefix_s < 3.0  # a third of the text tokenised, not all of it
+
+
 def test_a_spawn_is_not_delayed_by_another_clients_long_tokenisation(kernel, client, long_model):
     big = {}
 
@@ -207,7 +244,7 @@ def test_a_spawn_is_not_delayed_by_another_clients_long_tokenisation(kernel, cli
         with kernel.client() as c:
             big["start"] = time.monotonic()
             try:
-                c.spawn(prompt="ab cd " * 190_000, model=long_model, max_new_tokens=1)  # 1.14M chars: admitted
+                c.spawn(prompt=FULLY_TOKENISED, model=long_model, max_new_tokens=1)  # admitted, tokenised...
             except TooBig as exc:  # ... then too many tokens for the context
                 big["error"] = exc
             big["end"] = time.monotonic()
@@ -224,6 +261,39 @@ def test_a_spawn_is_not_delayed_by_another_clients_long_tokenisation(kernel, cli
     assert small_s < 0.5 and t + small_s < big["end"], (small_s, big["end"] - big["start"])
 
 
+@pytest.mark.parametrize("call", ["spawn", "model_load", "model_unload", "model_info"])
+def test_a_model_path_the_os_refuses_is_einval_for_every_call_that_names_a_model(client, call):
+    model = "/" + "a" * 300  # a component over 255 bytes
+    args = {"prompt": "x", "model": model, "max_new_tokens": 1} if call == "spawn" else {"model": model}
+    with pytest.raises(InvalidArgument, match="File name too long") as err:
+        client.call(call, args)  # the raw call: what the kernel answers whatever the client does with paths
+    assert len(err.value.message) < 250  # the path quoted short
+    client.ping()
+
+
+def test_a_model_shape_out_of_range_or_no_tokenizer_files_is_einval_before_a_worker_starts(client, tmp_path):
+    import json
+
+    from tests.tinymodel import make_tiny_gpt2
+
+    path = make_tiny_gpt2(tmp_path / "g")
+    good = json.loads((path / "config.json").read_text())
+    for changes, fault in (({"n_embd": 10**12, "n_layer": 10**6}, "n_embd is 1000000000000"),  # the estimate overflowed
+                           ({"n_positions": -5}, "n_positions is -5")):  # model-info said 2048; the load, EIO
+        (path / "config.json").write_text(json.dumps({**good, **changes}))
+        for call in (client.model_info, client.model_load):
+            with pytest.raises(InvalidArgument, match=f"config.json: {fault}; it must be a whole number"):
+                call(str(path))
+    (path / "config.json").write_text(json.dumps(good))
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # transformers would build a tokenizer of 1 token
+        (path / name).unlink()
+    with pytest.raises(InvalidArgument, match="no tokenizer files"):
+        client.model_load(str(path))
+    with pytest.raises(InvalidArgument, match="no tokenizer files"):
+        client.spawn(prompt="x", model=str(path), max_new_tokens=1)
+    assert str(path) not in [m["model"] for m in client.models()]
+
+
 def test_a_broken_model_directory_is_einval_naming_the_file_and_the_fault(client, tmp_path):
     from tests.tinymodel import make_tiny_llama
 
@@ -233,7 +303,7 @@ def test_a_broken_model_directory_is_einval_naming_the_file_and_the_fault(client
         client.spawn(prompt="x", model=str(path), max_new_tokens=1)
     (path / "config.json").write_text('{"model_type": "llama", "vocab_size": 261}')
     (path / "model.safetensors").write_bytes(os.urandom(4096))
-    with pytest.raises(InvalidArgument, match=r"model\.safetensors is not a safetensors file"):
+    with pytest.raises(InvalidArgument, match=r"'model\.safetensors' is not a safetensors file"):
         client.model_info(str(path))
     with pytest.raises(InvalidArgument, match=r"model\.safetensors"):
         client.model_load(str(path))
