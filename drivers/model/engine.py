@@ -136,7 +136,7 @@ class BaseEngine:
         if num_blocks is None:  # room for a full batch of full contexts (+ the padding block)
             num_blocks = max_batch * -(-self.context_len // block_size) + 1
         if kv_policy not in ("static", "dynamic", "isolated"):
-            raise InvalidArgument(f"unknown KV memory policy {kv_policy!r}: static, dynamic or isolated")
+            raise InvalidArgument(f"unknown KV memory policy {quote(kv_policy)}: static, dynamic or isolated")
         self.kv_policy = kv_policy
         self.initial_blocks = num_blocks
         self.max_blocks = max(max_blocks or num_blocks, num_blocks) if kv_policy == "dynamic" else num_blocks

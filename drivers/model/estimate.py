@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from llmos.drivers.model.registry import check_config, path_error
 from llmos.drivers.model.shape import PACK_LIMIT_BYTES, PAGED_MODEL_TYPES, model_shape
 from llmos.syscalls.errors import InvalidArgument, quote
 
@@ -45,12 +46,19 @@ def estimate(path: str | Path, device: str = "cpu", kv_tokens: int | None = None
              max_batch: int = 64) -> dict[str, Any]:
     """Bytes for weights, KV pool and process overhead of one instance on ``device``.
 
-    InvalidArgument when a number would not fit a signed 64-bit integer (MessagePack's, and any
+    InvalidArgument (or NotFound) when config.json fails :func:`registry.check_config` or a file cannot
+    be read, and when a number would not fit a signed 64-bit integer (MessagePack's, and any
     memory budget's, range): the config states a shape no real model has.
     """
-    config = json.loads((Path(path) / "config.json").read_text())
+    where = f"model {quote(str(path))}"
+    config = check_config(Path(path) / "config.json", where)
     elem = 4 if device == "cpu" else 2  # the loader uses float32 on CPU, bfloat16 on GPUs
-    params = parameter_count(path)
+    try:
+        params = parameter_count(path)
+    except OSError as exc:  # the files changed since resolve_model checked them
+        raise path_error(f"{where}: cannot read its weights", exc) from None
+    except (ValueError, KeyError, TypeError, struct.error) as exc:
+        raise InvalidArgument(f"{where}: a safetensors header changed and is malformed: {type(exc).__name__}") from None
     shape = model_shape(config)
     per_token = shape.kv_bytes_per_token(elem)
     context = shape.context_len

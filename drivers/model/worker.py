@@ -239,6 +239,11 @@ class Worker:
             self.running = False
 
 
+# huggingface_hub's strict dataclasses (transformers' configs): a field of the wrong type, or fields that
+# disagree (a hidden size its heads do not divide)
+_CONFIG_VALIDATION_ERRORS = frozenset({"StrictDataclassFieldValidationError", "StrictDataclassClassValidationError"})
+
+
 def load_errno(exc: BaseException) -> Errno:
     """Whose fault a failed load is: ENOMEM for memory, EINVAL for the model's files (unreadable,
     malformed or inconsistent config, tokenizer or weights), EIO for anything else."""
@@ -248,6 +253,8 @@ def load_errno(exc: BaseException) -> Errno:
         return Errno.ENOMEM
     if isinstance(exc, (OSError, ValueError, KeyError, UnicodeDecodeError)) or type(exc).__name__ == "SafetensorError":
         return Errno.EINVAL
+    if any(c.__name__ in _CONFIG_VALIDATION_ERRORS for c in type(exc).__mro__):
+        return Errno.EINVAL  # transformers' typed configs refuse a value of config.json
     if isinstance(exc, RuntimeError) and ("size mismatch" in str(exc) or "state_dict" in str(exc)):
         return Errno.EINVAL  # weights whose shapes do not match the config
     return Errno.EIO

@@ -187,3 +187,18 @@ def test_a_tokenizer_with_implausibly_few_tokens_is_refused_at_load_naming_the_d
     assert msg["message"].startswith(f"cannot load model {quote(str(model))}: its tokenizer (GPT2Tokenizer) has 1 "
                                      "tokens for a model of 261: the tokenizer's files in the model directory")
     assert len(msg["message"]) < 400
+
+
+@pytest.mark.parametrize("changes, fault", [({"rms_norm_eps": "abc"}, "rms_norm_eps"),
+                                            ({"hidden_size": 30}, "hidden size"),  # 4 heads do not divide it
+                                            ({"tie_word_embeddings": "x"}, "tie_word_embeddings")])
+def test_a_config_value_transformers_refuses_is_reported_as_einval_naming_it(tmp_path, tiny_model, changes, fault):
+    import json
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **changes}))
+    msg = load_failure(tmp_path, model)
+    assert msg["op"] == "failed" and msg["error"] == "EINVAL" and fault in msg["message"], msg
