@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 PROMPT_CONTEXT = 6  # prompt tokens the output is decoded after (vLLM's incremental detokeniser starts with 5)
 PENDING_TOKENS = 4  # an incomplete UTF-8 character (at most 3 of its 4 bytes) spans at most this many tokens
+PENDING_WINDOW = 64  # trailing tokens searched for those bytes (special tokens between them add none)
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -56,8 +57,9 @@ class TokenBytes:
     def __init__(self, tokenizer: Any, byte_level: bool) -> None:
         self.tokenizer = tokenizer
         self.alphabet = _gpt2_alphabet() if byte_level else None
-        self.special = set(getattr(tokenizer, "all_special_ids", None) or ())
+        self.special = set(getattr(tokenizer, "all_special_ids", None) or ())  # skipped when decoding...
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self.special.update(i for i, t in added.items() if getattr(t, "special", False))  # ...as these are
         self.added = {i: str(getattr(t, "content", t)) for i, t in added.items()}
         self._cache: dict[int, bytes] = {}
 
@@ -108,7 +110,7 @@ class TokenBytes:
         """How many trailing ``ids`` hold a character whose remaining bytes are still to come (0: none)."""
         tail: list[bytes] = []
         size = 0
-        for i in reversed(ids[-2 * PENDING_TOKENS:]):
+        for i in reversed(ids[-PENDING_WINDOW:]):
             if size >= 4:  # the lead byte of any incomplete character is among these
                 break
             tail.append(self.bytes_of(i))
@@ -211,7 +213,7 @@ class TextTracker:
         """(end, text): ids[read:end] are the new tokens that hold no partial character at the end (without
         the tokens' bytes: whose text does not end in U+FFFD), and the text they add."""
         if self._bytes is not None:
-            ids = self._ids(self._generated, max(0, n - 2 * PENDING_TOKENS), n)
+            ids = self._ids(self._generated, max(0, n - PENDING_WINDOW), n)
             end = max(self._read, n - self._bytes.pending(ids))
             return end, self._new_text(end) if end > self._read else ""
         for end in range(n, max(self._read, n - PENDING_TOKENS) - 1, -1):

@@ -68,8 +68,9 @@ def real_tokenizers(tiny_model):
 def byte_level_bytes(tok, ids):
     """The bytes a byte-level BPE tokenizer decodes ``ids`` from (special tokens skipped)."""
     table = {c: b for b, c in _bytes_to_unicode().items()}
-    added = {i: t.content for i, t in tok.added_tokens_decoder.items()}
-    return b"".join(b"" if i in tok.all_special_ids else added[i].encode() if i in added
+    added = {i: t for i, t in tok.added_tokens_decoder.items()}
+    skipped = set(tok.all_special_ids) | {i for i, t in added.items() if t.special}
+    return b"".join(b"" if i in skipped else added[i].content.encode() if i in added
                     else bytes(table[c] for c in tok.convert_ids_to_tokens(i)) for i in ids)
 
 
@@ -315,3 +316,13 @@ def test_a_stop_string_never_matches_the_placeholder_of_an_incomplete_character_
     assert t.update([ord("a"), 0]) == "a" and not t.stopped
     assert t.update([ord("a"), 0x4E2D]) == "中" and not t.stopped
     assert t.update([ord("a"), 0x4E2D, 0xFFFD, ord("b")]) == "" and t.stopped and t.text == "a中"
+
+
+def test_a_character_whose_bytes_are_split_by_skipped_special_tokens_is_still_one_character(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    e4, b8, ad = tok.encode("中", add_special_tokens=False)
+    special = tok.convert_tokens_to_ids("<|im_end|>")
+    out, t = stream(tok, [e4, *[special] * 10, b8, special, ad, special], stop=["\ufffd"])
+    assert (out, t.text, t.stopped) == ("中", "中", False)
