@@ -12,7 +12,8 @@ def check_prompt_ids(prompt_ids: Sequence, vocab_size: int, context_len: int) ->
     and in O(1), or InvalidArgument (empty, not ints, out of the vocabulary). The items are checked in
     one pass of C loops (a million ids in ~0.1 s), not formatted one by one."""
     if not prompt_ids:
-        raise InvalidArgument(f"prompt_ids must be a non-empty list of token ids in [0, {vocab_size}); got an empty list")
+        raise InvalidArgument(f"prompt_ids must be a non-empty list of token ids in [0, {vocab_size}); "
+                              "got an empty list")
     check_length(len(prompt_ids), context_len)
     ids = list(prompt_ids)
     if not set(map(type, ids)) <= {int} or min(ids) < 0 or max(ids) >= vocab_size:  # bool is not an int here

@@ -195,5 +195,6 @@ def _tensor_fault(meta: object, data: int) -> str | None:
         for d in shape:
             numel *= d
         if numel * _DTYPE_BYTES[dtype] != end - begin:
-            return f"shape {quote(shape)} of {quote(dtype)} needs {numel * _DTYPE_BYTES[dtype]} bytes, its offsets give {end - begin}"
+            return (f"shape {quote(shape)} of {quote(dtype)} needs {numel * _DTYPE_BYTES[dtype]} bytes, "
+                    f"its offsets give {end - begin}")
     return None
