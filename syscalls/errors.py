@@ -88,6 +88,16 @@ _quoter.maxlist = _quoter.maxtuple = _quoter.maxdict = _quoter.maxset = 4
 _quoter.maxlevel = 2
 
 
+def quote_path(path: Any) -> str:
+    """A short repr of a path for an error message: its start and its end (where the telling name is),
+    at most about QUOTE_CHARS characters, with the length of what was cut."""
+    text = str(path)
+    if len(text) <= QUOTE_CHARS:
+        return repr(text)
+    head, tail = QUOTE_CHARS // 3, QUOTE_CHARS - QUOTE_CHARS // 3
+    return f"{text[:head] + '...' + text[-tail:]!r} ({len(text)} characters)"
+
+
 def quote(value: Any) -> str:
     """A short repr of a client's input for an error message: at most about QUOTE_CHARS
     characters of it, with the length of what was cut (a 4 MB name must not come back whole)."""

@@ -45,7 +45,10 @@ SAMPLING: tuple[Field, ...] = (
     Field("repetition_penalty", "float", "penalty for tokens already in the context (1 = off)",
           default=1.0, min=0.01, max=100.0),
     Field("seed", "int", "sampling seed; null draws a random one", nullable=True, min=0, max=2**63 - 1),
-    Field("stop", "list[str]", "stop strings; the output ends before the earliest match", default=(), max_len=16,
+    Field("stop", "list[str]", "stop strings; the output ends before the match completed first, whatever the "
+          "list order. They are matched in the decoded output (special tokens skipped): one that is exactly a "
+          "special token's text stops on that token; one spanning a special token and other text (' value<|im_end|>') "
+          "never matches; a character only half generated never matches (not even U+FFFD)", default=(), max_len=16,
           item_max_len=256, max_bytes=4096),
     Field("stop_token_ids", "list[int]", "extra token ids that end the output", default=(), max_len=64),
     Field("ignore_eos", "bool", "keep generating past the end-of-sequence token", default=False),

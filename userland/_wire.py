@@ -20,13 +20,17 @@ def current_user() -> str:
 
 
 def model_arg(model: str | os.PathLike | None) -> str | None:
-    """Client-side paths are resolved here: the kernel runs in another working directory."""
+    """Client-side paths are resolved here: the kernel runs in another working directory. A path this
+    machine cannot even look at (a name too long, an unknown ~user) goes as given: the kernel says why."""
     if model is None:
         return None
     text = os.fspath(model)
-    p = Path(text).expanduser()
-    if p.exists() or os.sep in text or text.startswith("."):
-        return str(p.resolve())
+    try:
+        p = Path(text).expanduser()
+        if p.exists() or os.sep in text or text.startswith("."):
+            return str(p.resolve())
+    except (OSError, RuntimeError, ValueError):
+        pass
     return text
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from llmos.drivers.model.shape import (CONTEXT_KEYS, HEAD_DIM_KEYS, HEADS_KEYS, HIDDEN_KEYS, KV_HEADS_KEYS,
                                        LAYERS_KEYS)
-from llmos.syscalls.errors import InvalidArgument, LLMOSError, NotFound, quote
+from llmos.syscalls.errors import InvalidArgument, LLMOSError, NotFound, quote, quote_path
 
 DEFAULT_MODEL_NAME = "default"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
@@ -63,18 +63,18 @@ def resolve_model(model: str | None) -> str:
         try:
             path = Path(model).expanduser()
         except RuntimeError:  # "~name/..." for a user with no home directory
-            raise NotFound(f"model {quote(model)}: no such user's home directory") from None
+            raise NotFound(f"model {quote_path(model)}: no such user's home directory") from None
         if not path.is_absolute():
-            raise NotFound(f"model {quote(model)}: give an absolute path to a Hugging Face model directory "
+            raise NotFound(f"model {quote_path(model)}: give an absolute path to a Hugging Face model directory "
                            f"or '{DEFAULT_MODEL_NAME}'")
     try:
         if not (path / "config.json").is_file():
-            raise NotFound(f"no model at {quote(model)}: expected a Hugging Face model directory with config.json")
+            raise NotFound(f"no model at {quote_path(model)}: expected a Hugging Face model directory with config.json")
         resolved = path.resolve()
     except OSError as exc:
-        raise path_error(f"model {quote(model)}", exc) from None
+        raise path_error(f"model {quote_path(model)}", exc) from None
     except (RuntimeError, ValueError) as exc:  # a symlink loop; a NUL byte
-        raise NotFound(f"no model at {quote(model)}: {type(exc).__name__}: {quote(str(exc))}") from None
+        raise NotFound(f"no model at {quote_path(model)}: {type(exc).__name__}: {quote(str(exc))}") from None
     check_model_dir(resolved)
     return str(resolved)
 
@@ -94,7 +94,7 @@ def check_model_dir(path: Path) -> None:
     a model shape out of range, no tokenizer's files are there, or a ``*.safetensors`` file's header
     is malformed or points outside the file. Only headers are read; a directory whose files have not
     changed since it last passed is not read again."""
-    where = f"model {quote(str(path))}"
+    where = f"model {quote_path(path)}"
     try:
         names = set(os.listdir(path))
         files = [path / "config.json", *(path / n for n in sorted(names) if n.endswith(".safetensors"))]

@@ -22,7 +22,8 @@ UNIT = 100 * 2**20
 def model_dir(root, name):
     d = root / name
     d.mkdir()
-    (d / "config.json").write_text("{}")  # resolve_model needs a Hugging Face directory, nothing more here
+    (d / "config.json").write_text("{}")  # resolve_model needs a Hugging Face directory with a tokenizer's
+    (d / "tokenizer.json").write_text("{}")  # files, nothing more here
     return str(d.resolve())
 
 

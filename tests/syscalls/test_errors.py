@@ -43,3 +43,12 @@ def test_quote_shows_a_short_prefix_of_any_input():
                   [[[[["deep"] * 100] * 100] * 100]]):
         assert len(quote(value)) < 200
     assert "10000000 characters" in quote("q" * 10_000_000)
+
+
+def test_a_long_path_is_quoted_by_its_start_and_its_telling_end():
+    from llmos.syscalls.errors import QUOTE_CHARS, quote_path
+
+    path = "/srv/models/" + "x" * 500 + "/tiny-llama"
+    q = quote_path(path)
+    assert q.startswith("'/srv/models/") and "tiny-llama'" in q and f"({len(path)} characters)" in q
+    assert len(q) < QUOTE_CHARS + 40 and quote_path("/m") == "'/m'"

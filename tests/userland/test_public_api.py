@@ -33,6 +33,11 @@ def test_relative_model_paths_are_resolved_on_the_client(tmp_path, monkeypatch):
     assert model_arg(os.fspath(tmp_path / "m")) == str(tmp_path / "m")
 
 
+def test_a_model_path_the_client_cannot_look_at_goes_to_the_kernel_as_given():
+    for text in ("/" + "a" * 300, "~no-such-user-here/m"):
+        assert model_arg(text) == text  # the kernel answers EINVAL/ENOENT saying why; the client never crashes
+
+
 def test_spawn_args_drop_unset_fields():
     assert spawn_args("hi", None, None, 3, {"seed": None, "top_k": 5}) == {"prompt": "hi", "priority": 3, "top_k": 5}
 
