@@ -12,6 +12,7 @@ and the KV pool waste at the end of prefill. It prints a table and writes docs/p
 from __future__ import annotations
 
 import argparse
+import shutil
 import asyncio
 import datetime
 import os
@@ -132,6 +133,7 @@ def bench_shape(shape: str, root: Path, skip_sequential: bool, repeats: int) -> 
     finally:
         proc.terminate()
         proc.wait(30)
+        shutil.rmtree(home, ignore_errors=True)
     dt = sorted(llmos_dts)[len(llmos_dts) // 2]
     row["llmos"] = tokens / dt
     row["llmos_runs"] = [round(tokens / d) for d in llmos_dts]
@@ -269,7 +271,10 @@ def main() -> int:
 
     torch.set_num_threads(psutil.cpu_count(logical=False) or torch.get_num_threads())
     root = Path(tempfile.mkdtemp(prefix="llmos-models-"))
-    rows = [bench_shape(s, root, args.skip_sequential, args.repeats) for s in args.shapes.split(",")]
+    try:
+        rows = [bench_shape(s, root, args.skip_sequential, args.repeats) for s in args.shapes.split(",")]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     command = "python -m benchmarks.run" + (f" --shapes {args.shapes}" if args.shapes != "5M,40M" else "") + \
         (" --skip-sequential" if args.skip_sequential else "") + \
         (f" --repeats {args.repeats}" if args.repeats != 3 else "")
