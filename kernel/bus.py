@@ -24,6 +24,7 @@ import zmq.asyncio
 from llmos.kernel.config import KernelConfig
 from llmos.kernel.dispatch import dispatch
 from llmos.kernel.handlers import Caller, Handlers
+from llmos.kernel.heap import BIG_REQUEST_BYTES, CycleCollector
 from llmos.kernel.log import get_logger
 from llmos.kernel.outbox import Outbox
 from llmos.syscalls import codec, protocol
@@ -78,6 +79,7 @@ class Bus:
         self.clients: dict[bytes, _Client] = {}
         self._blocked: set[bytes] = set()  # clients whose socket refused a frame: retried by _retry
         self._wake: asyncio.Event | None = None
+        self.collector: CycleCollector | None = None
         self._tasks: list[asyncio.Task] = []
 
     def bind(self) -> None:
@@ -86,6 +88,7 @@ class Bus:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self.collector = CycleCollector(loop)
         self._tasks = [loop.create_task(self._read(), name="bus:read"),
                        loop.create_task(self._retry(), name="bus:retry")]
 
@@ -100,6 +103,8 @@ class Bus:
 
     def _receive(self, frames: list[bytes]) -> None:
         ident = frames[0]
+        if self.collector is not None and sum(map(len, frames)) >= BIG_REQUEST_BYTES:
+            self.collector.big_request()  # whatever cycles its request leaves, collect them soon
         client = self.clients.get(ident)
         if client is None:
             client = self.clients[ident] = _Client(self, Caller(ident))

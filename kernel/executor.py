@@ -166,7 +166,9 @@ class Executor(Actor):
                     # a prompt that cannot fit is refused before it costs the worker seconds of tokenising
                     check_prompt_chars(msg.prompt, msg.messages, int(self.info.get("max_prompt_chars") or 0))
                 except LLMOSError as exc:
-                    fut.set_exception(exc)
+                    # without its traceback: it would hold this frame, which holds the future and the
+                    # request (a million ids), in a cycle only the cyclic collector frees
+                    fut.set_exception(exc.with_traceback(None))
                     return fut
             rid = next(self._rids)
             self._pending[rid] = fut
@@ -176,7 +178,7 @@ class Executor(Actor):
             except LLMOSError as exc:
                 self._pending.pop(rid, None)
                 if not fut.done():
-                    fut.set_exception(exc)
+                    fut.set_exception(exc.with_traceback(None))
             return fut
         if isinstance(msg, m.Add):
             try:

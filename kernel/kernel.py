@@ -7,6 +7,7 @@ stops in order: bus (bye frames), model workers, actors.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 from pathlib import Path
@@ -47,6 +48,8 @@ class Kernel:
         self.bus = Bus(self.ctx, self.address, self.handlers, self.config)
         self.bus.bind()
         self.bus.start()
+        gc.collect()
+        gc.freeze()  # what start-up made lives as long as the kernel: later collections skip it
         self.log.info("kernel_started", pid=os.getpid(), address=self.address, home=str(self.home))
 
     def request_shutdown(self, reason: str) -> None:
