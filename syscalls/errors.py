@@ -33,6 +33,7 @@ class Errno(IntEnum):
     EMSGSIZE = 90  # a frame, or a string, array or map in it, exceeds its size bound
     ECANCELED = 125  # the operation was cancelled
     ETIMEDOUT = 110  # a deadline passed
+    EDQUOT = 122  # a user's quota is exceeded (KV blocks, tokens per minute)
     ECONNREFUSED = 111  # no kernel answers at the address
 
 
@@ -43,16 +44,22 @@ MEANING: dict[Errno, str] = {
     Errno.ESRCH: "no such process: the pid never existed or was reaped (by a wait, or by zombie retention)",
     Errno.EIO: "a model worker failed (crashed, could not load), or an internal kernel error",
     Errno.E2BIG: "the prompt is longer than the model's context",
-    Errno.EAGAIN: "this client holds more unread replies than its buffer (--client-buffer): read them, then retry",
+    Errno.EAGAIN: "try again later: this client holds more unread replies than its buffer (--client-buffer), or "
+                  "a per-user limit (live processes, KV blocks held) is reached; the message says which and when to "
+                  "retry",
     Errno.ENOMEM: "out of memory: KV blocks or the host memory budget, even after evicting idle models",
-    Errno.EBUSY: "busy: the model is loaded with other options or has live processes; the message says what to do",
+    Errno.EBUSY: "busy: the model is loaded with other options or has live processes, the run queue is full, or a "
+                 "session is generating a reply; the message says what to do",
     Errno.EINVAL: "invalid argument: wrong type, out of range, too long, unknown field; the message names the field",
     Errno.EPIPE: "the kernel is stopping: the call was cut short",
     Errno.ENOSYS: "no such syscall",
     Errno.EPROTO: "protocol error: not MessagePack, not a map, no integer id, wrong version, several frames",
     Errno.EMSGSIZE: "a frame, or a string, array or map in it, is over its bound; or a reply would be",
     Errno.ECANCELED: "the call was cancelled (not sent by this kernel; kept for clients that abandon a call)",
-    Errno.ETIMEDOUT: "a deadline passed (wait with a timeout; a client's own call timeout)",
+    Errno.ETIMEDOUT: "a deadline passed: wait with a timeout, a process's deadline or queue timeout (its partial "
+                     "output is kept), a client's own call timeout",
+    Errno.EDQUOT: "a user's quota is exceeded (tokens per minute, KV blocks a process would need); the message "
+                  "says which limit and when to retry",
     Errno.ECONNREFUSED: "no kernel answers at the address (raised by clients, never sent)",
 }
 
@@ -144,6 +151,12 @@ class TryAgain(LLMOSError):
     errno_default = Errno.EAGAIN
 
 
+class QuotaExceeded(LLMOSError):
+    """Raised when a user's quota (tokens per minute, KV blocks) does not allow the request."""
+
+    errno_default = Errno.EDQUOT
+
+
 class OutOfMemory(LLMOSError):
     """Raised when memory (KV blocks, host budget) cannot be allocated even after eviction."""
 
@@ -210,7 +223,7 @@ class KernelUnavailable(LLMOSError):
 _BY_ERRNO: dict[Errno, type[LLMOSError]] = {
     cls.errno_default: cls
     for cls in (
-        NotPermitted, NotFound, NoSuchProcess, DeviceError, TooBig, TryAgain, OutOfMemory, Busy,
+        NotPermitted, NotFound, NoSuchProcess, DeviceError, TooBig, TryAgain, QuotaExceeded, OutOfMemory, Busy,
         InvalidArgument, KernelGone, NoSuchSyscall, ProtocolError, FrameTooLarge, Cancelled,
         TimedOut, KernelUnavailable,
     )

@@ -14,9 +14,9 @@ from llmos.syscalls.schema import Field
 E = Errno
 
 PRIORITY_MIN, PRIORITY_MAX = -20, 19
-SIGNALS = ("TERM", "KILL")
+SIGNALS = ("TERM", "KILL", "STOP", "CONT")
 STATES = ("NEW", "READY", "RUNNING", "BLOCKED", "STOPPED", "ZOMBIE")
-FINISH_REASONS = ("stop", "length", "killed", "error")
+FINISH_REASONS = ("stop", "length", "killed", "closed", "error")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,13 @@ PROCESS_RECORD: tuple[Field, ...] = (
     Field("output_tokens", "int"),
     Field("created", "float", "unix time"),
     Field("finish_reason", "str", "set once ZOMBIE: " + ", ".join(FINISH_REASONS), nullable=True),
+    Field("session", "bool", "a session: stays alive between turns (BLOCKED waiting for a write)"),
+    Field("kv_blocks", "int", "KV blocks its context holds on the device now (0 when swapped out or not started)"),
+    Field("preemptions", "int", "times it was taken out of the batch (priority, memory pressure or STOP)"),
 )
+
+SCHED_STATS = Field("sched", "map", "preemptions, swaps_out, swaps_in, recomputed_tokens, prefill_tokens (every "
+                    "token prefilled, recomputation included), turns, and time_in_state (seconds per state)")
 
 RESULT: tuple[Field, ...] = (
     Field("pid", "int"),
@@ -76,6 +82,7 @@ RESULT: tuple[Field, ...] = (
     Field("signal", "str", "the signal that ended it, if any", nullable=True),
     Field("stats", "map", "prompt_tokens, output_tokens, max_new_tokens (the limit that applied: the one asked "
           "for, or less where the context ends first), queue_time_s, ttft_s, tpot_s, total_time_s"),
+    SCHED_STATS,
     Field("warnings", "list[str]", "what the kernel changed about the request, e.g. max_new_tokens cut to what "
           "the context holds after the prompt"),
 )
@@ -139,11 +146,20 @@ SYSCALLS: tuple[Syscall, ...] = (
                   nullable=True, max_len=1_000_000),
             Field("keep_alive", "float", "seconds the model stays loaded once idle (0 unloads after use, -1 pins); "
                   "null keeps the model's setting", nullable=True, min=-1.0),
-            Field("priority", "int", "nice value: lower runs first", default=0, min=PRIORITY_MIN, max=PRIORITY_MAX),
+            Field("priority", "int", "nice value: lower runs first; below 0 only for the admin", default=0,
+                  min=PRIORITY_MIN, max=PRIORITY_MAX),
+            Field("session", "bool", "a session: after each reply it blocks until a `write` brings the next turn, "
+                  "keeping its KV context; `close` ends it. Its prompt (or messages) may be left out: it then "
+                  "starts BLOCKED. With messages, a reply is generated first only if the last message is the "
+                  "user's", default=False),
+            Field("deadline", "float", "seconds from now after which the process ends with ETIMEDOUT, its partial "
+                  "output kept (for a session: each turn's deadline, from its write)", nullable=True, min=0.001),
+            Field("queue_timeout", "float", "seconds it may wait in the run queue before it first runs; past them "
+                  "it ends with ETIMEDOUT", nullable=True, min=0.001),
             *SAMPLING,
         ),
         reply=(PID,),
-        errors=(E.EINVAL, E.ENOENT, E.E2BIG, E.EIO, E.ENOMEM),
+        errors=(E.EINVAL, E.ENOENT, E.E2BIG, E.EIO, E.ENOMEM, E.EPERM, E.EAGAIN, E.EDQUOT, E.EBUSY),
     ),
     Syscall(
         11, "wait", "Wait until a process is a ZOMBIE and return its result; reaps it unless reap is false.",
@@ -153,7 +169,9 @@ SYSCALLS: tuple[Syscall, ...] = (
         errors=(E.ESRCH, E.EPERM, E.ETIMEDOUT, E.EINVAL),
     ),
     Syscall(
-        12, "kill", "Send a signal: TERM cancels and keeps partial output, KILL ends it at once.",
+        12, "kill", "Send a signal: TERM cancels and keeps partial output, KILL ends it at once, STOP suspends it "
+        "(it leaves the batch, its KV swapped out; state STOPPED), CONT resumes it exactly where it was. Only the "
+        "owner or the admin may signal a process.",
         request=(PID, Field("signal", "str", "signal name", default="TERM", choices=SIGNALS)),
         reply=(PID, Field("state", "str", "state after the signal was delivered")),
         errors=(E.ESRCH, E.EPERM, E.EINVAL),
@@ -168,7 +186,7 @@ SYSCALLS: tuple[Syscall, ...] = (
     Syscall(
         14, "stat", "One process's record with its stats and output so far.",
         request=(PID,),
-        reply=PROCESS_RECORD + (Field("text", "str", "output so far"), Field("stats", "map")),
+        reply=PROCESS_RECORD + (Field("text", "str", "output so far"), Field("stats", "map"), SCHED_STATS),
         errors=(E.ESRCH, E.EINVAL),
     ),
     Syscall(
@@ -233,6 +251,44 @@ SYSCALLS: tuple[Syscall, ...] = (
                      "tokens_out, KV blocks used/free/total, preemptions, step time"),
                Field("counts", "map", "processes per state"), OMITTED),
         errors=(),
+    ),
+)
+
+TURN: tuple[Field, ...] = (
+    Field("pid", "int"),
+    Field("state", "str", "BLOCKED once the reply is done (ZOMBIE if the session ended)"),
+    Field("text", "str", "the reply (stop string excluded)"),
+    Field("token_ids", "list[int]", "the reply's token ids"),
+    Field("finish_reason", "str", ", ".join(FINISH_REASONS)),
+    Field("error", "map", "{errno, error, message} when finish_reason is error", nullable=True),
+    Field("stats", "map", "prefill_tokens (what this turn computed: its new tokens, plus any recomputation), "
+          "context_tokens, output_tokens, ttft_s, total_time_s"),
+)
+
+SYSCALLS = SYSCALLS + (
+    Syscall(
+        22, "nice", "Change a live process's priority (renice). Only the owner or the admin; below 0 only the admin.",
+        request=(PID, Field("priority", "int", "new nice value, lower runs first", min=PRIORITY_MIN,
+                            max=PRIORITY_MAX)),
+        reply=(PID, Field("priority", "int"), Field("state", "str")),
+        errors=(E.ESRCH, E.EPERM, E.EINVAL),
+    ),
+    Syscall(
+        23, "write", "Send a session its next turn and stream the reply: chunks as generated, then the turn's "
+        "result. The session must be BLOCKED (waiting for input).",
+        request=(PID, Field("content", "str", "the turn's text", max_len=4_000_000),
+                 Field("role", "str", "the message's role for a chat model (user, system...)", default="user",
+                       max_len=64)),
+        reply=TURN,
+        errors=(E.ESRCH, E.EPERM, E.EINVAL, E.EBUSY, E.E2BIG, E.EDQUOT, E.EIO),
+        streams=True,
+        chunk=(Field("text", "str", "new text"), Field("token_ids", "list[int]", "new token ids")),
+    ),
+    Syscall(
+        24, "close", "End a session (or any process, as TERM does) and return its result; reaps it.",
+        request=(PID,),
+        reply=RESULT,
+        errors=(E.ESRCH, E.EPERM, E.EINVAL),
     ),
 )
 
