@@ -16,9 +16,10 @@ _ERRORS = "llmos.syscalls.errors"
 _WHERE = {
     "LLMOS": "llmos.llmos", "Client": "llmos.client", "AsyncClient": "llmos.aclient", "OutputStream": "llmos.client",
     "ProcessResult": "llmos.types", "ProcessInfo": "llmos.types", "Stats": "llmos.types",
+    "TurnResult": "llmos.types", "Session": "llmos.session",
     **{name: _ERRORS for name in ("LLMOSError", "Errno", "InvalidArgument", "NotFound", "NoSuchProcess",
                                   "NotPermitted", "TimedOut", "TooBig", "DeviceError", "KernelGone",
-                                  "KernelUnavailable")},
+                                  "KernelUnavailable", "QuotaExceeded", "TryAgain", "Busy")},
 }
 
 __all__ = list(_WHERE)
@@ -41,6 +42,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from llmos.aclient import AsyncClient
     from llmos.client import Client, OutputStream
     from llmos.llmos import LLMOS
-    from llmos.syscalls.errors import (DeviceError, Errno, InvalidArgument, KernelGone, KernelUnavailable,
-                                       LLMOSError, NoSuchProcess, NotFound, NotPermitted, TimedOut, TooBig)
-    from llmos.types import ProcessInfo, ProcessResult, Stats
+    from llmos.session import Session
+    from llmos.syscalls.errors import (Busy, DeviceError, Errno, InvalidArgument, KernelGone, KernelUnavailable,
+                                       LLMOSError, NoSuchProcess, NotFound, NotPermitted, QuotaExceeded, TimedOut,
+                                       TooBig, TryAgain)
+    from llmos.types import ProcessInfo, ProcessResult, Stats, TurnResult

@@ -6,11 +6,17 @@ import getpass
 import itertools
 import os
 from pathlib import Path
-from typing import Any
+import inspect
+from typing import Any, Callable, TypeVar
 
 from llmos.syscalls import codec, protocol
-from llmos.syscalls.errors import KernelGone, ProtocolError, error_from_errno
-from llmos.types import ProcessResult
+from llmos.syscalls.errors import Errno, InvalidArgument, KernelGone, LLMOSError, ProtocolError, error_from_errno
+from llmos.syscalls.table import BY_NAME
+from llmos.types import ProcessResult, TurnResult
+
+F = TypeVar("F", bound=Callable[..., Any])
+ERROR_CLASS: dict[Errno, str] = {e: type(error_from_errno(e, "")).__name__ for e in Errno}
+
 
 def current_user() -> str:
     try:
@@ -36,10 +42,44 @@ def model_arg(model: str | os.PathLike | None) -> str | None:
 
 def spawn_args(prompt: str | None, messages: list[dict] | None, model: Any, priority: int,
                params: dict[str, Any]) -> dict[str, Any]:
+    """The spawn request's args: unset (None) fields are left out, and ``session`` only when true, so that
+    a plain spawn is the same frame it always was."""
     args: dict[str, Any] = {"prompt": prompt, "messages": messages, "model": model_arg(model),
                             "priority": priority}
     args.update(params)
+    if not args.get("session"):
+        args.pop("session", None)
     return {k: v for k, v in args.items() if v is not None}
+
+
+def session_spawns(system: str | None) -> list[dict[str, Any]]:
+    """The spawn args to try, in order, for a session with an optional system prompt: the system message
+    (for a model with a chat template), then no prompt at all (the kernel starts the session BLOCKED)."""
+    tries: list[dict[str, Any]] = []
+    if system is not None:
+        tries.append({"messages": [{"role": "system", "content": system}]})
+    tries.append({})
+    return tries
+
+
+def no_chat_template(exc: LLMOSError) -> bool:
+    """True for the kernel's refusal of chat messages on a model without a chat template."""
+    return isinstance(exc, InvalidArgument) and "no chat template" in exc.message
+
+
+def syscall_doc(name: str) -> Callable[[F], F]:
+    """Decorate a client method of syscall ``name``: its docstring becomes the table's description, then
+    the method's own text (arguments, shape, units), then the errors the table lists for the call."""
+    sc = BY_NAME[name]
+
+    def decorate(fn: F) -> F:
+        own = inspect.cleandoc(fn.__doc__ or "")
+        errors = ", ".join(f"{e.name} ({ERROR_CLASS.get(e, 'LLMOSError')})" for e in sc.errors)
+        fn.__doc__ = "\n\n".join(part for part in (
+            sc.doc, own, f"Raises: {errors or 'only the common errors'}; KernelGone if the kernel stops.") if part)
+        return fn
+
+    return decorate
 
 
 class Calls:
@@ -70,8 +110,8 @@ class Calls:
         raise ProtocolError(f"unknown frame kind {kind!r}")
 
 
-def text_or_raise(result: ProcessResult) -> str:
-    """The text of a finished process, or the llmos error it ended with."""
+def text_or_raise(result: ProcessResult | TurnResult) -> str:
+    """The text of a finished process (or session turn), or the llmos error it ended with."""
     if result.finish_reason == "error" and result.error:
         raise error_from_errno(result.error["errno"], result.error["message"])
     return result.text

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import zmq
 import zmq.asyncio
 
-from llmos._wire import Calls, current_user, model_arg, spawn_args, text_or_raise
+from llmos._wire import Calls, current_user, model_arg, spawn_args, syscall_doc, text_or_raise
 from llmos.syscalls import protocol
 from llmos.syscalls.address import connect_address, ipc_path, resolve_address
 from llmos.syscalls.errors import KernelGone, KernelUnavailable, TimedOut
-from llmos.types import ProcessInfo, ProcessResult
+from llmos.types import ProcessInfo, ProcessResult, TurnResult
+
+if TYPE_CHECKING:
+    from llmos.session import AsyncSession
 
 
 class AsyncClient:
@@ -54,7 +57,11 @@ class AsyncClient:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    async def close(self) -> None:
+    async def close(self, pid: int | None = None) -> ProcessResult | None:
+        """``await close()``: disconnect (safe twice). ``await close(pid)``: the ``close`` syscall, as
+        ``Client.close(pid)``: end a session (or any process) and return its reaped ProcessResult."""
+        if pid is not None:
+            return ProcessResult.from_wire(await self.call("close", {"pid": pid}, timeout=60.0))
         if self._reader:
             self._reader.cancel()
         if self._sock is not None and not self._sock.closed:
@@ -62,6 +69,7 @@ class AsyncClient:
         if self._ctx is not None:
             self._ctx.term()
         self._fail_all(KernelGone("client is closed"))
+        return None
 
     # -- transport -------------------------------------------------------------------------
     async def _read(self) -> None:
@@ -121,61 +129,132 @@ class AsyncClient:
                 return payload
         raise AssertionError("unreachable")
 
-    # -- syscalls (one method per entry of llmos.syscalls.table) -----------------------------
+    # -- syscalls (one method per entry of llmos.syscalls.table; shapes and errors as Client's) ------
+    @syscall_doc("hello")
     async def hello(self, client: str = "llmos.AsyncClient", timeout: float | None = 5.0) -> dict[str, Any]:
         return await self.call("hello", {"version": protocol.PROTOCOL_VERSION, "client": client,
                                          "user": self.user}, timeout)
 
+    @syscall_doc("ping")
     async def ping(self, timeout: float | None = 5.0) -> dict[str, Any]:
         return await self.call("ping", timeout=timeout)
 
+    @syscall_doc("kernel_info")
     async def kernel_info(self) -> dict[str, Any]:
         return await self.call("kernel_info", timeout=30.0)
 
+    @syscall_doc("shutdown")
     async def shutdown(self) -> dict[str, Any]:
         return await self.call("shutdown", timeout=30.0)
 
+    @syscall_doc("spawn")
     async def spawn(self, prompt: str | None = None, messages: list[dict] | None = None, model: str | None = None,
-                    priority: int = 0, **params: Any) -> int:
+                    priority: int = 0, *, session: bool = False, deadline: float | None = None,
+                    queue_timeout: float | None = None, **params: Any) -> int:
+        """Returns the new pid; arguments as Client.spawn."""
+        params.update(session=session, deadline=deadline, queue_timeout=queue_timeout)
         return (await self.call("spawn", spawn_args(prompt, messages, model, priority, params)))["pid"]
 
+    @syscall_doc("wait")
     async def wait(self, pid: int, timeout: float | None = None, reap: bool = True) -> ProcessResult:
         return ProcessResult.from_wire(await self.call("wait", {"pid": pid, "timeout": timeout, "reap": reap}))
 
+    @syscall_doc("kill")
     async def kill(self, pid: int, signal: str = "TERM") -> str:
+        """``signal``: TERM, KILL, STOP or CONT. Returns the process's state after delivery."""
         return (await self.call("kill", {"pid": pid, "signal": signal}, timeout=30.0))["state"]
 
+    async def stop(self, pid: int) -> str:
+        """``kill(pid, "STOP")``: suspend a process; returns its state (STOPPED)."""
+        return await self.kill(pid, "STOP")
+
+    async def cont(self, pid: int) -> str:
+        """``kill(pid, "CONT")``: resume a STOPPED process exactly where it was; returns its state."""
+        return await self.kill(pid, "CONT")
+
+    @syscall_doc("nice")
+    async def nice(self, pid: int, priority: int) -> dict[str, Any]:
+        """``priority``: the new nice value, -20..19. Returns {pid, priority, state}."""
+        return await self.call("nice", {"pid": pid, "priority": priority}, timeout=30.0)
+
+    @syscall_doc("ps")
     async def ps(self) -> list[ProcessInfo]:
         return [ProcessInfo.from_wire(p) for p in (await self.call("ps", timeout=30.0))["processes"]]
 
+    @syscall_doc("stat")
     async def stat(self, pid: int) -> ProcessInfo:
         return ProcessInfo.from_wire(await self.call("stat", {"pid": pid}, timeout=30.0))
 
+    @syscall_doc("stream")
     async def stream(self, pid: int) -> AsyncIterator[str]:
         """Text chunks as they are generated; ends when the process does."""
         async for kind, payload in self._frames("stream", {"pid": pid}, None):
             if kind == protocol.CHUNK and payload.get("text"):
                 yield payload["text"]
 
+    @syscall_doc("write")
+    async def write(self, pid: int, content: str, role: str = "user") -> TurnResult:
+        """Waits for the whole reply and returns the TurnResult (as Client.write)."""
+        turn = self.write_stream(pid, content, role)
+        async for _ in turn:
+            pass
+        assert turn.result is not None, "a write stream ends with the turn's result"
+        return turn.result
+
+    def write_stream(self, pid: int, content: str, role: str = "user") -> "AsyncTurnStream":
+        """The ``write`` syscall, streamed: ``async for`` the reply's text chunks; ``result`` is the TurnResult
+        once the turn ends."""
+        return AsyncTurnStream(self._frames("write", {"pid": pid, "content": content, "role": role}, None))
+
+    def session(self, model: str | None = None, system: str | None = None, **sampling: Any) -> "AsyncSession":
+        """A session process as an async context manager: ``async with c.session(...) as s: await s.send("hi")``."""
+        from llmos.session import AsyncSession
+
+        return AsyncSession(self, model, system, **sampling)
+
+    @syscall_doc("models")
     async def models(self) -> list[dict[str, Any]]:
         return (await self.call("models", timeout=30.0))["models"]
 
+    @syscall_doc("model_load")
     async def model_load(self, model: str | None = None, **options: Any) -> dict[str, Any]:
         return await self.call("model_load", {"model": model_arg(model), **options}, timeout=600.0)
 
+    @syscall_doc("model_unload")
     async def model_unload(self, model: str | None = None, force: bool = False) -> dict[str, Any]:
         return await self.call("model_unload", {"model": model_arg(model), "force": force}, timeout=60.0)
 
+    @syscall_doc("model_info")
     async def model_info(self, model: str | None = None) -> dict[str, Any]:
         return await self.call("model_info", {"model": model_arg(model)}, timeout=30.0)
 
+    @syscall_doc("devices")
     async def devices(self) -> list[dict[str, Any]]:
         return (await self.call("devices", timeout=30.0))["devices"]
 
+    @syscall_doc("metrics")
     async def metrics(self) -> dict[str, Any]:
         return await self.call("metrics", timeout=30.0)
 
     async def generate_text(self, prompt: str, model: str | None = None, **params: Any) -> str:
+        """Spawn, wait, and return the text (or raise the error the process ended with)."""
         pid = await self.spawn(prompt=prompt, model=model, **params)
         return text_or_raise(await self.wait(pid))
 
+
+class AsyncTurnStream:
+    """A session turn's reply: ``async for`` its text chunks; ``result`` is the TurnResult once it ends."""
+
+    def __init__(self, frames: AsyncIterator[tuple[str, Any]]) -> None:
+        self._frames = frames
+        self.result: TurnResult | None = None
+        self.token_ids: list[int] = []
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        async for kind, payload in self._frames:
+            if kind == protocol.OK:
+                self.result = TurnResult.from_wire(payload)
+                return
+            self.token_ids.extend(payload.get("token_ids", []))
+            if payload.get("text"):
+                yield payload["text"]

@@ -8,16 +8,19 @@ that answers nothing for DEAD_AFTER_S seconds raises KernelGone.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import zmq
 
-from llmos._wire import Calls, current_user, model_arg, spawn_args
+from llmos._wire import Calls, current_user, model_arg, spawn_args, syscall_doc
 from llmos.syscalls.address import connect_address, resolve_address
 from llmos.syscalls import protocol
 from llmos.syscalls.address import ipc_path
 from llmos.syscalls.errors import KernelGone, KernelUnavailable, LLMOSError, TimedOut
-from llmos.types import ProcessInfo, ProcessResult
+from llmos.types import ProcessInfo, ProcessResult, TurnResult
+
+if TYPE_CHECKING:
+    from llmos.session import Session
 
 
 class Client:
@@ -91,10 +94,19 @@ class Client:
             if kind == protocol.OK:
                 return
 
-    def close(self) -> None:
+    def close(self, pid: int | None = None) -> ProcessResult | None:
+        """``close()``: disconnect from the kernel (what ``with Client() as c`` does on leaving; safe twice).
+
+        ``close(pid)``: the ``close`` syscall: end a session (or any process, as TERM does) and return its
+        ProcessResult; it is reaped. Raises NoSuchProcess (ESRCH), NotPermitted (EPERM: another user's),
+        InvalidArgument (EINVAL).
+        """
+        if pid is not None:
+            return ProcessResult.from_wire(self.call("close", {"pid": pid}, timeout=60.0))
         if not self._sock.closed:
             self._sock.close(linger=0)
         self._ctx.term()
+        return None
 
     def __enter__(self) -> "Client":
         return self
@@ -103,53 +115,118 @@ class Client:
         self.close()
 
     # -- syscalls (one method per entry of llmos.syscalls.table) -----------------------------
+    @syscall_doc("hello")
     def hello(self, client: str = "llmos.Client", timeout: float | None = 5.0) -> dict[str, Any]:
+        """Sent by the constructor; returns {version, kernel_version, pid, max_frame_bytes}."""
         return self.call("hello", {"version": protocol.PROTOCOL_VERSION, "client": client, "user": self.user},
                          timeout=timeout)
 
+    @syscall_doc("ping")
     def ping(self, timeout: float | None = 5.0) -> dict[str, Any]:
+        """Returns {time}: the kernel's unix time."""
         return self.call("ping", timeout=timeout)
 
+    @syscall_doc("kernel_info")
     def kernel_info(self) -> dict[str, Any]:
         return self.call("kernel_info", timeout=30.0)
 
+    @syscall_doc("shutdown")
     def shutdown(self) -> dict[str, Any]:
         return self.call("shutdown", timeout=30.0)
 
+    @syscall_doc("spawn")
     def spawn(self, prompt: str | None = None, messages: list[dict] | None = None, model: str | None = None,
-              priority: int = 0, **params: Any) -> int:
+              priority: int = 0, *, session: bool = False, deadline: float | None = None,
+              queue_timeout: float | None = None, **params: Any) -> int:
+        """Returns the new pid. ``priority``: nice value -20..19 (below 0 only for root). ``session``: the
+        process stays alive between turns (see ``write``, ``close`` and ``LLMOS.session``). ``deadline``
+        and ``queue_timeout``: seconds (the process ends with ETIMEDOUT past them, partial output kept).
+        ``params``: the sampling fields of the table (max_new_tokens, temperature, top_p, top_k, seed...)."""
+        params.update(session=session, deadline=deadline, queue_timeout=queue_timeout)
         return self.call("spawn", spawn_args(prompt, messages, model, priority, params))["pid"]
 
+    @syscall_doc("wait")
     def wait(self, pid: int, timeout: float | None = None, reap: bool = True) -> ProcessResult:
+        """``timeout`` in seconds (None waits forever); TimedOut when it passes."""
         return ProcessResult.from_wire(self.call("wait", {"pid": pid, "timeout": timeout, "reap": reap}))
 
+    @syscall_doc("kill")
     def kill(self, pid: int, signal: str = "TERM") -> str:
+        """``signal``: TERM, KILL, STOP or CONT. Returns the process's state after delivery."""
         return self.call("kill", {"pid": pid, "signal": signal}, timeout=30.0)["state"]
 
+    def stop(self, pid: int) -> str:
+        """``kill(pid, "STOP")``: suspend a process (it leaves the batch, its KV swapped out); returns its state
+        (STOPPED, or ZOMBIE if it had already ended). Raises NoSuchProcess, NotPermitted."""
+        return self.kill(pid, "STOP")
+
+    def cont(self, pid: int) -> str:
+        """``kill(pid, "CONT")``: resume a STOPPED process exactly where it was; returns its state.
+        Raises NoSuchProcess, NotPermitted."""
+        return self.kill(pid, "CONT")
+
+    @syscall_doc("nice")
+    def nice(self, pid: int, priority: int) -> dict[str, Any]:
+        """``priority``: the new nice value, -20..19. Returns {pid, priority, state}."""
+        return self.call("nice", {"pid": pid, "priority": priority}, timeout=30.0)
+
+    @syscall_doc("ps")
     def ps(self) -> list[ProcessInfo]:
         return [ProcessInfo.from_wire(p) for p in self.call("ps", timeout=30.0)["processes"]]
 
+    @syscall_doc("stat")
     def stat(self, pid: int) -> ProcessInfo:
         return ProcessInfo.from_wire(self.call("stat", {"pid": pid}, timeout=30.0))
 
+    @syscall_doc("stream")
     def stream(self, pid: int) -> "OutputStream":
+        """Iterate the returned OutputStream for text chunks; its ``result`` is the ProcessResult at the end."""
         return OutputStream(self.call_stream("stream", {"pid": pid}))
 
+    @syscall_doc("write")
+    def write(self, pid: int, content: str, role: str = "user") -> TurnResult:
+        """Waits for the whole reply and returns the TurnResult (``stats.prefill_tokens``: what the turn
+        computed). A turn that ended in an error (ETIMEDOUT past its deadline...) comes back with
+        finish_reason "error" and its ``error``; ``Session.send`` raises it instead."""
+        turn = self.write_stream(pid, content, role)
+        for _ in turn:
+            pass
+        assert turn.result is not None, "a write stream ends with the turn's result"
+        return turn.result
+
+    def write_stream(self, pid: int, content: str, role: str = "user") -> "TurnStream":
+        """The ``write`` syscall, streamed: iterate the returned TurnStream for the reply's text chunks; its
+        ``result`` is the TurnResult once the turn ends. Raises as ``write``."""
+        return TurnStream(self.call_stream("write", {"pid": pid, "content": content, "role": role}))
+
+    def session(self, model: str | None = None, system: str | None = None, **sampling: Any) -> "Session":
+        """Start a session process (``spawn(session=True)``) and return it as a context manager:
+        ``with c.session(system="Be brief.", temperature=0) as s: s.send("hi")``. Raises as ``spawn``."""
+        from llmos.session import Session
+
+        return Session(self, model, system, **sampling)
+
+    @syscall_doc("models")
     def models(self) -> list[dict[str, Any]]:
         return self.call("models", timeout=30.0)["models"]
 
+    @syscall_doc("model_load")
     def model_load(self, model: str | None = None, **options: Any) -> dict[str, Any]:
         return self.call("model_load", {"model": model_arg(model), **options}, timeout=600.0)
 
+    @syscall_doc("model_unload")
     def model_unload(self, model: str | None = None, force: bool = False) -> dict[str, Any]:
         return self.call("model_unload", {"model": model_arg(model), "force": force}, timeout=60.0)
 
+    @syscall_doc("model_info")
     def model_info(self, model: str | None = None) -> dict[str, Any]:
         return self.call("model_info", {"model": model_arg(model)}, timeout=30.0)
 
+    @syscall_doc("devices")
     def devices(self) -> list[dict[str, Any]]:
         return self.call("devices", timeout=30.0)["devices"]
 
+    @syscall_doc("metrics")
     def metrics(self) -> dict[str, Any]:
         return self.call("metrics", timeout=30.0)
 
@@ -157,15 +234,17 @@ class Client:
 class OutputStream:
     """Iterate to get text chunks as they are generated; ``result`` is set once it ends."""
 
+    result_type: Any = ProcessResult
+
     def __init__(self, frames: Iterator[tuple[str, Any]]) -> None:
         self._frames = frames
-        self.result: ProcessResult | None = None
+        self.result: Any = None
         self.token_ids: list[int] = []
 
     def __iter__(self) -> Iterator[str]:
         for kind, payload in self._frames:
             if kind == protocol.OK:
-                self.result = ProcessResult.from_wire(payload)
+                self.result = self.result_type.from_wire(payload)
                 return
             self.token_ids.extend(payload.get("token_ids", []))
             if payload.get("text"):
@@ -177,4 +256,10 @@ class OutputStream:
             close()
 
 
-__all__ = ["Client", "OutputStream", "LLMOSError"]
+class TurnStream(OutputStream):
+    """A session turn's reply: iterate for text chunks; ``result`` is the TurnResult once it ends."""
+
+    result_type = TurnResult
+
+
+__all__ = ["Client", "OutputStream", "TurnStream", "LLMOSError"]

@@ -13,8 +13,9 @@ from llmos import embedded
 from llmos._wire import text_or_raise
 from llmos.syscalls.address import resolve_address
 from llmos.client import Client, OutputStream
+from llmos.session import Session
 from llmos.syscalls.errors import KernelUnavailable
-from llmos.types import ProcessInfo, ProcessResult
+from llmos.types import ProcessInfo, ProcessResult, TurnResult
 
 
 class LLMOS:
@@ -58,7 +59,19 @@ class LLMOS:
 
     def spawn(self, prompt: str | None = None, messages: list[dict] | None = None, model: str | None = None,
               priority: int = 0, **params: Any) -> int:
+        """Start a process on ``model`` (default: this handle's); arguments and errors as Client.spawn."""
         return self.client.spawn(prompt, messages, model or self.model, priority, **params)
+
+    def session(self, model: str | None = None, system: str | None = None, **sampling: Any) -> Session:
+        """A conversation that keeps its context between turns, closed when the ``with`` ends (also on an
+        exception): ``with os.session(system="Be brief.", temperature=0) as s: s.send("hi") -> str``;
+        ``s.stream("hi")`` yields text chunks; ``s.last`` is the last TurnResult; ``s.pid`` its process.
+
+        ``system`` goes as a system message to a model with a chat template; a model without one starts
+        with no prompt. ``sampling``: spawn's fields (max_new_tokens, temperature, seed, deadline...).
+        Raises as Client.spawn (EAGAIN/EDQUOT/EBUSY when a quota or the run queue is full).
+        """
+        return Session(self.client, model or self.model, system, **sampling)
 
     def wait(self, pid: int, timeout: float | None = None) -> ProcessResult:
         return self.client.wait(pid, timeout)
@@ -67,7 +80,24 @@ class LLMOS:
         return self.client.stream(pid)
 
     def kill(self, pid: int, signal: str = "TERM") -> str:
+        """Send TERM, KILL, STOP or CONT; returns the state after delivery (as Client.kill)."""
         return self.client.kill(pid, signal)
+
+    def stop(self, pid: int) -> str:
+        """Suspend a process (STOP): it leaves the batch, keeping its place; returns its state."""
+        return self.client.stop(pid)
+
+    def cont(self, pid: int) -> str:
+        """Resume a STOPPED process (CONT) exactly where it was; returns its state."""
+        return self.client.cont(pid)
+
+    def nice(self, pid: int, priority: int) -> dict[str, Any]:
+        """Renice a live process (-20..19; below 0 only root); returns {pid, priority, state}."""
+        return self.client.nice(pid, priority)
+
+    def write(self, pid: int, content: str, role: str = "user") -> TurnResult:
+        """Send a session its next turn and return the reply's TurnResult (as Client.write)."""
+        return self.client.write(pid, content, role)
 
     def ps(self) -> list[ProcessInfo]:
         return self.client.ps()

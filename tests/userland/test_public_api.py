@@ -11,7 +11,8 @@ def test_the_public_names_are_exactly_these():
     assert sorted(llmos.__all__) == sorted([
         "LLMOS", "Client", "AsyncClient", "OutputStream", "ProcessResult", "ProcessInfo", "Stats",
         "LLMOSError", "Errno", "InvalidArgument", "NotFound", "NoSuchProcess", "NotPermitted", "TimedOut",
-        "TooBig", "DeviceError", "KernelGone", "KernelUnavailable",
+        "TooBig", "DeviceError", "KernelGone", "KernelUnavailable", "QuotaExceeded", "TryAgain", "Busy",
+        "TurnResult", "Session",
     ])
     for name in llmos.__all__:
         assert getattr(llmos, name) is not None
@@ -20,7 +21,8 @@ def test_the_public_names_are_exactly_these():
 def test_every_error_class_is_an_llmos_error_with_its_own_errno():
     errors = [getattr(llmos, n) for n in llmos.__all__ if n.endswith(("Error", "Argument", "Found", "Process",
                                                                        "Permitted", "Out", "Big", "Gone",
-                                                                       "Unavailable"))]
+                                                                       "Unavailable", "Exceeded", "Again",
+                                                                       "Busy"))]
     assert all(issubclass(e, llmos.LLMOSError) for e in errors)
     assert len({e.errno_default for e in errors if e is not llmos.LLMOSError}) == len(errors) - 1
 
