@@ -1,4 +1,5 @@
-"""The ``llmos`` command: kernel start/stop/status, run, ps, kill, wait, stat, models and devices.
+"""The ``llmos`` command: kernel start/stop/status, run, chat, ps, top, kill/stop/cont, nice, wait, stat, models
+and devices.
 
 Exit codes: 0 success; 1 the kernel refused the request (the message carries its errno); 2 a
 usage error (a bad flag, address or home); 3/4 ``kernel start`` found the address taken
@@ -23,9 +24,9 @@ from llmos.client import Client
 from llmos.kernel.config import add_flags as add_kernel_flags, home_dir
 from llmos.syscalls.address import llmos_home, resolve_address
 from llmos.syscalls.errors import InvalidArgument, KernelUnavailable, LLMOSError, NoSuchProcess
-from llmos.syscalls.schema import check
-from llmos.syscalls.table import SIGNALS, lookup
-from llmos.types import ProcessInfo, ProcessResult
+from llmos._args import add_generation_flags, positive, signal_name, syscall_arg
+from llmos.top import format_ps, run_top
+from llmos.types import ProcessResult
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70  # EX_SOFTWARE
@@ -162,6 +163,9 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
         params["stop"] = args.stop
     if args.ignore_eos:
         params["ignore_eos"] = True
+    for name in ("deadline", "queue_timeout"):
+        if getattr(args, name, None) is not None:
+            params[name] = getattr(args, name)
     return params
 
 
@@ -205,14 +209,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         os_.close()
 
 
-def format_ps(procs: list[ProcessInfo]) -> str:
-    lines = [f"{'PID':>6}  {'STATE':<8} {'PRI':>4} {'OWNER':<10} {'IN':>6} {'OUT':>6}  MODEL"]
-    for p in procs:
-        lines.append(f"{p.pid:>6}  {p.state:<8} {p.priority:>4} {p.owner[:10]:<10} {p.prompt_tokens:>6} "
-                     f"{p.output_tokens:>6}  {p.model}")
-    return "\n".join(lines)
-
-
 def cmd_ps(args: argparse.Namespace) -> int:
     with _connect(args) as c:
         procs = c.ps()
@@ -226,6 +222,11 @@ def cmd_ps(args: argparse.Namespace) -> int:
 def kill_message(pid: int, sig: str, state: str) -> str:
     """What ``kill`` tells the user: the signal was sent, what happens next, and how to collect the result."""
     collect = f"`llmos wait {pid}` collects it"
+    if sig == "STOP":
+        return f"sent STOP to pid {pid}: it is {state}, out of the batch with its context kept; `llmos cont {pid}` " \
+               f"resumes it"
+    if sig == "CONT":
+        return f"sent CONT to pid {pid}: it is {state}, resuming where it stopped"
     if sig == "KILL":
         return f"sent KILL to pid {pid}: it has ended at once; {collect}"
     if state == "ZOMBIE":
@@ -233,18 +234,63 @@ def kill_message(pid: int, sig: str, state: str) -> str:
     return f"sent TERM to pid {pid}: it stops after its current step, keeping its output; {collect}"
 
 
-def signal_name(text: str) -> str:
-    """'term', 'SIGKILL', 'KILL' -> 'TERM'/'KILL'; ArgumentTypeError for a signal processes do not take."""
-    name = text.upper().removeprefix("SIG")
-    if name not in SIGNALS:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(SIGNALS)}, got {text!r}")
-    return name
-
-
 def cmd_kill(args: argparse.Namespace) -> int:
+    sig = args.sig or args.signal or "TERM"
     with _connect(args) as c:
-        state = c.kill(args.pid, args.signal)
-    print(kill_message(args.pid, args.signal, state))
+        state = c.kill(args.pid, sig)
+    print(kill_message(args.pid, sig, state))
+    return 0
+
+
+def cmd_signal(sig: str) -> Callable[[argparse.Namespace], int]:
+    """``llmos stop PID`` and ``llmos cont PID``: kill with STOP or CONT."""
+    def run(args: argparse.Namespace) -> int:
+        with _connect(args) as c:
+            state = c.kill(args.pid, sig)
+        print(kill_message(args.pid, sig, state))
+        return 0
+
+    return run
+
+
+def nice_message(pid: int, reply: dict[str, Any]) -> str:
+    return f"pid {pid}: priority {reply['priority']} (state {reply['state']})"
+
+
+def cmd_nice(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        print(nice_message(args.pid, c.nice(args.pid, args.priority)))
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        run_top(c.metrics, args.iterations, args.delay)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from llmos.chat import chat_loop
+
+    interactive = sys.stdin.isatty()
+
+    def read() -> str | None:
+        if interactive:
+            try:
+                return input("you> ")
+            except EOFError:
+                return None
+        return sys.stdin.readline() or None
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    params = _params(args)
+    with _connect(args) as c, c.session(args.model, args.system, priority=args.priority, **params) as s:
+        if args.verbose:
+            print(f"[session pid {s.pid}]", file=sys.stderr, flush=True)
+        chat_loop(s, read, write, empty_ends=False)
     return 0
 
 
@@ -338,26 +384,6 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
-def syscall_arg(call: str, name: str) -> Callable[[str], Any]:
-    """An argparse type for a syscall field: the type and range come from the syscall table, so the CLI
-    refuses (exit 2, naming the option) what the kernel would refuse."""
-    field = next(f for f in lookup(call).request if f.name == name)
-    convert = int if field.type == "int" else float
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if convert is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        try:
-            return check(field, value)
-        except InvalidArgument as exc:
-            raise argparse.ArgumentTypeError(exc.message.replace(f"field '{name}' ", "")) from None
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmos", description="LLMOS: an operating-system-style kernel for LLMs")
     # --address and --home go before the subcommand or after it (llmos --home H ps, llmos ps --home H)
@@ -385,29 +411,49 @@ def build_parser() -> argparse.ArgumentParser:
                                    "temperature 0.8 by default, so every run differs; --temperature 0 "
                                    "(greedy) repeats a run exactly. Exit status: 0, 1 on an error, "
                                    "143/137 when the process was killed (TERM/KILL), 130 on Ctrl-C.")
-    r.add_argument("prompt")
-    r.add_argument("--model", default=None, help="model directory (default: the shipped default model)")
-    r.add_argument("--max-new-tokens", type=syscall_arg("spawn", "max_new_tokens"), default=128)
-    r.add_argument("--priority", type=syscall_arg("spawn", "priority"), default=0, help="nice value -20..19, lower runs first")
-    r.add_argument("--temperature", type=syscall_arg("spawn", "temperature"), default=None,
-                   help="sampling temperature (default 0.8: every run differs; --temperature 0 repeats a run)")
-    r.add_argument("--top-p", type=syscall_arg("spawn", "top_p"), default=None)
-    r.add_argument("--top-k", type=syscall_arg("spawn", "top_k"), default=None)
-    r.add_argument("--seed", type=syscall_arg("spawn", "seed"), default=None)
-    r.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    r.add_argument("--ignore-eos", action="store_true")
+    r.add_argument("prompt", help="the prompt text (a user chat message with --chat)")
+    add_generation_flags(r)
     r.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     r.add_argument("-v", "--verbose", action="store_true",
                    help="print the pid once spawned, then the finish reason and timings, to stderr")
     r.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("ps", parents=[common], help="list processes")
+    ch = sub.add_parser("chat", parents=[common], help="a conversation: each line of stdin is a turn, each reply "
+                        "is printed", description="Start a session (a process that keeps its context between "
+                        "turns) and send it each line read from stdin; the reply streams to stdout. Ends at end of "
+                        "input or /exit; the session is closed. Empty lines are skipped.")
+    ch.add_argument("--system", default=None, help="system prompt (a system message, for a model with a chat "
+                    "template; ignored by a model without one)")
+    add_generation_flags(ch)
+    ch.add_argument("-v", "--verbose", action="store_true", help="print the session's pid to stderr")
+    ch.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("ps", parents=[common], help="list processes: state, nice, tokens, KV blocks, sessions (*)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_ps)
-    kl = sub.add_parser("kill", parents=[common], help="signal a process (TERM keeps partial output; KILL ends it at once)")
-    kl.add_argument("pid", type=int)
-    kl.add_argument("signal", nargs="?", default="TERM", type=signal_name, help="TERM (default) or KILL")
+    tp = sub.add_parser("top", parents=[common], help="a refreshing view: processes, batch, KV use, tok/s")
+    tp.add_argument("-n", "--iterations", type=positive(int), default=None,
+                    help="frames to show, then exit (default: until Ctrl-C)")
+    tp.add_argument("-d", "--delay", type=positive(float), default=2.0, help="seconds between frames (default 2)")
+    tp.set_defaults(fn=cmd_top)
+    kl = sub.add_parser("kill", parents=[common], help="signal a process (TERM keeps partial output; KILL ends it "
+                        "at once; STOP suspends it; CONT resumes it)")
+    kl.add_argument("pid", type=int, help="process id")
+    kl.add_argument("signal", nargs="?", default=None, type=signal_name, help="TERM (default), KILL, STOP or CONT")
+    kl.add_argument("-s", "--signal", dest="sig", default=None, type=signal_name, metavar="SIGNAL",
+                    help="the signal, as an option (kill -s STOP PID)")
     kl.set_defaults(fn=cmd_kill)
+    for name, sig, what in (("stop", "STOP", "suspend a process: it leaves the batch, its context kept (kill -s STOP)"),
+                            ("cont", "CONT", "resume a stopped process where it was (kill -s CONT)")):
+        sp = sub.add_parser(name, parents=[common], help=what)
+        sp.add_argument("pid", type=int, help="process id")
+        sp.set_defaults(fn=cmd_signal(sig))
+    nc = sub.add_parser("nice", parents=[common], help="change a live process's priority (renice)",
+                        description="Set PID's nice value to N (-20..19, lower runs first). Only the owner or "
+                                    "root may; below 0 only root.")
+    nc.add_argument("pid", type=int, help="process id")
+    nc.add_argument("priority", type=syscall_arg("nice", "priority"), metavar="N", help="new nice value, -20..19")
+    nc.set_defaults(fn=cmd_nice)
     w = sub.add_parser("wait", parents=[common], help="wait for a process and print its output")
     w.add_argument("pid", type=int)
     w.add_argument("--timeout", type=float, default=None)

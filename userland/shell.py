@@ -11,15 +11,18 @@ import argparse
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-from llmos.cli import (EXIT_SIGPIPE, end, format_ps, internal_error, kill_message, outcome, quiet_stdout, reap,
-                       signal_name, syscall_arg)
+from llmos._args import signal_name, syscall_arg
+from llmos.chat import chat_loop
+from llmos.cli import EXIT_SIGPIPE, end, internal_error, kill_message, nice_message, outcome, quiet_stdout, reap
 from llmos.kernel.config import home_dir
 from llmos.llmos import LLMOS
 from llmos.syscalls.address import llmos_home
 from llmos.syscalls.errors import LLMOSError
+from llmos.top import Sample, format_ps, frame
 
 HELP = """commands:
   run [--model M] [-n N] [--priority P] [--temperature T] [--seed S] [--chat] [--ignore-eos] PROMPT
@@ -27,9 +30,17 @@ HELP = """commands:
                       --temperature 0 repeats a run exactly
   spawn [same options] PROMPT
                       start a generation in the background; prints its pid
-  ps                  list processes
-  kill PID [TERM|KILL]
-                      send TERM (default: stops after the current step, keeps the output) or KILL
+  chat [MODEL] [--system S]
+                      a conversation: each line is a turn (the context is kept); an empty
+                      line or /exit leaves it
+  ps                  list processes (NI: nice value, KV: blocks held, S: * a session)
+  top                 one frame of top: processes, batch, KV use, tok/s
+  kill PID [TERM|KILL|STOP|CONT]
+                      send TERM (default: stops after the current step, keeps the output),
+                      KILL, STOP (suspend: out of the batch, context kept) or CONT (resume)
+  stop PID            suspend a process (kill PID STOP)
+  cont PID            resume a stopped process (kill PID CONT)
+  nice PID N          set a live process's nice value (-20..19, lower first; below 0 only root)
   wait PID            wait for a process and print its output
   stat PID            a process's record and stats
   status              the kernel's pid, address, uptime and models
@@ -84,7 +95,13 @@ PARSERS: dict[str, Callable[[], _Parser]] = {
     "spawn": lambda: _run_parser("spawn"),
     "ps": lambda: _parser("ps"),
     "kill": lambda: _parser("kill", _PID, ("signal", {"nargs": "?", "default": "TERM", "type": signal_name,
-                                                      "metavar": "TERM|KILL"})),
+                                                      "metavar": "TERM|KILL|STOP|CONT"})),
+    "stop": lambda: _parser("stop", _PID),
+    "cont": lambda: _parser("cont", _PID),
+    "nice": lambda: _parser("nice", _PID, ("priority", {"type": syscall_arg("nice", "priority"), "metavar": "N"})),
+    "top": lambda: _parser("top"),
+    "chat": lambda: _parser("chat", ("model", {"nargs": "?", "default": None, "metavar": "MODEL"}),
+                            ("--system", {"default": None, "metavar": "S"})),
     "wait": lambda: _parser("wait", _PID),
     "stat": lambda: _parser("stat", _PID),
     "status": lambda: _parser("status"),
@@ -92,14 +109,26 @@ PARSERS: dict[str, Callable[[], _Parser]] = {
 }
 
 
+def read_stdin(prompt: str) -> str | None:
+    """A line from stdin (not a terminal: no prompt is shown); None at end of input."""
+    return sys.stdin.readline() or None
+
+
 class Shell:
-    def __init__(self, os_: LLMOS, out: TextIO | None = None, home: Path | None = None) -> None:
+    """The shell's commands over one LLMOS handle. ``read_line(prompt)`` gives the next input line (None at
+    its end): the chat sub-mode reads its turns from it."""
+
+    def __init__(self, os_: LLMOS, out: TextIO | None = None, home: Path | None = None,
+                 read_line: Callable[[str], str | None] = read_stdin) -> None:
         self.os = os_
         self.out = out or sys.stdout
         self.home = home or llmos_home()
+        self.read_line = read_line
         self.commands: dict[str, Callable[[argparse.Namespace], None]] = {
             "run": self.do_run, "spawn": self.do_spawn, "ps": self.do_ps, "kill": self.do_kill,
             "wait": self.do_wait, "stat": self.do_stat, "status": self.do_status, "help": self.do_help,
+            "stop": self.do_stop, "cont": self.do_cont, "nice": self.do_nice, "top": self.do_top,
+            "chat": self.do_chat,
         }
 
     def say(self, text: str = "", end: str = "\n") -> None:
@@ -179,6 +208,29 @@ class Shell:
     def do_kill(self, a: argparse.Namespace) -> None:
         self.say(kill_message(a.pid, a.signal, self.os.kill(a.pid, a.signal)).replace("`llmos wait", "`wait"))
 
+    def do_stop(self, a: argparse.Namespace) -> None:
+        self.say(kill_message(a.pid, "STOP", self.os.stop(a.pid)).replace("`llmos cont", "`cont"))
+
+    def do_cont(self, a: argparse.Namespace) -> None:
+        self.say(kill_message(a.pid, "CONT", self.os.cont(a.pid)))
+
+    def do_nice(self, a: argparse.Namespace) -> None:
+        self.say(nice_message(a.pid, self.os.nice(a.pid, a.priority)))
+
+    def do_top(self, a: argparse.Namespace) -> None:
+        self.say(frame(Sample(time.monotonic(), self.os.client.metrics())))
+
+    def do_chat(self, a: argparse.Namespace) -> None:
+        with self.os.session(a.model, a.system) as s:
+            self.say(f"[chat with session pid {s.pid}: an empty line or /exit leaves]")
+            try:
+                turns = chat_loop(s, lambda: self.read_line("chat> "), lambda t: self.say(t, end=""),
+                                  empty_ends=True)
+            except KeyboardInterrupt:  # Ctrl-C during a reply: leave the chat, the session is closed
+                self.say("\n[chat interrupted]")
+                return
+        self.say(f"[chat ended after {turns} turns; session {s.pid} closed]")
+
     def do_wait(self, a: argparse.Namespace) -> None:
         r = self.os.wait(a.pid)
         self.say(r.text)
@@ -216,6 +268,14 @@ def _interactive(shell: Shell, home: Path) -> None:
     from prompt_toolkit.history import FileHistory
 
     session: PromptSession = PromptSession(history=FileHistory(str(history_file(home))))
+
+    def read_line(prompt: str) -> str | None:  # the chat sub-mode's lines: Ctrl-C or Ctrl-D leaves it
+        try:
+            return session.prompt(prompt)
+        except (KeyboardInterrupt, EOFError):
+            return None
+
+    shell.read_line = read_line
     while True:
         try:
             line = session.prompt("llmos> ")
@@ -248,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             shell.say("llmos shell; type help")
             _interactive(shell, home)
         else:
-            for line in sys.stdin:
-                if not shell.execute(line):
+            while True:  # readline, not iteration: the chat sub-mode reads its turns from the same stdin
+                line = sys.stdin.readline()
+                if not line or not shell.execute(line):
                     break
     except BrokenPipeError:
         quiet_stdout()

@@ -52,8 +52,8 @@ def test_the_shell_answers_bad_arguments_with_the_usage_and_survives_a_bug(capsy
                  "status now", "help me", "ps", 'run "unclosed'):
         assert shell.execute(line) is True
     text = out.getvalue()
-    assert text.count("usage: kill PID [TERM|KILL]") == 3 and "PID must be a number, got 'abc'" in text
-    assert "must be one of TERM, KILL, got 'HUP'" in text and text.count("usage: wait PID") == 2
+    assert text.count("usage: kill PID [TERM|KILL|STOP|CONT]") == 3 and "PID must be a number, got 'abc'" in text
+    assert "must be one of TERM, KILL, STOP, CONT, got 'HUP'" in text and text.count("usage: wait PID") == 2
     assert "usage: stat PID" in text and "usage: run " in text and "usage: spawn " in text
     assert "usage: status" in text and "usage: help" in text and "error: No closing quotation" in text
     err = capsys.readouterr().err

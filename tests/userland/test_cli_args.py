@@ -1,0 +1,48 @@
+"""The new commands' arguments: how they parse, and that every new flag says what it does."""
+
+import argparse
+
+import pytest
+
+from llmos.cli import build_parser, kill_message
+
+NEW = ("nice", "stop", "cont", "top", "chat", "run", "kill")
+
+
+def subparser(name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_every_flag_of_the_new_commands_has_help_text(name):
+    missing = [a.dest for a in subparser(name)._actions if not a.help]
+    assert missing == [], f"llmos {name}: no help for {missing}"
+
+
+def test_kill_takes_the_signal_as_an_option_or_a_word_and_stop_cont_nice_parse():
+    p = build_parser()
+    assert p.parse_args(["kill", "-s", "stop", "5"]).sig == "STOP"
+    assert p.parse_args(["kill", "5", "SIGCONT"]).signal == "CONT"
+    assert p.parse_args(["nice", "5", "-3"]).priority == -3  # a negative nice is a value, not a flag
+    assert p.parse_args(["stop", "5"]).pid == 5 and p.parse_args(["cont", "5"]).pid == 5
+    a = p.parse_args(["top", "-n", "1", "-d", "0.5"])
+    assert (a.iterations, a.delay) == (1, 0.5)
+    r = p.parse_args(["run", "-p", "4", "--deadline", "2.5", "--queue-timeout", "1", "hi"])
+    assert (r.priority, r.deadline, r.queue_timeout) == (4, 2.5, 1.0)
+    c = p.parse_args(["chat", "--system", "Be brief.", "--temperature", "0"])
+    assert c.system == "Be brief." and c.temperature == 0.0
+
+
+@pytest.mark.parametrize("argv", [["nice", "5", "20"], ["nice", "5", "x"], ["top", "-n", "0"],
+                                  ["run", "--deadline", "0", "hi"], ["kill", "-s", "HUP", "5"]])
+def test_values_the_kernel_would_refuse_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_stop_and_cont_say_what_happened_and_how_to_undo_it():
+    assert kill_message(4, "STOP", "STOPPED") == ("sent STOP to pid 4: it is STOPPED, out of the batch with its "
+                                                  "context kept; `llmos cont 4` resumes it")
+    assert kill_message(4, "CONT", "READY") == "sent CONT to pid 4: it is READY, resuming where it stopped"

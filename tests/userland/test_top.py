@@ -1,0 +1,64 @@
+"""``top``'s frame is a pure function of metrics replies: rates, ordering, KV use and the session mark."""
+
+import io
+
+from llmos.top import Sample, frame, run_top
+
+MODEL = "/models/tiny-llama"
+
+
+def metrics(tokens_out: int, procs: list[dict]) -> dict:
+    return {"processes": procs, "omitted": 0, "finished": {"count": 3},
+            "counts": {"RUNNING": 1, "READY": 1, "BLOCKED": 1, "STOPPED": 0},
+            "models": [{"model": MODEL, "executor": "e1", "worker_pid": 99, "batch_last": 2, "batch_mean": 1.5,
+                        "batch_max": 4, "kv_used": 25, "kv_total": 100, "preemptions": 2, "tokens_out": tokens_out}]}
+
+
+PROCS = [
+    {"pid": 7, "state": "READY", "priority": 10, "owner": "bob", "model": MODEL, "prompt_tokens": 3,
+     "output_tokens": 0, "kv_blocks": 0, "preemptions": 1, "session": False, "stats": {}},
+    {"pid": 9, "state": "BLOCKED", "priority": 0, "owner": "ann", "model": MODEL, "prompt_tokens": 12,
+     "output_tokens": 5, "kv_blocks": 3, "preemptions": 0, "session": True, "stats": {}},
+    {"pid": 8, "state": "RUNNING", "priority": -5, "owner": "root", "model": MODEL, "prompt_tokens": 4,
+     "output_tokens": 40, "kv_blocks": 6, "preemptions": 0, "session": False, "stats": {"tpot_s": 0.02}},
+]
+
+
+def rows(text: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["PID", "STATE"])
+    return [ln.split() for ln in lines[start + 1:]]
+
+
+def test_the_first_frame_shows_models_and_processes_running_first_with_the_decoding_rate():
+    text = frame(Sample(10.0, metrics(100, PROCS)), clock=lambda: 0.0)
+    head = text.splitlines()[0]
+    assert "running 1, ready 1, blocked 1" in head and "finished: 3" in head and "tok/s: 50.0" in head
+    model = next(ln for ln in text.splitlines() if ln.startswith(MODEL))
+    assert model.split()[1:] == ["2", "1.5", "4", "25/100", "25.0%", "2", "50.0"]
+    assert [r[:3] for r in rows(text)] == [["8", "RUNNING", "-5"], ["7", "READY", "10"], ["9", "BLOCKED", "0"]]
+    assert rows(text)[2][-2:] == ["*", MODEL] and rows(text)[0][-2] != "*"  # only the session is marked
+    assert rows(text)[0][6] == "6"  # KV blocks held
+
+
+def test_later_frames_rate_the_tokens_generated_between_samples():
+    text = frame(Sample(12.0, metrics(400, PROCS)), Sample(10.0, metrics(100, PROCS)), clock=lambda: 0.0)
+    assert "tok/s: 150.0" in text.splitlines()[0]
+
+
+def test_top_without_a_terminal_prints_the_asked_number_of_frames_one_after_another():
+    calls = []
+
+    def fetch():
+        calls.append(1)
+        return metrics(100 * len(calls), PROCS)
+
+    out = io.StringIO()
+    run_top(fetch, 2, 0.001, out)
+    text = out.getvalue()
+    assert len(calls) == 2 and text.count("llmos top - ") == 2 and "\x1b[" not in text
+
+
+def test_an_empty_kernel_still_draws_a_frame():
+    text = frame(Sample(0.0, {"processes": [], "models": [], "counts": {}, "finished": {}}), clock=lambda: 0.0)
+    assert "processes: none" in text and "(no model loaded)" in text and rows(text) == []
