@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from llmos.drivers.model.protocol import PAD_BLOCK, blocks_for
 from llmos.syscalls.errors import OutOfMemory
 
-
-def blocks_for(tokens: int, block_size: int) -> int:
-    return -(-tokens // block_size)
+__all__ = ["KVBlockPool", "PoolUsage", "blocks_for"]  # blocks_for is protocol's, re-exported for old importers
 
 
 @dataclass
@@ -34,7 +33,7 @@ class PoolUsage:
 
 
 class KVBlockPool:
-    """Blocks 1..num_blocks-1 are allocatable; block 0 is kept zeroed as the padding block."""
+    """Blocks 0..num_blocks-1 but ``PAD_BLOCK`` are allocatable; ``PAD_BLOCK`` is kept zeroed to pad block tables."""
 
     def __init__(self, num_blocks: int, block_size: int, user_caps: dict[str, int] | None = None,
                  default_user_cap: int | None = None) -> None:
@@ -44,7 +43,7 @@ class KVBlockPool:
         self.block_size = block_size
         self.user_caps = dict(user_caps or {})
         self.default_user_cap = default_user_cap  # the isolation policy's cap for users not named
-        self._free = list(range(num_blocks - 1, 0, -1))  # a stack: low block ids first
+        self._free = _free_stack(num_blocks)
         self.tables: dict[int, list[int]] = {}
         self._owner: dict[int, str] = {}
         self._per_user: dict[str, int] = defaultdict(int)
@@ -63,6 +62,10 @@ class KVBlockPool:
         cap = self.cap_of(user)
         return cap is None or self._per_user[user] + n <= cap
 
+    def used_by(self, user: str) -> int:
+        """Blocks ``user``'s processes hold."""
+        return self._per_user.get(user, 0)
+
     def cap_of(self, user: str) -> int | None:
         return self.user_caps.get(user, self.default_user_cap)
 
@@ -70,7 +73,7 @@ class KVBlockPool:
         """Add blocks num_blocks..new-1 to the free list (the engine grows its tensors to match)."""
         if num_blocks <= self.num_blocks:
             return
-        self._free[:0] = list(range(num_blocks - 1, self.num_blocks - 1, -1))
+        self._free[:0] = [b for b in range(num_blocks - 1, self.num_blocks - 1, -1) if b != PAD_BLOCK]
         self.num_blocks = num_blocks
 
     def reset(self, num_blocks: int) -> None:
@@ -78,7 +81,7 @@ class KVBlockPool:
         if self.tables:
             raise RuntimeError("only an empty pool can be reset")
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, 0, -1))
+        self._free = _free_stack(num_blocks)
 
     def allocate(self, pid: int, n: int, user: str = "") -> list[int]:
         """Append ``n`` blocks to ``pid``'s table; OutOfMemory if the pool or the user's cap is short."""
@@ -100,6 +103,19 @@ class KVBlockPool:
         have = len(self.tables.get(pid, ()))
         return self.allocate(pid, blocks_for(tokens, self.block_size) - have, user)
 
+    def truncate(self, pid: int, blocks: int) -> int:
+        """Cut ``pid``'s table to its first ``blocks`` blocks, returning the rest to the pool; returns how many."""
+        table = self.tables.get(pid)
+        if table is None or len(table) <= blocks:
+            return 0
+        if blocks <= 0:
+            return self.free(pid)
+        cut = table[blocks:]
+        del table[blocks:]
+        self._free.extend(reversed(cut))
+        self._per_user[self._owner.get(pid, "")] -= len(cut)
+        return len(cut)
+
     def free(self, pid: int) -> int:
         """Return all of ``pid``'s blocks to the pool; returns how many."""
         blocks = self.tables.pop(pid, [])
@@ -120,3 +136,8 @@ class KVBlockPool:
         used = self.capacity - len(self._free)
         return PoolUsage(self.block_size, self.capacity, used, len(self._free), dict(self._per_user),
                          {pid: len(t) for pid, t in self.tables.items()})
+
+
+def _free_stack(num_blocks: int) -> list[int]:
+    """Every block but the padding one, as a stack that hands out low block ids first."""
+    return [b for b in range(num_blocks - 1, -1, -1) if b != PAD_BLOCK]

@@ -1,45 +1,43 @@
 """Engines run many sequences on one model instance and stream their tokens; this module holds their contract.
 
 An engine offers ``encode`` (prompt or chat messages to token ids), ``add`` (start a
-sequence), ``abort`` (end one now, keeping its output), ``has_work`` and ``step`` (advance
-every sequence it can, returning :class:`StepEvent`s). ``load_engine`` picks the paged,
-continuously batching engine (``paged.py``) for the Llama family and the sequential engine
-(``sequential.py``, plain transformers with one KV cache per sequence) for any other
-causal LM.
+sequence), ``preempt``/``resume`` (a context switch out of and back into the batch: KV swapped
+to a bounded host swap area, or dropped and recomputed), ``append`` (a session's next turn),
+``renice``, ``abort`` (end one now, keeping its output), ``has_work`` and ``step`` (advance every
+active sequence it can, returning :class:`~llmos.drivers.model.protocol.StepEvent`s). A sequence
+is *active* (in the batch) or *parked*; the engine never resumes a parked one by itself: the
+kernel's scheduler decides (``protocol.py``). ``load_engine`` picks the paged, continuously
+batching engine (``paged.py``) for the Llama family and the sequential engine (``sequential.py``,
+plain transformers with one KV cache per sequence) for any other causal LM.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmos.drivers.memory import KVBlockPool, blocks_for
+from llmos.drivers.memory import KVBlockPool
+from llmos.drivers.model.protocol import BLOCK_SIZE, PREEMPT_MODES, StepEvent, blocks_for
 from llmos.drivers.model.prompt import check_length, check_prompt_chars, check_prompt_ids
 from llmos.drivers.model.sampling import SamplingParams
 from llmos.drivers.model.shape import model_shape
 from llmos.drivers.model.text import TextTracker, silent_tokens, split_stops
 from llmos.syscalls.errors import Errno, InvalidArgument, OutOfMemory, TooBig, quote, wire_error
 
+__all__ = ["BaseEngine", "Sequence", "StepEvent", "load_engine", "load_model"]  # StepEvent: protocol's
 
-@dataclass
-class StepEvent:
-    """What one sequence did in one step: new tokens, new text, and whether it finished."""
-
-    pid: int
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None = None  # set on the sequence's last event
-    final_text: str | None = None
-    error: dict[str, Any] | None = None
-
-    def to_wire(self) -> list:
-        return [self.pid, self.token_ids, self.text, self.finish_reason, self.final_text, self.error]
-
+DEFAULT_POOL_CONTEXTS = 64  # full contexts the pool holds when neither num_blocks nor max_batch is given
+DEFAULT_TOKENS_PER_STEP = 512  # the step's token budget: each decoding sequence takes one, prompts the rest
+SWAP_PROBE_BYTES = 4 << 20  # copied out and back at load to measure the swap path
+PREFILL_PROBE_TOKENS = 64  # one warm-up prefill of this many tokens measures the prefill rate at load
+PREFILL_EMA = 0.2  # weight of a new prefill step in the running prefill rate
+MIN_PREFILL_SAMPLE = 16  # steps that prefill fewer tokens say little about the rate
 
 _arrivals = itertools.count()
 
@@ -84,6 +82,10 @@ class Sequence:
     preemptions: int = 0
     cache: Any = None  # the sequential engine's per-sequence transformers cache
     stop_ids: frozenset[int] = frozenset()  # stop_token_ids and the ids of stop strings that are special tokens
+    session: bool = False  # a finished turn parks it (KV kept) instead of dropping it
+    parked: bool = False  # out of the batch until the kernel resumes it
+    swap: Any = None  # its KV in the engine's host swap area (engine-specific), covering ``computed`` tokens
+    swap_blocks: int = 0  # swap-area blocks that holds
 
     @property
     def generated(self) -> list[int]:
@@ -109,19 +111,31 @@ def longest_token_chars(tokenizer: Any) -> int:
 
 
 class BaseEngine:
-    """What every engine shares: tokenizer handling, sequence bookkeeping, stop rules, the KV pool."""
+    """What every engine shares: tokenizer handling, sequence bookkeeping, stop rules, the KV pool, the swap area.
+
+    Subclasses implement ``_step`` (one step over the active sequences, recording prompt tokens computed
+    with :meth:`_prefilled`) and, when they hold KV tensors themselves, ``_swap_out``/``_swap_in``.
+    """
 
     kind = "base"
 
     def __init__(self, model: Any, tokenizer: Any, device: torch.device, name: str = "model",
-                 block_size: int = 8, num_blocks: int | None = None, max_batch: int = 64,
+                 block_size: int = BLOCK_SIZE, num_blocks: int | None = None, max_batch: int | None = None,
                  kv_policy: str = "static", max_blocks: int | None = None, user_cap_blocks: int | None = None,
-                 user_caps: dict[str, int] | None = None) -> None:
+                 user_caps: dict[str, int] | None = None, max_tokens_per_step: int = DEFAULT_TOKENS_PER_STEP,
+                 swap_blocks: int | None = None, measure: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.name = name
-        self.max_batch = max_batch
+        if max_batch is not None and max_batch < 1:
+            raise InvalidArgument(f"max_batch must be at least 1, got {max_batch}")
+        if max_tokens_per_step < 1:
+            raise InvalidArgument(f"max_tokens_per_step must be at least 1, got {max_tokens_per_step}")
+        self.max_tokens_per_step = int(max_tokens_per_step)
+        # None: no cap but the step's token budget (one token per decoding sequence) and the KV pool
+        self.max_batch_cap = max_batch
+        self.max_batch = max_batch if max_batch is not None else self.max_tokens_per_step
         self.seqs: dict[int, Sequence] = {}
         cfg = model.config
         self.shape = model_shape(cfg)
@@ -133,8 +147,8 @@ class BaseEngine:
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
-        if num_blocks is None:  # room for a full batch of full contexts (+ the padding block)
-            num_blocks = max_batch * -(-self.context_len // block_size) + 1
+        if num_blocks is None:  # room for full contexts (+ the padding block)
+            num_blocks = (max_batch or DEFAULT_POOL_CONTEXTS) * -(-self.context_len // block_size) + 1
         if kv_policy not in ("static", "dynamic", "isolated"):
             raise InvalidArgument(f"unknown KV memory policy {quote(kv_policy)}: static, dynamic or isolated")
         self.kv_policy = kv_policy
@@ -144,10 +158,59 @@ class BaseEngine:
         self.pool = KVBlockPool(num_blocks, block_size, caps, user_cap_blocks if kv_policy == "isolated" else None)
         elem = next(model.parameters()).element_size()
         self.kv_token_bytes = self.shape.kv_bytes_per_token(elem)
+        self.swap_total = int(swap_blocks) if swap_blocks is not None else self.pool.capacity
+        if self.swap_total < 0:
+            raise InvalidArgument(f"swap_blocks must be at least 0, got {swap_blocks}")
+        self.swap_used = 0
+        self.swaps_out = 0
+        self.swaps_in = 0
+        self.recomputed_tokens = 0
         self.steps = 0
         self.preemptions = 0
         self.last_batch = 0
         self.last_step_tokens = 0
+        self._forced: list[StepEvent] = []  # preemptions made under memory pressure during this step
+        self._step_prefill: dict[int, int] = {}  # pid -> prompt tokens computed this step
+        self.swap_bytes_per_s = 0.0
+        self.prefill_tokens_per_s = 0.0  # measured at load, then a running estimate from real prefill steps
+        self.load_prefill_tokens_per_s = 0.0
+        self._measure = measure
+
+    def measure(self) -> None:
+        """Measure the two costs of a context switch on this instance: bytes per second through the swap
+        path (a few MB copied out and back) and prompt tokens per second (one short warm-up prefill).
+        Subclasses call it at the end of their ``__init__``; it leaves no sequence and no counter behind."""
+        if not self._measure:
+            return
+        self.swap_bytes_per_s = self._measure_swap()
+        n = max(1, min(PREFILL_PROBE_TOKENS, self.context_len - 1))
+        ids = [i % int(self.model.config.vocab_size) for i in range(n)]
+        best = float("inf")
+        for _ in range(2):  # the first run pays one-time costs (allocator, kernels)
+            self.add(-1, ids, {"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True})
+            t = time.perf_counter()
+            while -1 in self.seqs:
+                self._step()
+            best = min(best, time.perf_counter() - t)
+        self.prefill_tokens_per_s = self.load_prefill_tokens_per_s = n / max(best, 1e-9)
+        self.steps = self.preemptions = self.last_batch = self.last_step_tokens = 0
+        self._step_prefill.clear()
+
+    def _measure_swap(self) -> float:
+        """Bytes per second copying KV-sized data to host memory and back (engines with a real swap path
+        override this to time that path)."""
+        dtype = next(self.model.parameters()).dtype
+        x = torch.ones(SWAP_PROBE_BYTES // torch.tensor([], dtype=dtype).element_size(), dtype=dtype,
+                       device=self.device)
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            host = x.to("cpu", copy=True)
+            x.copy_(host.to(self.device))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            best = min(best, time.perf_counter() - t)
+        return 2 * SWAP_PROBE_BYTES / max(best, 1e-9)
 
     # -- description -----------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -163,6 +226,7 @@ class BaseEngine:
             "parameters": n_params,
             "weight_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
             "max_batch": self.max_batch,
+            "max_tokens_per_step": self.max_tokens_per_step,
             "architecture": type(self.model).__name__,
             "has_chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
             "kv_block_size": self.pool.block_size,
@@ -170,15 +234,21 @@ class BaseEngine:
             "kv_bytes_per_token": self.kv_token_bytes,
             "kv_policy": self.kv_policy,
             "kv_max_blocks": self.max_blocks - 1,
+            "swap_blocks": self.swap_total,
+            "swap_bytes_per_s": self.swap_bytes_per_s,
+            "prefill_tokens_per_s": self.load_prefill_tokens_per_s,
         }
 
     def stats(self) -> dict[str, Any]:
         u = self.pool.usage()
-        return {"running": len(self.seqs), "batch": self.last_batch, "step_tokens": self.last_step_tokens,
+        return {"running": self.running, "parked": len(self.seqs) - self.running, "batch": self.last_batch,
+                "step_tokens": self.last_step_tokens,
                 "kv_used": u.used, "kv_free": u.free, "kv_total": u.total, "kv_block_size": u.block_size,
                 "kv_bytes": self.pool.num_blocks * u.block_size * self.kv_token_bytes,
                 "kv_per_user": u.per_user, "steps": self.steps, "preemptions": self.preemptions,
-                "kv_policy": self.kv_policy}
+                "kv_policy": self.kv_policy, "swap_used": self.swap_used, "swap_total": self.swap_total,
+                "swaps_out": self.swaps_out, "swaps_in": self.swaps_in, "recomputed_tokens": self.recomputed_tokens,
+                "prefill_tokens_per_s": self.prefill_tokens_per_s}
 
     # -- input -----------------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
@@ -245,7 +315,9 @@ class BaseEngine:
 
     # -- sequences -------------------------------------------------------------------------
     def add(self, pid: int, prompt_ids: list[int], params: SamplingParams | dict, user: str = "",
-            priority: int = 0) -> None:
+            priority: int = 0, session: bool = False) -> None:
+        """Start a sequence, active. ``session``: a turn that ends with stop or length parks it with its KV
+        kept, for :meth:`append`. InvalidArgument for a pid already here or an empty prompt."""
         if isinstance(params, dict):
             params = SamplingParams.from_dict(params)
         if pid in self.seqs:
@@ -255,10 +327,113 @@ class BaseEngine:
         strings, special = split_stops(params.stop, self._silent)
         self.seqs[pid] = Sequence(pid, list(prompt_ids), len(prompt_ids), params, params.generator(self.device),
                                   TextTracker(self.tokenizer, strings, prompt_ids), user=user, priority=priority,
-                                  stop_ids=frozenset([*params.stop_token_ids, *special]))
+                                  stop_ids=frozenset([*params.stop_token_ids, *special]), session=bool(session))
+
+    def preempt(self, pid: int, mode: str = "swap") -> StepEvent | None:
+        """Take a sequence (active or parked) out of the batch and its KV out of the pool; None for an unknown pid.
+
+        ``swap`` copies the KV of its computed tokens to the host swap area (``recompute`` instead when the
+        area lacks room); ``recompute`` drops it (computed = 0). The event's ``preempted`` is the mode used
+        (``none`` when its KV had already left the pool), ``recomputed`` the tokens a resume recomputes.
+        InvalidArgument for a mode not in PREEMPT_MODES."""
+        if mode not in PREEMPT_MODES:
+            raise InvalidArgument(f"unknown preemption mode {quote(str(mode))}: swap or recompute")
+        seq = self.seqs.get(pid)
+        if seq is None:
+            return None
+        if not seq.parked:
+            seq.preemptions += 1
+            self.preemptions += 1
+        seq.parked = True
+        if not self.pool.tables.get(pid) and seq.cache is None:
+            return StepEvent(pid, preempted="none")
+        return self._evict(seq, mode)
+
+    def _evict(self, seq: Sequence, mode: str) -> StepEvent:
+        """Move ``seq``'s KV out of the pool (swap, or drop when asked or when the swap area lacks room)."""
+        need = blocks_for(seq.computed, self.pool.block_size)
+        if mode == "swap" and seq.computed and self.swap_used + need <= self.swap_total:
+            seq.swap = self._swap_out(seq)
+            seq.swap_blocks = need
+            self.swap_used += need
+            self.swaps_out += 1
+            self.pool.free(seq.pid)
+            seq.cache = None
+            return StepEvent(seq.pid, preempted="swap")
+        dropped = seq.computed
+        self.pool.free(seq.pid)
+        seq.computed = 0
+        seq.cache = None
+        self.recomputed_tokens += dropped
+        return StepEvent(seq.pid, preempted="recompute", recomputed=dropped)
+
+    def resume(self, pid: int, priority: int | None = None) -> None:
+        """Put a parked sequence back in the batch; its KV comes back (swap-in or recompute) on its next step.
+        Nothing for an unknown pid."""
+        seq = self.seqs.get(pid)
+        if seq is None:
+            return
+        seq.parked = False
+        if priority is not None:
+            seq.priority = priority
+
+    def renice(self, pid: int, priority: int) -> None:
+        """A sequence's new priority: the rank it is kept or preempted by under memory pressure."""
+        seq = self.seqs.get(pid)
+        if seq is not None:
+            seq.priority = priority
+
+    def append(self, pid: int, prompt_ids: list[int], params: SamplingParams | dict | None = None) -> None:
+        """A parked session's next turn: ``prompt_ids`` is its whole new context.
+
+        The KV of the longest common prefix with its current tokens is kept (in the pool or the swap area),
+        the rest dropped; the turn starts with a fresh stop-string tracker and, when ``params`` is given,
+        new sampling parameters (and generator). It stays parked until :meth:`resume`. Nothing for an
+        unknown pid; InvalidArgument for an active or non-session sequence or an empty context."""
+        seq = self.seqs.get(pid)
+        if seq is None:
+            return
+        if not seq.session or not seq.parked:
+            raise InvalidArgument(f"pid {pid} is not a parked session: a turn is appended between turns")
+        if not prompt_ids:
+            raise InvalidArgument("empty prompt")
+        if params is not None:
+            seq.params = SamplingParams.from_dict(params) if isinstance(params, dict) else params
+            seq.generator = seq.params.generator(self.device)
+        lcp = 0
+        for a, b in zip(seq.tokens, prompt_ids):
+            if a != b:
+                break
+            lcp += 1
+        keep = min(seq.computed, lcp, len(prompt_ids) - 1)  # one token at least is fed to sample the reply
+        self._truncate_kv(seq, keep)
+        seq.computed = keep
+        seq.tokens = list(prompt_ids)
+        seq.prompt_len = len(prompt_ids)
+        strings, special = split_stops(seq.params.stop, self._silent)
+        seq.text = TextTracker(self.tokenizer, strings, seq.tokens)
+        seq.stop_ids = frozenset([*seq.params.stop_token_ids, *special])
+
+    def _truncate_kv(self, seq: Sequence, tokens: int) -> None:
+        """Keep the KV of the first ``tokens`` tokens only, wherever it is."""
+        keep = blocks_for(tokens, self.pool.block_size)
+        if seq.swap is not None:
+            if tokens == 0:
+                self._drop_swap(seq)
+            elif keep < seq.swap_blocks:
+                seq.swap = self._swap_truncate(seq.swap, keep, tokens)
+                self.swap_used -= seq.swap_blocks - keep
+                seq.swap_blocks = keep
+        self.pool.truncate(seq.pid, keep)
+        if seq.cache is not None:
+            self._cache_truncate(seq, tokens)
+
+    def _drop_swap(self, seq: Sequence) -> None:
+        self.swap_used -= seq.swap_blocks
+        seq.swap, seq.swap_blocks = None, 0
 
     def abort(self, pid: int) -> StepEvent | None:
-        """End a sequence now (signal TERM): keep and flush what it generated, free its blocks."""
+        """End a sequence now (signal TERM): keep and flush what it generated, free its pool and swap blocks."""
         seq = self._drop(pid)
         if seq is None:
             return None
@@ -269,29 +444,81 @@ class BaseEngine:
         self.pool.free(pid)
         if seq is not None:
             seq.cache = None
+            self._drop_swap(seq)
         return seq
 
     def has_work(self) -> bool:
-        return bool(self.seqs)
+        """True when an active sequence may run (parked ones wait for the kernel's resume)."""
+        return any(not s.parked for s in self.seqs.values())
 
     @property
     def running(self) -> int:
-        return len(self.seqs)
+        """Active sequences."""
+        return sum(not s.parked for s in self.seqs.values())
+
+    def active(self) -> list[Sequence]:
+        """Active sequences in rank order."""
+        return sorted((s for s in self.seqs.values() if not s.parked), key=lambda s: s.rank)
+
+    def step(self) -> list[StepEvent]:
+        """One step over the active sequences: their new tokens, finishes, prompt tokens computed
+        (``prefilled``) and any preemption memory pressure forced (``preempted``: the victim is parked)."""
+        t = time.perf_counter()
+        events = self._step()
+        dt = time.perf_counter() - t
+        forced, self._forced = self._forced, []
+        prefill, self._step_prefill = self._step_prefill, {}
+        total = sum(prefill.values())
+        if total >= MIN_PREFILL_SAMPLE and dt > 0:
+            self.prefill_tokens_per_s += PREFILL_EMA * (total / dt - self.prefill_tokens_per_s)
+        for ev in events:
+            ev.prefilled = prefill.pop(ev.pid, 0)
+        events.extend(StepEvent(pid, prefilled=n) for pid, n in prefill.items() if n)
+        return forced + events
+
+    def _prefilled(self, seq: Sequence, start: int, n: int) -> None:
+        """Record ``n`` tokens computed from ``start`` this step: all but the newest sample's are prompt
+        (or recomputed) tokens."""
+        decode = 1 if len(seq.tokens) > seq.prompt_len and start + n == len(seq.tokens) else 0
+        if n - decode > 0:
+            self._step_prefill[seq.pid] = self._step_prefill.get(seq.pid, 0) + n - decode
+
+    def _step(self) -> list[StepEvent]:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def _accept(self, seq: Sequence, token: int) -> StepEvent:
-        """Record a sampled token; finish the sequence if a stop rule fires."""
+        """Record a sampled token; finish the sequence (or a session's turn) if a stop rule fires."""
         seq.tokens.append(token)
         delta = seq.text.update(seq.generated)
         reason = self._finish_reason(seq, token)
         if reason is None:
             return StepEvent(seq.pid, [token], delta)
-        self._drop(seq.pid)
+        if seq.session:
+            seq.parked = True  # its KV stays in the pool until the next turn, or a preemption
+        else:
+            self._drop(seq.pid)
         delta += seq.text.finish()
         return StepEvent(seq.pid, [token], delta, reason, seq.text.text)
 
     def _fail(self, seq: Sequence, errno: Errno, message: str) -> StepEvent:
         self._drop(seq.pid)
         return StepEvent(seq.pid, [], seq.text.finish(), "error", seq.text.text, wire_error(errno, message))
+
+    # -- the swap area: engines that hold KV tensors implement these -------------------------------
+    def _swap_out(self, seq: Sequence) -> Any:
+        """Copy ``seq``'s KV (its ``computed`` tokens) out of the pool into host memory; returns the handle."""
+        raise NotImplementedError
+
+    def _swap_in(self, seq: Sequence) -> None:
+        """Copy ``seq.swap`` back into its (newly allocated) pool blocks."""
+        raise NotImplementedError
+
+    def _swap_truncate(self, swap: Any, blocks: int, tokens: int) -> Any:
+        """The swap handle cut to its first ``blocks`` blocks (``tokens`` tokens)."""
+        raise NotImplementedError
+
+    def _cache_truncate(self, seq: Sequence, tokens: int) -> None:
+        """Engines with a per-sequence cache object cut it to ``tokens`` tokens."""
 
     # -- memory: one contract for every engine ------------------------------------------------
     def _block_limit(self, seq: Sequence) -> int:
@@ -308,44 +535,62 @@ class BaseEngine:
         return self._fail(seq, Errno.ENOMEM, f"{tokens} tokens need more KV blocks of {self.pool.block_size} "
                                              f"than the {limit} this sequence may ever hold")
 
-    def _make_room(self, seq: Sequence, tokens: int, keep: set[int]) -> StepEvent | bool:
+    def _make_room(self, seq: Sequence, tokens: int, keep: set[int], active_victims: bool = True) -> StepEvent | bool:
         """Give ``seq`` blocks for ``tokens`` slots, the memory contract every engine keeps.
 
         A sequence that can never fit ends with ENOMEM (the event is returned). Otherwise, while the
-        pool (or the user's cap) is short, the sequence that ranks last (lowest priority, then newest)
-        among those holding blocks and not in ``keep`` (already run this step) is preempted: its
-        blocks are freed and it is recomputed later from its tokens. At its user's cap only that
-        user's sequences give way. True when ``seq`` has its blocks; False when it must wait (it
-        was the one preempted, or nobody could give way).
+        pool (or the user's cap) is short, a holder of blocks not in ``keep`` (already run this step)
+        gives way: parked ones first (idle sessions: their KV is swapped out), then, when
+        ``active_victims``, the active one that ranks last (lowest priority, then newest). The victim is
+        parked (KV swapped out if the swap area has room, else dropped) and its event, ``preempted`` set,
+        joins this step's events: the kernel resumes it later. At its user's cap only that user's
+        sequences give way. True when ``seq`` has its blocks; False when it must wait (it was the one
+        preempted, or nobody could give way).
         """
         failed = self._never_fits(seq, tokens)
         if failed is not None:
             return failed
         while not self._ensure(seq, tokens):
-            capped = self._capped(seq)
+            capped = self._capped(seq, tokens)
+            # an active victim never ranks before ``seq`` (no inversion): ``seq`` itself gives way first
             victim = max((s for s in self.seqs.values() if s.pid not in keep and self.pool.tables.get(s.pid)
-                          and (not capped or s.user == seq.user)), key=lambda s: s.rank, default=None)
+                          and (s.parked or (active_victims and s.rank >= seq.rank))
+                          and (not capped or s.user == seq.user)), key=lambda s: (s.parked, s.rank), default=None)
             if victim is None:
                 return False
-            self._preempt(victim)
+            self._force_preempt(victim)
             if victim is seq:
                 return False
         return True
 
-    def _capped(self, seq: Sequence) -> bool:
-        """True when the pool has a block but the sequence's user may not take it."""
-        return self.pool.free_blocks > 0 and not self.pool.can_allocate(1, seq.user)
+    def _force_preempt(self, seq: Sequence) -> None:
+        """Park ``seq`` under memory pressure (swap if the area has room), reporting it in this step's events."""
+        if not seq.parked:
+            seq.preemptions += 1
+            self.preemptions += 1
+        seq.parked = True
+        self._forced.append(self._evict(seq, "swap"))
+
+    def _capped(self, seq: Sequence, tokens: int) -> bool:
+        """True when the blocks ``seq`` needs for ``tokens`` slots would take its user past the user's cap."""
+        cap = self.pool.cap_of(seq.user)
+        need = max(1, blocks_for(max(tokens, seq.computed), self.pool.block_size) - len(self.pool.tables.get(seq.pid, ())))
+        return cap is not None and self.pool.used_by(seq.user) + need > cap
 
     def _ensure(self, seq: Sequence, tokens: int) -> bool:
-        """Grow ``seq``'s block table to ``tokens`` slots (growing a dynamic pool if need be); no preemption."""
+        """Grow ``seq``'s block table to ``tokens`` slots (growing a dynamic pool if need be) and bring its
+        swapped-out KV back into the new blocks; no preemption."""
         try:
-            self.pool.ensure(seq.pid, tokens, seq.user)
-            return True
+            self.pool.ensure(seq.pid, max(tokens, seq.computed), seq.user)
         except OutOfMemory:
-            pass
-        if self.kv_policy != "dynamic" or not self._grow():
-            return False
-        return self._ensure(seq, tokens)
+            if self.kv_policy != "dynamic" or not self._grow():
+                return False
+            return self._ensure(seq, tokens)
+        if seq.swap is not None:
+            self._swap_in(seq)
+            self._drop_swap(seq)
+            self.swaps_in += 1
+        return True
 
     def _grow(self) -> bool:
         """The dynamic policy: double the pool (up to its maximum) while the host has the memory."""
@@ -365,20 +610,12 @@ class BaseEngine:
 
     def _shrink_if_idle(self) -> None:
         """The dynamic policy gives memory back once no sequence holds blocks."""
-        if self.kv_policy == "dynamic" and not self.seqs and self.pool.num_blocks > self.initial_blocks:
+        if self.kv_policy == "dynamic" and not self.pool.tables and self.pool.num_blocks > self.initial_blocks:
             self.pool.reset(self.initial_blocks)
             self._shrink_cache(self.initial_blocks)
 
     def _shrink_cache(self, blocks: int) -> None:
         """Engines that hold the KV tensors themselves cut them to ``blocks``."""
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Free ``seq``'s blocks and cache; it is recomputed from its tokens when it runs again."""
-        self.pool.free(seq.pid)
-        seq.computed = 0
-        seq.cache = None
-        seq.preemptions += 1
-        self.preemptions += 1
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -392,8 +629,6 @@ class BaseEngine:
             return "length"
         return None
 
-    def step(self) -> list[StepEvent]:  # pragma: no cover - abstract
-        raise NotImplementedError
 
 
 def load_model(path: str | Path, device: str | None = None) -> tuple[Any, Any, torch.device]:

@@ -4,8 +4,10 @@ Each step packs every running sequence's next token and chunks of waiting prompt
 token budget) into one flat batch, runs the model's own weights through a lean forward
 pass, writes keys and values into pool blocks through each sequence's block table, and
 samples one token for every sequence whose pending tokens are all computed. Sequences
-join and leave between any two steps. When the pool runs dry, the newest lowest-priority
-sequence is preempted: its blocks are freed and it is recomputed later from its tokens.
+join and leave between any two steps. When the pool runs dry, an idle session, else the newest
+lowest-priority sequence, is preempted under the engine's memory contract (``BaseEngine._make_room``):
+its blocks are copied to the host swap area (``index_select`` of its blocks, back with
+``index_copy_``) or dropped, and it waits, parked, for the kernel's resume.
 
 The forward reuses the transformers modules (projections, norms, MLP, rotary embedding), so
 the numbers match ``generate``; only attention and the cache are ours.
@@ -13,13 +15,15 @@ the numbers match ``generate``; only attention and the cache are ours.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from llmos.drivers.model import cpu_kernels
-from llmos.drivers.model.engine import BaseEngine, Sequence, StepEvent
+from llmos.drivers.model.engine import SWAP_PROBE_BYTES, BaseEngine, Sequence
+from llmos.drivers.model.protocol import PAD_BLOCK, StepEvent, blocks_for
 from llmos.drivers.model.sampling import sample_batch
 from llmos.drivers.model.shape import PACK_LIMIT_BYTES, PAGED_MODEL_TYPES as SUPPORTED
 from llmos.syscalls.errors import Errno
@@ -60,8 +64,7 @@ def _length_groups(ctx: list[int], block_size: int) -> list[tuple[int, int]]:
 class PagedEngine(BaseEngine):
     kind = "paged"
 
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device, name: str = "model",
-                 max_tokens_per_step: int = 512, **kw: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device, name: str = "model", **kw: Any) -> None:
         super().__init__(model, tokenizer, device, name, **kw)
         cfg = model.config
         self.inner = model.model
@@ -69,7 +72,6 @@ class PagedEngine(BaseEngine):
         self.n_heads = cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.max_tokens_per_step = max_tokens_per_step
         block_size = self.pool.block_size
         dtype = next(model.parameters()).dtype
         # per layer: keys and values, one row per block: [blocks, block_size * kv_heads * head_dim]
@@ -83,6 +85,43 @@ class PagedEngine(BaseEngine):
         self.ops = cpu_kernels.load() if device.type == "cpu" and dtype == torch.float32 else None
         self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
         self._fuse_projections()
+        self.measure()
+
+    # -- the swap area -----------------------------------------------------------------------
+    def _copy_out(self, blocks: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, (keys, values) of ``blocks`` copied to host memory: [len(blocks), block row] each."""
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        return [(k.index_select(0, idx).to("cpu"), v.index_select(0, idx).to("cpu"))
+                for k, v in zip(self.k_cache, self.v_cache)]
+
+    def _copy_in(self, blocks: list[int], data: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        for kc, vc, (k, v) in zip(self.k_cache, self.v_cache, data):
+            kc.index_copy_(0, idx, k.to(self.device))
+            vc.index_copy_(0, idx, v.to(self.device))
+
+    def _swap_out(self, seq: Sequence) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self._copy_out(self.pool.tables[seq.pid][:blocks_for(seq.computed, self.pool.block_size)])
+
+    def _swap_in(self, seq: Sequence) -> None:
+        self._copy_in(self.pool.tables[seq.pid][:seq.swap_blocks], seq.swap)
+
+    def _swap_truncate(self, swap: list, blocks: int, tokens: int) -> list:
+        return [(k[:blocks].clone(), v[:blocks].clone()) for k, v in swap]
+
+    def _measure_swap(self) -> float:
+        """Bytes per second through the real swap path: a few MB of blocks copied out and back."""
+        row_bytes = 2 * len(self.layers) * self.k_cache[0].shape[1] * self.k_cache[0].element_size()
+        n = max(1, min(self.pool.capacity, SWAP_PROBE_BYTES // row_bytes))
+        blocks = [b for b in range(self.pool.num_blocks) if b != PAD_BLOCK][:n]
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            self._copy_in(blocks, self._copy_out(blocks))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            best = min(best, time.perf_counter() - t)
+        return 2 * len(blocks) * row_bytes / max(best, 1e-9)
 
     def _fuse_projections(self) -> None:
         """One GEMM for q, k and v and one for gate and up: fewer, larger matmuls per layer.
@@ -174,22 +213,26 @@ class PagedEngine(BaseEngine):
 
     # -- planning ----------------------------------------------------------------------------
     def _plan(self) -> tuple[list[tuple[Sequence, int, int]], list[StepEvent]]:
-        """Choose (sequence, start, count) for this step; allocate their blocks; preempt if needed.
+        """Choose (sequence, start, count) for this step among the active sequences; allocate their blocks.
 
         Decoding sequences go first, in rank order, each making room for its next token under the
-        engine's memory contract (``BaseEngine._make_room``); then waiting prompts (new or preempted),
-        in rank order, under the token budget. A prompt never preempts: it waits for free blocks.
+        engine's memory contract (``BaseEngine._make_room``: an idle session, else a lower-ranked
+        sequence is parked); then prompts (new, resumed to recompute, or a session's new turn), in rank
+        order, under the token budget. A prompt only takes blocks from idle sessions: otherwise it
+        waits for free blocks. ``max_batch`` (when set) caps the sequences per step; else each decoding
+        sequence takes one token of ``max_tokens_per_step``.
         """
         events: list[StepEvent] = []
         budget = self.max_tokens_per_step
-        order = sorted(self.seqs.values(), key=lambda s: s.rank)
+        seats = self.max_batch_cap or budget
+        order = self.active()
         plan: list[tuple[Sequence, int, int]] = []
         planned: set[int] = set()
         for seq in order:
-            if budget <= 0:
+            if budget <= 0 or len(plan) >= seats:
                 break
-            if seq.computed == 0 or len(seq.tokens) - seq.computed != 1:  # not decoding (or preempted above)
-                continue
+            if seq.parked or seq.computed == 0 or len(seq.tokens) - seq.computed != 1:
+                continue  # parked by a preemption above, or not decoding
             room = self._make_room(seq, seq.computed + 1, planned)
             if isinstance(room, StepEvent):
                 events.append(room)
@@ -197,18 +240,22 @@ class PagedEngine(BaseEngine):
                 plan.append((seq, seq.computed, 1))
                 planned.add(seq.pid)
                 budget -= 1
-        for seq in order:  # prompts (new or preempted), in priority order, under the budget
-            if budget <= 0:
+        for seq in order:
+            if budget <= 0 or len(plan) >= seats:
                 break
-            if seq.pid in planned or seq.pid not in self.seqs:
+            if seq.pid in planned or seq.pid not in self.seqs or seq.parked:
                 continue
             failed = self._never_fits(seq, len(seq.tokens))
             if failed is not None:
                 events.append(failed)
                 continue
             n = min(len(seq.tokens) - seq.computed, budget)
-            if not self._ensure(seq, seq.computed + n):
-                if self._capped(seq):
+            room = self._make_room(seq, seq.computed + n, planned, active_victims=False)
+            if isinstance(room, StepEvent):
+                events.append(room)
+                continue
+            if not room:
+                if self._capped(seq, seq.computed + n):
                     continue  # this user waits for its own blocks; others go on
                 break  # keep arrival order: later prompts wait for memory too
             plan.append((seq, seq.computed, n))
@@ -228,7 +275,7 @@ class PagedEngine(BaseEngine):
 
     # -- the step ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> list[StepEvent]:
+    def _step(self) -> list[StepEvent]:
         plan, events = self._plan()
         plan.sort(key=lambda item: (item[2] != 1, item[1]))  # one-token entries first, by context length
         self.steps += 1
@@ -245,6 +292,7 @@ class PagedEngine(BaseEngine):
         sampled_seqs: list[Sequence] = []
         for seq, start, n in plan:
             seq.computed = start + n
+            self._prefilled(seq, start, n)
             if seq.computed == len(seq.tokens):
                 sampled_seqs.append(seq)
         tokens = sample_batch(logits, [s.params for s in sampled_seqs], [s.generator for s in sampled_seqs],
@@ -256,11 +304,11 @@ class PagedEngine(BaseEngine):
 
     def _padded_tables(self, plan: list[tuple[Sequence, int, int]], width: int) -> list[int]:
         """The block tables of the planned sequences, each cut or padded to ``width`` blocks, flattened.
-        Block 0 pads: masks (torch) or context lengths (native) keep it out of the attention."""
+        PAD_BLOCK pads: masks (torch) or context lengths (native) keep it out of the attention."""
         rows: list[int] = []
         for seq, _, _ in plan:
             t = self.pool.tables[seq.pid][:width]
-            rows.extend(t + [0] * (width - len(t)))
+            rows.extend(t + [PAD_BLOCK] * (width - len(t)))
         return rows
 
     def _norm(self, h: torch.Tensor, delta: torch.Tensor | None, ln: Any) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The model worker: one OS process per loaded model instance, running the engine's step loop.
 
-It connects a DEALER socket to the address its kernel bound for it and speaks MessagePack maps
-with an ``op`` field (see docs/architecture.md, "Kernel <-> worker"). It never outlives the
+It connects a DEALER socket to the address its kernel bound for it and speaks the messages of
+``protocol.py`` (MessagePack maps with an ``op`` field; see docs/architecture.md, "Kernel <->
+worker"): every frame is decoded with ``protocol.from_wire`` and dispatched by an explicit
+``match`` on its class. It never outlives the
 kernel: Linux's parent-death signal kills it, and it also exits when its parent pid changes
 or the kernel stops answering.
 """
@@ -21,9 +23,11 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import zmq
 
+from llmos.drivers.model import protocol as p
 from llmos.syscalls import codec
 from llmos.syscalls.errors import Errno, LLMOSError, quote, wire_error
 
@@ -68,12 +72,13 @@ class Worker:
         self._local = threading.local()
         self._encoder_socks: list[zmq.Socket] = []  # one per encoder thread, closed once the pool has ended
 
-    def send(self, msg: dict) -> None:
-        """Send a frame to the kernel (from the main thread)."""
+    def send(self, msg: Any) -> None:
+        """Send a protocol message to the kernel (from the main thread)."""
+        frame = codec.encode(msg.to_wire())
         if self.pipe is not None:
-            self.pipe.send(codec.encode(msg))
+            self.pipe.send(frame)
         else:
-            self.sock.send(codec.encode(msg))
+            self.sock.send(frame)
 
     def serve(self) -> int:
         try:
@@ -90,11 +95,10 @@ class Worker:
             # cyclic collector from walking them again on every full collection during steps
             gc.collect()
             gc.freeze()
-            self.send({"op": "ready", "info": info})
+            self.send(p.Ready(info))
         except Exception as exc:
             detail = exc.message if isinstance(exc, LLMOSError) else f"{type(exc).__name__}: {exc}"
-            self.send({"op": "failed", **wire_error(load_errno(exc), f"cannot load model {quote(self.model_path)}: "
-                                                                     f"{detail}")})
+            self.send(p.Failed(**wire_error(load_errno(exc), f"cannot load model {quote(self.model_path)}: {detail}")))
             traceback.print_exc()
             return 1
         self._start_socket_thread()
@@ -139,12 +143,11 @@ class Worker:
                 steps, step_s = steps + 1, step_s + time.perf_counter() - t
                 stalled = not events and not self.engine.last_step_tokens
                 if events:
-                    self.send({"op": "step", "events": [e.to_wire() for e in events], "running": self.engine.running,
-                               "step_s": step_s, "steps": steps, "stats": self.engine.stats()})
+                    self.send(p.Step(events, self.engine.running, step_s, steps, self.engine.stats()))
                     steps, step_s = 0, 0.0
                     last_sent = time.monotonic()
             if time.monotonic() - last_sent >= HEARTBEAT_S:
-                self.send({"op": "hb", "running": self.engine.running, "stats": self.engine.stats()})
+                self.send(p.Heartbeat(self.engine.running, self.engine.stats()))
                 last_sent = time.monotonic()
             if os.getppid() != self.parent:
                 return 2  # the kernel is gone
@@ -182,10 +185,10 @@ class Worker:
                 if encoded in ready:
                     self.sock.send(encoded.recv())
                 if self.sock in ready:
-                    msg = codec.decode(self.sock.recv())
-                    if msg.get("op") == "encode":
+                    msg = self._decode(self.sock.recv())
+                    if isinstance(msg, p.Encode):
                         self.encoder.submit(self._encode_and_reply, msg)
-                    else:
+                    elif msg is not None:
                         self.inbox.put(msg)
         except Exception:  # the kernel must learn that this worker is gone, not wait on it
             traceback.print_exc()
@@ -194,13 +197,22 @@ class Worker:
             pipe.close(linger=0)
             encoded.close(linger=0)
 
-    def _encode_and_reply(self, msg: dict) -> None:
+    @staticmethod
+    def _decode(frame: bytes) -> Any:
+        """The protocol message a frame holds; None (and a line on stderr) for one that is not."""
+        try:
+            return p.from_wire(codec.decode(frame))
+        except Exception as exc:  # a kernel bug, not a reason to die: say so once and go on
+            print(f"llmos-worker: ignoring a bad frame: {type(exc).__name__}: {exc}"[:300], file=sys.stderr)
+            return None
+
+    def _encode_and_reply(self, msg: p.Encode) -> None:
         """On an encoder thread: tokenise, and push the reply to the socket thread (this thread's socket)."""
         try:
-            frame = codec.encode(self._encode(msg))
+            frame = codec.encode(self._encode(msg).to_wire())
         except Exception as exc:  # a reply too large for a frame: the kernel still gets one
-            frame = codec.encode({"op": "encoded", "rid": msg.get("rid"),
-                                  **wire_error(Errno.E2BIG, f"the encoded prompt does not fit a frame: {exc}")})
+            frame = codec.encode(p.Encoded(msg.rid, **wire_error(Errno.E2BIG, f"the encoded prompt does not fit a "
+                                                                              f"frame: {exc}")).to_wire())
         sock = getattr(self._local, "sock", None)
         if sock is None:
             sock = self._local.sock = self.ctx.socket(zmq.PUSH)
@@ -208,35 +220,57 @@ class Worker:
             self._encoder_socks.append(sock)
         sock.send(frame)
 
-    def _encode(self, msg: dict) -> dict:
+    def _encode(self, msg: p.Encode) -> p.Encoded:
         try:
-            ids = self.engine.encode(msg.get("prompt"), msg.get("messages"), msg.get("prompt_ids"))
-            return {"op": "encoded", "rid": msg["rid"], "ids": ids}
+            return p.Encoded(msg.rid, ids=self.engine.encode(msg.prompt, msg.messages, msg.prompt_ids))
         except LLMOSError as exc:
-            return {"op": "encoded", "rid": msg["rid"], **exc.to_wire()}
+            return p.Encoded(msg.rid, **exc.to_wire())
         except Exception as exc:
-            return {"op": "encoded", "rid": msg["rid"],
-                    **wire_error(Errno.EINVAL, f"cannot encode input: {type(exc).__name__}: {exc}")}
+            return p.Encoded(msg.rid, **wire_error(Errno.EINVAL, f"cannot encode input: {type(exc).__name__}: {exc}"))
 
     # -- ops, applied by the main thread between steps --------------------------------------
-    def handle(self, msg: dict) -> None:
-        op = msg.get("op")
-        if op == "add":
-            try:
-                self.engine.add(msg["pid"], msg["ids"], msg["params"], msg.get("user", ""), msg.get("priority", 0))
-            except Exception as exc:
-                err = exc.to_wire() if isinstance(exc, LLMOSError) else wire_error(Errno.EIO, repr(exc))
-                self.send({"op": "step", "events": [[msg["pid"], [], "", "error", "", err]],
-                           "running": self.engine.running, "step_s": 0.0})
-        elif op == "abort":
-            # a pid the engine does not know (its add never arrived, or it just finished) still gets a final
-            # event, so a TERM always ends the process; the kernel ignores it for one already ended
-            event = self.engine.abort(msg["pid"])
-            wire = event.to_wire() if event is not None else [msg["pid"], [], "", "killed", "", None]
-            self.send({"op": "step", "events": [wire], "running": self.engine.running, "step_s": 0.0,
-                       "stats": self.engine.stats()})
-        elif op == "shutdown":
-            self.running = False
+    def handle(self, msg: Any) -> None:
+        """Apply one kernel message (a ``protocol`` message, or its wire map) to the engine."""
+        if isinstance(msg, dict):
+            msg = p.from_wire(msg)
+        engine = self.engine
+        match msg:
+            case p.Add(pid=pid, prompt_ids=ids, params=params, user=user, priority=priority, session=session):
+                self._apply(pid, lambda: engine.add(pid, ids, params, user, priority, session))
+            case p.Append(pid=pid, prompt_ids=ids, params=params):
+                self._apply(pid, lambda: engine.append(pid, ids, params))
+            case p.Preempt(pid=pid, mode=mode):
+                event = self._apply(pid, lambda: engine.preempt(pid, mode))
+                if event is not None:  # an unknown pid (it just ended) needs no answer
+                    self._events([event])
+            case p.Resume(pid=pid, priority=priority):
+                engine.resume(pid, priority)
+            case p.Renice(pid=pid, priority=priority):
+                engine.renice(pid, priority)
+            case p.Abort(pid=pid):
+                # a pid the engine does not know (its add never arrived, or it just finished) still gets a final
+                # event, so a TERM always ends the process; the kernel ignores it for one already ended
+                event = engine.abort(pid)
+                self._events([event if event is not None else p.StepEvent(pid, finish_reason="killed",
+                                                                           final_text="")])
+            case p.Shutdown():
+                self.running = False
+            case _:
+                print(f"llmos-worker: ignoring {type(msg).__name__}: not an op for the step loop", file=sys.stderr)
+
+    def _apply(self, pid: int, op: Any) -> Any:
+        """Run ``op``; a refusal ends that sequence with an error event (the kernel's bug or a bad request)."""
+        try:
+            return op()
+        except Exception as exc:
+            err = exc.to_wire() if isinstance(exc, LLMOSError) else wire_error(Errno.EIO, repr(exc))
+            event = self.engine.abort(pid) or p.StepEvent(pid, final_text="")
+            event.finish_reason, event.error = "error", err
+            self._events([event])
+            return None
+
+    def _events(self, events: list[p.StepEvent]) -> None:
+        self.send(p.Step(events, self.engine.running, 0.0, 0, self.engine.stats()))
 
 
 # huggingface_hub's strict dataclasses (transformers' configs): a field of the wrong type, or fields that

@@ -17,12 +17,15 @@ def hf_greedy(engine, ids, n):
 
 
 def run(engine, max_steps=10_000):
+    """Step until nothing is active, playing the kernel: a sequence the engine preempted is resumed."""
     toks = {}
     for _ in range(max_steps):
         if not engine.has_work():
             break
         for ev in engine.step():
             toks.setdefault(ev.pid, []).extend(ev.token_ids)
+            if ev.preempted:
+                engine.resume(ev.pid)
     return toks
 
 
@@ -178,7 +181,7 @@ def test_preemption_for_a_capped_user_takes_only_that_users_blocks(model_dir):
     toks = run(e)
     assert seqs[3].preemptions == 0 and seqs[1].preemptions + seqs[2].preemptions > 0
     for pid, x in ids.items():
-        assert toks[pid] == hf_greedy(e, x, 30)  # preemption by recompute changes no output
+        assert toks[pid] == hf_greedy(e, x, 30)  # preemption (swap or recompute) changes no output
 
 
 def test_a_rotary_embedding_over_part_of_each_head_is_left_to_the_sequential_engine(model_dir):

@@ -85,7 +85,7 @@ def worker(start_worker):
 
 def test_a_prompt_is_encoded_while_a_step_is_in_progress(worker):
     w, gate, kernel, recv = worker
-    kernel.send(codec.encode({"op": "add", "pid": 1, "ids": [5, 6, 7], "params": {"max_new_tokens": 2}}))
+    kernel.send(codec.encode({"op": "add", "pid": 1, "prompt_ids": [5, 6, 7], "params": {"max_new_tokens": 2}}))
     assert gate.stepping.wait(30)  # the main thread is now inside a step, held there
     kernel.send(codec.encode({"op": "encode", "rid": 9, "prompt": "hello", "messages": None, "prompt_ids": None}))
     reply = recv()
@@ -93,11 +93,11 @@ def test_a_prompt_is_encoded_while_a_step_is_in_progress(worker):
     assert not gate.go.is_set()  # answered with the step still held
     gate.go.set()
     steps = []
-    while not steps or steps[-1]["events"][0][3] is None:
+    while not steps or steps[-1]["events"][0].get("finish_reason") is None:
         msg = recv()
         if msg["op"] == "step":
             steps.append(msg)
-    assert steps[-1]["events"][0][0] == 1 and steps[-1]["events"][0][3] == "length"
+    assert steps[-1]["events"][0]["pid"] == 1 and steps[-1]["events"][0]["finish_reason"] == "length"
 
 
 def test_a_bad_prompt_gets_an_error_reply_from_the_socket_thread(worker):
@@ -111,7 +111,8 @@ def test_abort_for_a_pid_the_engine_never_heard_of_still_answers_a_final_killed_
     w, kernel, recv = start_worker()
     kernel.send(codec.encode({"op": "abort", "pid": 77}))
     msg = recv()
-    assert msg["op"] == "step" and msg["events"] == [[77, [], "", "killed", "", None]]
+    assert msg["op"] == "step" and msg["events"] == [{"pid": 77, "finish_reason": "killed", "final_text": "",
+                                                      "error": None}]
 
 
 def test_a_worker_with_nothing_runnable_sleeps_and_sends_no_step_frames(start_worker):
@@ -126,7 +127,7 @@ def test_a_worker_with_nothing_runnable_sleeps_and_sends_no_step_frames(start_wo
         engine.step = step
 
     w, kernel, recv = start_worker(stalled)
-    kernel.send(codec.encode({"op": "add", "pid": 1, "ids": [5, 6, 7], "params": {"max_new_tokens": 2}}))
+    kernel.send(codec.encode({"op": "add", "pid": 1, "prompt_ids": [5, 6, 7], "params": {"max_new_tokens": 2}}))
     frames = []
     deadline = time.monotonic() + 2.5
     while time.monotonic() < deadline:
@@ -135,7 +136,7 @@ def test_a_worker_with_nothing_runnable_sleeps_and_sends_no_step_frames(start_wo
     assert 1 <= len(calls) <= 4  # one try, then one a heartbeat (1 s) later: no spinning
     assert frames and all(f["op"] == "hb" and f["running"] == 1 for f in frames)  # alive, and silent otherwise
     kernel.send(codec.encode({"op": "abort", "pid": 1}))  # an op wakes it at once
-    assert recv()["events"][0][3] == "killed"
+    assert recv()["events"][0]["finish_reason"] == "killed"
 
 
 def load_failure(tmp_path, model):
