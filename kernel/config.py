@@ -23,23 +23,54 @@ class KernelConfig:
     the flag), so a config made in code is held to the same bounds as the command line.
     """
 
-    max_batch: int = 16  # most processes per model instance per step
+    max_batch: int | None = None  # most processes per model instance per step; None: sized by the KV pool
     kv_policy: str = "static"  # KV memory policy for models loaded on demand
     memory_limit: int | None = None  # host bytes for models; None: 3/4 of what is free at start
     zombie_ttl_s: float = 600.0  # a ZOMBIE nobody waited for is reaped this long after it finished
     max_zombies: int = 256  # most unreaped ZOMBIEs per owner; the oldest are reaped beyond it
     worker_silence_s: float = 60.0  # a ready worker silent this long (not even heartbeats) is dead
     client_buffer_bytes: int = 64 * 2**20  # most reply bytes the kernel holds for one client
+    sched_policy: str = "priority"  # priority, fcfs or fair (kernel/scheduler.py)
+    aging_s: float = 5.0  # seconds of waiting that raise a READY process one nice level
+    quantum_tokens: int = 32  # tokens a process runs once admitted before it may be preempted on its nice value
+    max_queue: int = 4096  # most READY processes over all models; beyond it spawn answers EBUSY
+    max_procs_per_user: int | None = 1024  # live processes per user (EAGAIN beyond)
+    max_kv_blocks_per_user: int | None = None  # KV blocks a user's processes may hold at once (None: no cap)
+    max_tokens_per_minute: int | None = None  # prompt + output tokens per user per minute (EDQUOT beyond)
+    user_quotas: str | None = None  # per-user overrides: "alice:procs=4,kv_blocks=800,tpm=20000;bob:tpm=0"
 
     def __post_init__(self) -> None:
         for f in FLAGS:
             value = getattr(self, f.field)
-            if value is None and f.field == "memory_limit":
+            if value is None and f.field in NULLABLE:
                 continue
             try:
                 f.parse.check(value)
             except (argparse.ArgumentTypeError, TypeError) as exc:
                 raise ValueError(f"{f.option}: {exc}") from None
+
+
+NULLABLE = {"memory_limit", "max_batch", "max_procs_per_user", "max_kv_blocks_per_user", "max_tokens_per_minute",
+            "user_quotas"}
+QUOTA_KEYS = {"procs": "max_procs", "kv_blocks": "max_kv_blocks", "tpm": "tokens_per_minute"}
+
+
+def parse_quotas(text: str) -> dict[str, dict[str, int]]:
+    """'alice:procs=4,kv_blocks=800,tpm=20000;bob:tpm=1000' -> {user: {limit: value}}; ValueError saying what
+    is wrong."""
+    out: dict[str, dict[str, int]] = {}
+    for part in filter(None, (p.strip() for p in str(text).split(";"))):
+        user, sep, limits = part.partition(":")
+        if not sep or not user.strip():
+            raise ValueError(f"{part!r}: expected USER:LIMIT=N[,LIMIT=N...]")
+        got: dict[str, int] = {}
+        for item in filter(None, (i.strip() for i in limits.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq or key.strip() not in QUOTA_KEYS or not value.strip().isdigit():
+                raise ValueError(f"{item!r}: expected one of {', '.join(QUOTA_KEYS)} = a whole number")
+            got[QUOTA_KEYS[key.strip()]] = int(value)
+        out[user.strip()] = got
+    return out
 
 
 def parse_size(text: str) -> int:
@@ -133,6 +164,18 @@ class _Choice(_Parser):
         return value
 
 
+class _Quotas(_Parser):
+    def convert(self, text: str) -> str:
+        return text
+
+    def check(self, value: Any) -> str:
+        try:
+            parse_quotas(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+
 def _size(n: int) -> str:
     for unit, scale in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
         if n >= scale and n % scale == 0:
@@ -162,7 +205,8 @@ class Flag:
 
 
 FLAGS: tuple[Flag, ...] = (
-    Flag("max_batch", _IntIn(1, 4096), "N", "most processes per model instance per step (default 16)"),
+    Flag("max_batch", _IntIn(1, 4096), "N", "most processes per model instance per step (default: as many as the "
+         "KV pool and the per-step token budget allow)"),
     Flag("kv_policy", _Choice(KV_POLICIES), "POLICY",
          "KV memory policy for models loaded on demand: static, dynamic or isolated (default static)"),
     Flag("memory_limit", _SizeIn(2**20, 2**50), "SIZE",
@@ -177,8 +221,37 @@ FLAGS: tuple[Flag, ...] = (
     Flag("client_buffer_bytes", _SizeIn(2**20, 2**40), "SIZE",
          "most reply bytes the kernel holds for one client that does not read them (default 64M)",
          "client-buffer"),
+    Flag("sched_policy", _Choice(("priority", "fcfs", "fair")), "POLICY",
+         "scheduling policy: priority (nice values, aging, preemption; default), fcfs, or fair (users take turns)"),
+    Flag("aging_s", _FloatIn(0.001, 86400.0), "SECONDS",
+         "a waiting process gains one nice level per this many seconds, so low priorities progress (default 5)",
+         "aging"),
+    Flag("quantum_tokens", _IntIn(0, 1_000_000), "TOKENS",
+         "tokens a process runs once admitted before aging may preempt it (default 32)", "quantum"),
+    Flag("max_queue", _IntIn(1, 10_000_000), "N", "most processes waiting to run over all models; beyond it "
+         "spawn answers EBUSY (default 4096)"),
+    Flag("max_procs_per_user", _IntIn(1, 10_000_000), "N", "live processes per user; beyond it spawn answers "
+         "EAGAIN (default 1024)"),
+    Flag("max_kv_blocks_per_user", _IntIn(1, 2**40), "BLOCKS", "KV blocks one user's processes may hold at once; "
+         "beyond it they wait (default: no cap)"),
+    Flag("max_tokens_per_minute", _IntIn(0, 2**40), "TOKENS", "prompt and output tokens per user per minute; "
+         "beyond it spawn and write answer EDQUOT with when to retry (default: no limit)"),
+    Flag("user_quotas", _Quotas(), "SPEC", "per-user limits overriding the defaults, e.g. "
+         "'alice:procs=4,kv_blocks=800,tpm=20000;bob:tpm=1000'", "user-quota"),
 )
 assert {f.field for f in FLAGS} == {f.name for f in fields(KernelConfig)}, "every setting needs a flag"
+
+
+def quotas_of(config: KernelConfig):
+    """The config's per-user limits as ``kernel.quota.Quotas``."""
+    from llmos.kernel.quota import Quotas, UserLimits
+
+    default = UserLimits(config.max_procs_per_user, config.max_kv_blocks_per_user, config.max_tokens_per_minute)
+    users = {}
+    for user, limits in parse_quotas(config.user_quotas or "").items():
+        users[user] = UserLimits(**{"max_procs": default.max_procs, "max_kv_blocks": default.max_kv_blocks,
+                                    "tokens_per_minute": default.tokens_per_minute, **limits})
+    return Quotas(default, users)
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from llmos.drivers.model import protocol as wp
 from llmos.drivers.model.prompt import check_prompt_chars, check_prompt_ids
 from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor
@@ -74,7 +75,7 @@ class Executor(Actor):
         self.procman = procman
         self.on_gone = on_gone  # callable(executor): tells the model manager this executor is gone
         self.options = dict(options)
-        self.max_batch = int(options.get("max_batch", 16))
+        self.max_batch = int(options.get("max_batch") or 0)  # 0 until the worker says (None: sized by the KV pool)
         self.device = device  # "cpu" or "cuda:N"; the worker sees only that GPU, as cuda:0
         self.silence_s = silence_s
         self.stats: dict[str, Any] = {}
@@ -131,7 +132,7 @@ class Executor(Actor):
             t.cancel()
         if self.proc and self.proc.poll() is None:
             try:
-                self.sock.send(codec.encode({"op": "shutdown"}), zmq.NOBLOCK)
+                self.sock.send(codec.encode(wp.Shutdown().to_wire()), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
             deadline = time.monotonic() + 3.0
@@ -151,56 +152,67 @@ class Executor(Actor):
 
     # -- messages --------------------------------------------------------------------------
     async def receive(self, msg: Any) -> Any:
-        if isinstance(msg, m.Encode):
-            fut = asyncio.get_running_loop().create_future()
-            if self.dead:
-                fut.set_exception(DeviceError(self.dead))
-                return fut
-            if self.ready.done():
+        match msg:
+            case m.Encode():
+                return self._encode(msg)
+            case wp.Add():
                 try:
-                    if msg.prompt_ids is not None:
-                        # token ids need no tokenizer: check them here instead of waiting for the worker
-                        fut.set_result(check_prompt_ids(msg.prompt_ids, int(self.info["vocab_size"]),
-                                                        int(self.info["context_len"])))
-                        return fut
-                    # a prompt that cannot fit is refused before it costs the worker seconds of tokenising
-                    check_prompt_chars(msg.prompt, msg.messages, int(self.info.get("max_prompt_chars") or 0))
+                    self._send(msg)
+                except LLMOSError as exc:  # the worker will never hear of it: the process ends here
+                    self.procman.tell(m.StepEvents(self.id, [wp.StepEvent(msg.pid, finish_reason="error", final_text="",
+                                                                          error=exc.to_wire())]))
+                return None
+            case wp.Append() | wp.Preempt() | wp.Resume() | wp.Renice() | wp.Abort():
+                try:
+                    self._send(msg)
                 except LLMOSError as exc:
-                    # without its traceback: it would hold this frame, which holds the future and the
-                    # request (a million ids), in a cycle only the cyclic collector frees
-                    fut.set_exception(exc.with_traceback(None))
-                    return fut
-            rid = next(self._rids)
-            self._pending[rid] = fut
-            try:
-                self._send({"op": "encode", "rid": rid, "prompt": msg.prompt, "messages": msg.messages,
-                            "prompt_ids": msg.prompt_ids})
-            except LLMOSError as exc:
-                self._pending.pop(rid, None)
-                if not fut.done():
-                    fut.set_exception(exc.with_traceback(None))
-            return fut
-        if isinstance(msg, m.Add):
-            try:
-                self._send({"op": "add", "pid": msg.pid, "ids": msg.prompt_ids, "params": msg.params,
-                            "user": msg.user, "priority": msg.priority})
-            except LLMOSError as exc:  # the worker will never hear of it: the process ends here
-                self.procman.tell(m.StepEvents(self.id, [[msg.pid, [], "", "error", "", exc.to_wire()]], self.running))
-            return None
-        if isinstance(msg, m.Abort):
-            try:
-                self._send({"op": "abort", "pid": msg.pid})
-            except LLMOSError as exc:
-                self.log.error("abort_undeliverable", pid=msg.pid, error=exc.message)
-            return None
-        if isinstance(msg, m.FromWorker):
-            return self._from_worker(msg.msg)
-        if isinstance(msg, m.Died):
-            return self._died(msg.message)
+                    self.log.error("op_undeliverable", op=msg.op, pid=msg.pid, error=exc.message)
+                    if isinstance(msg, wp.Append):  # a turn too big to deliver ends the session, as an Add would
+                        self.procman.tell(m.StepEvents(self.id, [wp.StepEvent(msg.pid, finish_reason="error",
+                                                                              final_text="", error=exc.to_wire())]))
+                return None
+            case m.FromWorker():
+                return self._from_worker(msg.msg)
+            case m.Died():
+                return self._died(msg.message)
+            case m.Retire():
+                if not self.dead:
+                    self.dead = msg.reason
+                    self.procman.tell(m.WorkerDied(self.id, msg.reason))
+                return None
         raise TypeError(f"executor cannot handle {type(msg).__name__}")
 
-    def _send(self, msg: dict) -> None:
-        """Send a message to the worker, or raise.
+    def _encode(self, msg: m.Encode) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        if self.dead:
+            fut.set_exception(DeviceError(self.dead))
+            return fut
+        if self.ready.done():
+            try:
+                if msg.prompt_ids is not None:
+                    # token ids need no tokenizer: check them here instead of waiting for the worker
+                    fut.set_result(check_prompt_ids(msg.prompt_ids, int(self.info["vocab_size"]),
+                                                    int(self.info["context_len"])))
+                    return fut
+                # a prompt that cannot fit is refused before it costs the worker seconds of tokenising
+                check_prompt_chars(msg.prompt, msg.messages, int(self.info.get("max_prompt_chars") or 0))
+            except LLMOSError as exc:
+                # without its traceback: it would hold this frame, which holds the future and the
+                # request (a million ids), in a cycle only the cyclic collector frees
+                fut.set_exception(exc.with_traceback(None))
+                return fut
+        rid = next(self._rids)
+        self._pending[rid] = fut
+        try:
+            self._send(wp.Encode(rid, msg.prompt, msg.messages, msg.prompt_ids, msg.add_special_tokens))
+        except LLMOSError as exc:
+            self._pending.pop(rid, None)
+            if not fut.done():
+                fut.set_exception(exc.with_traceback(None))
+        return fut
+
+    def _send(self, msg: Any) -> None:
+        """Send a worker protocol message (``drivers/model/protocol.py``) to the worker, or raise.
 
         A message that cannot be encoded (a frame over the bounds) raises an LLMOSError (EMSGSIZE,
         else EIO) for the caller to end what waited on it. Never blocks the mailbox on a worker that
@@ -209,50 +221,59 @@ class Executor(Actor):
         if self.dead:
             return
         try:
-            frame = codec.encode(msg)
+            frame = codec.encode(msg.to_wire())
         except Exception as exc:
             errno = Errno.EMSGSIZE if isinstance(exc, FrameTooLarge) else Errno.EIO
-            raise error_from_errno(errno, f"cannot deliver '{msg.get('op')}' to the model worker: "
+            raise error_from_errno(errno, f"cannot deliver '{msg.op}' to the model worker: "
                                           f"{getattr(exc, 'message', exc)}") from None
         try:
             self.sock.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self._died(f"model worker for {self.model_path} stopped taking messages ({exc})")
 
-    def _from_worker(self, msg: dict) -> None:
+    def _from_worker(self, frame: dict) -> None:
         self.last_seen = time.monotonic()
-        op = msg.get("op")
-        if "stats" in msg:
-            self.stats = msg["stats"]
-        if op == "step":
-            self.running = msg.get("running", 0)
-            if msg.get("step_s"):
-                batch = self.stats.get("batch", 0)
-                steps = int(msg.get("steps", 1))  # steps that produced nothing ride on the next frame
-                self.step_count += steps
-                self.batch_sum += batch * steps
-                self.batch_max = max(self.batch_max, batch)
-                self.step_time += msg["step_s"]
-            events = msg.get("events") or []
-            if events:
-                self.tokens_out += sum(len(e[1]) for e in events)
-                self.procman.tell(m.StepEvents(self.id, events, self.running))
-        elif op == "encoded":
-            fut = self._pending.pop(msg["rid"], None)
-            if fut is not None and not fut.done():
-                if "ids" in msg:
-                    fut.set_result(msg["ids"])
-                else:
-                    fut.set_exception(error_from_errno(msg["errno"], msg["message"]))
-        elif op == "ready":
-            self.info = msg["info"]
-            self.log.info("worker_ready", **{k: self.info.get(k) for k in ("device", "parameters", "load_s")})
-            if not self.ready.done():
-                self.ready.set_result(self)
-        elif op == "failed":  # the load failed; its errno says whose fault (EINVAL: the model's files)
-            self._died(str(msg.get("message")), int(msg.get("errno") or Errno.EIO))
-        elif op == "hb":
-            self.running = msg.get("running", self.running)
+        try:
+            msg = wp.from_wire(frame)
+        except ValueError as exc:
+            self.log.error("bad_worker_frame", error=str(exc))
+            return
+        match msg:
+            case wp.Step():
+                if msg.stats:
+                    self.stats = msg.stats
+                self.running = msg.running
+                if msg.step_s:
+                    batch = self.stats.get("batch", 0)
+                    steps = max(1, msg.steps)  # steps that produced nothing ride on the next frame
+                    self.step_count += steps
+                    self.batch_sum += batch * steps
+                    self.batch_max = max(self.batch_max, batch)
+                    self.step_time += msg.step_s
+                if msg.events or msg.stats:
+                    self.tokens_out += sum(len(e.token_ids) for e in msg.events)
+                    self.procman.tell(m.StepEvents(self.id, msg.events, msg.stats))
+            case wp.Encoded():
+                fut = self._pending.pop(msg.rid, None)
+                if fut is not None and not fut.done():
+                    if msg.ids is not None:
+                        fut.set_result(msg.ids)
+                    else:
+                        fut.set_exception(error_from_errno(msg.errno or Errno.EIO, msg.message or "encode failed"))
+            case wp.Ready():
+                self.info = msg.info
+                self.max_batch = int(self.info.get("max_batch") or self.max_batch)
+                self.log.info("worker_ready", **{k: self.info.get(k) for k in ("device", "parameters", "load_s")})
+                self.procman.tell(m.ExecutorReady(self.id, self, self.info))  # before anyone can spawn on it
+                if not self.ready.done():
+                    self.ready.set_result(self)
+            case wp.Failed():  # the load failed; its errno says whose fault (EINVAL: the model's files)
+                self._died(str(msg.message), int(msg.errno or Errno.EIO))
+            case wp.Heartbeat():
+                self.running = msg.running
+                if msg.stats:
+                    self.stats = msg.stats
+                    self.procman.tell(m.StepEvents(self.id, [], msg.stats))
 
     def _died(self, message: str, errno: int = Errno.EIO) -> None:
         if self.dead:
@@ -309,7 +330,7 @@ class Executor(Actor):
 
     @property
     def kv_block_size(self) -> int:
-        return int(self.info.get("kv_block_size") or 8)
+        return int(self.info.get("kv_block_size") or wp.BLOCK_SIZE)
 
     def describe(self) -> dict[str, Any]:
         s = self.stats
@@ -327,7 +348,10 @@ class Executor(Actor):
                 "batch_mean": self.batch_sum / self.step_count if self.step_count else 0.0,
                 "batch_max": self.batch_max, "tokens_out": self.tokens_out,
                 "step_time_mean_s": self.step_time / self.step_count if self.step_count else 0.0,
-                "preemptions": s.get("preemptions", 0)}
+                "preemptions": s.get("preemptions", 0), "parked": s.get("parked", 0),
+                "swap_used": s.get("swap_used", 0), "swap_total": s.get("swap_total", self.info.get("swap_blocks", 0)),
+                "swaps_out": s.get("swaps_out", 0), "swaps_in": s.get("swaps_in", 0),
+                "recomputed_tokens": s.get("recomputed_tokens", 0)}
 
 
 def _tail(path: Path, limit: int = 400) -> str:

@@ -60,14 +60,21 @@ class Handlers:
 
     async def sys_spawn(self, caller: Caller, args: dict, emit: Emit) -> dict:
         prompt, messages, ids = args.pop("prompt"), args.pop("messages"), args.pop("prompt_ids")
-        if sum(x is not None for x in (prompt, messages, ids)) != 1:
-            raise InvalidArgument("give exactly one of 'prompt', 'messages' and 'prompt_ids'")
+        session, deadline, queue_timeout = args.pop("session"), args.pop("deadline"), args.pop("queue_timeout")
+        given = sum(x is not None for x in (prompt, messages, ids))
+        if given != 1 and not (session and given == 0):
+            raise InvalidArgument("give exactly one of 'prompt', 'messages' and 'prompt_ids'"
+                                  + (" (or none, for a session that starts waiting for a write)" if session else ""))
+        if session and ids is not None:
+            raise InvalidArgument("a session takes 'prompt' or 'messages' (its turns are text), not 'prompt_ids'")
         model, priority, keep_alive = args.pop("model"), args.pop("priority"), args.pop("keep_alive")
         path, ready, token = await self.k.models.ask(m.Acquire(model, keep_alive))
         try:
             executors = await asyncio.gather(*ready)
-            prompt_ids = await (await executors[0].ask(m.Encode(prompt, messages, ids)))
-            pid = await self.k.procman.ask(m.Spawn(caller.user, path, executors, prompt_ids, priority, args))
+            prompt_ids = await (await executors[0].ask(m.Encode(prompt, messages, ids))) if given else []
+            pid = await self.k.procman.ask(m.Spawn(caller.user, path, executors, prompt_ids, priority, args,
+                                                   session=session, deadline=deadline, queue_timeout=queue_timeout,
+                                                   messages=messages, prompt=prompt))
         finally:
             self.k.models.tell(m.Release(token))
         return {"pid": pid}
@@ -92,9 +99,13 @@ class Handlers:
         return await self.k.procman.ask(m.Stat(args["pid"]))
 
     async def sys_stream(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        q = await self.k.procman.ask(m.Subscribe(args["pid"], caller.user))
+        return await self._relay(args["pid"], q, emit)
+
+    async def _relay(self, pid: int, q: asyncio.Queue, emit: Emit) -> dict:
+        """Emit a subscription's chunks until its end; return the final result."""
         from llmos.kernel.procman import END
 
-        q = await self.k.procman.ask(m.Subscribe(args["pid"], caller.user))
         try:
             while True:
                 item = await q.get()
@@ -103,10 +114,27 @@ class Handlers:
                 await emit(item)
         finally:
             try:
-                self.k.procman.tell(m.Unsubscribe(args["pid"], q))
+                self.k.procman.tell(m.Unsubscribe(pid, q))
             except Exception:
                 pass
 
+
+    async def sys_nice(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await self.k.procman.ask(m.Nice(args["pid"], args["priority"], caller.user))
+
+    async def sys_write(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        pid = args["pid"]
+        executor, encode = await self.k.procman.ask(m.PrepareTurn(pid, caller.user, args["content"], args["role"]))
+        try:
+            ids = await (await executor.ask(encode))
+        except BaseException:
+            self.k.procman.tell(m.CancelTurn(pid))
+            raise
+        q = await self.k.procman.ask(m.StartTurn(pid, caller.user, ids))
+        return await self._relay(pid, q, emit)
+
+    async def sys_close(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await (await self.k.procman.ask(m.Close(args["pid"], caller.user)))
 
     async def sys_models(self, caller: Caller, args: dict, emit: Emit) -> dict:
         return {"models": [{**d, "loaded": True} for d in await self.k.models.ask(m.ListModels())]}

@@ -11,10 +11,63 @@ from typing import Any
 class Spawn:
     owner: str
     model: str
-    executors: list[Any]  # the model's instances; the least loaded one runs it
+    executors: list[Any]  # the model's instances (Executor actors); the least loaded one runs it
     prompt_ids: list[int]
     priority: int
     params: dict[str, Any]
+    session: bool = False
+    deadline: float | None = None
+    queue_timeout: float | None = None
+    messages: list[dict] | None = None  # a chat session's first messages
+    prompt: str | None = None  # a plain-text session's first text
+
+
+@dataclass
+class Nice:
+    pid: int
+    priority: int
+    owner: str
+
+
+@dataclass
+class PrepareTurn:
+    """A write to a session: check it may take a turn and reserve it; answers (executor, Encode) for the handler."""
+
+    pid: int
+    owner: str
+    content: str
+    role: str
+
+
+@dataclass
+class StartTurn:
+    """The turn's whole context, encoded: append it to the session and run it; answers a stream queue."""
+
+    pid: int
+    owner: str
+    prompt_ids: list[int]
+
+
+@dataclass
+class CancelTurn:
+    """The turn could not start (its encoding failed): the session stays BLOCKED, ready for another write."""
+
+    pid: int
+
+
+@dataclass
+class Close:
+    pid: int
+    owner: str
+
+
+@dataclass
+class ExecutorReady:
+    """An executor's model is loaded: its id, the actor, and what the worker said about it."""
+
+    executor: str
+    ref: Any
+    info: dict[str, Any]
 
 
 @dataclass
@@ -62,8 +115,8 @@ class Unsubscribe:
 @dataclass
 class StepEvents:
     executor: str
-    events: list[list]
-    running: int = 0
+    events: list[Any]  # protocol.StepEvent
+    stats: dict[str, Any] | None = None
 
 
 @dataclass
@@ -93,20 +146,7 @@ class Encode:
     prompt: str | None
     messages: list[dict] | None
     prompt_ids: list[int] | None = None
-
-
-@dataclass
-class Add:
-    pid: int
-    prompt_ids: list[int]
-    params: dict[str, Any]
-    user: str = ""
-    priority: int = 0
-
-
-@dataclass
-class Abort:
-    pid: int
+    add_special_tokens: bool = True
 
 
 @dataclass
@@ -117,6 +157,13 @@ class FromWorker:
 @dataclass
 class Died:
     message: str
+
+
+@dataclass
+class Retire:
+    """The model manager unloads this executor: it counts as dead from now on (its processes end)."""
+
+    reason: str
 
 
 # -- to the ModelManager -------------------------------------------------------------------

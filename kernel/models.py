@@ -20,6 +20,7 @@ import zmq.asyncio
 
 from llmos.drivers.devices import DeviceTable
 from llmos.drivers.model.estimate import estimate
+from llmos.drivers.model.protocol import BLOCK_SIZE
 from llmos.drivers.model.registry import resolve_model
 from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor
@@ -29,6 +30,9 @@ from llmos.syscalls.errors import Busy, InvalidArgument, NotFound, OutOfMemory
 
 DEFAULT_KEEP_ALIVE_S = 300.0
 POLICIES = ("static", "dynamic", "isolated")
+# With no max_batch, the KV pool holds this many full contexts and the batch is whatever fits it (and the
+# engine's per-step token budget): short contexts make a wide batch, long ones a narrow one.
+POOL_CONTEXTS = 16
 
 
 @dataclass
@@ -172,7 +176,7 @@ class ModelManager(Actor):
         await self._refresh_live()
         est = self._estimate(path, want, opts)
         if not opts.get("num_blocks"):
-            opts["num_blocks"] = est["kv_tokens"] // int(opts.get("block_size", 8)) + 1
+            opts["num_blocks"] = est["kv_tokens"] // int(opts.get("block_size", BLOCK_SIZE)) + 1
         need = est["total_bytes"]
         devices = []
         entry = ModelEntry(path, "cpu", opts, est, keep_alive)
@@ -191,7 +195,7 @@ class ModelManager(Actor):
             for i in range(len(devices)):
                 self.devices.free(f"{path}#{i}")
             for ex in entry.executors:
-                ex.dead = "load failed"
+                await _retire(ex, "load failed")
                 await ex.stop()
             raise
         self.models[path] = entry
@@ -203,14 +207,15 @@ class ModelManager(Actor):
         """What an instance of ``path`` will take, with the KV pool the options (or the defaults) give it."""
         kind = "gpu" if want.startswith("cuda") or (want == "auto" and self.devices.gpus) else "cpu"
         if opts.get("num_blocks"):
-            kv_tokens = int(opts["num_blocks"]) * int(opts.get("block_size", 8))
+            kv_tokens = int(opts["num_blocks"]) * int(opts.get("block_size", BLOCK_SIZE))
         else:
             # a full batch of full contexts, but never more than half of the memory left after the weights
             bare = estimate(path, kind, 0)
             free = max(d.res.budget - d.res.reserved for d in [self.devices.cpu, *self.devices.gpus])
             room = (free - bare["weight_bytes"] - bare["overhead_bytes"]) // 2 // max(1, bare["kv_bytes_per_token"])
-            kv_tokens = max(bare["context_len"], min(int(opts["max_batch"]) * bare["context_len"], room))
-        return estimate(path, kind, kv_tokens, int(opts["max_batch"]))
+            contexts = int(opts.get("max_batch") or POOL_CONTEXTS)
+            kv_tokens = max(bare["context_len"], min(contexts * bare["context_len"], room))
+        return estimate(path, kind, kv_tokens, int(opts.get("max_batch") or POOL_CONTEXTS))
 
     def _place(self, need: int, want: str):
         try:
@@ -244,8 +249,7 @@ class ModelManager(Actor):
         self.models.pop(entry.path, None)
         for ex in entry.executors:
             self.devices.free(ex.holder)
-            ex.dead = ex.dead or "model evicted"
-            asyncio.get_running_loop().create_task(ex.stop())
+            asyncio.get_running_loop().create_task(_retire(ex, "model evicted", stop=True))
 
     # -- unloading -------------------------------------------------------------------------
     async def _refresh_live(self) -> None:
@@ -269,9 +273,8 @@ class ModelManager(Actor):
         self.log.info("model_unloaded", model=path)
         for ex in entry.executors:
             self.devices.free(ex.holder)
-            if not ex.dead:  # first: the procman stops scheduling onto it and ends its processes
-                ex.dead = "model unloaded"
-                self.procman.tell(m.WorkerDied(ex.id, f"model {path} was unloaded"))
+            # first: the procman stops scheduling onto it and ends its processes
+            await _retire(ex, f"model {path} was unloaded")
         await asyncio.gather(*(ex.stop() for ex in entry.executors), return_exceptions=True)
 
     async def _reap_idle(self) -> None:
@@ -311,3 +314,13 @@ class ModelManager(Actor):
             self._ticker.cancel()
         for path in list(self.models):
             await self._unload(path)
+
+
+async def _retire(ex: Executor, reason: str, stop: bool = False) -> None:
+    """Tell an executor it is going away (it tells the procman, which ends its processes); then stop it."""
+    try:
+        await ex.ask(m.Retire(reason))
+    except Exception:  # already stopped
+        pass
+    if stop:
+        await ex.stop()

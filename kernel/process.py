@@ -14,20 +14,41 @@ class State(str, Enum):
     NEW = "NEW"  # created, prompt not yet accepted by a model
     READY = "READY"  # waiting in a run queue
     RUNNING = "RUNNING"  # in a model's current batch
-    BLOCKED = "BLOCKED"  # a session waiting for stdin (sessions come in a later issue)
-    STOPPED = "STOPPED"  # suspended by SIGSTOP (a later issue)
+    BLOCKED = "BLOCKED"  # a session waiting for its next turn (a write)
+    STOPPED = "STOPPED"  # suspended by STOP until CONT
     ZOMBIE = "ZOMBIE"  # finished; keeps its result until reaped
 
 
 # Which transitions are legal; anything else is a kernel bug and raises.
 _TRANSITIONS: dict[State, set[State]] = {
-    State.NEW: {State.READY, State.ZOMBIE},
-    State.READY: {State.RUNNING, State.ZOMBIE},
+    State.NEW: {State.READY, State.BLOCKED, State.ZOMBIE},
+    State.READY: {State.RUNNING, State.STOPPED, State.ZOMBIE},
     State.RUNNING: {State.READY, State.BLOCKED, State.STOPPED, State.ZOMBIE},
-    State.BLOCKED: {State.READY, State.ZOMBIE},
-    State.STOPPED: {State.READY, State.ZOMBIE},
+    State.BLOCKED: {State.READY, State.STOPPED, State.ZOMBIE},
+    State.STOPPED: {State.READY, State.BLOCKED, State.ZOMBIE},
     State.ZOMBIE: set(),
 }
+
+# Where a process's KV context is (the kernel's view; the engine reports every move)
+KV_NONE, KV_DEVICE, KV_SWAP = "none", "device", "swap"
+
+
+@dataclass
+class SchedStats:
+    """What the scheduler did to one process (counts; ``time_in_state`` in seconds per state)."""
+
+    preemptions: int = 0
+    swaps_out: int = 0
+    swaps_in: int = 0
+    recomputed_tokens: int = 0
+    prefill_tokens: int = 0
+    turns: int = 0
+    time_in_state: dict[str, float] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"preemptions": self.preemptions, "swaps_out": self.swaps_out, "swaps_in": self.swaps_in,
+                "recomputed_tokens": self.recomputed_tokens, "prefill_tokens": self.prefill_tokens,
+                "turns": self.turns, "time_in_state": {k: round(v, 6) for k, v in self.time_in_state.items()}}
 
 
 @dataclass
@@ -54,6 +75,37 @@ class LLMProcess:
     signal: str | None = None
     max_new_tokens: int | None = None  # the output limit that applies (asked for, or cut by the context)
     warnings: list[str] = field(default_factory=list)  # what the kernel changed about the request
+    # -- the scheduler's fields (ProcessManager only) --
+    session: bool = False
+    deadline_s: float | None = None  # per run (per turn for a session), from its start
+    queue_timeout_s: float | None = None  # most time READY before it first runs
+    sched: SchedStats = field(default_factory=SchedStats)
+    state_since: float = 0.0  # monotonic time of the last transition
+    arrival: float = 0.0  # monotonic time it was created
+    in_engine: bool = False  # the worker holds its sequence (added, and not yet ended)
+    kv: str = KV_NONE  # where its KV context is: none, device, swap
+    block_size: int = 8
+    waited_s: float = 0.0  # time spent READY before the current wait (aging credit)
+    admitted_level: float = 0.0  # the aged level it was admitted at
+    run_tokens: int = 0  # tokens generated since it was last admitted or resumed
+    preempts_pending: int = 0  # Preempt ops sent to the worker and not yet answered
+    stopped_from: State | None = None  # where CONT returns it: READY or BLOCKED
+    messages: list[dict] | None = None  # a chat session's conversation so far
+    transcript: str | None = None  # a plain-text session's context so far
+    turn_started: float | None = None  # monotonic time of the current turn's write
+    turn_prefill: int = 0  # tokens prefilled for the current turn
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens of context its KV holds (or will, once computed): prompt plus output so far."""
+        return len(self.prompt_ids) + len(self.token_ids)
+
+    @property
+    def kv_blocks(self) -> int:
+        """KV blocks it holds on the device now (the kernel's estimate: context plus the next token)."""
+        if self.kv != KV_DEVICE:
+            return 0
+        return -(-(self.context_tokens + 1) // self.block_size)
 
     def limit_output(self, context_len: int | None) -> None:
         """Record the output limit that applies: ``max_new_tokens``, cut to what the model's context
@@ -68,9 +120,15 @@ class LLMProcess:
             self.warnings.append(f"max_new_tokens {asked} was cut to {room}: the model's context holds "
                                  f"{context_len} tokens and the prompt takes {len(self.prompt_ids)}")
 
-    def transition(self, new: State) -> None:
+    def transition(self, new: State, now: float | None = None) -> None:
+        """Move to ``new`` (RuntimeError for an illegal move: a kernel bug), adding the time spent in the
+        old state to ``sched.time_in_state`` when ``now`` (monotonic seconds) is given."""
         if new not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"pid {self.pid}: illegal transition {self.state.value} -> {new.value}")
+        if now is not None:
+            spent = self.sched.time_in_state
+            spent[self.state.value] = spent.get(self.state.value, 0.0) + max(0.0, now - self.state_since)
+            self.state_since = now
         self.state = new
 
     @property
@@ -106,6 +164,9 @@ class LLMProcess:
             "output_tokens": len(self.token_ids),
             "created": self.created,
             "finish_reason": self.finish_reason,
+            "session": self.session,
+            "kv_blocks": self.kv_blocks,
+            "preemptions": self.sched.preemptions,
         }
 
     def result(self) -> dict[str, Any]:
@@ -118,6 +179,7 @@ class LLMProcess:
             "error": self.error,
             "signal": self.signal,
             "stats": self.stats(),
+            "sched": self.sched.to_wire(),
             "warnings": list(self.warnings),
         }
 
@@ -130,10 +192,10 @@ class ProcessTable:
         self._next_pid = 1
 
     def create(self, *, owner: str, model: str, priority: int, params: dict[str, Any],
-               prompt_ids: list[int]) -> LLMProcess:
-        if not prompt_ids:
+               prompt_ids: list[int], session: bool = False) -> LLMProcess:
+        if not prompt_ids and not session:
             raise InvalidArgument("empty prompt")
-        proc = LLMProcess(self._next_pid, owner, model, priority, params, list(prompt_ids))
+        proc = LLMProcess(self._next_pid, owner, model, priority, params, list(prompt_ids), session=session)
         self._procs[proc.pid] = proc
         self._next_pid += 1
         return proc

@@ -1,28 +1,32 @@
-"""The ProcessManager actor: owns the process table and the run queues, and applies signals.
+"""The ProcessManager actor: owns the process table, the run queues and the instances' batches; applies signals.
 
-Every state change of every LLM process happens here, one message at a time. Executors
-report tokens with ``StepEvents``; syscall handlers ask for spawn, wait, kill, ps, stat and
-stream subscriptions. ZOMBIEs nobody waits for are reaped by the retention policy
-(kernel/retention.py) when a process finishes and on a periodic ``Tick``.
+Every state change of every LLM process happens here, one message at a time. The decisions
+of what runs are ``kernel/scheduler.decide``'s (pure); this actor builds its inputs, applies
+its plan by telling executors the worker protocol's ops (``drivers/model/protocol.py``), and
+moves processes by what the engines report (``StepEvents``: tokens, finishes, preemptions).
+Times come from the injected ``clock`` (monotonic seconds), so tests drive aging, quanta,
+deadlines and retention step by step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import msgpack
 
-from llmos.drivers.memory import blocks_for
+from llmos.drivers.model import protocol as wp
 from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor, ActorStopped
-from llmos.kernel.config import KernelConfig
-from llmos.kernel.process import LLMProcess, ProcessTable, State
+from llmos.kernel.config import KernelConfig, quotas_of
+from llmos.kernel.process import KV_DEVICE, KV_NONE, KV_SWAP, LLMProcess, ProcessTable, State
+from llmos.kernel.quota import Quotas, Timers
 from llmos.kernel.retention import Zombie, to_reap
-from llmos.kernel.scheduler import RunQueue, admit
+from llmos.kernel.scheduler import Capacity, Plan, RunQueue, SchedParams, Task, decide, level, queue_key
 from llmos.syscalls import protocol
-from llmos.syscalls.errors import DeviceError, Errno, NotPermitted, wire_error
+from llmos.syscalls.errors import (Busy, DeviceError, Errno, InvalidArgument, NotPermitted, TooBig, wire_error)
 
 END = object()  # put on a stream queue after the final chunk
 
@@ -78,25 +82,65 @@ def fit_records(records: list[dict], budget: int = RECORDS_BUDGET_BYTES) -> tupl
     return kept, omitted
 
 
+@dataclass
+class Instance:
+    """One model instance as the ProcessManager sees it; only the ProcessManager reads or writes it.
+
+    Invariants (tested): a pid is in ``queue`` only while READY, in ``running`` only while RUNNING,
+    in ``parked`` only while BLOCKED or STOPPED with its sequence in the engine; ``placed`` holds every
+    live pid placed here. ``ref`` is only ever told messages.
+    """
+
+    id: str
+    ref: Any
+    info: dict[str, Any]
+    stats: dict[str, Any] = field(default_factory=dict)
+    queue: RunQueue = field(default_factory=RunQueue)
+    running: set[int] = field(default_factory=set)
+    parked: set[int] = field(default_factory=set)
+    placed: set[int] = field(default_factory=set)
+    dead: bool = False
+
+    @property
+    def block_size(self) -> int:
+        return int(self.info.get("kv_block_size") or wp.BLOCK_SIZE)
+
+    def capacity(self, user_caps: dict[str, int] | None) -> Capacity:
+        s, i = self.stats, self.info
+        total = int(s.get("kv_total") or i.get("kv_blocks") or 0)
+        swap_total = int(s.get("swap_total") or i.get("swap_blocks") or 0)
+        return Capacity(max_batch=int(i.get("max_batch") or 16), kv_total=total, block_size=self.block_size,
+                        swap_free=max(0, swap_total - int(s.get("swap_used") or 0)),
+                        kv_bytes_per_token=int(i.get("kv_bytes_per_token") or 0),
+                        swap_bytes_per_s=float(i.get("swap_bytes_per_s") or 0.0),
+                        prefill_tokens_per_s=float(s.get("prefill_tokens_per_s") or i.get("prefill_tokens_per_s")
+                                                   or 0.0),
+                        user_kv_cap=user_caps)
+
+
 class ProcessManager(Actor):
-    def __init__(self, config: KernelConfig | None = None, clock: Callable[[], float] = time.time,
-                 tick_s: float | None = None) -> None:
-        """``clock`` gives the time of finishes and retention (tests pass a fake one); a ``Tick``
-        every ``tick_s`` seconds (default: half the retention period, 0.1..10 s; 0 for none)
-        reaps expired ZOMBIEs."""
+    def __init__(self, config: KernelConfig | None = None, clock: Callable[[], float] = time.monotonic,
+                 tick_s: float | None = None, admins: frozenset[str] = frozenset({"root"})) -> None:
+        """``clock``: monotonic seconds for every duration (aging, quanta, deadlines, retention); tests pass
+        a fake one and send ``Tick`` themselves (``tick_s=0``: no ticker). ``admins``: the users who may
+        signal anyone's processes and set negative nice values."""
         super().__init__("procman")
         self.config = config or KernelConfig()
         self.clock = clock
+        self.admins = admins
+        self.sched = SchedParams(self.config.sched_policy, self.config.aging_s, self.config.quantum_tokens)
+        self.quotas = quotas_of(self.config)
         self.tick_s = min(max(self.config.zombie_ttl_s / 2, 0.1), 10.0) if tick_s is None else tick_s
         self._ticker: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.table = ProcessTable()
-        self.executors: dict[str, Any] = {}  # executor id -> Executor actor
-        self.queues: dict[str, RunQueue] = {}  # executor id -> its READY processes
-        self.placement: dict[int, str] = {}  # pid -> executor id (until ZOMBIE)
-        self.running: dict[str, set[int]] = {}  # executor id -> pids in its batch
+        self.instances: dict[str, Instance] = {}
+        self.where: dict[int, Instance] = {}  # pid -> the instance it is placed on (until ZOMBIE)
         self.waiters: dict[int, list[tuple[asyncio.Future, bool]]] = {}
         self.subscribers: dict[int, list[asyncio.Queue]] = {}
+        self.timers = Timers()
         self.finished = FinishedStats()
+        self.turn_pending: set[int] = set()  # sessions whose write is being encoded
 
     def start(self) -> "ProcessManager":
         super().start()
@@ -115,203 +159,533 @@ class ProcessManager(Actor):
     async def on_stop(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
 
     async def receive(self, msg: Any) -> Any:
-        handler = getattr(self, "on_" + type(msg).__name__, None)
-        if handler is None:
-            raise TypeError(f"procman cannot handle {type(msg).__name__}")
-        return handler(msg)
+        match msg:
+            case m.Spawn():
+                return self.spawn(msg)
+            case m.Wait():
+                return self.wait(msg.pid, msg.owner, msg.reap)
+            case m.CancelWait():
+                return self.cancel_wait(msg)
+            case m.Kill():
+                return self.kill(msg.pid, msg.signal, msg.owner)
+            case m.Nice():
+                return self.nice(msg.pid, msg.priority, msg.owner)
+            case m.PrepareTurn():
+                return self.prepare_turn(msg)
+            case m.StartTurn():
+                return self.start_turn(msg)
+            case m.CancelTurn():
+                self.turn_pending.discard(msg.pid)
+                return None
+            case m.Close():
+                return self.close(msg.pid, msg.owner)
+            case m.Ps():
+                kept, omitted = fit_records([p.record() for p in self.table])
+                return {"processes": kept, "omitted": omitted}
+            case m.Stat():
+                proc = self.table.get(msg.pid)
+                return {**proc.record(), "text": proc.text, "stats": proc.stats(), "sched": proc.sched.to_wire()}
+            case m.Counts():
+                return self.table.counts()
+            case m.Live():
+                return {i.id: len(i.placed) for i in self.instances.values()}
+            case m.Metrics():
+                live = [p.record() | {"stats": p.stats(), "sched": p.sched.to_wire()}
+                        for p in self.table if p.state is not State.ZOMBIE]
+                kept, omitted = fit_records(live)
+                return {"processes": kept, "omitted": omitted, "finished": self.finished.summary(),
+                        "counts": self.table.counts()}
+            case m.Tick():
+                return self.tick()
+            case m.Subscribe():
+                return self.subscribe(msg.pid, msg.owner)
+            case m.Unsubscribe():
+                lst = self.subscribers.get(msg.pid)
+                if lst and msg.queue in lst:
+                    lst.remove(msg.queue)
+                return None
+            case m.ExecutorReady():
+                inst = self.instances.get(msg.executor)
+                if inst is None:
+                    self.instances[msg.executor] = Instance(msg.executor, msg.ref, dict(msg.info))
+                else:  # a new description of a known instance (its measurements)
+                    inst.info = dict(msg.info)
+                return None
+            case m.StepEvents():
+                return self.step_events(msg)
+            case m.WorkerDied():
+                return self.worker_died(msg)
+        raise TypeError(f"procman cannot handle {type(msg).__name__}")
 
     # -- syscalls --------------------------------------------------------------------------
-    def on_Spawn(self, msg: m.Spawn) -> int:
-        live = [e for e in msg.executors if not e.dead]
+    def spawn(self, msg: m.Spawn) -> int:
+        now = self.clock()
+        if msg.priority < 0 and msg.owner not in self.admins:
+            raise NotPermitted(f"only the admin may run a process at a negative nice value ({msg.priority}); "
+                               "use 0..19")
+        live = [self.instances[e.id] for e in msg.executors if e.id in self.instances and not self.instances[e.id].dead]
         if not live:
             raise DeviceError(f"every instance of model {msg.model} has stopped")
-        for e in live:
-            self.executors[e.id] = e
-            self.queues.setdefault(e.id, RunQueue())
-            self.running.setdefault(e.id, set())
-        ex = min(live, key=lambda e: len(self.running[e.id]) + len(self.queues[e.id]))
-        proc = self.table.create(owner=msg.owner, model=msg.model, priority=msg.priority,
-                                 params=msg.params, prompt_ids=msg.prompt_ids)
-        proc.limit_output(_context_len(ex))
-        self.placement[proc.pid] = ex.id
-        proc.transition(State.READY)
-        self.queues[ex.id].push(proc.pid, proc.priority)
+        queued = sum(len(i.queue) for i in self.instances.values())
+        if queued >= self.config.max_queue:
+            raise Busy(f"the run queue is full ({queued} processes wait; the limit is {self.config.max_queue}): "
+                       "retry in a few seconds, once some have run")
+        inst = min(live, key=lambda i: len(i.running) + len(i.queue))
+        user_live = sum(1 for p in self.table if p.owner == msg.owner and p.state is not State.ZOMBIE)
+        self.quotas.check_start(msg.owner, user_live, len(msg.prompt_ids),
+                                wp.blocks_for(len(msg.prompt_ids) + 1, inst.block_size), now)
+        proc = self.table.create(owner=msg.owner, model=msg.model, priority=msg.priority, params=msg.params,
+                                 prompt_ids=msg.prompt_ids, session=msg.session)
+        proc.arrival = proc.state_since = now
+        proc.block_size = inst.block_size
+        proc.deadline_s, proc.queue_timeout_s = msg.deadline, msg.queue_timeout
+        proc.limit_output(_context_len(inst.info))
+        self.quotas.use_tokens(msg.owner, len(msg.prompt_ids), now)
+        inst.placed.add(proc.pid)
+        self.where[proc.pid] = inst
+        if msg.session:
+            proc.messages = list(msg.messages) if msg.messages is not None else (
+                [] if inst.info.get("has_chat_template") and msg.prompt is None else None)
+            proc.transcript = msg.prompt if proc.messages is None else None
+            if proc.transcript is None and proc.messages is None:
+                proc.transcript = ""
         self.log.info("spawn", pid=proc.pid, owner=proc.owner, model=proc.model, priority=proc.priority,
-                      prompt_tokens=len(proc.prompt_ids))
-        self._schedule(ex.id)
+                      prompt_tokens=len(proc.prompt_ids), session=msg.session)
+        first_turn = bool(proc.prompt_ids) and (not msg.session or proc.messages is None or
+                                                (proc.messages and proc.messages[-1].get("role") == "user"))
+        if not first_turn:
+            proc.transition(State.BLOCKED, now)
+            return proc.pid
+        self._begin_turn(proc, now)
+        proc.transition(State.READY, now)
+        self._enqueue(inst, proc, now)
+        if proc.queue_timeout_s is not None:
+            self._arm(proc.pid, "queue", now + proc.queue_timeout_s)
+        self._schedule(inst)
         return proc.pid
 
-    def on_Wait(self, msg: m.Wait) -> asyncio.Future:
-        proc = self._owned(msg.pid, msg.owner)
+    def wait(self, pid: int, owner: str, reap: bool) -> asyncio.Future:
+        proc = self._owned(pid, owner)
         fut = asyncio.get_running_loop().create_future()
         if proc.state is State.ZOMBIE:
             fut.set_result(proc.result())
-            if msg.reap:
+            if reap:
                 self._reap(proc.pid)
         else:
-            self.waiters.setdefault(proc.pid, []).append((fut, msg.reap))
+            self.waiters.setdefault(proc.pid, []).append((fut, reap))
         return fut
 
-    def on_CancelWait(self, msg: m.CancelWait) -> None:
+    def cancel_wait(self, msg: m.CancelWait) -> None:
         lst = [(f, r) for f, r in self.waiters.get(msg.pid, []) if f is not msg.future]
         if lst:
             self.waiters[msg.pid] = lst
         else:
             self.waiters.pop(msg.pid, None)
 
-    def on_Kill(self, msg: m.Kill) -> dict:
-        proc = self._owned(msg.pid, msg.owner)
+    def kill(self, pid: int, signal: str, owner: str) -> dict:
+        proc = self._owned(pid, owner)
+        now = self.clock()
         if proc.state is State.ZOMBIE:
             return {"pid": proc.pid, "state": proc.state.value}
-        proc.signal = msg.signal
-        ex_id = self.placement.get(proc.pid)
-        if proc.state in (State.NEW, State.READY):
-            if ex_id:
-                self.queues[ex_id].remove(proc.pid)
-            self._finish(proc, "killed")
-        elif msg.signal == "KILL":
-            self._abort_on_worker(proc.pid, ex_id)
-            self._finish(proc, "killed")
-        else:  # TERM on a running process: the worker flushes what it has, then reports "killed"
-            self._abort_on_worker(proc.pid, ex_id)
-        self.log.info("signal", pid=proc.pid, signal=msg.signal, state=proc.state.value)
+        inst = self.where.get(pid)
+        if signal == "STOP":
+            self._stop(proc, inst, now)
+        elif signal == "CONT":
+            self._cont(proc, inst, now)
+        else:
+            proc.signal = signal
+            if proc.state is State.RUNNING and signal == "TERM":
+                self._tell(inst, wp.Abort(pid))  # the worker flushes what it has, then reports "killed"
+            else:
+                if proc.in_engine:
+                    self._tell(inst, wp.Abort(pid))
+                self._finish(proc, "killed")
+        self.log.info("signal", pid=proc.pid, signal=signal, state=proc.state.value)
         return {"pid": proc.pid, "state": proc.state.value}
 
-    def on_Ps(self, msg: m.Ps) -> dict:
-        kept, omitted = fit_records([p.record() for p in self.table])
-        return {"processes": kept, "omitted": omitted}
+    def nice(self, pid: int, priority: int, owner: str) -> dict:
+        proc = self._owned(pid, owner)
+        if priority < 0 and owner not in self.admins:
+            raise NotPermitted(f"only the admin may set a negative nice value ({priority}); use 0..19")
+        if proc.state is not State.ZOMBIE:
+            now = self.clock()
+            proc.priority = priority
+            inst = self.where.get(pid)
+            if inst is not None:
+                if proc.state is State.READY:
+                    self._enqueue(inst, proc, now, requeue=True)
+                if proc.in_engine:
+                    self._tell(inst, wp.Renice(pid, priority))
+                self._schedule(inst)
+            self.log.info("renice", pid=pid, priority=priority)
+        return {"pid": pid, "priority": proc.priority, "state": proc.state.value}
 
-    def on_Stat(self, msg: m.Stat) -> dict:
-        proc = self.table.get(msg.pid)
-        return {**proc.record(), "text": proc.text, "stats": proc.stats()}
+    def close(self, pid: int, owner: str) -> asyncio.Future:
+        """End a session now (finish reason ``closed``), or any other process as TERM would; the future
+        resolves with its result and the process is reaped."""
+        proc = self._owned(pid, owner)
+        fut = self.wait(pid, owner, reap=True)
+        if proc.state is not State.ZOMBIE:
+            if proc.session:
+                if proc.in_engine:
+                    self._tell(self.where.get(pid), wp.Abort(pid))
+                self._finish(proc, "closed")
+            else:
+                self.kill(pid, "TERM", owner)
+        return fut
 
-    def on_Counts(self, msg: m.Counts) -> dict:
-        return self.table.counts()
-
-    def on_Live(self, msg: m.Live) -> dict[str, int]:
-        return {ex_id: len(self.running.get(ex_id, ())) + len(q) for ex_id, q in self.queues.items()}
-
-    def on_Metrics(self, msg: m.Metrics) -> dict:
-        live = [p.record() | {"stats": p.stats()} for p in self.table if p.state is not State.ZOMBIE]
-        kept, omitted = fit_records(live)
-        return {"processes": kept, "omitted": omitted, "finished": self.finished.summary(),
-                "counts": self.table.counts()}
-
-    def on_Tick(self, msg: m.Tick) -> None:
-        self._reap_expired()
-
-    def on_Subscribe(self, msg: m.Subscribe) -> asyncio.Queue:
-        proc = self._owned(msg.pid, msg.owner)
+    def subscribe(self, pid: int, owner: str) -> asyncio.Queue:
+        proc = self._owned(pid, owner)
         q: asyncio.Queue = asyncio.Queue()
         if proc.token_ids or proc.text_parts:
             q.put_nowait({"text": "".join(proc.text_parts), "token_ids": list(proc.token_ids)})
         if proc.state is State.ZOMBIE:
             q.put_nowait((END, proc.result()))
+        elif proc.state is State.BLOCKED:
+            q.put_nowait((END, self._turn_result(proc)))
         else:
             self.subscribers.setdefault(proc.pid, []).append(q)
         return q
 
-    def on_Unsubscribe(self, msg: m.Unsubscribe) -> None:
-        lst = self.subscribers.get(msg.pid)
-        if lst and msg.queue in lst:
-            lst.remove(msg.queue)
+    # -- sessions ----------------------------------------------------------------------------
+    def prepare_turn(self, msg: m.PrepareTurn) -> tuple[Any, m.Encode]:
+        proc = self._owned(msg.pid, msg.owner)
+        if not proc.session:
+            raise InvalidArgument(f"process {proc.pid} is not a session (spawn it with session=true to write to it)")
+        if proc.state is State.ZOMBIE:
+            raise InvalidArgument(f"session {proc.pid} has ended ({proc.finish_reason})")
+        if proc.state is not State.BLOCKED or proc.pid in self.turn_pending:
+            raise Busy(f"session {proc.pid} is {proc.state.value}"
+                       + (" (stopped: CONT it first)" if proc.state is State.STOPPED else
+                          ": it is still answering; wait for the reply (stream it), then write"))
+        inst = self.where.get(proc.pid)
+        if inst is None or inst.dead:
+            raise DeviceError(f"the model instance of session {proc.pid} has stopped")
+        self.turn_pending.add(proc.pid)
+        if proc.messages is not None:
+            return inst.ref, m.Encode(None, [*proc.messages, {"role": msg.role, "content": msg.content}])
+        # a plain-text session's turn is its text's tokens after the context it holds (never re-tokenised)
+        return inst.ref, m.Encode(msg.content, None, add_special_tokens=False)
+
+    def start_turn(self, msg: m.StartTurn) -> asyncio.Queue:
+        self.turn_pending.discard(msg.pid)
+        proc = self._owned(msg.pid, msg.owner)
+        if proc.state is not State.BLOCKED:
+            raise Busy(f"session {proc.pid} is {proc.state.value}; it can take a turn only when BLOCKED")
+        now = self.clock()
+        inst = self.where[proc.pid]
+        ids = list(msg.prompt_ids) if proc.messages is not None else [*proc.prompt_ids, *proc.token_ids,
+                                                                        *msg.prompt_ids]
+        new = len(ids) - proc.context_tokens
+        self.quotas.check_start(proc.owner, 0, max(new, 0), wp.blocks_for(len(msg.prompt_ids) + 1, inst.block_size),
+                                now)
+        self.quotas.use_tokens(proc.owner, max(new, 0), now)
+        if len(ids) > (_context_len(inst.info) or len(ids)):
+            raise TooBig(f"session {proc.pid} would hold {len(ids)} tokens; the model's context holds "
+                         f"{_context_len(inst.info)}: close it and start a new one")
+        proc.prompt_ids = ids
+        proc.limit_output(_context_len(inst.info))
+        self._begin_turn(proc, now)
+        if proc.in_engine:
+            self._tell(inst, wp.Append(proc.pid, proc.prompt_ids))
+        q: asyncio.Queue = asyncio.Queue()
+        self.subscribers.setdefault(proc.pid, []).append(q)
+        proc.transition(State.READY, now)
+        self._enqueue(inst, proc, now)
+        self._schedule(inst)
+        return q
+
+    def _begin_turn(self, proc: LLMProcess, now: float) -> None:
+        proc.token_ids, proc.text_parts, proc.final_text = [], [], None
+        proc.first_token_at = proc.last_token_at = None
+        proc.turn_started, proc.turn_prefill = now, 0
+        proc.sched.turns += 1
+        if proc.deadline_s is not None:
+            self._arm(proc.pid, "deadline", now + proc.deadline_s)
+
+    def _turn_result(self, proc: LLMProcess) -> dict:
+        end = proc.last_token_at or time.time()
+        start_wall = time.time() - (self.clock() - (proc.turn_started or self.clock()))
+        return {"pid": proc.pid, "state": proc.state.value, "text": proc.text, "token_ids": list(proc.token_ids),
+                "finish_reason": proc.finish_reason, "error": proc.error,
+                "stats": {"prefill_tokens": proc.turn_prefill, "context_tokens": proc.context_tokens,
+                          "output_tokens": len(proc.token_ids),
+                          "ttft_s": (proc.first_token_at - start_wall) if proc.first_token_at else None,
+                          "total_time_s": max(0.0, end - start_wall)}}
+
+    def _end_turn(self, proc: LLMProcess, reason: str, final_text: str | None, now: float) -> None:
+        """A session's reply is done: it blocks for the next write, its KV kept on the device."""
+        inst = self.where[proc.pid]
+        inst.running.discard(proc.pid)
+        inst.parked.add(proc.pid)
+        proc.transition(State.BLOCKED, now)
+        proc.finish_reason = reason
+        if final_text is not None:
+            proc.final_text = final_text
+        if proc.messages is not None:
+            proc.messages.append({"role": "assistant", "content": proc.text})
+        else:
+            proc.transcript = (proc.transcript or "") + proc.text
+        self.timers.cancel(proc.pid, "deadline")
+        result = self._turn_result(proc)
+        for q in self.subscribers.pop(proc.pid, []):
+            q.put_nowait((END, result))
+        self.log.info("turn", pid=proc.pid, reason=reason, output_tokens=len(proc.token_ids),
+                      prefill_tokens=proc.turn_prefill)
 
     # -- executor events -------------------------------------------------------------------
-    def on_StepEvents(self, msg: m.StepEvents) -> None:
-        now = time.time()
-        for pid, token_ids, text, reason, final_text, error in msg.events:
+    def step_events(self, msg: m.StepEvents) -> None:
+        inst = self.instances.get(msg.executor)
+        if inst is None:
+            return
+        if msg.stats:
+            inst.stats = msg.stats
+        now = self.clock()
+        wall = time.time()
+        for ev in msg.events:
             try:
-                proc = self.table.get(pid)
+                proc = self.table.get(ev.pid)
             except Exception:
                 continue  # killed and reaped meanwhile
-            if proc.state is not State.RUNNING:
+            if proc.state is State.ZOMBIE:
                 continue  # e.g. KILLed: the worker's late tokens are dropped
-            if token_ids:
+            if ev.prefilled:
+                proc.sched.prefill_tokens += ev.prefilled
+                proc.turn_prefill += ev.prefilled
+            if ev.token_ids:
                 if proc.first_token_at is None:
-                    proc.first_token_at = now
-                proc.last_token_at = now
-                proc.token_ids.extend(token_ids)
-            if text:
-                proc.text_parts.append(text)
-            if token_ids or text:
-                for q in self.subscribers.get(pid, []):
-                    q.put_nowait({"text": text, "token_ids": list(token_ids)})
-            if reason is not None:
-                self._finish(proc, reason, final_text, error)
-        self._schedule(msg.executor)
+                    proc.first_token_at = wall
+                proc.last_token_at = wall
+                proc.token_ids.extend(ev.token_ids)
+                proc.run_tokens += len(ev.token_ids)
+                self.quotas.use_tokens(proc.owner, len(ev.token_ids), now)
+            if ev.text:
+                proc.text_parts.append(ev.text)
+            if ev.token_ids or ev.text:
+                for q in self.subscribers.get(ev.pid, []):
+                    q.put_nowait({"text": ev.text, "token_ids": list(ev.token_ids)})
+            if ev.preempted is not None:
+                self._preempted(proc, inst, ev, now)
+            if ev.finish_reason is not None:
+                if proc.session and ev.finish_reason in ("stop", "length") and proc.state is State.RUNNING:
+                    self._end_turn(proc, ev.finish_reason, ev.final_text, now)
+                else:
+                    self._finish(proc, ev.finish_reason, ev.final_text, ev.error)
+        self._schedule(inst)
 
-    def on_WorkerDied(self, msg: m.WorkerDied) -> None:
+    def _preempted(self, proc: LLMProcess, inst: Instance, ev: wp.StepEvent, now: float) -> None:
+        """The engine took a sequence off the device (asked, or forced by memory pressure): record where its
+        KV went; a RUNNING one (forced) goes back to the run queue."""
+        proc.sched.recomputed_tokens += ev.recomputed
+        proc.sched.swaps_out += ev.preempted == "swap"
+        if proc.preempts_pending > 0:  # the answer to a Preempt the kernel sent
+            proc.preempts_pending -= 1
+            if proc.state is not State.RUNNING:  # (RUNNING: a Resume followed it; the KV is back)
+                proc.kv = KV_SWAP if ev.preempted == "swap" else KV_NONE
+            return
+        proc.kv = KV_SWAP if ev.preempted == "swap" else KV_NONE
+        if proc.state is State.RUNNING:  # forced by memory pressure
+            proc.sched.preemptions += 1
+            inst.running.discard(proc.pid)
+            proc.transition(State.READY, now)
+            self._enqueue(inst, proc, now)
+            self.log.info("preempted", pid=proc.pid, mode=ev.preempted, by="memory")
+
+    def worker_died(self, msg: m.WorkerDied) -> None:
+        inst = self.instances.pop(msg.executor, None)
+        if inst is None:
+            return
+        inst.dead = True
         err = wire_error(Errno.EIO, msg.message)
-        for pid in list(self.running.get(msg.executor, set())) + self.queues.get(msg.executor, RunQueue()).order():
+        for pid in sorted(inst.placed):
             proc = self.table.get(pid)
             if proc.state is not State.ZOMBIE:
                 self._finish(proc, "error", error=err)
-        self.executors.pop(msg.executor, None)
-        self.queues.pop(msg.executor, None)
-        self.running.pop(msg.executor, None)
+
+    def tick(self) -> None:
+        """Timers that are due (deadlines, queue timeouts), then zombie retention."""
+        now = self.clock()
+        for pid, kind in self.timers.due(now):
+            try:
+                proc = self.table.get(pid)
+            except Exception:
+                continue
+            if proc.state is State.ZOMBIE or (kind == "queue" and proc.admitted_at is not None):
+                continue
+            what = (f"its queue timeout of {proc.queue_timeout_s} s passed before it ran" if kind == "queue" else
+                    f"its deadline of {proc.deadline_s} s passed")
+            if proc.in_engine:
+                self._tell(self.where.get(pid), wp.Abort(pid))
+            self._finish(proc, "error", error=wire_error(Errno.ETIMEDOUT, f"process {pid} ended: {what}; "
+                                                                         "its partial output is kept"))
+        self._reap_expired()
+        self._rearm()
 
     # -- internals -------------------------------------------------------------------------
     def _owned(self, pid: int, owner: str) -> LLMProcess:
         proc = self.table.get(pid)
-        if owner != proc.owner and owner != "root":
+        if owner != proc.owner and owner not in self.admins:
             raise NotPermitted(f"process {pid} belongs to {proc.owner}, not {owner}")
         return proc
 
-    def _schedule(self, ex_id: str) -> None:
-        ex = self.executors.get(ex_id)
-        if ex is None or ex.dead or getattr(ex, "alive", True) is False:
-            return
-        if not self.queues[ex_id]:
-            return  # nothing waits (the common case on every step)
-        running = self.running[ex_id]
-        total, bs = ex.kv_total, ex.kv_block_size
-        # admit only what the KV pool can hold now: every running context plus the new prompt
-        held = [sum(blocks_for(len(self.table.get(p).prompt_ids) + len(self.table.get(p).token_ids) + 1, bs)
-                    for p in running), len(running)]  # blocks held, processes holding them
-
-        def fits(pid: int) -> bool:
-            need = blocks_for(len(self.table.get(pid).prompt_ids) + 1, bs)
-            if total and held[1] and held[0] + need > total:
-                return False  # an idle pool always takes one process, so nothing waits forever
-            held[0] += need
-            held[1] += 1
+    def _tell(self, inst: Instance | None, msg: Any) -> bool:
+        if inst is None or inst.dead:
+            return False
+        try:
+            inst.ref.tell(msg)
             return True
+        except ActorStopped:  # the executor is going away; its WorkerDied ends what it held
+            return False
 
-        admitted = admit(self.queues[ex_id], ex.max_batch - len(running), fits)
-        for i, pid in enumerate(admitted):
+    def _enqueue(self, inst: Instance, proc: LLMProcess, now: float, requeue: bool = False) -> None:
+        """Put a READY process in its instance's run queue, its key carrying the wait it already earned."""
+        if not requeue:
+            proc.state_since = now
+        waited = proc.waited_s + (now - proc.state_since if requeue else 0.0)
+        inst.queue.push(proc.pid, queue_key(self.sched, proc.priority, now, waited, proc.arrival))
+
+    def _stop(self, proc: LLMProcess, inst: Instance | None, now: float) -> None:
+        if proc.state is State.STOPPED:
+            return
+        proc.stopped_from = State.BLOCKED if proc.state is State.BLOCKED else State.READY
+        if inst is not None:
+            if proc.state is State.RUNNING:
+                inst.running.discard(proc.pid)
+                proc.sched.preemptions += 1
+            elif proc.state is State.READY:
+                proc.waited_s += now - proc.state_since
+                inst.queue.remove(proc.pid)
+            if proc.in_engine:
+                inst.parked.add(proc.pid)
+                if proc.kv == KV_DEVICE:
+                    self._switch_out(inst, proc, "swap")
+        proc.transition(State.STOPPED, now)
+        if inst is not None:
+            self._schedule(inst)
+
+    def _cont(self, proc: LLMProcess, inst: Instance | None, now: float) -> None:
+        if proc.state is not State.STOPPED:
+            return
+        if proc.stopped_from is State.BLOCKED:
+            proc.transition(State.BLOCKED, now)
+            return
+        if inst is not None:
+            inst.parked.discard(proc.pid)
+        proc.transition(State.READY, now)
+        if inst is not None:
+            self._enqueue(inst, proc, now)
+            self._schedule(inst)
+
+    def _switch_out(self, inst: Instance, proc: LLMProcess, mode: str) -> None:
+        proc.kv = KV_SWAP if mode == "swap" else KV_NONE  # as planned; the engine's answer says what it did
+        if self._tell(inst, wp.Preempt(proc.pid, mode)):
+            proc.preempts_pending += 1
+
+    def _view(self, proc: LLMProcess, now: float, inst: Instance) -> Task:
+        if proc.state is State.READY:
+            lvl = level(self.sched, inst.queue.key(proc.pid), now)
+        else:
+            lvl = proc.admitted_level
+        return Task(proc.pid, proc.owner, proc.priority, proc.context_tokens, proc.kv_blocks, lvl, proc.run_tokens)
+
+    def _schedule(self, inst: Instance) -> None:
+        """Ask the decider for a plan for ``inst`` and apply it."""
+        if inst.dead or not inst.queue:
+            return  # nothing waits (the common case on every step)
+        now = self.clock()
+        get = self.table.get
+        # the decider places at most a batch's worth (a slot each, freed or preempted); a few more for quotas
+        head = inst.queue.head(2 * int(inst.info.get("max_batch") or 16) + 8)
+        ready = [self._view(get(pid), now, inst) for pid in head]
+        running = [self._view(get(pid), now, inst) for pid in inst.running]
+        parked = [self._view(get(pid), now, inst) for pid in inst.parked if get(pid).kv == KV_DEVICE]
+        caps = {t.user: self.quotas.of(t.user).max_kv_blocks for t in [*ready, *running, *parked]}
+        caps = {u: c for u, c in caps.items() if c is not None}
+        plan = decide(self.sched, inst.capacity(caps or None), ready, running, parked)
+        if plan:
+            self._apply(inst, plan, {t.pid: t for t in ready}, now)
+
+    def _apply(self, inst: Instance, plan: Plan, ready: dict[int, Task], now: float) -> None:
+        for pid, mode in plan.evict:
+            self._switch_out(inst, self.table.get(pid), mode)
+        for pid, mode in plan.preempt:
             proc = self.table.get(pid)
-            try:
-                ex.tell(m.Add(pid, proc.prompt_ids, proc.params, proc.owner, proc.priority))
-            except ActorStopped:  # the executor is going away: back to the queue; its WorkerDied ends them
-                for rest in admitted[i:]:
-                    self.queues[ex_id].push(rest, self.table.get(rest).priority)
+            inst.running.discard(pid)
+            proc.sched.preemptions += 1
+            self._switch_out(inst, proc, mode)
+            proc.transition(State.READY, now)
+            self._enqueue(inst, proc, now)
+            self.log.info("preempted", pid=pid, mode=mode, by="priority")
+        for pid in plan.admit:
+            proc = self.table.get(pid)
+            inst.queue.remove(pid)
+            proc.waited_s += now - proc.state_since
+            proc.admitted_level = ready[pid].level
+            proc.run_tokens = 0
+            if not proc.in_engine:
+                sent = self._tell(inst, wp.Add(pid, proc.prompt_ids, proc.params, proc.owner, proc.priority,
+                                               proc.session))
+                proc.in_engine = sent
+            else:
+                inst.parked.discard(pid)
+                sent = self._tell(inst, wp.Resume(pid, proc.priority))
+                proc.sched.swaps_in += sent and proc.kv == KV_SWAP
+            if not sent:  # the executor is going away: its WorkerDied ends the process
+                self._enqueue(inst, proc, now)
                 return
-            proc.transition(State.RUNNING)
-            proc.admitted_at = time.time()
-            running.add(pid)
+            proc.kv = KV_DEVICE
+            proc.transition(State.RUNNING, now)
+            if proc.admitted_at is None:
+                proc.admitted_at = time.time()
+                self.timers.cancel(pid, "queue")
+            inst.running.add(pid)
 
-    def _abort_on_worker(self, pid: int, ex_id: str | None) -> None:
-        ex = self.executors.get(ex_id) if ex_id else None
-        if ex is not None and not ex.dead:
-            try:
-                ex.tell(m.Abort(pid))
-            except ActorStopped:
-                pass
+    def _arm(self, pid: int, kind: str, at: float) -> None:
+        self.timers.arm(pid, kind, at)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """Have a Tick arrive when the earliest timer is due (only in a running kernel's loop)."""
+        at = self.timers.next_at()
+        if at is None or self.tick_s == 0:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_later(max(0.0, at - self.clock()) + 0.001, self._timer_due)
+
+    def _timer_due(self) -> None:
+        try:
+            self.tell(m.Tick())
+        except ActorStopped:
+            pass
 
     def _finish(self, proc: LLMProcess, reason: str, final_text: str | None = None,
                 error: dict | None = None) -> None:
-        proc.transition(State.ZOMBIE)
-        proc.finished_at = self.clock()
+        now = self.clock()
+        proc.transition(State.ZOMBIE, now)
+        proc.finished_at = now
         proc.finish_reason = reason
         proc.error = error
+        proc.in_engine = False
+        proc.kv = KV_NONE
         if final_text is not None:
             proc.final_text = final_text
-        ex_id = self.placement.pop(proc.pid, None)
-        if ex_id and ex_id in self.running:
-            self.running[ex_id].discard(proc.pid)
-            self._schedule(ex_id)
+        self.timers.cancel(proc.pid)
+        self.turn_pending.discard(proc.pid)
+        inst = self.where.pop(proc.pid, None)
+        if inst is not None:
+            inst.queue.remove(proc.pid)
+            inst.running.discard(proc.pid)
+            inst.parked.discard(proc.pid)
+            inst.placed.discard(proc.pid)
         result = proc.result()
         self.finished.add(result["stats"], reason)
         self.log.info("exit", pid=proc.pid, reason=reason, output_tokens=len(proc.token_ids),
@@ -327,6 +701,8 @@ class ProcessManager(Actor):
             self._reap(proc.pid)
         else:
             self._reap_expired(proc.owner)
+        if inst is not None:
+            self._schedule(inst)
 
     def _reap(self, pid: int) -> None:
         self.table.reap(pid)
@@ -346,6 +722,5 @@ class ProcessManager(Actor):
             self.log.info("reaped", count=len(pids), pids=pids[:20], owner=owner)
 
 
-def _context_len(executor: Any) -> int | None:
-    info = getattr(executor, "info", None) or {}
+def _context_len(info: dict) -> int | None:
     return int(info["context_len"]) if info.get("context_len") else None

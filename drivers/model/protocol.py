@@ -85,6 +85,7 @@ class Encode(_Message):
     prompt: str | None = None
     messages: list[dict] | None = None
     prompt_ids: list[int] | None = None
+    add_special_tokens: bool = True  # False: a continuation's text (a session's next turn), no BOS
 
 
 @dataclass

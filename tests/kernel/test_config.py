@@ -16,6 +16,7 @@ BAD_TEXT = {
     config._FloatIn: ["", "x", "nan", "inf", "-inf", "-1", "1e30"],
     config._SizeIn: ["", "banana", "G", "12Q", "nan", "inf", "1e400", "-5G", "0", "0.5", "1K"],
     config._Choice: ["", "x", "STATIC", "static "],
+    config._Quotas: ["x", "alice", ":procs=1", "alice:procs", "alice:procs=-1", "alice:cpu=3", "alice:tpm=1.5"],
 }
 
 
@@ -55,6 +56,8 @@ def test_every_flag_accepts_its_bounds_and_the_default_round_trips(flag):
     p = flag.parse
     if isinstance(p, config._Choice):
         values = list(p.choices)
+    elif isinstance(p, config._Quotas):
+        values = ["alice:procs=4,kv_blocks=800,tpm=20000;bob:tpm=0", ""]
     else:
         values = [p.lo, p.hi]
     for v in values:
@@ -108,3 +111,11 @@ def test_home_is_an_absolute_directory_path_and_an_empty_one_is_refused(tmp_path
     for bad in ("", "   "):
         with pytest.raises(argparse.ArgumentTypeError, match="empty"):
             home_dir(bad)
+
+
+def test_user_quotas_override_the_defaults_per_user():
+    q = config.quotas_of(KernelConfig(max_procs_per_user=10, max_tokens_per_minute=500,
+                                      user_quotas="alice:procs=2;bob:tpm=0,kv_blocks=8"))
+    assert (q.of("alice").max_procs, q.of("alice").tokens_per_minute) == (2, 500)
+    assert (q.of("bob").max_procs, q.of("bob").tokens_per_minute, q.of("bob").max_kv_blocks) == (10, 0, 8)
+    assert (q.of("carol").max_procs, q.of("carol").max_kv_blocks) == (10, None)
