@@ -183,16 +183,24 @@ class BaseEngine:
         if not self._measure:
             return
         self.swap_bytes_per_s = self._measure_swap()
-        n = max(1, min(PREFILL_PROBE_TOKENS, self.context_len - 1))
+        cap = self.pool.cap_of("")
+        slots = min(self.pool.capacity, cap if cap is not None else self.pool.capacity) * self.pool.block_size
+        n = min(PREFILL_PROBE_TOKENS, self.context_len - 1, slots - 1)  # a probe that fits the pool
+        if n < 1:
+            return
         ids = [i % int(self.model.config.vocab_size) for i in range(n)]
         best = float("inf")
         for _ in range(2):  # the first run pays one-time costs (allocator, kernels)
             self.add(-1, ids, {"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True})
             t = time.perf_counter()
             while -1 in self.seqs:
-                self._step()
-            best = min(best, time.perf_counter() - t)
-        self.prefill_tokens_per_s = self.load_prefill_tokens_per_s = n / max(best, 1e-9)
+                if any(ev.finish_reason == "error" for ev in self._step()):
+                    best = float("inf")  # the probe could not run: no measure rather than a wrong one
+                    break
+            else:
+                best = min(best, time.perf_counter() - t)
+        self._drop(-1)
+        self.prefill_tokens_per_s = self.load_prefill_tokens_per_s = n / best if best < float("inf") else 0.0
         self.steps = self.preemptions = self.last_batch = self.last_step_tokens = 0
         self._step_prefill.clear()
 
@@ -252,7 +260,7 @@ class BaseEngine:
 
     # -- input -----------------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
-               prompt_ids: list[int] | None = None) -> list[int]:
+               prompt_ids: list[int] | None = None, add_special_tokens: bool = True) -> list[int]:
         """Tokenise a prompt, render chat messages with the model's chat template, or check token ids.
 
         TooBig (E2BIG) when the prompt cannot fit the context, decided as cheaply as can be: ids by their
@@ -267,8 +275,8 @@ class BaseEngine:
         if messages is not None:
             ids = self._encode_messages(messages)
         else:
-            ids = self.tokenize(prompt, add_special_tokens=True, what="prompt")
-            if not ids:
+            ids = self.tokenize(prompt, add_special_tokens=add_special_tokens, what="prompt")
+            if not ids and add_special_tokens:
                 bos = self.tokenizer.bos_token_id
                 if bos is None:
                     raise InvalidArgument("empty prompt, and the model has no BOS token to start from")
@@ -417,15 +425,15 @@ class BaseEngine:
     def _truncate_kv(self, seq: Sequence, tokens: int) -> None:
         """Keep the KV of the first ``tokens`` tokens only, wherever it is."""
         keep = blocks_for(tokens, self.pool.block_size)
-        if seq.swap is not None:
+        if seq.swap is not None and tokens < seq.computed:
             if tokens == 0:
                 self._drop_swap(seq)
-            elif keep < seq.swap_blocks:
+            else:  # a per-sequence cache holds exactly its tokens: cut it even within the last block
                 seq.swap = self._swap_truncate(seq.swap, keep, tokens)
                 self.swap_used -= seq.swap_blocks - keep
                 seq.swap_blocks = keep
         self.pool.truncate(seq.pid, keep)
-        if seq.cache is not None:
+        if seq.cache is not None and tokens < seq.computed:
             self._cache_truncate(seq, tokens)
 
     def _drop_swap(self, seq: Sequence) -> None:

@@ -107,6 +107,7 @@ class PagedEngine(BaseEngine):
         self._copy_in(self.pool.tables[seq.pid][:seq.swap_blocks], seq.swap)
 
     def _swap_truncate(self, swap: list, blocks: int, tokens: int) -> list:
+        # slots past ``tokens`` in the last block are overwritten before they are read
         return [(k[:blocks].clone(), v[:blocks].clone()) for k, v in swap]
 
     def _measure_swap(self) -> float:

@@ -40,14 +40,19 @@ def move_cache(cache: Any, device: torch.device | str) -> Any:
 
 
 def crop_cache(cache: Any, tokens: int) -> Any:
-    """Keep the first ``tokens`` positions of a transformers cache (``crop`` where it has one)."""
-    if hasattr(cache, "crop"):
-        cache.crop(tokens)
-        return cache
+    """Keep the first ``tokens`` positions of a transformers cache, in place; returns the cache.
+
+    The key and value tensors ([batch, heads, positions, head_dim]) are cut directly, walking the cache
+    as :func:`move_cache` does: ``crop``'s argument changed meaning across transformers versions."""
+    for layer in getattr(cache, "layers", None) or ():
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor) and t.dim() >= 2:
+                setattr(layer, name, t[..., :tokens, :])
     for name in ("key_cache", "value_cache"):
         tensors = getattr(cache, name, None)
         if isinstance(tensors, list):
-            tensors[:] = [t[..., :tokens, :] if isinstance(t, torch.Tensor) else t for t in tensors]
+            tensors[:] = [t[..., :tokens, :] if isinstance(t, torch.Tensor) and t.dim() >= 2 else t for t in tensors]
     return cache
 
 
