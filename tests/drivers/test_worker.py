@@ -203,3 +203,67 @@ def test_a_config_value_transformers_refuses_is_reported_as_einval_naming_it(tmp
     (model / "config.json").write_text(json.dumps({**config, **changes}))
     msg = load_failure(tmp_path, model)
     assert msg["op"] == "failed" and msg["error"] == "EINVAL" and fault in msg["message"], msg
+
+
+def test_a_worker_process_runs_add_preempt_resume_append_and_abort_over_its_socket(tiny_model, tmp_path):
+    """A real worker process and socket, the kernel's end played by the test with protocol.py messages."""
+    import subprocess
+    import sys
+
+    from llmos.drivers.model import protocol as p
+    from llmos.drivers.model.engine import load_engine
+
+    ref_engine = load_engine(tiny_model, engine="paged", block_size=4, num_blocks=64, measure=False)
+    prompt = ref_engine.encode("worker")
+    greedy = {"temperature": 0.0, "ignore_eos": True, "max_new_tokens": 40}
+    ref_engine.add(1, prompt, greedy)
+    ref = []
+    while ref_engine.has_work():
+        ref += [t for ev in ref_engine.step() for t in ev.token_ids]
+    ctx = zmq.Context.instance()
+    kernel = ctx.socket(zmq.DEALER)
+    kernel.setsockopt(zmq.LINGER, 0)
+    kernel.setsockopt(zmq.RCVTIMEO, 60_000)
+    address = f"ipc://{tmp_path}/proc.sock"
+    kernel.bind(address)
+    proc = subprocess.Popen([sys.executable, "-m", "llmos.drivers.model.worker", "--address", address,
+                             "--model", tiny_model, "--device", "cpu", "--options", '{"block_size": 4, "num_blocks": 64}'])
+    try:
+        def send(msg):
+            kernel.send(codec.encode(msg.to_wire()))
+
+        def events_until(pid, pred):
+            """Events for ``pid`` from step frames until one satisfies ``pred``."""
+            out = []
+            while not out or not pred(out[-1]):
+                msg = p.from_wire(codec.decode(kernel.recv()))
+                if isinstance(msg, p.Step):
+                    out += [ev for ev in msg.events if ev.pid == pid]
+            return out
+
+        ready = p.from_wire(codec.decode(kernel.recv()))
+        assert isinstance(ready, p.Ready) and ready.info["swap_blocks"] == ready.info["kv_blocks"]
+        send(p.Add(7, prompt, greedy, user="ann", session=True))
+        turn = events_until(7, lambda ev: ev.token_ids)
+        send(p.Preempt(7, "swap"))
+        turn += events_until(7, lambda ev: ev.preempted is not None or ev.finish_reason is not None)
+        assert turn[-1].preempted == "swap"  # 40 tokens take far longer than the preempt's trip
+        send(p.Resume(7, 0))
+        turn += events_until(7, lambda ev: ev.finish_reason is not None)
+        assert [t for ev in turn for t in ev.token_ids] == ref and turn[-1].finish_reason == "length"
+        reply = [t for ev in turn for t in ev.token_ids]
+        send(p.Append(7, prompt + reply + [5, 6, 7], {"temperature": 0.0, "max_new_tokens": 3}))
+        send(p.Renice(7, 3))
+        send(p.Resume(7, 3))
+        turn2 = events_until(7, lambda ev: ev.finish_reason is not None)
+        assert sum(ev.prefilled for ev in turn2) == 4 and sum(len(ev.token_ids) for ev in turn2) == 3
+        send(p.Abort(7))
+        last = events_until(7, lambda ev: ev.finish_reason is not None)[-1]
+        assert last.finish_reason == "killed" and last.final_text == turn2[-1].final_text
+        send(p.Shutdown())
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        kernel.close()
