@@ -15,6 +15,7 @@ from typing import Any, Callable, TextIO
 
 from llmos.types import ProcessInfo
 
+FIRST_SAMPLE_S = 0.5  # the most the first frame waits to measure tok/s
 STATE_ORDER = {"RUNNING": 0, "READY": 1, "BLOCKED": 2, "STOPPED": 3, "NEW": 4, "ZOMBIE": 5}
 
 
@@ -83,9 +84,11 @@ def frame(now: Sample, prev: Sample | None = None, clock: Callable[[], float] = 
 
 
 def run_top(fetch: Callable[[], dict[str, Any]], iterations: int | None, delay: float,
-            out: TextIO | None = None) -> None:
+            out: TextIO | None = None, *, clock: Callable[[], float] = time.monotonic,
+            sleep: Callable[[float], None] = time.sleep) -> None:
     """Show ``iterations`` frames (None: until Ctrl-C), ``delay`` seconds apart, of what ``fetch`` (a
-    metrics call) returns. In place (rich Live) on a terminal when rich is installed; else one after another."""
+    metrics call) returns; tok/s is measured between samples, the first against one taken up to
+    FIRST_SAMPLE_S before it. In place (rich Live) on a terminal when rich is installed; else one after another."""
     out = out or sys.stdout
     live = None
     if out.isatty():
@@ -97,13 +100,15 @@ def run_top(fetch: Callable[[], dict[str, Any]], iterations: int | None, delay: 
             pass
         else:
             live = Live(console=Console(file=out), auto_refresh=False, screen=False)
-    prev: Sample | None = None
+    # a first sample a moment before the first frame, so that even one frame (-n 1) shows measured tok/s
+    prev: Sample | None = Sample(clock(), fetch())
+    sleep(min(delay, FIRST_SAMPLE_S))
     shown = 0
     with live if live is not None else contextlib.nullcontext():
         while iterations is None or shown < iterations:
             if shown:
-                time.sleep(delay)  # the refresh period the user asked for, not a synchronisation
-            now = Sample(time.monotonic(), fetch())
+                sleep(delay)  # the refresh period the user asked for, not a synchronisation
+            now = Sample(clock(), fetch())
             text = frame(now, prev)
             if live is not None:
                 live.update(Text(text), refresh=True)

@@ -53,10 +53,18 @@ def test_top_without_a_terminal_prints_the_asked_number_of_frames_one_after_anot
         calls.append(1)
         return metrics(100 * len(calls), PROCS)
 
+    now = [0.0]
+
+    def sleep(s):  # a fake clock: sleeping only moves it
+        now[0] += s
+
     out = io.StringIO()
-    run_top(fetch, 2, 0.001, out)
+    run_top(fetch, 2, 2.0, out, clock=lambda: now[0], sleep=sleep)
     text = out.getvalue()
-    assert len(calls) == 2 and text.count("llmos top - ") == 2 and "\x1b[" not in text
+    assert len(calls) == 3 and text.count("llmos top - ") == 2 and "\x1b[" not in text
+    frames = text.split("\n\n", 1)
+    assert "tok/s: 200.0" in frames[0].splitlines()[0]  # 100 tokens in the 0.5 s before the first frame
+    assert "tok/s: 50.0" in text.split("llmos top - ")[2].splitlines()[0]  # then 100 in the 2 s delay
 
 
 def test_an_empty_kernel_still_draws_a_frame():
