@@ -298,7 +298,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
     with _connect(args) as c:
         r = c.wait(args.pid, timeout=args.timeout)
     print(json.dumps({"pid": r.pid, "finish_reason": r.finish_reason, "signal": r.signal, "text": r.text,
-                      "stats": r.stats.__dict__, "error": r.error}) if args.json else r.text)
+                      "stats": r.stats.__dict__, "sched": r.sched, "error": r.error}) if args.json else r.text)
     said = outcome(r)
     if said and not args.json:
         print(said, file=sys.stderr)

@@ -132,6 +132,13 @@ def test_the_cli_renices_stops_and_continues_a_process(kernel, client, long_mode
         end_and_reap(client, pid)
 
 
+def test_run_with_a_deadline_ends_with_etimedout_keeping_its_output(kernel, long_model):
+    r = llmos(kernel, "run", "--model", long_model, "--deadline", "0.5", "--max-new-tokens", "100000",
+              "--ignore-eos", "--temperature", "0", "-p", "3", "late")
+    assert r.returncode == 1 and "deadline" in r.stderr, r.stderr
+    assert len(r.stdout) > 1 and "Traceback" not in r.stderr, r.stderr  # the partial output was printed
+
+
 def test_top_once_shows_the_processes_and_the_models(kernel, client, long_model):
     pid = client.spawn(prompt="top", model=long_model, max_new_tokens=100000, **GREEDY)
     try:

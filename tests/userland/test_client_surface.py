@@ -49,3 +49,12 @@ def test_a_turn_and_a_record_are_built_from_their_wire_maps():
     assert p.session and p.kv_blocks == 7 and p.preemptions == 1 and p.sched == {"swaps_out": 1}
     old = ProcessInfo.from_wire({"pid": 1, "state": "READY", "priority": 0, "model": "m"})  # an older kernel's
     assert old.kv_blocks == 0 and not old.session and old.sched == {}
+
+
+def test_the_new_errnos_raise_their_own_classes():
+    import llmos
+    from llmos.syscalls.errors import error_from_errno
+
+    for errno, cls in ((122, llmos.QuotaExceeded), (11, llmos.TryAgain), (16, llmos.Busy), (1, llmos.NotPermitted)):
+        exc = error_from_errno(errno, "limit")
+        assert type(exc) is cls and isinstance(exc, llmos.LLMOSError)
