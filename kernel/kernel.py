@@ -7,6 +7,7 @@ stops in order: bus (bye frames), model workers, actors.
 from __future__ import annotations
 
 import asyncio
+import getpass
 import gc
 import os
 import time
@@ -40,7 +41,8 @@ class Kernel:
     async def start(self) -> None:
         return_big_buffers_to_the_os()  # frames of many MiB must not stay in the kernel's heap
         self.ctx = zmq.asyncio.Context()
-        self.procman = ProcessManager(self.config).start()
+        # the admin: root and the kernel's owner (identity from the transport comes with the identity issue)
+        self.procman = ProcessManager(self.config, admins=frozenset({"root", getpass.getuser()})).start()
         self.devices = DeviceTable(self.config.memory_limit)
         self.models = ModelManager(self.ctx, self.run_dir, self.log_dir, self.procman, self.devices,
                                    self.config).start()

@@ -115,7 +115,7 @@ class Instance:
                         swap_bytes_per_s=float(i.get("swap_bytes_per_s") or 0.0),
                         prefill_tokens_per_s=float(s.get("prefill_tokens_per_s") or i.get("prefill_tokens_per_s")
                                                    or 0.0),
-                        user_kv_cap=user_caps)
+                        user_kv_cap=user_caps, kv_used=int(s.get("kv_used") or 0))
 
 
 class ProcessManager(Actor):

@@ -168,6 +168,7 @@ class Capacity:
     swap_bytes_per_s: float = 0.0  # measured copy bandwidth of the swap area
     prefill_tokens_per_s: float = 0.0  # measured prefill speed (recompute cost)
     user_kv_cap: dict[str, int] | None = None  # per-user quota of device blocks (the kernel's quotas)
+    kv_used: int = 0  # blocks in use as the worker last reported (a floor under the kernel's own estimate)
 
 
 @dataclass
@@ -250,7 +251,9 @@ def decide(params: SchedParams, cap: Capacity, ready: list[Task], running: list[
     bs = cap.block_size
     plan = Plan()
     slots = cap.max_batch - len(running)
-    used = sum(t.resident for t in [*running, *parked, *ready])
+    # the kernel's estimate, never below what the worker last reported (a guard against resuming into a pool
+    # the engine has just found short)
+    used = max(sum(t.resident for t in [*running, *parked, *ready]), cap.kv_used)
     free = cap.kv_total - used if cap.kv_total else None
     empty = used == 0  # an empty pool always takes one process: one that can never fit learns it (ENOMEM)
     swap_free = cap.swap_free

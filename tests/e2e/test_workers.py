@@ -17,6 +17,7 @@ from llmos import InvalidArgument
 from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor
 from llmos.kernel.executor import BYTES_PER_S, Executor
+from llmos.drivers.model import protocol as wp
 from llmos.syscalls import protocol
 from llmos.syscalls.errors import FrameTooLarge, TooBig
 from tests.conftest import KernelProc, wait_for
@@ -47,8 +48,9 @@ while a.mode in ("frames", "bytes"):
 while True:
     msg = msgpack.unpackb(sock.recv(), raw=False)
     if msg["op"] == "add":
-        sock.send(pack({"op": "step", "events": [[msg["pid"], [1], "x", "length", "x", None]], "running": 0,
-                        "step_s": 0.001}))
+        sock.send(pack({"op": "step", "events": [{"pid": msg["pid"], "token_ids": [1], "text": "x",
+                                                   "finish_reason": "length", "final_text": "x", "error": None}],
+                        "running": 0, "step_s": 0.001}))
 '''
 
 
@@ -137,21 +139,23 @@ def test_a_message_the_executor_cannot_deliver_ends_that_process_and_the_next_on
         ex, rec, ctx = await start_executor(tmp_path, "echo")
         try:
             huge = {"stop": ["s" * 6 * 2**20] * 3, "max_new_tokens": 1}  # each string under its bound, not all three
-            ex.tell(m.Add(7, [1, 2], huge))
-            ex.tell(m.Add(8, [1, 2], {"max_new_tokens": 1}))
+            ex.tell(wp.Add(7, [1, 2], huge))
+            ex.tell(wp.Add(8, [1, 2], {"max_new_tokens": 1}))
             with pytest.raises(Exception) as err:
                 await (await ex.ask(m.Encode(None, [{"role": "user", "content": "c" * 2**20}] * 20)))
             deadline = time.monotonic() + 10
-            while len(rec.got) < 2 and time.monotonic() < deadline:
+            steps = lambda: [msg for msg in rec.got if isinstance(msg, m.StepEvents)]  # noqa: E731
+            while len(steps()) < 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-            return err.value, [e for msg in rec.got for e in msg.events], ex.dead
+            return err.value, [e for msg in steps() for e in msg.events], ex.dead
         finally:
             await stop_executor(ex, rec, ctx)
 
     encode_error, events, dead = asyncio.run(main())
-    by_pid = {e[0]: e for e in events}
-    assert by_pid[7][3] == "error" and by_pid[7][5]["error"] == "EMSGSIZE" and "add" in by_pid[7][5]["message"]
-    assert by_pid[8][3] == "length"  # the worker still serves the next one
+    by_pid = {e.pid: e for e in events}
+    assert by_pid[7].finish_reason == "error" and by_pid[7].error["error"] == "EMSGSIZE"
+    assert "add" in by_pid[7].error["message"]
+    assert by_pid[8].finish_reason == "length"  # the worker still serves the next one
     assert isinstance(encode_error, FrameTooLarge) and not dead
 
 

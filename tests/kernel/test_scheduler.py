@@ -169,6 +169,12 @@ def test_fcfs_never_preempts_and_fair_interleaves_users():
     assert decide(fair, cap(max_batch=3), [wait(8, user="bob")], running).preempt == [(7, "swap")]
 
 
+def test_the_workers_reported_kv_use_is_a_floor_under_the_kernels_estimate():
+    assert decide(P, cap(max_batch=8, kv_total=100), [wait(9, context=40)], []).admit == [9]
+    assert not decide(P, cap(max_batch=8, kv_total=100, kv_used=96), [wait(9, context=40)],
+                      [run(1, nice=0, context=8)])
+
+
 def test_the_decider_is_pure():
     ready, running = [wait(9, nice=-10)], [run(1), run(2)]
     a = decide(P, cap(max_batch=2), ready, running)

@@ -1,0 +1,178 @@
+"""The scheduler's benchmarks, baselines in the same run: ``python -m benchmarks.scheduler``.
+
+1. Urgent latency: time to first token (TTFT) of a nice -10 process alone, then the worst of
+   several while ``--batch`` (48) nice +10 processes with long outputs keep every one of 16
+   batch slots busy; for the ``priority`` and ``fcfs`` policies (fcfs is the baseline: what a
+   server without preemption gives). Also the batch load's throughput without and with the
+   urgent arrivals.
+2. Default against tuned: the issue-3 workload (32 requests) with the default configuration
+   (no --max-batch: the batch sized by the KV pool and the step's token budget) against
+   --max-batch 16, 32 and 64.
+
+Every run is a real kernel subprocess, a real worker and this process as the client over the bus.
+Prints markdown rows for docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.run import machine
+from benchmarks.workload import make_model, workload
+
+
+def start(home: Path, *flags: str):
+    import subprocess
+    import sys
+
+    from llmos.embedded import try_connect
+
+    home.mkdir(parents=True, exist_ok=True)
+    address = f"ipc://{home}/run/kernel.sock"
+    log = open(home / "kernel.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "llmos.kernel.main", "--home", str(home), "--address", address,
+                             *flags], stdout=log, stderr=log)
+    for _ in range(600):
+        c = try_connect(address, timeout=1.0)
+        if c is not None:
+            c.close()
+            return proc, address
+        time.sleep(0.05)
+    raise RuntimeError("kernel did not start")
+
+
+def stop(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except Exception:
+        proc.kill()
+
+
+async def urgent_alone(c, model: str, prompt: list[int], reps: int = 5) -> float:
+    ttfts = []
+    for _ in range(reps):
+        r = await c.wait(await c.spawn(prompt_ids=prompt, model=model, max_new_tokens=4, temperature=0.0,
+                                       priority=-10))
+        ttfts.append(r.stats.ttft_s)
+    return statistics.median(ttfts)
+
+
+async def batch_load(c, model: str, reqs, urgent: list[int] | None, arrivals: int) -> tuple[float, list[float]]:
+    """(throughput of the batch load in tokens/s, the urgent processes' TTFTs)."""
+    t0 = time.perf_counter()
+    pids = await asyncio.gather(*(c.spawn(prompt_ids=r.prompt_ids, model=model, max_new_tokens=r.max_new_tokens,
+                                          temperature=0.0, ignore_eos=True, priority=10) for r in reqs))
+    ttfts: list[float] = []
+    if urgent is not None:
+        await asyncio.sleep(1.0)  # the batch is full and running
+        for _ in range(arrivals):
+            r = await c.wait(await c.spawn(prompt_ids=urgent, model=model, max_new_tokens=4, temperature=0.0,
+                                           priority=-10))
+            ttfts.append(r.stats.ttft_s)
+            await asyncio.sleep(0.5)
+    results = await asyncio.gather(*(c.wait(p) for p in pids))
+    dt = time.perf_counter() - t0
+    return sum(len(r.token_ids) for r in results) / dt, ttfts
+
+
+async def urgent_bench(address: str, model: str, batch: int, output: int, arrivals: int) -> dict:
+    from llmos import AsyncClient
+
+    reqs = workload(4096, n=batch, seed=1, prompt=(16, 48), output=(output, output))
+    urgent = workload(4096, n=1, seed=2, prompt=(32, 32))[0].prompt_ids
+    async with AsyncClient(address) as c:
+        await c.model_load(model, keep_alive=-1)
+        await c.wait(await c.spawn(prompt_ids=urgent, model=model, max_new_tokens=4, temperature=0.0))  # warm-up
+        alone = await urgent_alone(c, model, urgent)
+        tput_plain, _ = await batch_load(c, model, reqs, None, 0)
+        tput_urgent, ttfts = await batch_load(c, model, reqs, urgent, arrivals)
+        metrics = await c.metrics()
+    preempt = sum(e.get("preemptions", 0) for e in metrics["models"])
+    return {"alone": alone, "worst": max(ttfts), "ttfts": ttfts, "tput_plain": tput_plain,
+            "tput_urgent": tput_urgent, "preemptions": preempt}
+
+
+async def throughput(address: str, model: str, max_batch: int | None) -> float:
+    from llmos import AsyncClient
+
+    reqs = workload(4096, n=32, seed=0)
+    async with AsyncClient(address) as c:
+        await c.model_load(model, keep_alive=-1, **({"max_batch": max_batch} if max_batch else {}))
+        await c.wait(await c.spawn(prompt_ids=reqs[0].prompt_ids, model=model, max_new_tokens=4, temperature=0.0))
+        t = time.perf_counter()
+        pids = await asyncio.gather(*(c.spawn(prompt_ids=r.prompt_ids, model=model, max_new_tokens=r.max_new_tokens,
+                                              temperature=0.0, ignore_eos=True) for r in reqs))
+        results = await asyncio.gather(*(c.wait(p) for p in pids))
+        return sum(len(r.token_ids) for r in results) / (time.perf_counter() - t)
+
+
+def main() -> int:
+    ensure_malloc_env_for("benchmarks.scheduler")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.scheduler", description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="5M", choices=("5M", "40M"), help="model shape (benchmarks/workload.py)")
+    ap.add_argument("--batch", type=int, default=48, help="nice +10 processes in the batch load")
+    ap.add_argument("--output", type=int, default=160, help="tokens each batch process generates")
+    ap.add_argument("--arrivals", type=int, default=4, help="urgent processes arriving during the load")
+    ap.add_argument("--skip-tuning", action="store_true", help="only the urgent-latency benchmark")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="llmos-sched-") as tmp:
+        root = Path(tmp)
+        model = str(make_model(root, args.shape))
+        for policy in ("priority", "fcfs"):
+            proc, address = start(root / f"k-{policy}", "--max-batch", "16", "--sched-policy", policy)
+            try:
+                r = asyncio.run(urgent_bench(address, model, args.batch, args.output, args.arrivals))
+            finally:
+                stop(proc)
+            rows.append((policy, r))
+            print(f"{policy}: urgent TTFT alone {r['alone'] * 1e3:.0f} ms, worst under load "
+                  f"{r['worst'] * 1e3:.0f} ms ({r['worst'] / r['alone']:.1f}x); batch {r['tput_plain']:.0f} tok/s "
+                  f"plain, {r['tput_urgent']:.0f} with urgent arrivals "
+                  f"({(1 - r['tput_urgent'] / r['tput_plain']) * 100:+.1f}% drop); preemptions {r['preemptions']}",
+                  flush=True)
+        tuning = []
+        if not args.skip_tuning:
+            for mb in (None, 16, 32, 64):
+                proc, address = start(root / f"k-mb{mb}", *(["--max-batch", str(mb)] if mb else []))
+                try:
+                    tuning.append((mb, asyncio.run(throughput(address, model, mb))))
+                finally:
+                    stop(proc)
+                print(f"max_batch {mb or 'default'}: {tuning[-1][1]:.0f} tok/s", flush=True)
+    print()
+    print(f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; `python -m benchmarks.scheduler --shape {args.shape}`")
+    print()
+    print("| policy | urgent TTFT alone | worst urgent TTFT under load | ratio | batch tok/s | with urgent | drop |")
+    print("|---|---|---|---|---|---|---|")
+    for policy, r in rows:
+        print(f"| {policy} | {r['alone'] * 1e3:.0f} ms | {r['worst'] * 1e3:.0f} ms | {r['worst'] / r['alone']:.1f}x | "
+              f"{r['tput_plain']:.0f} | {r['tput_urgent']:.0f} | {(1 - r['tput_urgent'] / r['tput_plain']) * 100:.1f}% |")
+    if tuning:
+        best = max(t for _, t in tuning)
+        print()
+        print("| max_batch | tok/s | of the best |")
+        print("|---|---|---|")
+        for mb, t in tuning:
+            print(f"| {mb or 'default (sized by the KV pool)'} | {t:.0f} | {t / best:.2f}x |")
+    return 0
+
+
+def ensure_malloc_env_for(module: str) -> None:
+    import os
+    import sys
+
+    from benchmarks.run import MALLOC
+
+    if any(os.environ.get(k) != v for k, v in MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], {**os.environ, **MALLOC})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
