@@ -2,6 +2,7 @@
 the shared kernel. Who may signal or renice whom is checked with users named in the hello."""
 
 import asyncio
+import json
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 
 from llmos import AsyncClient, Client, NoSuchProcess, NotPermitted
 from tests.conftest import wait_for
+from tests.tinymodel import make_tiny_llama
 
 BIN = [sys.executable, "-m", "llmos"]
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
@@ -82,6 +84,21 @@ def test_a_session_keeps_its_context_and_its_second_turn_prefills_only_the_new_t
     assert s.result is not None and s.result.finish_reason == "closed"
     with pytest.raises(NoSuchProcess):
         client.stat(pid)  # closed and reaped when the with ended
+
+
+def test_a_session_on_a_model_without_a_chat_template_starts_with_no_prompt(client, tmp_path):
+    path = make_tiny_llama(tmp_path / "plain-llama")
+    config = path / "tokenizer_config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "chat_template"}))
+    for extra in path.glob("chat_template*"):
+        extra.unlink()
+    try:
+        with client.session(model=str(path), system="ignored: no template", max_new_tokens=3, **GREEDY) as s:
+            info = client.stat(s.pid)
+            assert info.session and info.state == "BLOCKED" and info.prompt_tokens == 0
+            assert isinstance(s.send("plain text"), str) and s.last.stats.output_tokens == 3
+    finally:
+        client.model_unload(str(path), force=True)
 
 
 def test_a_session_is_closed_when_its_block_raises(client, tiny_model):
