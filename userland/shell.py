@@ -30,7 +30,7 @@ HELP = """commands:
                       --temperature 0 repeats a run exactly
   spawn [same options] PROMPT
                       start a generation in the background; prints its pid
-  chat [MODEL] [--system S]
+  chat [MODEL] [--system S] [-n N] [--temperature T]
                       a conversation: each line is a turn (the context is kept); an empty
                       line or /exit leaves it
   ps                  list processes (NI: nice value, KV: blocks held, S: * a session)
@@ -101,7 +101,11 @@ PARSERS: dict[str, Callable[[], _Parser]] = {
     "nice": lambda: _parser("nice", _PID, ("priority", {"type": syscall_arg("nice", "priority"), "metavar": "N"})),
     "top": lambda: _parser("top"),
     "chat": lambda: _parser("chat", ("model", {"nargs": "?", "default": None, "metavar": "MODEL"}),
-                            ("--system", {"default": None, "metavar": "S"})),
+                            ("--system", {"default": None, "metavar": "S"}),
+                            ("-n", {"dest": "max_new_tokens", "type": syscall_arg("spawn", "max_new_tokens"),
+                                    "default": 128, "metavar": "N"}),
+                            ("--temperature", {"type": syscall_arg("spawn", "temperature"), "default": None,
+                                               "metavar": "T"})),
     "wait": lambda: _parser("wait", _PID),
     "stat": lambda: _parser("stat", _PID),
     "status": lambda: _parser("status"),
@@ -221,7 +225,10 @@ class Shell:
         self.say(frame(Sample(time.monotonic(), self.os.client.metrics())))
 
     def do_chat(self, a: argparse.Namespace) -> None:
-        with self.os.session(a.model, a.system) as s:
+        sampling = {"max_new_tokens": a.max_new_tokens}
+        if a.temperature is not None:
+            sampling["temperature"] = a.temperature
+        with self.os.session(a.model, a.system, **sampling) as s:
             self.say(f"[chat with session pid {s.pid}: an empty line or /exit leaves]")
             try:
                 turns = chat_loop(s, lambda: self.read_line("chat> "), lambda t: self.say(t, end=""),
