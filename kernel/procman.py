@@ -484,8 +484,11 @@ class ProcessManager(Actor):
         proc.sched.swaps_out += ev.preempted == "swap"
         if proc.preempts_pending > 0:  # the answer to a Preempt the kernel sent
             proc.preempts_pending -= 1
-            if proc.state is not State.RUNNING:  # (RUNNING: a Resume followed it; the KV is back)
+            # (RUNNING: a Resume followed it, the KV is back; "none": its KV had already left the pool)
+            if proc.state is not State.RUNNING and ev.preempted != "none":
                 proc.kv = KV_SWAP if ev.preempted == "swap" else KV_NONE
+            return
+        if ev.preempted == "none":
             return
         proc.kv = KV_SWAP if ev.preempted == "swap" else KV_NONE
         if proc.state is State.RUNNING:  # forced by memory pressure

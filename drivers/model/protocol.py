@@ -222,8 +222,8 @@ class Failed(_Message):
 
     op: ClassVar[str] = "failed"
     errno: int
-    error: str
     message: str
+    error: str = ""  # the errno's name (optional: the number says it)
 
 
 @dataclass

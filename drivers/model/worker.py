@@ -222,7 +222,8 @@ class Worker:
 
     def _encode(self, msg: p.Encode) -> p.Encoded:
         try:
-            return p.Encoded(msg.rid, ids=self.engine.encode(msg.prompt, msg.messages, msg.prompt_ids))
+            return p.Encoded(msg.rid, ids=self.engine.encode(msg.prompt, msg.messages, msg.prompt_ids,
+                                                             msg.add_special_tokens))
         except LLMOSError as exc:
             return p.Encoded(msg.rid, **exc.to_wire())
         except Exception as exc:
