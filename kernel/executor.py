@@ -339,6 +339,7 @@ class Executor(Actor):
                 "running": self.running, "device": self.device, "engine": self.info.get("engine"),
                 "parameters": self.info.get("parameters"), "context_len": self.info.get("context_len"),
                 "max_prompt_chars": self.info.get("max_prompt_chars"),
+                "has_chat_template": self.info.get("has_chat_template"),
                 "ready": self.ready.done() and not self.dead, "max_batch": self.max_batch,
                 "kernels": self.info.get("kernels"),
                 "kv_policy": self.info.get("kv_policy"), "kv_block_size": self.info.get("kv_block_size"),

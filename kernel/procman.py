@@ -314,6 +314,8 @@ class ProcessManager(Actor):
         if proc.state is not State.ZOMBIE:
             now = self.clock()
             proc.priority = priority
+            if proc.state is State.RUNNING:
+                proc.admitted_level = float(priority)  # it ranks by its new value from now on
             inst = self.where.get(pid)
             if inst is not None:
                 if proc.state is State.READY:
