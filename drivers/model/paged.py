@@ -213,7 +213,21 @@ class PagedEngine(BaseEngine):
                    for layer in inner.layers)
 
     # -- planning ----------------------------------------------------------------------------
-    def _plan(self) -> tuple[list[tuple[Sequence, int, int]], list[StepEvent]]:
+    @staticmethod
+    def _urgent_cut(order: list[Sequence]) -> int | None:
+        """The priority at or below which this step runs, when a prompt ranks strictly better than every
+        decoding sequence (else None: everyone runs).
+
+        An urgent prompt then gets a step of its own (with anything as urgent): its first token costs
+        one prefill, not a prefill inside the whole batch's decode step; the batch waits one step.
+        """
+        decoding = [s.priority for s in order if not s.parked and s.computed and len(s.tokens) - s.computed == 1]
+        prompts = [s.priority for s in order if not s.parked and not (s.computed and len(s.tokens) - s.computed == 1)]
+        if decoding and prompts and min(prompts) < min(decoding):
+            return min(prompts)
+        return None
+
+    def _plan(self, urgent_first: bool = True) -> tuple[list[tuple[Sequence, int, int]], list[StepEvent]]:
         """Choose (sequence, start, count) for this step among the active sequences; allocate their blocks.
 
         Decoding sequences go first, in rank order, each making room for its next token under the
@@ -229,11 +243,14 @@ class PagedEngine(BaseEngine):
         order = self.active()
         plan: list[tuple[Sequence, int, int]] = []
         planned: set[int] = set()
+        cut = self._urgent_cut(order) if urgent_first else None
         for seq in order:
             if budget <= 0 or len(plan) >= seats:
                 break
             if seq.parked or seq.computed == 0 or len(seq.tokens) - seq.computed != 1:
                 continue  # parked by a preemption above, or not decoding
+            if cut is not None and seq.priority > cut:
+                continue  # this step is an urgent prompt's
             room = self._make_room(seq, seq.computed + 1, planned)
             if isinstance(room, StepEvent):
                 events.append(room)
@@ -245,6 +262,8 @@ class PagedEngine(BaseEngine):
             if budget <= 0 or len(plan) >= seats:
                 break
             if seq.pid in planned or seq.pid not in self.seqs or seq.parked:
+                continue
+            if cut is not None and seq.priority > cut:
                 continue
             failed = self._never_fits(seq, len(seq.tokens))
             if failed is not None:
@@ -262,6 +281,9 @@ class PagedEngine(BaseEngine):
             plan.append((seq, seq.computed, n))
             planned.add(seq.pid)
             budget -= n
+        if cut is not None and not plan:  # the urgent prompt waits for memory: the batch must run to free it
+            more, later = self._plan(urgent_first=False)
+            return more, events + later
         return plan, events
 
     def _grow_cache(self, extra: int) -> None:

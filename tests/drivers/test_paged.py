@@ -66,6 +66,29 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(model_d
     assert len(per_step) > 3 and all(1 in s for s in per_step)  # the decode never stalled
 
 
+def test_an_urgent_prompt_gets_a_step_of_its_own_and_the_batch_waits_one_step(model_dir):
+    e = load_engine(model_dir, engine="paged", measure=False)
+    for pid in (1, 2, 3):
+        e.add(pid, e.encode(f"batch {pid}"), {"max_new_tokens": 40, **GREEDY}, priority=10)
+    e.step()
+    e.step()
+    e.add(9, e.encode("urgent"), {"max_new_tokens": 3, **GREEDY}, priority=-10)
+    first = e.step()
+    assert [ev.pid for ev in first if ev.token_ids] == [9] and e.last_batch == 1
+    assert {ev.pid for ev in e.step() if ev.token_ids} == {1, 2, 3, 9}  # then everyone decodes together
+    toks = run(e)
+    assert toks[9] and all(len(toks[p]) for p in (1, 2, 3))
+
+
+def test_an_urgent_prompt_that_must_wait_for_memory_does_not_stall_the_batch(model_dir):
+    e = load_engine(model_dir, engine="paged", block_size=4, num_blocks=9, measure=False)  # 32 slots
+    e.add(1, e.encode("a" * 20), {"max_new_tokens": 6, **GREEDY}, priority=10)
+    first = sum(len(ev.token_ids) for ev in e.step())
+    e.add(9, e.encode("b" * 20), {"max_new_tokens": 2, **GREEDY}, priority=-10)  # no room until 1 ends
+    toks = run(e, max_steps=200)
+    assert first + len(toks[1]) == 6 and len(toks[9]) == 2
+
+
 def test_sequences_join_and_leave_mid_batch_without_changing_their_output(model_dir):
     e = load_engine(model_dir, engine="paged", block_size=4)
     a, b, c = e.encode("first one"), e.encode("second"), e.encode("third joins late")
