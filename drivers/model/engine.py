@@ -166,6 +166,7 @@ class BaseEngine:
         self.swaps_in = 0
         self.recomputed_tokens = 0
         self.steps = 0
+        self.yields = 0  # steps abandoned between layers for an urgent arrival (paged engine)
         self.preemptions = 0
         self.last_batch = 0
         self.last_step_tokens = 0
@@ -253,7 +254,7 @@ class BaseEngine:
                 "step_tokens": self.last_step_tokens,
                 "kv_used": u.used, "kv_free": u.free, "kv_total": u.total, "kv_block_size": u.block_size,
                 "kv_bytes": self.pool.num_blocks * u.block_size * self.kv_token_bytes,
-                "kv_per_user": u.per_user, "steps": self.steps, "preemptions": self.preemptions,
+                "kv_per_user": u.per_user, "steps": self.steps, "step_yields": self.yields, "preemptions": self.preemptions,
                 "kv_policy": self.kv_policy, "swap_used": self.swap_used, "swap_total": self.swap_total,
                 "swaps_out": self.swaps_out, "swaps_in": self.swaps_in, "recomputed_tokens": self.recomputed_tokens,
                 "prefill_tokens_per_s": self.prefill_tokens_per_s}

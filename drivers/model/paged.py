@@ -61,8 +61,14 @@ def _length_groups(ctx: list[int], block_size: int) -> list[tuple[int, int]]:
     return groups[::-1]
 
 
+class StepYielded(Exception):
+    """The step in flight gave way to an urgent arrival (see ``PagedEngine._forward``)."""
+
+
 class PagedEngine(BaseEngine):
     kind = "paged"
+    # set by the worker: floor -> True when an op waits that brings a sequence of priority below floor
+    urgent_waiting = None
 
     def __init__(self, model: Any, tokenizer: Any, device: torch.device, name: str = "model", **kw: Any) -> None:
         super().__init__(model, tokenizer, device, name, **kw)
@@ -306,8 +312,13 @@ class PagedEngine(BaseEngine):
         self.last_step_tokens = sum(n for _, _, n in plan)
         if not plan:
             return events
+        floor = min(seq.priority for seq, _, _ in plan)
         try:
-            logits = self._forward(plan)
+            logits = self._forward(plan, floor)
+        except StepYielded:  # an urgent sequence arrived: nothing of this step is kept (its KV writes are redone)
+            self.yields += 1
+            self.last_step_tokens = 0
+            return events
         except Exception as exc:  # a failed forward fails this step's sequences, not the worker
             for seq, _, _ in plan:
                 events.append(self._fail(seq, Errno.EIO, f"model step failed: {type(exc).__name__}: {exc}"))
@@ -359,8 +370,14 @@ class PagedEngine(BaseEngine):
         gate, up = gate_up.split(gate_up.shape[1] // 2, dim=1)
         return mlp.act_fn(gate) * up
 
-    def _forward(self, plan: list[tuple[Sequence, int, int]]) -> torch.Tensor:
+    def _forward(self, plan: list[tuple[Sequence, int, int]], floor: int | None = None) -> torch.Tensor:
         """One forward over the packed batch; returns logits for the sequences that sample this step.
+
+        Between layers it asks ``urgent_waiting(floor)`` (set by the worker: is an op waiting that brings
+        a sequence ranking strictly better than ``floor``, the best priority in this step?) and raises
+        StepYielded when so: a step is preemptible at layer granularity, so an urgent arrival waits at
+        most one layer of the step in flight, not all of it. Nothing the step did is kept: ``computed``
+        only advances after the forward, and the slots it wrote are written again by the redo.
 
         ``plan`` is ordered decodes first (one token each), so the first ``nd`` packed tokens are
         the decode queries and need no gather.
@@ -420,7 +437,10 @@ class PagedEngine(BaseEngine):
         gqa = KV != H
         linear = self.linear
         delta = None  # the previous layer's MLP output; the next norm adds it to h
+        check = self.urgent_waiting if floor is not None else None
         for li, layer in enumerate(self.layers):
+            if check is not None and li and check(floor):
+                raise StepYielded()
             attn = layer.self_attn
             w_qkv, b_qkv, w_o, b_o, w_gu, w_down, b_down = self.linears[li]
             qkv = linear(self._norm(h, delta, layer.input_layernorm), w_qkv, b_qkv)

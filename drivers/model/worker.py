@@ -89,6 +89,7 @@ class Worker:
             hf_logging.disable_progress_bar()
             t0 = time.time()
             self.engine = load_engine(self.model_path, self.device, **self.options)
+            self.engine.urgent_waiting = self._urgent_waiting  # the paged engine's steps yield to urgent arrivals
             info = self.engine.info()
             info["load_s"] = time.time() - t0
             # the millions of objects torch and transformers created at import never die: keep the
@@ -230,6 +231,12 @@ class Worker:
             return p.Encoded(msg.rid, **wire_error(Errno.EINVAL, f"cannot encode input: {type(exc).__name__}: {exc}"))
 
     # -- ops, applied by the main thread between steps --------------------------------------
+    def _urgent_waiting(self, floor: int) -> bool:
+        """True when an op waiting in the inbox brings a sequence into the batch (add, resume) with a priority
+        strictly better than ``floor``: the step in flight then yields (called between layers)."""
+        with self.inbox.mutex:
+            return any(isinstance(msg, (p.Add, p.Resume)) and msg.priority < floor for msg in self.inbox.queue)
+
     def handle(self, msg: Any) -> None:
         """Apply one kernel message (a ``protocol`` message, or its wire map) to the engine."""
         if isinstance(msg, dict):

@@ -80,6 +80,35 @@ def test_an_urgent_prompt_gets_a_step_of_its_own_and_the_batch_waits_one_step(mo
     assert toks[9] and all(len(toks[p]) for p in (1, 2, 3))
 
 
+def test_a_step_in_flight_yields_between_layers_to_an_urgent_arrival_and_loses_nothing(model_dir):
+    def run_with(yield_at):
+        e = load_engine(model_dir, engine="paged", measure=False)
+        asked = []
+
+        def urgent_waiting(floor):
+            asked.append(floor)
+            return len(asked) in yield_at  # an urgent op "arrives" at these checks
+
+        e.urgent_waiting = urgent_waiting
+        for pid in (1, 2):
+            e.add(pid, e.encode(f"batch {pid}"), {"max_new_tokens": 6, **GREEDY}, priority=3 + pid)
+        out, steps = {}, 0
+        while e.has_work():
+            evs = e.step()
+            steps += 1
+            if len(asked) in yield_at and not evs:
+                assert e.last_step_tokens == 0 and e.yields >= 1  # a yielded step computed nothing
+            for ev in evs:
+                out.setdefault(ev.pid, []).extend(ev.token_ids)
+        return out, steps, asked, e.yields
+
+    plain, plain_steps, asked, _ = run_with(set())
+    assert set(asked) == {4}  # the floor: the best priority in the step
+    yielded, steps, _, yields = run_with({1, 5})  # the first prefill step and a decode step give way
+    assert yields == 2 and steps == plain_steps + 2
+    assert yielded == plain  # the redone steps give exactly the tokens
+
+
 def test_an_urgent_prompt_that_must_wait_for_memory_does_not_stall_the_batch(model_dir):
     e = load_engine(model_dir, engine="paged", block_size=4, num_blocks=9, measure=False)  # 32 slots
     e.add(1, e.encode("a" * 20), {"max_new_tokens": 6, **GREEDY}, priority=10)
