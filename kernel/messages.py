@@ -1,4 +1,8 @@
-"""Messages between the kernel's actors. Plain dataclasses: the actor contract is the type."""
+"""Messages between the kernel's actors. Plain dataclasses: the actor contract is the type.
+
+One word for a person: ``user`` is whoever calls (the account a connection speaks for); a process's
+``owner`` is the user who spawned it.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any
 # -- to the ProcessManager -----------------------------------------------------------------
 @dataclass
 class Spawn:
-    owner: str
+    user: str  # the caller (a process's owner is the user who spawned it)
     model: str
     executors: list[Any]  # the model's instances (Executor actors); the least loaded one runs it
     prompt_ids: list[int]
@@ -26,7 +30,7 @@ class Spawn:
 class Nice:
     pid: int
     priority: int
-    owner: str
+    user: str
 
 
 @dataclass
@@ -34,7 +38,7 @@ class PrepareTurn:
     """A write to a session: check it may take a turn and reserve it; answers (executor, Encode) for the handler."""
 
     pid: int
-    owner: str
+    user: str
     content: str
     role: str
 
@@ -44,7 +48,7 @@ class StartTurn:
     """The turn's whole context, encoded: append it to the session and run it; answers a stream queue."""
 
     pid: int
-    owner: str
+    user: str
     prompt_ids: list[int]
 
 
@@ -58,7 +62,7 @@ class CancelTurn:
 @dataclass
 class Close:
     pid: int
-    owner: str
+    user: str
 
 
 @dataclass
@@ -73,7 +77,7 @@ class ExecutorReady:
 @dataclass
 class Wait:
     pid: int
-    owner: str
+    user: str
     reap: bool
 
 
@@ -87,7 +91,7 @@ class CancelWait:
 class Kill:
     pid: int
     signal: str
-    owner: str
+    user: str
 
 
 @dataclass
@@ -103,7 +107,7 @@ class Stat:
 @dataclass
 class Subscribe:
     pid: int
-    owner: str
+    user: str
 
 
 @dataclass

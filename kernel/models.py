@@ -83,38 +83,40 @@ class ModelManager(Actor):
                 return
 
     async def receive(self, msg: Any) -> Any:
-        if isinstance(msg, m.Acquire):
-            return await self._acquire(msg.model, msg.keep_alive)
-        if isinstance(msg, m.Release):
-            if msg.token.pending > 0:
-                msg.token.pending -= 1
-            return None
-        if isinstance(msg, m.Load):
-            path = resolve_model(msg.model)
-            self._options(path, msg.options)  # refuse bad options even when the model is loaded
-            entry = self.models.get(path)
-            if entry is not None:
-                self._check_same(entry, msg.options)
-                if msg.options.get("keep_alive") is not None:
-                    entry.keep_alive = float(msg.options["keep_alive"])
-            entry = await self._load(path, msg.options)
-            return [ex.ready for ex in entry.executors]
-        if isinstance(msg, m.Unload):
-            return await self._unload_request(msg.model, msg.force)
-        if isinstance(msg, m.Describe):
-            return self._describe(msg.model)
-        if isinstance(msg, m.ListModels):
-            return [e.describe() for e in self.models.values()]
-        if isinstance(msg, m.Devices):
-            return {"devices": [{**inv, **use} for inv, use in zip(self.devices.inventory(), self.devices.usage())]}
-        if isinstance(msg, m.Tick):
-            return await self._reap_idle()
-        if isinstance(msg, m.ExecutorGone):
-            return await self._executor_gone(msg.executor)
-        if isinstance(msg, m.StopAll):
-            for path in list(self.models):
-                await self._unload(path)
-            return None
+        match msg:
+            case m.Acquire():
+                return await self._acquire(msg.model, msg.keep_alive)
+            case m.Release():
+                if msg.token.pending > 0:
+                    msg.token.pending -= 1
+                return None
+            case m.Load():
+                path = resolve_model(msg.model)
+                self._options(path, msg.options)  # refuse bad options even when the model is loaded
+                entry = self.models.get(path)
+                if entry is not None:
+                    self._check_same(entry, msg.options)
+                    if msg.options.get("keep_alive") is not None:
+                        entry.keep_alive = float(msg.options["keep_alive"])
+                entry = await self._load(path, msg.options)
+                return [ex.ready for ex in entry.executors]
+            case m.Unload():
+                return await self._unload_request(msg.model, msg.force)
+            case m.Describe():
+                return self._describe(msg.model)
+            case m.ListModels():
+                return [e.describe() for e in self.models.values()]
+            case m.Devices():
+                return {"devices": [{**inv, **use} for inv, use in zip(self.devices.inventory(),
+                                                                       self.devices.usage())]}
+            case m.Tick():
+                return await self._reap_idle()
+            case m.ExecutorGone():
+                return await self._executor_gone(msg.executor)
+            case m.StopAll():
+                for path in list(self.models):
+                    await self._unload(path)
+                return None
         raise TypeError(f"models cannot handle {type(msg).__name__}")
 
     # -- loading ---------------------------------------------------------------------------

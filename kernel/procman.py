@@ -167,13 +167,13 @@ class ProcessManager(Actor):
             case m.Spawn():
                 return self.spawn(msg)
             case m.Wait():
-                return self.wait(msg.pid, msg.owner, msg.reap)
+                return self.wait(msg.pid, msg.user, msg.reap)
             case m.CancelWait():
                 return self.cancel_wait(msg)
             case m.Kill():
-                return self.kill(msg.pid, msg.signal, msg.owner)
+                return self.kill(msg.pid, msg.signal, msg.user)
             case m.Nice():
-                return self.nice(msg.pid, msg.priority, msg.owner)
+                return self.nice(msg.pid, msg.priority, msg.user)
             case m.PrepareTurn():
                 return self.prepare_turn(msg)
             case m.StartTurn():
@@ -182,7 +182,7 @@ class ProcessManager(Actor):
                 self.turn_pending.discard(msg.pid)
                 return None
             case m.Close():
-                return self.close(msg.pid, msg.owner)
+                return self.close(msg.pid, msg.user)
             case m.Ps():
                 kept, omitted = fit_records([p.record() for p in self.table])
                 return {"processes": kept, "omitted": omitted}
@@ -202,7 +202,7 @@ class ProcessManager(Actor):
             case m.Tick():
                 return self.tick()
             case m.Subscribe():
-                return self.subscribe(msg.pid, msg.owner)
+                return self.subscribe(msg.pid, msg.user)
             case m.Unsubscribe():
                 lst = self.subscribers.get(msg.pid)
                 if lst and msg.queue in lst:
@@ -224,7 +224,7 @@ class ProcessManager(Actor):
     # -- syscalls --------------------------------------------------------------------------
     def spawn(self, msg: m.Spawn) -> int:
         now = self.clock()
-        if msg.priority < 0 and msg.owner not in self.admins:
+        if msg.priority < 0 and msg.user not in self.admins:
             raise NotPermitted(f"only the admin may run a process at a negative nice value ({msg.priority}); "
                                "use 0..19")
         live = [self.instances[e.id] for e in msg.executors if e.id in self.instances and not self.instances[e.id].dead]
@@ -235,16 +235,16 @@ class ProcessManager(Actor):
             raise Busy(f"the run queue is full ({queued} processes wait; the limit is {self.config.max_queue}): "
                        "retry in a few seconds, once some have run")
         inst = min(live, key=lambda i: len(i.running) + len(i.queue))
-        user_live = sum(1 for p in self.table if p.owner == msg.owner and p.state is not State.ZOMBIE)
-        self.quotas.check_start(msg.owner, user_live, len(msg.prompt_ids),
+        user_live = sum(1 for p in self.table if p.owner == msg.user and p.state is not State.ZOMBIE)
+        self.quotas.check_start(msg.user, user_live, len(msg.prompt_ids),
                                 wp.blocks_for(len(msg.prompt_ids) + 1, inst.block_size), now)
-        proc = self.table.create(owner=msg.owner, model=msg.model, priority=msg.priority, params=msg.params,
+        proc = self.table.create(owner=msg.user, model=msg.model, priority=msg.priority, params=msg.params,
                                  prompt_ids=msg.prompt_ids, session=msg.session)
         proc.arrival = proc.state_since = now
         proc.block_size = inst.block_size
         proc.deadline_s, proc.queue_timeout_s = msg.deadline, msg.queue_timeout
         proc.limit_output(_context_len(inst.info))
-        self.quotas.use_tokens(msg.owner, len(msg.prompt_ids), now)
+        self.quotas.use_tokens(msg.user, len(msg.prompt_ids), now)
         inst.placed.add(proc.pid)
         self.where[proc.pid] = inst
         if msg.session:
@@ -268,8 +268,8 @@ class ProcessManager(Actor):
         self._schedule(inst)
         return proc.pid
 
-    def wait(self, pid: int, owner: str, reap: bool) -> asyncio.Future:
-        proc = self._owned(pid, owner)
+    def wait(self, pid: int, user: str, reap: bool) -> asyncio.Future:
+        proc = self._owned(pid, user)
         fut = asyncio.get_running_loop().create_future()
         if proc.state is State.ZOMBIE:
             fut.set_result(proc.result())
@@ -286,8 +286,8 @@ class ProcessManager(Actor):
         else:
             self.waiters.pop(msg.pid, None)
 
-    def kill(self, pid: int, signal: str, owner: str) -> dict:
-        proc = self._owned(pid, owner)
+    def kill(self, pid: int, signal: str, user: str) -> dict:
+        proc = self._owned(pid, user)
         now = self.clock()
         if proc.state is State.ZOMBIE:
             return {"pid": proc.pid, "state": proc.state.value}
@@ -307,9 +307,9 @@ class ProcessManager(Actor):
         self.log.info("signal", pid=proc.pid, signal=signal, state=proc.state.value)
         return {"pid": proc.pid, "state": proc.state.value}
 
-    def nice(self, pid: int, priority: int, owner: str) -> dict:
-        proc = self._owned(pid, owner)
-        if priority < 0 and owner not in self.admins:
+    def nice(self, pid: int, priority: int, user: str) -> dict:
+        proc = self._owned(pid, user)
+        if priority < 0 and user not in self.admins:
             raise NotPermitted(f"only the admin may set a negative nice value ({priority}); use 0..19")
         if proc.state is not State.ZOMBIE:
             now = self.clock()
@@ -326,22 +326,22 @@ class ProcessManager(Actor):
             self.log.info("renice", pid=pid, priority=priority)
         return {"pid": pid, "priority": proc.priority, "state": proc.state.value}
 
-    def close(self, pid: int, owner: str) -> asyncio.Future:
+    def close(self, pid: int, user: str) -> asyncio.Future:
         """End a session now (finish reason ``closed``), or any other process as TERM would; the future
         resolves with its result and the process is reaped."""
-        proc = self._owned(pid, owner)
-        fut = self.wait(pid, owner, reap=True)
+        proc = self._owned(pid, user)
+        fut = self.wait(pid, user, reap=True)
         if proc.state is not State.ZOMBIE:
             if proc.session:
                 if proc.in_engine:
                     self._tell(self.where.get(pid), wp.Abort(pid))
                 self._finish(proc, "closed")
             else:
-                self.kill(pid, "TERM", owner)
+                self.kill(pid, "TERM", user)
         return fut
 
-    def subscribe(self, pid: int, owner: str) -> asyncio.Queue:
-        proc = self._owned(pid, owner)
+    def subscribe(self, pid: int, user: str) -> asyncio.Queue:
+        proc = self._owned(pid, user)
         q: asyncio.Queue = asyncio.Queue()
         if proc.token_ids or proc.text_parts:
             q.put_nowait({"text": "".join(proc.text_parts), "token_ids": list(proc.token_ids)})
@@ -355,7 +355,7 @@ class ProcessManager(Actor):
 
     # -- sessions ----------------------------------------------------------------------------
     def prepare_turn(self, msg: m.PrepareTurn) -> tuple[Any, m.Encode]:
-        proc = self._owned(msg.pid, msg.owner)
+        proc = self._owned(msg.pid, msg.user)
         if not proc.session:
             raise InvalidArgument(f"process {proc.pid} is not a session (spawn it with session=true to write to it)")
         if proc.state is State.ZOMBIE:
@@ -375,7 +375,7 @@ class ProcessManager(Actor):
 
     def start_turn(self, msg: m.StartTurn) -> asyncio.Queue:
         self.turn_pending.discard(msg.pid)
-        proc = self._owned(msg.pid, msg.owner)
+        proc = self._owned(msg.pid, msg.user)
         if proc.state is not State.BLOCKED:
             raise Busy(f"session {proc.pid} is {proc.state.value}; it can take a turn only when BLOCKED")
         now = self.clock()
@@ -531,10 +531,11 @@ class ProcessManager(Actor):
         self._rearm()
 
     # -- internals -------------------------------------------------------------------------
-    def _owned(self, pid: int, owner: str) -> LLMProcess:
+    def _owned(self, pid: int, user: str) -> LLMProcess:
+        """The process, when ``user`` owns it or is an admin; NotPermitted (EPERM) otherwise."""
         proc = self.table.get(pid)
-        if owner != proc.owner and owner not in self.admins:
-            raise NotPermitted(f"process {pid} belongs to {proc.owner}, not {owner}")
+        if user != proc.owner and user not in self.admins:
+            raise NotPermitted(f"process {pid} belongs to {proc.owner}, not {user}")
         return proc
 
     def _tell(self, inst: Instance | None, msg: Any) -> bool:
