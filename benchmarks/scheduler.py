@@ -88,7 +88,7 @@ async def batch_load(c, model: str, reqs, urgent: list[int] | None, arrivals: in
     return sum(len(r.token_ids) for r in results) / dt, ttfts
 
 
-async def urgent_bench(address: str, model: str, batch: int, output: int, arrivals: int) -> dict:
+async def urgent_bench(address: str, model: str, batch: int, output: int, arrivals: int, repeats: int) -> dict:
     from llmos import AsyncClient
 
     reqs = workload(4096, n=batch, seed=1, prompt=(16, 48), output=(output, output))
@@ -97,26 +97,35 @@ async def urgent_bench(address: str, model: str, batch: int, output: int, arriva
         await c.model_load(model, keep_alive=-1)
         await c.wait(await c.spawn(prompt_ids=urgent, model=model, max_new_tokens=4, temperature=0.0))  # warm-up
         alone = await urgent_alone(c, model, urgent)
-        tput_plain, _ = await batch_load(c, model, reqs, None, 0)
-        tput_urgent, ttfts = await batch_load(c, model, reqs, urgent, arrivals)
+        plain, loaded, ttfts = [], [], []
+        for _ in range(repeats):  # alternate, so drifts of the machine hit both alike
+            plain.append((await batch_load(c, model, reqs, None, 0))[0])
+            tput, t = await batch_load(c, model, reqs, urgent, arrivals)
+            loaded.append(tput)
+            ttfts += t
         metrics = await c.metrics()
     preempt = sum(e.get("preemptions", 0) for e in metrics["models"])
-    return {"alone": alone, "worst": max(ttfts), "ttfts": ttfts, "tput_plain": tput_plain,
-            "tput_urgent": tput_urgent, "preemptions": preempt}
+    return {"alone": alone, "worst": max(ttfts), "ttfts": ttfts, "tput_plain": statistics.median(plain),
+            "tput_urgent": statistics.median(loaded), "preemptions": preempt}
 
 
-async def throughput(address: str, model: str, max_batch: int | None) -> float:
+async def throughput(address: str, model: str, max_batch: int | None, repeats: int) -> float:
+    """Median tokens/s over ``repeats`` runs of the issue-3 workload (32 requests at once)."""
     from llmos import AsyncClient
 
     reqs = workload(4096, n=32, seed=0)
+    out = []
     async with AsyncClient(address) as c:
         await c.model_load(model, keep_alive=-1, **({"max_batch": max_batch} if max_batch else {}))
         await c.wait(await c.spawn(prompt_ids=reqs[0].prompt_ids, model=model, max_new_tokens=4, temperature=0.0))
-        t = time.perf_counter()
-        pids = await asyncio.gather(*(c.spawn(prompt_ids=r.prompt_ids, model=model, max_new_tokens=r.max_new_tokens,
-                                              temperature=0.0, ignore_eos=True) for r in reqs))
-        results = await asyncio.gather(*(c.wait(p) for p in pids))
-        return sum(len(r.token_ids) for r in results) / (time.perf_counter() - t)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            pids = await asyncio.gather(*(c.spawn(prompt_ids=r.prompt_ids, model=model,
+                                                  max_new_tokens=r.max_new_tokens, temperature=0.0, ignore_eos=True)
+                                          for r in reqs))
+            results = await asyncio.gather(*(c.wait(p) for p in pids))
+            out.append(sum(len(r.token_ids) for r in results) / (time.perf_counter() - t))
+    return statistics.median(out)
 
 
 def main() -> int:
@@ -126,6 +135,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=48, help="nice +10 processes in the batch load")
     ap.add_argument("--output", type=int, default=160, help="tokens each batch process generates")
     ap.add_argument("--arrivals", type=int, default=4, help="urgent processes arriving during the load")
+    ap.add_argument("--repeats", type=int, default=3, help="repetitions (medians for throughput; the urgent "
+                    "TTFT is the worst over all of them)")
     ap.add_argument("--policies", default="priority,fcfs", help="comma-separated policies to compare")
     ap.add_argument("--skip-tuning", action="store_true", help="only the urgent-latency benchmark")
     args = ap.parse_args()
@@ -136,7 +147,7 @@ def main() -> int:
         for policy in args.policies.split(","):
             proc, address = start(root / f"k-{policy}", "--max-batch", "16", "--sched-policy", policy)
             try:
-                r = asyncio.run(urgent_bench(address, model, args.batch, args.output, args.arrivals))
+                r = asyncio.run(urgent_bench(address, model, args.batch, args.output, args.arrivals, args.repeats))
             finally:
                 stop(proc)
             rows.append((policy, r))
@@ -150,14 +161,15 @@ def main() -> int:
             for mb in (None, 16, 32, 64):
                 proc, address = start(root / f"k-mb{mb}", *(["--max-batch", str(mb)] if mb else []))
                 try:
-                    tuning.append((mb, asyncio.run(throughput(address, model, mb))))
+                    tuning.append((mb, asyncio.run(throughput(address, model, mb, args.repeats))))
                 finally:
                     stop(proc)
                 print(f"max_batch {mb or 'default'}: {tuning[-1][1]:.0f} tok/s", flush=True)
     print()
-    print(f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; `python -m benchmarks.scheduler --shape {args.shape}`")
+    print(f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}; `python -m benchmarks.scheduler --shape {args.shape}` ({args.batch} x {args.output} tokens "
+          f"at nice +10 in 16 slots, {args.arrivals} nice -10 arrivals per load, {args.repeats} repeats)")
     print()
-    print("| policy | urgent TTFT alone | worst urgent TTFT under load | ratio | batch tok/s | with urgent | drop |")
+    print("| policy | urgent TTFT alone | worst urgent TTFT under load | ratio | batch tok/s (median) | with urgent | drop |")
     print("|---|---|---|---|---|---|---|")
     for policy, r in rows:
         print(f"| {policy} | {r['alone'] * 1e3:.0f} ms | {r['worst'] * 1e3:.0f} ms | {r['worst'] / r['alone']:.1f}x | "
