@@ -170,8 +170,8 @@ SYSCALLS: tuple[Syscall, ...] = (
     ),
     Syscall(
         12, "kill", "Send a signal: TERM cancels and keeps partial output, KILL ends it at once, STOP suspends it "
-        "(it leaves the batch, its KV swapped out; state STOPPED), CONT resumes it exactly where it was. Only the "
-        "owner or the admin may signal a process.",
+        "(it leaves the batch, its KV swapped out; state STOPPED; the tokens of the step in flight when it arrived "
+        "still land), CONT resumes it exactly where it was. Only the owner or the admin may signal a process.",
         request=(PID, Field("signal", "str", "signal name", default="TERM", choices=SIGNALS)),
         reply=(PID, Field("state", "str", "state after the signal was delivered")),
         errors=(E.ESRCH, E.EPERM, E.EINVAL),
