@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+END = object()  # put on a stream queue (stream, write) after the final chunk, with the result
+
 
 # -- to the ProcessManager -----------------------------------------------------------------
 @dataclass

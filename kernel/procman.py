@@ -12,113 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
-
-import msgpack
 
 from llmos.drivers.model import protocol as wp
 from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor, ActorStopped
 from llmos.kernel.config import KernelConfig, quotas_of
 from llmos.kernel.process import KV_DEVICE, KV_NONE, KV_SWAP, LLMProcess, ProcessTable, State
-from llmos.kernel.quota import Quotas, Timers
+from llmos.kernel.quota import Timers
+from llmos.kernel.accounting import FinishedStats, fit_records
+from llmos.kernel.instance import Instance, context_len
 from llmos.kernel.retention import Zombie, to_reap
-from llmos.kernel.scheduler import Capacity, Plan, RunQueue, SchedParams, Task, decide, level, queue_key
-from llmos.syscalls import protocol
-from llmos.syscalls.errors import (Busy, DeviceError, Errno, InvalidArgument, NotPermitted, TooBig, wire_error)
+from llmos.kernel.sessions import SessionsMixin
+from llmos.kernel.scheduler import Plan, SchedParams, Task, decide, level, queue_key
+from llmos.syscalls.errors import Busy, DeviceError, Errno, NotPermitted, wire_error
 
-END = object()  # put on a stream queue after the final chunk
-
-
-class FinishedStats:
-    """Timings of the last N finished processes, for the metrics syscall (bounded memory)."""
-
-    KEYS = ("queue_time_s", "ttft_s", "tpot_s", "total_time_s")
-
-    def __init__(self, keep: int = 1000) -> None:
-        self.keep = keep
-        self.rows: list[dict] = []
-        self.count = 0
-        self.tokens_in = 0
-        self.tokens_out = 0
-        self.reasons: dict[str, int] = {}
-
-    def add(self, stats: dict, reason: str) -> None:
-        self.count += 1
-        self.tokens_in += stats["prompt_tokens"]
-        self.tokens_out += stats["output_tokens"]
-        self.reasons[reason] = self.reasons.get(reason, 0) + 1
-        self.rows.append(stats)
-        if len(self.rows) > self.keep:
-            del self.rows[: len(self.rows) - self.keep]
-
-    def summary(self) -> dict:
-        out: dict = {"count": self.count, "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
-                     "finish_reasons": dict(self.reasons)}
-        for key in self.KEYS:
-            vals = sorted(r[key] for r in self.rows if r.get(key) is not None)
-            if vals:
-                out[key] = {"mean": sum(vals) / len(vals), "p50": vals[len(vals) // 2],
-                            "p95": vals[min(len(vals) - 1, int(len(vals) * 0.95))], "max": vals[-1]}
-        return out
+END = m.END  # the stream queues' end marker
 
 
-# What a list of records in one reply may take, leaving room for the rest of the reply.
-RECORDS_BUDGET_BYTES = protocol.MAX_FRAME_BYTES - (1 << 20)
-
-
-def fit_records(records: list[dict], budget: int = RECORDS_BUDGET_BYTES) -> tuple[list[dict], int]:
-    """The records that fit ``budget`` bytes as MessagePack, in order, and how many were left out."""
-    kept: list[dict] = []
-    used = omitted = 0
-    for rec in records:
-        size = len(msgpack.packb(rec, use_bin_type=True, default=str))
-        if used + size > budget:
-            omitted += 1
-        else:
-            kept.append(rec)
-            used += size
-    return kept, omitted
-
-
-@dataclass
-class Instance:
-    """One model instance as the ProcessManager sees it; only the ProcessManager reads or writes it.
-
-    Invariants (tested): a pid is in ``queue`` only while READY, in ``running`` only while RUNNING,
-    in ``parked`` only while BLOCKED or STOPPED with its sequence in the engine; ``placed`` holds every
-    live pid placed here. ``ref`` is only ever told messages.
-    """
-
-    id: str
-    ref: Any
-    info: dict[str, Any]
-    stats: dict[str, Any] = field(default_factory=dict)
-    queue: RunQueue = field(default_factory=RunQueue)
-    running: set[int] = field(default_factory=set)
-    parked: set[int] = field(default_factory=set)
-    placed: set[int] = field(default_factory=set)
-    dead: bool = False
-
-    @property
-    def block_size(self) -> int:
-        return int(self.info.get("kv_block_size") or wp.BLOCK_SIZE)
-
-    def capacity(self, user_caps: dict[str, int] | None) -> Capacity:
-        s, i = self.stats, self.info
-        total = int(s.get("kv_total") or i.get("kv_blocks") or 0)
-        swap_total = int(s.get("swap_total") or i.get("swap_blocks") or 0)
-        return Capacity(max_batch=int(i.get("max_batch") or 16), kv_total=total, block_size=self.block_size,
-                        swap_free=max(0, swap_total - int(s.get("swap_used") or 0)),
-                        kv_bytes_per_token=int(i.get("kv_bytes_per_token") or 0),
-                        swap_bytes_per_s=float(i.get("swap_bytes_per_s") or 0.0),
-                        prefill_tokens_per_s=float(s.get("prefill_tokens_per_s") or i.get("prefill_tokens_per_s")
-                                                   or 0.0),
-                        user_kv_cap=user_caps, kv_used=int(s.get("kv_used") or 0))
-
-
-class ProcessManager(Actor):
+class ProcessManager(SessionsMixin, Actor):
     def __init__(self, config: KernelConfig | None = None, clock: Callable[[], float] = time.monotonic,
                  tick_s: float | None = None, admins: frozenset[str] = frozenset({"root"})) -> None:
         """``clock``: monotonic seconds for every duration (aging, quanta, deadlines, retention); tests pass
@@ -243,7 +155,7 @@ class ProcessManager(Actor):
         proc.arrival = proc.state_since = now
         proc.block_size = inst.block_size
         proc.deadline_s, proc.queue_timeout_s = msg.deadline, msg.queue_timeout
-        proc.limit_output(_context_len(inst.info))
+        proc.limit_output(context_len(inst.info))
         self.quotas.use_tokens(msg.user, len(msg.prompt_ids), now)
         inst.placed.add(proc.pid)
         self.where[proc.pid] = inst
@@ -352,92 +264,6 @@ class ProcessManager(Actor):
         else:
             self.subscribers.setdefault(proc.pid, []).append(q)
         return q
-
-    # -- sessions ----------------------------------------------------------------------------
-    def prepare_turn(self, msg: m.PrepareTurn) -> tuple[Any, m.Encode]:
-        proc = self._owned(msg.pid, msg.user)
-        if not proc.session:
-            raise InvalidArgument(f"process {proc.pid} is not a session (spawn it with session=true to write to it)")
-        if proc.state is State.ZOMBIE:
-            raise InvalidArgument(f"session {proc.pid} has ended ({proc.finish_reason})")
-        if proc.state is not State.BLOCKED or proc.pid in self.turn_pending:
-            raise Busy(f"session {proc.pid} is {proc.state.value}"
-                       + (" (stopped: CONT it first)" if proc.state is State.STOPPED else
-                          ": it is still answering; wait for the reply (stream it), then write"))
-        inst = self.where.get(proc.pid)
-        if inst is None or inst.dead:
-            raise DeviceError(f"the model instance of session {proc.pid} has stopped")
-        self.turn_pending.add(proc.pid)
-        if proc.messages is not None:
-            return inst.ref, m.Encode(None, [*proc.messages, {"role": msg.role, "content": msg.content}])
-        # a plain-text session's turn is its text's tokens after the context it holds (never re-tokenised)
-        return inst.ref, m.Encode(msg.content, None, add_special_tokens=False)
-
-    def start_turn(self, msg: m.StartTurn) -> asyncio.Queue:
-        self.turn_pending.discard(msg.pid)
-        proc = self._owned(msg.pid, msg.user)
-        if proc.state is not State.BLOCKED:
-            raise Busy(f"session {proc.pid} is {proc.state.value}; it can take a turn only when BLOCKED")
-        now = self.clock()
-        inst = self.where[proc.pid]
-        ids = list(msg.prompt_ids) if proc.messages is not None else [*proc.prompt_ids, *proc.token_ids,
-                                                                        *msg.prompt_ids]
-        new = len(ids) - proc.context_tokens
-        self.quotas.check_start(proc.owner, 0, max(new, 0), wp.blocks_for(len(msg.prompt_ids) + 1, inst.block_size),
-                                now)
-        self.quotas.use_tokens(proc.owner, max(new, 0), now)
-        if len(ids) > (_context_len(inst.info) or len(ids)):
-            raise TooBig(f"session {proc.pid} would hold {len(ids)} tokens; the model's context holds "
-                         f"{_context_len(inst.info)}: close it and start a new one")
-        proc.prompt_ids = ids
-        proc.limit_output(_context_len(inst.info))
-        self._begin_turn(proc, now)
-        if proc.in_engine:
-            self._tell(inst, wp.Append(proc.pid, proc.prompt_ids))
-        q: asyncio.Queue = asyncio.Queue()
-        self.subscribers.setdefault(proc.pid, []).append(q)
-        proc.transition(State.READY, now)
-        self._enqueue(inst, proc, now)
-        self._schedule(inst)
-        return q
-
-    def _begin_turn(self, proc: LLMProcess, now: float) -> None:
-        proc.token_ids, proc.text_parts, proc.final_text = [], [], None
-        proc.first_token_at = proc.last_token_at = None
-        proc.turn_started, proc.turn_prefill = now, 0
-        proc.sched.turns += 1
-        if proc.deadline_s is not None:
-            self._arm(proc.pid, "deadline", now + proc.deadline_s)
-
-    def _turn_result(self, proc: LLMProcess) -> dict:
-        end = proc.last_token_at or time.time()
-        start_wall = time.time() - (self.clock() - (proc.turn_started or self.clock()))
-        return {"pid": proc.pid, "state": proc.state.value, "text": proc.text, "token_ids": list(proc.token_ids),
-                "finish_reason": proc.finish_reason, "error": proc.error,
-                "stats": {"prefill_tokens": proc.turn_prefill, "context_tokens": proc.context_tokens,
-                          "output_tokens": len(proc.token_ids),
-                          "ttft_s": (proc.first_token_at - start_wall) if proc.first_token_at else None,
-                          "total_time_s": max(0.0, end - start_wall)}}
-
-    def _end_turn(self, proc: LLMProcess, reason: str, final_text: str | None, now: float) -> None:
-        """A session's reply is done: it blocks for the next write, its KV kept on the device."""
-        inst = self.where[proc.pid]
-        inst.running.discard(proc.pid)
-        inst.parked.add(proc.pid)
-        proc.transition(State.BLOCKED, now)
-        proc.finish_reason = reason
-        if final_text is not None:
-            proc.final_text = final_text
-        if proc.messages is not None:
-            proc.messages.append({"role": "assistant", "content": proc.text})
-        else:
-            proc.transcript = (proc.transcript or "") + proc.text
-        self.timers.cancel(proc.pid, "deadline")
-        result = self._turn_result(proc)
-        for q in self.subscribers.pop(proc.pid, []):
-            q.put_nowait((END, result))
-        self.log.info("turn", pid=proc.pid, reason=reason, output_tokens=len(proc.token_ids),
-                      prefill_tokens=proc.turn_prefill)
 
     # -- executor events -------------------------------------------------------------------
     def step_events(self, msg: m.StepEvents) -> None:
@@ -726,7 +552,3 @@ class ProcessManager(Actor):
             self._reap(pid)
         if pids:
             self.log.info("reaped", count=len(pids), pids=pids[:20], owner=owner)
-
-
-def _context_len(info: dict) -> int | None:
-    return int(info["context_len"]) if info.get("context_len") else None
