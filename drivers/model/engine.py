@@ -23,12 +23,13 @@ from typing import Any
 import torch
 
 from llmos.drivers.memory import KVBlockPool
+from llmos.drivers.model.memory_contract import MemoryContract
 from llmos.drivers.model.protocol import BLOCK_SIZE, PREEMPT_MODES, StepEvent, blocks_for
 from llmos.drivers.model.prompt import check_length, check_prompt_chars, check_prompt_ids
 from llmos.drivers.model.sampling import SamplingParams
 from llmos.drivers.model.shape import model_shape
 from llmos.drivers.model.text import TextTracker, silent_tokens, split_stops
-from llmos.syscalls.errors import Errno, InvalidArgument, OutOfMemory, TooBig, quote, wire_error
+from llmos.syscalls.errors import Errno, InvalidArgument, TooBig, quote, wire_error
 
 __all__ = ["BaseEngine", "Sequence", "StepEvent", "load_engine", "load_model"]  # StepEvent: protocol's
 
@@ -110,7 +111,7 @@ def longest_token_chars(tokenizer: Any) -> int:
     return max(1, longest, int(getattr(backend, "max_input_chars_per_word", 0) or 0))
 
 
-class BaseEngine:
+class BaseEngine(MemoryContract):
     """What every engine shares: tokenizer handling, sequence bookkeeping, stop rules, the KV pool, the swap area.
 
     Subclasses implement ``_step`` (one step over the active sequences, recording prompt tokens computed
@@ -512,119 +513,6 @@ class BaseEngine:
     def _fail(self, seq: Sequence, errno: Errno, message: str) -> StepEvent:
         self._drop(seq.pid)
         return StepEvent(seq.pid, [], seq.text.finish(), "error", seq.text.text, wire_error(errno, message))
-
-    # -- the swap area: engines that hold KV tensors implement these -------------------------------
-    def _swap_out(self, seq: Sequence) -> Any:
-        """Copy ``seq``'s KV (its ``computed`` tokens) out of the pool into host memory; returns the handle."""
-        raise NotImplementedError
-
-    def _swap_in(self, seq: Sequence) -> None:
-        """Copy ``seq.swap`` back into its (newly allocated) pool blocks."""
-        raise NotImplementedError
-
-    def _swap_truncate(self, swap: Any, blocks: int, tokens: int) -> Any:
-        """The swap handle cut to its first ``blocks`` blocks (``tokens`` tokens)."""
-        raise NotImplementedError
-
-    def _cache_truncate(self, seq: Sequence, tokens: int) -> None:
-        """Engines with a per-sequence cache object cut it to ``tokens`` tokens."""
-
-    # -- memory: one contract for every engine ------------------------------------------------
-    def _block_limit(self, seq: Sequence) -> int:
-        """The most blocks this sequence could ever hold: the pool's (largest) size, and its user's cap."""
-        limit = (self.max_blocks if self.kv_policy == "dynamic" else self.pool.num_blocks) - 1
-        cap = self.pool.cap_of(seq.user)
-        return min(limit, cap) if cap is not None else limit
-
-    def _never_fits(self, seq: Sequence, tokens: int) -> StepEvent | None:
-        """The ENOMEM event (the sequence is dropped) when ``tokens`` need more blocks than it may ever hold."""
-        limit = self._block_limit(seq)
-        if blocks_for(tokens, self.pool.block_size) <= limit:
-            return None
-        return self._fail(seq, Errno.ENOMEM, f"{tokens} tokens need more KV blocks of {self.pool.block_size} "
-                                             f"than the {limit} this sequence may ever hold")
-
-    def _make_room(self, seq: Sequence, tokens: int, keep: set[int], active_victims: bool = True) -> StepEvent | bool:
-        """Give ``seq`` blocks for ``tokens`` slots, the memory contract every engine keeps.
-
-        A sequence that can never fit ends with ENOMEM (the event is returned). Otherwise, while the
-        pool (or the user's cap) is short, a holder of blocks not in ``keep`` (already run this step)
-        gives way: parked ones first (idle sessions: their KV is swapped out), then, when
-        ``active_victims``, the active one that ranks last (lowest priority, then newest). The victim is
-        parked (KV swapped out if the swap area has room, else dropped) and its event, ``preempted`` set,
-        joins this step's events: the kernel resumes it later. At its user's cap only that user's
-        sequences give way. True when ``seq`` has its blocks; False when it must wait (it was the one
-        preempted, or nobody could give way).
-        """
-        failed = self._never_fits(seq, tokens)
-        if failed is not None:
-            return failed
-        while not self._ensure(seq, tokens):
-            capped = self._capped(seq, tokens)
-            # an active victim never ranks before ``seq`` (no inversion): ``seq`` itself gives way first
-            victim = max((s for s in self.seqs.values() if s.pid not in keep and self.pool.tables.get(s.pid)
-                          and (s.parked or (active_victims and s.rank >= seq.rank))
-                          and (not capped or s.user == seq.user)), key=lambda s: (s.parked, s.rank), default=None)
-            if victim is None:
-                return False
-            self._force_preempt(victim)
-            if victim is seq:
-                return False
-        return True
-
-    def _force_preempt(self, seq: Sequence) -> None:
-        """Park ``seq`` under memory pressure (swap if the area has room), reporting it in this step's events."""
-        if not seq.parked:
-            seq.preemptions += 1
-            self.preemptions += 1
-        seq.parked = True
-        self._forced.append(self._evict(seq, "swap"))
-
-    def _capped(self, seq: Sequence, tokens: int) -> bool:
-        """True when the blocks ``seq`` needs for ``tokens`` slots would take its user past the user's cap."""
-        cap = self.pool.cap_of(seq.user)
-        need = max(1, blocks_for(max(tokens, seq.computed), self.pool.block_size) - len(self.pool.tables.get(seq.pid, ())))
-        return cap is not None and self.pool.used_by(seq.user) + need > cap
-
-    def _ensure(self, seq: Sequence, tokens: int) -> bool:
-        """Grow ``seq``'s block table to ``tokens`` slots (growing a dynamic pool if need be) and bring its
-        swapped-out KV back into the new blocks; no preemption."""
-        try:
-            self.pool.ensure(seq.pid, max(tokens, seq.computed), seq.user)
-        except OutOfMemory:
-            if self.kv_policy != "dynamic" or not self._grow():
-                return False
-            return self._ensure(seq, tokens)
-        if seq.swap is not None:
-            self._swap_in(seq)
-            self._drop_swap(seq)
-            self.swaps_in += 1
-        return True
-
-    def _grow(self) -> bool:
-        """The dynamic policy: double the pool (up to its maximum) while the host has the memory."""
-        import psutil
-
-        new = min(self.max_blocks, 2 * self.pool.num_blocks)
-        extra = new - self.pool.num_blocks
-        nbytes = extra * self.pool.block_size * self.kv_token_bytes
-        if extra <= 0 or (self.device.type == "cpu" and psutil.virtual_memory().available < nbytes + 2**30):
-            return False
-        self._grow_cache(extra)
-        self.pool.grow(new)
-        return True
-
-    def _grow_cache(self, extra: int) -> None:
-        """Engines that hold the KV tensors themselves add ``extra`` blocks to them."""
-
-    def _shrink_if_idle(self) -> None:
-        """The dynamic policy gives memory back once no sequence holds blocks."""
-        if self.kv_policy == "dynamic" and not self.pool.tables and self.pool.num_blocks > self.initial_blocks:
-            self.pool.reset(self.initial_blocks)
-            self._shrink_cache(self.initial_blocks)
-
-    def _shrink_cache(self, blocks: int) -> None:
-        """Engines that hold the KV tensors themselves cut them to ``blocks``."""
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
