@@ -9,6 +9,9 @@ from pathlib import Path
 import inspect
 from typing import Any, Callable, TypeVar
 
+import zmq
+import zmq.asyncio
+
 from llmos.syscalls import codec, protocol
 from llmos.syscalls.errors import Errno, InvalidArgument, KernelGone, LLMOSError, ProtocolError, error_from_errno
 from llmos.syscalls.table import BY_NAME
@@ -16,6 +19,23 @@ from llmos.types import ProcessResult, TurnResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 ERROR_CLASS: dict[Errno, str] = {e: type(error_from_errno(e, "")).__name__ for e in Errno}
+
+
+def bus_context() -> zmq.Context:
+    """The process-wide zmq context every Client's socket lives in; no client ever terminates it.
+
+    Why not a context per client: zmq's Context finaliser terminates the context, which waits for every
+    socket of it to close. A client dropped without close() inside a reference cycle (an exception's
+    traceback holds it) is finalised in arbitrary order, so its context could be terminated before its
+    socket closes, and the program hangs at garbage collection. The shared instance is never collected
+    (pyzmq holds it, and makes a new one after fork); sockets have linger 0, so none delays the exit.
+    """
+    return zmq.Context.instance()
+
+
+def async_bus_context() -> zmq.asyncio.Context:
+    """An asyncio view (a shadow: its finaliser terminates nothing) of :func:`bus_context`."""
+    return zmq.asyncio.Context(shadow=bus_context())
 
 
 def current_user() -> str:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
-from llmos._wire import Calls, current_user, model_arg, spawn_args, syscall_doc, text_or_raise
+from llmos._wire import Calls, async_bus_context, current_user, model_arg, spawn_args, syscall_doc, text_or_raise
 from llmos.syscalls import protocol
 from llmos.syscalls.address import connect_address, ipc_path, resolve_address
 from llmos.syscalls.errors import KernelGone, KernelUnavailable, TimedOut
@@ -30,7 +30,6 @@ class AsyncClient:
         self._calls = Calls()
         self._queues: dict[int, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
-        self._ctx: zmq.asyncio.Context | None = None
         self._sock: Any = None
         self._last_heard = time.monotonic()
         self.kernel: dict[str, Any] = {}
@@ -39,8 +38,7 @@ class AsyncClient:
         path = ipc_path(self.address)
         if path is not None and not path.exists():
             raise KernelUnavailable(f"no kernel at {self.address} (socket file does not exist)")
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock = async_bus_context().socket(zmq.DEALER)  # shared: never blocks in a finaliser
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(connect_address(self.address))
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -66,8 +64,6 @@ class AsyncClient:
             self._reader.cancel()
         if self._sock is not None and not self._sock.closed:
             self._sock.close(linger=0)
-        if self._ctx is not None:
-            self._ctx.term()
         self._fail_all(KernelGone("client is closed"))
         return None
 

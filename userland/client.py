@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import zmq
 
-from llmos._wire import Calls, current_user, model_arg, spawn_args, syscall_doc
+from llmos._wire import Calls, bus_context, current_user, model_arg, spawn_args, syscall_doc
 from llmos.syscalls.address import connect_address, resolve_address
 from llmos.syscalls import protocol
 from llmos.syscalls.address import ipc_path
@@ -31,8 +31,7 @@ class Client:
         path = ipc_path(self.address)
         if path is not None and not path.exists():
             raise KernelUnavailable(f"no kernel at {self.address} (socket file does not exist)")
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock = bus_context().socket(zmq.DEALER)  # shared: a client never blocks in a finaliser
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(connect_address(self.address))
         self._calls = Calls()
@@ -105,7 +104,6 @@ class Client:
             return ProcessResult.from_wire(self.call("close", {"pid": pid}, timeout=60.0))
         if not self._sock.closed:
             self._sock.close(linger=0)
-        self._ctx.term()
         return None
 
     def __enter__(self) -> "Client":

@@ -53,3 +53,40 @@ def test_the_async_client_spawns_streams_waits_and_kills(kernel, tiny_model):
             text = await c.generate_text("hi", model=tiny_model, max_new_tokens=3)
             assert isinstance(text, str)
     asyncio.run(main())
+
+
+# A client dropped without close() right after an error reply: the exception's traceback holds the client in a
+# reference cycle, so the collector finalises the client's objects in an arbitrary order. zmq's Context.__del__
+# -> term() waits for every socket of that context to close; it must never hang the program.
+DROPPED = """
+import asyncio, gc, faulthandler, sys
+faulthandler.dump_traceback_later(20, exit=True)  # a hang prints where it is stuck and fails the test
+from llmos import AsyncClient, Client, LLMOSError
+
+def sync_client():
+    c = Client()
+    try:
+        c.stat(999999)
+    except LLMOSError as e:
+        print("got", e.errno.name, flush=True)
+
+async def async_client():
+    c = await AsyncClient().connect()
+    try:
+        await c.stat(999999)
+    except LLMOSError as e:
+        print("got", e.errno.name, flush=True)
+
+for _ in range(3):
+    sync_client() if sys.argv[1] == "sync" else asyncio.run(async_client())
+    gc.collect()
+print("no hang", flush=True)
+"""
+
+
+def test_a_client_dropped_after_an_error_never_hangs_at_collection(kernel):
+    for kind in ("sync", "async"):
+        p = subprocess.run([sys.executable, "-c", DROPPED, kind], env=kernel.env, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0 and p.stdout.splitlines() == ["got ESRCH"] * 3 + ["no hang"], \
+            (kind, p.returncode, p.stdout, p.stderr[-3000:])
