@@ -10,6 +10,8 @@ from llmos.syscalls.errors import InvalidArgument
 from llmos.syscalls.schema import check
 from llmos.syscalls.table import SIGNALS, lookup
 
+WIRE_INT = (-2**63, 2**63 - 1)  # what a MessagePack frame carries as a signed integer
+
 
 def signal_name(text: str) -> str:
     """'term', 'SIGKILL', 'KILL' -> 'TERM'/'KILL'; ArgumentTypeError for a signal processes do not take."""
@@ -31,6 +33,11 @@ def syscall_arg(call: str, name: str) -> Callable[[str], Any]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {'an integer' if convert is int else 'a number'}, "
                                              f"got {text!r}") from None
+        # an int the table leaves unbounded (a pid) still cannot pass 64 bits: no frame carries it
+        if convert is int and field.max is None and value > WIRE_INT[1]:
+            raise argparse.ArgumentTypeError(f"must be <= {WIRE_INT[1]}, got {text!r}")
+        if convert is int and field.min is None and value < WIRE_INT[0]:
+            raise argparse.ArgumentTypeError(f"must be >= {WIRE_INT[0]}, got {text!r}")
         try:
             return check(field, value)
         except InvalidArgument as exc:

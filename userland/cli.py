@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.set_defaults(fn=cmd_top)
     kl = sub.add_parser("kill", parents=[common], help="signal a process (TERM keeps partial output; KILL ends it "
                         "at once; STOP suspends it; CONT resumes it)")
-    kl.add_argument("pid", type=int, help="process id")
+    kl.add_argument("pid", type=syscall_arg("kill", "pid"), help="process id")
     kl.add_argument("signal", nargs="?", default=None, type=signal_name, help="TERM (default), KILL, STOP or CONT")
     kl.add_argument("-s", "--signal", dest="sig", default=None, type=signal_name, metavar="SIGNAL",
                     help="the signal, as an option (kill -s STOP PID)")
@@ -446,21 +446,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name, sig, what in (("stop", "STOP", "suspend a process: it leaves the batch, its context kept (kill -s STOP)"),
                             ("cont", "CONT", "resume a stopped process where it was (kill -s CONT)")):
         sp = sub.add_parser(name, parents=[common], help=what)
-        sp.add_argument("pid", type=int, help="process id")
+        sp.add_argument("pid", type=syscall_arg("kill", "pid"), help="process id")
         sp.set_defaults(fn=cmd_signal(sig))
     nc = sub.add_parser("nice", parents=[common], help="change a live process's priority (renice)",
                         description="Set PID's nice value to N (-20..19, lower runs first). Only the owner or "
                                     "root may; below 0 only root.")
-    nc.add_argument("pid", type=int, help="process id")
+    nc.add_argument("pid", type=syscall_arg("nice", "pid"), help="process id")
     nc.add_argument("priority", type=syscall_arg("nice", "priority"), metavar="N", help="new nice value, -20..19")
     nc.set_defaults(fn=cmd_nice)
     w = sub.add_parser("wait", parents=[common], help="wait for a process and print its output")
-    w.add_argument("pid", type=int)
-    w.add_argument("--timeout", type=float, default=None)
+    w.add_argument("pid", type=syscall_arg("wait", "pid"), help="process id")
+    w.add_argument("--timeout", type=syscall_arg("wait", "timeout"), default=None,
+                   help="seconds to wait (default: until it ends); past them exit 1 with ETIMEDOUT")
     w.add_argument("--json", action="store_true")
     w.set_defaults(fn=cmd_wait)
     st = sub.add_parser("stat", parents=[common], help="one process's record and stats")
-    st.add_argument("pid", type=int)
+    st.add_argument("pid", type=syscall_arg("stat", "pid"), help="process id")
     st.set_defaults(fn=cmd_stat)
 
     ms = sub.add_parser("models", parents=[common], help="list loaded models")

@@ -64,17 +64,7 @@ def _parser(name: str, *args: tuple[str, dict]) -> _Parser:
     return p
 
 
-def _pid(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"PID must be a number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"PID must be 1 or more, got {value}")
-    return value
-
-
-_PID = ("pid", {"type": _pid, "metavar": "PID"})
+_PID = ("pid", {"type": syscall_arg("kill", "pid"), "metavar": "PID"})  # every pid field is the table's PID
 
 
 def _run_parser(name: str) -> _Parser:

@@ -104,7 +104,7 @@ def test_the_shell_runs_commands_and_says_what_each_command_expects(kernel, long
     assert r.returncode == 0 and "Traceback" not in out + r.stderr, r.stderr
     pid = int(out.split("pid ", 1)[1].split()[0])
     assert "unknown command 'bogus'" in out and "ESRCH" in out
-    assert out.count("usage: kill PID [TERM|KILL|STOP|CONT]") == 3 and "PID must be a number, got 'notapid'" in out
+    assert out.count("usage: kill PID [TERM|KILL|STOP|CONT]") == 3 and "argument PID: must be an integer, got 'notapid'" in out
     assert "usage: wait PID" in out and "usage: stat PID" in out and "usage: ps (unrecognized arguments: now)" in out
     assert "exit                leave the shell" in out and ("RUNNING" in out or "READY" in out)
     with kernel.client() as c:

@@ -46,3 +46,38 @@ def test_stop_and_cont_say_what_happened_and_how_to_undo_it():
     assert kill_message(4, "STOP", "STOPPED") == ("sent STOP to pid 4: it is STOPPED, out of the batch with its "
                                                   "context kept; `llmos cont 4` resumes it")
     assert kill_message(4, "CONT", "READY") == "sent CONT to pid 4: it is READY, resuming where it stopped"
+
+
+# Every subcommand that takes a pid or a timeout: a value the kernel would refuse (the table's PID is >= 1, a
+# timeout >= 0) or one no frame can carry (past 64 bits) is a usage error naming the argument, before anything
+# is sent (cli.md: "a bad value exits 2 before anything is sent").
+BAD_PID_OR_TIMEOUT = [
+    (["stop", "0"], "argument pid: must be >= 1"),
+    (["cont", "99999999999999999999999"], "argument pid: must be <= 9223372036854775807"),
+    (["nice", "0", "3"], "argument pid: must be >= 1"),
+    (["wait", "1", "--timeout", "-1"], "argument --timeout: must be >= 0"),
+    (["wait", "1", "--timeout", "inf"], "argument --timeout: must be finite"),
+    (["wait", "-5"], "argument pid: must be >= 1"),
+    (["stat", "0"], "argument pid: must be >= 1"),
+    (["kill", "0"], "argument pid: must be >= 1"),
+    (["kill", "-s", "STOP", "99999999999999999999999"], "argument pid: must be <= 9223372036854775807"),
+    (["kill", "x"], "argument pid: must be an integer, got 'x'"),
+]
+
+
+@pytest.mark.parametrize("argv,said", BAD_PID_OR_TIMEOUT, ids=[" ".join(a) for a, _ in BAD_PID_OR_TIMEOUT])
+def test_a_bad_pid_or_timeout_exits_2_naming_the_argument(argv, said, capsys):
+    from llmos.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--home", "/nonexistent-llmos-home", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and said in err and f"usage: llmos {argv[0]}" in err, err
+
+
+def test_every_pid_and_timeout_argument_takes_its_type_from_the_syscall_table():
+    for name, sub in next(a for a in build_parser()._actions
+                          if isinstance(a, argparse._SubParsersAction)).choices.items():
+        for action in sub._actions:
+            if action.dest in ("pid", "timeout"):
+                assert action.type is not int and action.type is not float, f"llmos {name} {action.dest}"

@@ -48,12 +48,13 @@ class Dummy:
 def test_the_shell_answers_bad_arguments_with_the_usage_and_survives_a_bug(capsys):
     out = io.StringIO()
     shell = Shell(Dummy(), out)
-    for line in ("kill", "kill abc", "kill 4 HUP", "wait", "wait 1 2", "stat -3", "run", "spawn --temperature x hi",
+    for line in ("kill", "kill abc", "kill 4 HUP", "stop 99999999999999999999999", "wait", "wait 1 2", "stat -3", "run", "spawn --temperature x hi",
                  "status now", "help me", "ps", 'run "unclosed'):
         assert shell.execute(line) is True
     text = out.getvalue()
-    assert text.count("usage: kill PID [TERM|KILL|STOP|CONT]") == 3 and "PID must be a number, got 'abc'" in text
+    assert text.count("usage: kill PID [TERM|KILL|STOP|CONT]") == 3 and "argument PID: must be an integer, got 'abc'" in text
     assert "must be one of TERM, KILL, STOP, CONT, got 'HUP'" in text and text.count("usage: wait PID") == 2
+    assert "usage: stop PID" in text and "argument PID: must be <= 9223372036854775807" in text
     assert "usage: stat PID" in text and "usage: run " in text and "usage: spawn " in text
     assert "usage: status" in text and "usage: help" in text and "error: No closing quotation" in text
     err = capsys.readouterr().err
