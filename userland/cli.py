@@ -219,14 +219,28 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
-def kill_message(pid: int, sig: str, state: str) -> str:
-    """What ``kill`` tells the user: the signal was sent, what happens next, and how to collect the result."""
+def kill_message(pid: int, sig: str, state: str, before: str | None = None) -> str:
+    """What ``kill`` tells the user: what the reply's ``state`` says happened, and how to go on.
+
+    ``before``: the state a ``stat`` saw just before the signal (None: unknown). Nothing is claimed that the
+    states do not show: CONT of a process that was not STOPPED did nothing, STOP/CONT of an ended one neither.
+    """
     collect = f"`llmos wait {pid}` collects it"
+    if state == "ZOMBIE" and (sig in ("STOP", "CONT") or before == "ZOMBIE"):
+        return f"pid {pid} has already ended (ZOMBIE): nothing to {sig}; {collect}"
     if sig == "STOP":
-        return f"sent STOP to pid {pid}: it is {state}, out of the batch with its context kept; `llmos cont {pid}` " \
-               f"resumes it"
+        if before == "STOPPED":
+            return f"pid {pid} was already STOPPED; `llmos cont {pid}` resumes it"
+        if state == "STOPPED":
+            return f"sent STOP to pid {pid}: it is STOPPED, out of the batch with its context kept; " \
+                   f"`llmos cont {pid}` resumes it"
+        return f"sent STOP to pid {pid}: it is {state}"
     if sig == "CONT":
-        return f"sent CONT to pid {pid}: it is {state}, resuming where it stopped"
+        if before is not None and before != "STOPPED":
+            return f"pid {pid} was not stopped; it is {state}"
+        if before == "STOPPED" and state != "STOPPED":
+            return f"sent CONT to pid {pid}: it is {state}, resuming where it stopped"
+        return f"sent CONT to pid {pid}: it is {state}"
     if sig == "KILL":
         return f"sent KILL to pid {pid}: it has ended at once; {collect}"
     if state == "ZOMBIE":
@@ -234,21 +248,32 @@ def kill_message(pid: int, sig: str, state: str) -> str:
     return f"sent TERM to pid {pid}: it stops after its current step, keeping its output; {collect}"
 
 
+def send_signal(client: Any, pid: int, sig: str) -> tuple[str, int]:
+    """Signal ``pid`` and return (what to tell the user, exit status): 1 when STOP/CONT found it ended.
+
+    The reply carries only the state after delivery, so the state before is read first (a ``stat``): it is
+    what tells a CONT that resumed a process from one that found it running. Raises as ``kill``."""
+    before = client.stat(pid).state
+    state = client.kill(pid, sig)
+    ended = state == "ZOMBIE" and sig in ("STOP", "CONT")
+    return kill_message(pid, sig, state, before), 1 if ended else 0
+
+
 def cmd_kill(args: argparse.Namespace) -> int:
     sig = args.sig or args.signal or "TERM"
     with _connect(args) as c:
-        state = c.kill(args.pid, sig)
-    print(kill_message(args.pid, sig, state))
-    return 0
+        said, status = send_signal(c, args.pid, sig)
+    print(said, file=sys.stderr if status else sys.stdout)
+    return status
 
 
 def cmd_signal(sig: str) -> Callable[[argparse.Namespace], int]:
     """``llmos stop PID`` and ``llmos cont PID``: kill with STOP or CONT."""
     def run(args: argparse.Namespace) -> int:
         with _connect(args) as c:
-            state = c.kill(args.pid, sig)
-        print(kill_message(args.pid, sig, state))
-        return 0
+            said, status = send_signal(c, args.pid, sig)
+        print(said, file=sys.stderr if status else sys.stdout)
+        return status
 
     return run
 

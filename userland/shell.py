@@ -17,7 +17,7 @@ from typing import Callable, TextIO
 
 from llmos._args import signal_name, syscall_arg
 from llmos.chat import chat_loop
-from llmos.cli import EXIT_SIGPIPE, end, internal_error, kill_message, nice_message, outcome, quiet_stdout, reap
+from llmos.cli import EXIT_SIGPIPE, end, internal_error, nice_message, outcome, quiet_stdout, reap, send_signal
 from llmos.kernel.config import home_dir
 from llmos.llmos import LLMOS
 from llmos.syscalls.address import llmos_home
@@ -200,13 +200,13 @@ class Shell:
         self.say(format_ps(self.os.ps()))
 
     def do_kill(self, a: argparse.Namespace) -> None:
-        self.say(kill_message(a.pid, a.signal, self.os.kill(a.pid, a.signal)).replace("`llmos wait", "`wait"))
+        self.say(send_signal(self.os.client, a.pid, a.signal)[0].replace("`llmos ", "`"))
 
     def do_stop(self, a: argparse.Namespace) -> None:
-        self.say(kill_message(a.pid, "STOP", self.os.stop(a.pid)).replace("`llmos cont", "`cont"))
+        self.say(send_signal(self.os.client, a.pid, "STOP")[0].replace("`llmos ", "`"))
 
     def do_cont(self, a: argparse.Namespace) -> None:
-        self.say(kill_message(a.pid, "CONT", self.os.cont(a.pid)))
+        self.say(send_signal(self.os.client, a.pid, "CONT")[0].replace("`llmos ", "`"))
 
     def do_nice(self, a: argparse.Namespace) -> None:
         self.say(nice_message(a.pid, self.os.nice(a.pid, a.priority)))

@@ -297,3 +297,36 @@ def test_a_launch_that_loses_the_race_to_another_kernel_uses_it_and_never_claims
     with c:
         assert proc is None and c.kernel["pid"] == kernel.proc.pid  # so closing it can never stop the kernel
     assert kernel.proc.poll() is None
+
+
+def test_stop_and_cont_say_what_the_process_state_shows_in_the_cli_and_the_shell(kernel, client, long_model,
+                                                                                  tiny_model):
+    pid = client.spawn(prompt="x", model=long_model, max_new_tokens=100000, ignore_eos=True)
+    try:
+        wait_for(lambda: client.stat(pid).state == "RUNNING", 20, "it to run")
+        c = llmos(kernel, "cont", str(pid))  # never stopped: CONT does nothing, and says so
+        assert c.returncode == 0 and c.stdout.strip() in (f"pid {pid} was not stopped; it is RUNNING",
+                                                          f"pid {pid} was not stopped; it is READY"), c
+        s = llmos(kernel, "stop", str(pid))
+        assert s.returncode == 0 and "it is STOPPED, out of the batch with its context kept" in s.stdout, s
+        again = llmos(kernel, "stop", str(pid))
+        assert again.stdout.strip() == f"pid {pid} was already STOPPED; `llmos cont {pid}` resumes it", again
+        r = llmos(kernel, "cont", str(pid))
+        assert r.returncode == 0 and "resuming where it stopped" in r.stdout, r
+    finally:
+        client.kill(pid, "KILL")
+        client.wait(pid)
+    done = client.spawn(prompt="y", model=tiny_model, max_new_tokens=2)
+    client.wait(done, reap=False)  # a ZOMBIE: it has ended, its result kept
+    try:
+        for sig in ("stop", "cont"):
+            z = llmos(kernel, sig, str(done))
+            # refused (EINVAL from a kernel that checks, or the CLI's own reading of the ZOMBIE state)
+            assert z.returncode == 1 and "context kept" not in z.stdout + z.stderr, z
+            assert "resuming" not in z.stdout + z.stderr and "Traceback" not in z.stderr, z
+            assert "ZOMBIE" in z.stderr or "EINVAL" in z.stderr, z
+        shell = subprocess.run([sys.executable, "-m", "llmos.shell"], env=kernel.env, input=f"stop {done}\nexit\n",
+                               capture_output=True, text=True, timeout=60)
+        assert "context kept" not in shell.stdout and ("ZOMBIE" in shell.stdout or "EINVAL" in shell.stdout), shell
+    finally:
+        client.wait(done)

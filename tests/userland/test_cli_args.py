@@ -43,9 +43,23 @@ def test_values_the_kernel_would_refuse_are_usage_errors(argv, capsys):
 
 
 def test_stop_and_cont_say_what_happened_and_how_to_undo_it():
-    assert kill_message(4, "STOP", "STOPPED") == ("sent STOP to pid 4: it is STOPPED, out of the batch with its "
-                                                  "context kept; `llmos cont 4` resumes it")
-    assert kill_message(4, "CONT", "READY") == "sent CONT to pid 4: it is READY, resuming where it stopped"
+    assert kill_message(4, "STOP", "STOPPED", "RUNNING") == ("sent STOP to pid 4: it is STOPPED, out of the batch "
+                                                             "with its context kept; `llmos cont 4` resumes it")
+    assert kill_message(4, "CONT", "READY", "STOPPED") == "sent CONT to pid 4: it is READY, resuming where it stopped"
+
+
+@pytest.mark.parametrize("sig,state,before,said", [
+    ("CONT", "RUNNING", "RUNNING", "pid 4 was not stopped; it is RUNNING"),
+    ("CONT", "READY", "READY", "pid 4 was not stopped; it is READY"),
+    ("CONT", "BLOCKED", None, "sent CONT to pid 4: it is BLOCKED"),  # the state before unknown: no claim
+    ("STOP", "STOPPED", "STOPPED", "pid 4 was already STOPPED; `llmos cont 4` resumes it"),
+    ("STOP", "ZOMBIE", "ZOMBIE", "pid 4 has already ended (ZOMBIE): nothing to STOP; `llmos wait 4` collects it"),
+    ("STOP", "ZOMBIE", "RUNNING", "pid 4 has already ended (ZOMBIE): nothing to STOP; `llmos wait 4` collects it"),
+    ("CONT", "ZOMBIE", None, "pid 4 has already ended (ZOMBIE): nothing to CONT; `llmos wait 4` collects it"),
+    ("TERM", "ZOMBIE", "ZOMBIE", "pid 4 has already ended (ZOMBIE): nothing to TERM; `llmos wait 4` collects it"),
+])
+def test_stop_and_cont_claim_only_what_the_states_show(sig, state, before, said):
+    assert kill_message(4, sig, state, before) == said
 
 
 # Every subcommand that takes a pid or a timeout: a value the kernel would refuse (the table's PID is >= 1, a

@@ -48,8 +48,8 @@ class Dummy:
 def test_the_shell_answers_bad_arguments_with_the_usage_and_survives_a_bug(capsys):
     out = io.StringIO()
     shell = Shell(Dummy(), out)
-    for line in ("kill", "kill abc", "kill 4 HUP", "stop 99999999999999999999999", "wait", "wait 1 2", "stat -3", "run", "spawn --temperature x hi",
-                 "status now", "help me", "ps", 'run "unclosed'):
+    for line in ("kill", "kill abc", "kill 4 HUP", "stop 99999999999999999999999", "wait", "wait 1 2", "stat -3",
+                 "run", "spawn --temperature x hi", "status now", "help me", "ps", 'run "unclosed'):
         assert shell.execute(line) is True
     text = out.getvalue()
     assert text.count("usage: kill PID [TERM|KILL|STOP|CONT]") == 3 and "argument PID: must be an integer, got 'abc'" in text
