@@ -4,7 +4,7 @@ and devices.
 Exit codes: 0 success; 1 the kernel refused the request (the message carries its errno); 2 a
 usage error (a bad flag, address or home); 3/4 ``kernel start`` found the address taken
 (llmos.kernel.main); 70 an internal error (one line; LLMOS_DEBUG=1 prints the traceback);
-130 Ctrl-C; 141 stdout closed early (``llmos ps | head``); 128+N a process ended by signal N
+130 Ctrl-C; 143 SIGTERM to the command (``run`` and ``chat`` end their process first, as for Ctrl-C); 141 stdout closed early (``llmos ps | head``); 128+N a process ended by signal N
 (``run`` and ``wait``: 143 TERM, 137 KILL).
 """
 
@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,16 @@ from llmos.types import ProcessResult
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70  # EX_SOFTWARE
 EXIT_SIGPIPE = 128 + signal.SIGPIPE
+
+
+class Terminated(Exception):
+    """SIGTERM reached the command: raised where it was, like KeyboardInterrupt, so that ``run`` and ``chat``
+    end the process they own (a ``kill`` of ``llmos run`` must not orphan its process and its KV)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second TERM ends the command at once, as Unix tools do
+    raise Terminated()
 
 
 def _address(args: argparse.Namespace) -> str:
@@ -184,11 +195,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             for text in stream:
                 sys.stdout.write(text)
                 sys.stdout.flush()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated) as exc:
             stream.close()
             end(os_.client, pid)  # ours to stop and to reap: nobody else waits for it
-            print(f"\n[pid {pid} stopped by Ctrl-C]", file=sys.stderr)
-            return 130
+            by = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+            print(f"\n[pid {pid} stopped by {by}]", file=sys.stderr)
+            return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
         except BrokenPipeError:
             stream.close()
             end(os_.client, pid)
@@ -523,6 +535,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        return _run_command(args)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run_command(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() may be called in-process (tests, embedding programs)
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         _address(args)
         if _home(args).exists() and not _home(args).is_dir():
@@ -538,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except Terminated:  # a chat's session was closed on the way out (its ``with``)
+        print(file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # the reader left (llmos ps | head): end quietly, as Unix tools do
         quiet_stdout()
         return EXIT_SIGPIPE

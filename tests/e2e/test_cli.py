@@ -330,3 +330,27 @@ def test_stop_and_cont_say_what_the_process_state_shows_in_the_cli_and_the_shell
         assert "context kept" not in shell.stdout and ("ZOMBIE" in shell.stdout or "EINVAL" in shell.stdout), shell
     finally:
         client.wait(done)
+
+
+def test_sigterm_to_run_or_chat_ends_and_reaps_its_process_and_exits_143(kernel, client, long_model):
+    run, pid = start_run(kernel, "--model", long_model, *LONG, "terminated")
+    wait_for(lambda: client.stat(pid).output_tokens > 0, 20, "tokens")
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 143 and f"[pid {pid} stopped by SIGTERM]" in err and "Traceback" not in err, err
+    with pytest.raises(NoSuchProcess):
+        client.stat(pid)  # neither left running nor a ZOMBIE holding its KV
+
+    chat = subprocess.Popen([*BIN, "chat", "-v", "--model", long_model, *LONG], env=kernel.env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = chat.stderr.readline()
+    assert line.startswith("[session pid "), line + chat.stderr.read()
+    spid = int(line[len("[session pid "):].split("]")[0])
+    chat.stdin.write("a turn that runs until the chat is told to end\n")
+    chat.stdin.flush()
+    wait_for(lambda: client.stat(spid).output_tokens > 0, 20, "the turn's tokens")
+    chat.send_signal(signal.SIGTERM)
+    out, err = chat.communicate(timeout=60)
+    assert chat.returncode == 143 and "Traceback" not in err, err
+    with pytest.raises(NoSuchProcess):
+        client.stat(spid)  # the session was closed and reaped
