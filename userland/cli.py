@@ -327,7 +327,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     with _connect(args) as c, c.session(args.model, args.system, priority=args.priority, **params) as s:
         if args.verbose:
             print(f"[session pid {s.pid}]", file=sys.stderr, flush=True)
-        chat_loop(s, read, write, empty_ends=False)
+        chat_loop(s, read, write, empty_ends=False, as_json=args.json)
     return 0
 
 
@@ -457,12 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chat", parents=[common], help="a conversation: each line of stdin is a turn, each reply "
                         "is printed", description="Start a session (a process that keeps its context between "
-                        "turns) and send it each line read from stdin; the reply streams to stdout. Ends at end of "
-                        "input or /exit; the session is closed. Empty lines are skipped.")
+                        "turns) and send it each line read from stdin; the reply streams to stdout as generated, "
+                        "then a newline (a reply may itself hold newlines: --json keeps turns apart). Ends at end "
+                        "of input or /exit; the session is closed. Empty lines are skipped.")
     ch.add_argument("--system", default=None, help="system prompt (a system message, for a model with a chat "
                     "template; ignored by a model without one)")
     add_generation_flags(ch)
     ch.add_argument("-v", "--verbose", action="store_true", help="print the session's pid to stderr")
+    ch.add_argument("--json", action="store_true", help="print each turn, once it ends, as one line of JSON: "
+                    "{pid, text, finish_reason, stats, error} (replies may hold newlines: this keeps turns apart)")
     ch.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("ps", parents=[common], help="list processes: state, nice, tokens, KV blocks, sessions (*)")

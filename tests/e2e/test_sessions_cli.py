@@ -225,3 +225,19 @@ def test_the_async_client_renices_stops_continues_and_holds_a_session(kernel, lo
             with pytest.raises(NoSuchProcess):
                 await c.stat(s.pid)
     asyncio.run(main())
+
+
+def test_chat_json_prints_one_object_per_turn_whatever_the_replies_hold(kernel, client, tiny_model):
+    with client.session(model=tiny_model, max_new_tokens=40, **GREEDY) as s:
+        expected = [s.send("hi there"), s.send("tell me more"), s.send("and more")]
+    # 40 arbitrary characters of the tiny model per reply: plain mode cannot say where one reply ends
+    r = subprocess.run([*BIN, "chat", "--json", "--model", tiny_model, "--max-new-tokens", "40", "--temperature",
+                        "0", "--ignore-eos"], env={**kernel.env, "PYTHONIOENCODING": "utf-8"},
+                       input=b"hi there\ntell me more\n\nand more\n", capture_output=True, timeout=120)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    lines = r.stdout.decode().split("\n")
+    assert lines[-1] == "" and len(lines) == 4, lines  # one line per turn, each ended by a newline
+    turns = [json.loads(ln) for ln in lines[:-1]]
+    assert [t["text"] for t in turns] == expected
+    assert len({t["pid"] for t in turns}) == 1 and all(t["finish_reason"] == "length" for t in turns)
+    assert all(t["stats"]["output_tokens"] == 40 and t["error"] is None for t in turns)
