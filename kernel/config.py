@@ -234,8 +234,9 @@ FLAGS: tuple[Flag, ...] = (
          "EAGAIN (default 1024)"),
     Flag("max_kv_blocks_per_user", _IntIn(1, 2**40), "BLOCKS", "KV blocks one user's processes may hold at once; "
          "beyond it they wait (default: no cap)"),
-    Flag("max_tokens_per_minute", _IntIn(0, 2**40), "TOKENS", "prompt and output tokens per user per minute; "
-         "beyond it spawn and write answer EDQUOT with when to retry (default: no limit)"),
+    Flag("max_tokens_per_minute", _IntIn(0, 2**40), "TOKENS", "prompt and output tokens per user per minute, "
+         "checked when a spawn or a session's turn starts: beyond it they answer EDQUOT with when to retry; a "
+         "request under way is not cut (default: no limit)"),
     Flag("user_quotas", _Quotas(), "SPEC", "per-user limits overriding the defaults, e.g. "
          "'alice:procs=4,kv_blocks=800,tpm=20000;bob:tpm=1000'", "user-quota"),
 )

@@ -96,7 +96,7 @@ class Handlers:
         return await self.k.procman.ask(m.Ps())
 
     async def sys_stat(self, caller: Caller, args: dict, emit: Emit) -> dict:
-        return await self.k.procman.ask(m.Stat(args["pid"]))
+        return await self.k.procman.ask(m.Stat(args["pid"], caller.user))
 
     async def sys_stream(self, caller: Caller, args: dict, emit: Emit) -> dict:
         q = await self.k.procman.ask(m.Subscribe(args["pid"], caller.user))

@@ -104,6 +104,7 @@ class Ps:
 @dataclass
 class Stat:
     pid: int
+    user: str
 
 
 @dataclass

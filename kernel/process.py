@@ -66,7 +66,8 @@ class LLMProcess:
     admitted_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
-    finished_at: float | None = None
+    finished_at: float | None = None  # unix time, like created (durations in stats are between the two)
+    ended: float | None = None  # monotonic time it became a ZOMBIE (retention counts from it)
     token_ids: list[int] = field(default_factory=list)
     text_parts: list[str] = field(default_factory=list)
     final_text: str | None = None

@@ -25,7 +25,7 @@ from llmos.kernel.instance import Instance, context_len
 from llmos.kernel.retention import Zombie, to_reap
 from llmos.kernel.sessions import SessionsMixin
 from llmos.kernel.scheduler import Plan, SchedParams, Task, decide, level, queue_key
-from llmos.syscalls.errors import Busy, DeviceError, Errno, NotPermitted, wire_error
+from llmos.syscalls.errors import Busy, DeviceError, Errno, InvalidArgument, NotPermitted, wire_error
 
 END = m.END  # the stream queues' end marker
 
@@ -53,6 +53,11 @@ class ProcessManager(SessionsMixin, Actor):
         self.timers = Timers()
         self.finished = FinishedStats()
         self.turn_pending: set[int] = set()  # sessions whose write is being encoded
+        # STOPPED processes that CONT returns to a run queue: they count against --max-queue, so that
+        # STOP, spawn, CONT cannot grow the queue past its bound
+        self.stopped_runnable = 0
+        self._kv_capped = self.quotas.default.max_kv_blocks is not None or any(
+            u.max_kv_blocks is not None for u in self.quotas.users.values())
 
     def start(self) -> "ProcessManager":
         super().start()
@@ -99,7 +104,7 @@ class ProcessManager(SessionsMixin, Actor):
                 kept, omitted = fit_records([p.record() for p in self.table])
                 return {"processes": kept, "omitted": omitted}
             case m.Stat():
-                proc = self.table.get(msg.pid)
+                proc = self._owned(msg.pid, msg.user)
                 return {**proc.record(), "text": proc.text, "stats": proc.stats(), "sched": proc.sched.to_wire()}
             case m.Counts():
                 return self.table.counts()
@@ -142,7 +147,7 @@ class ProcessManager(SessionsMixin, Actor):
         live = [self.instances[e.id] for e in msg.executors if e.id in self.instances and not self.instances[e.id].dead]
         if not live:
             raise DeviceError(f"every instance of model {msg.model} has stopped")
-        queued = sum(len(i.queue) for i in self.instances.values())
+        queued = sum(len(i.queue) for i in self.instances.values()) + self.stopped_runnable
         if queued >= self.config.max_queue:
             raise Busy(f"the run queue is full ({queued} processes wait; the limit is {self.config.max_queue}): "
                        "retry in a few seconds, once some have run")
@@ -202,6 +207,8 @@ class ProcessManager(SessionsMixin, Actor):
         proc = self._owned(pid, user)
         now = self.clock()
         if proc.state is State.ZOMBIE:
+            if signal in ("STOP", "CONT"):
+                raise InvalidArgument(_ended(proc, signal))
             return {"pid": proc.pid, "state": proc.state.value}
         inst = self.where.get(pid)
         if signal == "STOP":
@@ -223,6 +230,8 @@ class ProcessManager(SessionsMixin, Actor):
         proc = self._owned(pid, user)
         if priority < 0 and user not in self.admins:
             raise NotPermitted(f"only the admin may set a negative nice value ({priority}); use 0..19")
+        if proc.state is State.ZOMBIE:
+            raise InvalidArgument(_ended(proc, "nice"))
         if proc.state is not State.ZOMBIE:
             now = self.clock()
             proc.priority = priority
@@ -384,6 +393,7 @@ class ProcessManager(SessionsMixin, Actor):
         if proc.state is State.STOPPED:
             return
         proc.stopped_from = State.BLOCKED if proc.state is State.BLOCKED else State.READY
+        self.stopped_runnable += proc.stopped_from is State.READY
         if inst is not None:
             if proc.state is State.RUNNING:
                 inst.running.discard(proc.pid)
@@ -402,6 +412,7 @@ class ProcessManager(SessionsMixin, Actor):
     def _cont(self, proc: LLMProcess, inst: Instance | None, now: float) -> None:
         if proc.state is not State.STOPPED:
             return
+        self.stopped_runnable -= proc.stopped_from is State.READY
         if proc.stopped_from is State.BLOCKED:
             proc.transition(State.BLOCKED, now)
             return
@@ -426,8 +437,8 @@ class ProcessManager(SessionsMixin, Actor):
 
     def _schedule(self, inst: Instance) -> None:
         """Ask the decider for a plan for ``inst`` and apply it."""
-        if inst.dead or not inst.queue:
-            return  # nothing waits (the common case on every step)
+        if inst.dead or not (inst.queue or self._kv_capped):
+            return  # nothing waits, and no user's KV cap needs watching (the common case on every step)
         now = self.clock()
         get = self.table.get
         # the decider places at most a batch's worth (a slot each, freed or preempted); a few more for quotas
@@ -451,7 +462,7 @@ class ProcessManager(SessionsMixin, Actor):
             self._switch_out(inst, proc, mode)
             proc.transition(State.READY, now)
             self._enqueue(inst, proc, now)
-            self.log.info("preempted", pid=pid, mode=mode, by="priority")
+            self.log.info("preempted", pid=pid, mode=mode, by="scheduler")
         for pid in plan.admit:
             proc = self.table.get(pid)
             inst.queue.remove(pid)
@@ -468,13 +479,24 @@ class ProcessManager(SessionsMixin, Actor):
                 proc.sched.swaps_in += sent and proc.kv == KV_SWAP
             if not sent:  # the executor is going away: its WorkerDied ends the process
                 self._enqueue(inst, proc, now)
-                return
+                break
             proc.kv = KV_DEVICE
             proc.transition(State.RUNNING, now)
             if proc.admitted_at is None:
                 proc.admitted_at = time.time()
                 self.timers.cancel(pid, "queue")
             inst.running.add(pid)
+        # last: ending a process schedules again, on the state this plan left
+        for pid in plan.over_quota:
+            proc = self.table.get(pid)
+            if proc.state is State.ZOMBIE:
+                continue
+            cap = self.quotas.of(proc.owner).max_kv_blocks
+            held = proc.kv_blocks
+            self._tell(inst, wp.Abort(pid))
+            self._finish(proc, "error", error=wire_error(
+                Errno.EDQUOT, f"process {pid} holds {held} KV blocks and user {proc.owner} may hold at most {cap}: "
+                              "it ended there, its partial output kept"))
 
     def _arm(self, pid: int, kind: str, at: float) -> None:
         self.timers.arm(pid, kind, at)
@@ -502,8 +524,11 @@ class ProcessManager(SessionsMixin, Actor):
     def _finish(self, proc: LLMProcess, reason: str, final_text: str | None = None,
                 error: dict | None = None) -> None:
         now = self.clock()
+        if proc.state is State.STOPPED:
+            self.stopped_runnable -= proc.stopped_from is State.READY
         proc.transition(State.ZOMBIE, now)
-        proc.finished_at = now
+        proc.finished_at = time.time()
+        proc.ended = now
         proc.finish_reason = reason
         proc.error = error
         proc.in_engine = False
@@ -520,6 +545,10 @@ class ProcessManager(SessionsMixin, Actor):
             inst.placed.discard(proc.pid)
         result = proc.result()
         self.finished.add(result["stats"], reason)
+        if proc.session:  # a write in flight gets its turn's counts too
+            turn = self._turn_result(proc)["stats"]
+            result["stats"] = {**result["stats"], "prefill_tokens": turn["prefill_tokens"],
+                               "context_tokens": turn["context_tokens"]}
         self.log.info("exit", pid=proc.pid, reason=reason, output_tokens=len(proc.token_ids),
                       **({"error": error["message"]} if error else {}))
         for q in self.subscribers.pop(proc.pid, []):
@@ -542,7 +571,7 @@ class ProcessManager(SessionsMixin, Actor):
 
     def _reap_expired(self, owner: str | None = None) -> None:
         """Apply the retention policy to every ZOMBIE (or to one owner's, when a process of theirs finished)."""
-        zombies = [Zombie(p.pid, p.owner, p.finished_at or 0.0, bool(self.waiters.get(p.pid) or
+        zombies = [Zombie(p.pid, p.owner, p.ended or 0.0, bool(self.waiters.get(p.pid) or
                                                                      self.subscribers.get(p.pid)))
                    for p in self.table if p.state is State.ZOMBIE and (owner is None or p.owner == owner)]
         if not zombies:
@@ -552,3 +581,8 @@ class ProcessManager(SessionsMixin, Actor):
             self._reap(pid)
         if pids:
             self.log.info("reaped", count=len(pids), pids=pids[:20], owner=owner)
+
+
+def _ended(proc: LLMProcess, what: str) -> str:
+    return (f"process {proc.pid} has already ended ({proc.finish_reason}): {what} applies only to a live process; "
+            "its result waits for `wait`")

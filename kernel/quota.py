@@ -24,7 +24,8 @@ class UserLimits:
 
     max_procs: int | None = None  # live (not ZOMBIE) processes
     max_kv_blocks: int | None = None  # KV blocks on the device at once, over all models
-    tokens_per_minute: int | None = None  # prompt and output tokens over the last minute
+    tokens_per_minute: int | None = None  # prompt and output tokens over the last minute, checked when a request
+    # (a spawn, a session's turn) starts: a request under way is not cut
 
 
 @dataclass
@@ -55,6 +56,10 @@ class Quotas:
         ``user`` (with ``live`` live processes) may not start work of ``tokens`` prompt tokens needing
         ``blocks`` KV blocks."""
         lim = self.of(user)
+        if lim.max_procs == 0:
+            raise QuotaExceeded(f"user {user} may not run processes (its limit is 0 live processes)")
+        if lim.tokens_per_minute == 0 and tokens > 0:
+            raise QuotaExceeded(f"user {user} may not use tokens (its limit is 0 tokens per minute)")
         if lim.max_procs is not None and live >= lim.max_procs:
             raise TryAgain(f"user {user} has {live} live processes, the limit is {lim.max_procs}: retry once "
                            "one of them has ended (wait for it, or kill one)")

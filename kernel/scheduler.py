@@ -176,9 +176,10 @@ class Plan:
     admit: list[int] = field(default_factory=list)  # READY pids to put in the batch, in this order
     preempt: list[tuple[int, str]] = field(default_factory=list)  # RUNNING pids out of the batch, and how
     evict: list[tuple[int, str]] = field(default_factory=list)  # parked (idle) pids whose KV leaves the device
+    over_quota: list[int] = field(default_factory=list)  # running pids that alone hold more than their user's cap
 
     def __bool__(self) -> bool:
-        return bool(self.admit or self.preempt or self.evict)
+        return bool(self.admit or self.preempt or self.evict or self.over_quota)
 
 
 def switch_mode(task: Task, cap: Capacity, swap_free: int) -> str:
@@ -236,6 +237,43 @@ def _fair_order(ready: list[Task], running: Iterable[Task]) -> list[Task]:
     return out
 
 
+def _enforce_kv_quota(params: SchedParams, cap: Capacity, running: list[Task], parked: list[Task],
+                      plan: Plan) -> tuple[list[Task], list[Task]]:
+    """Bring every user back under its KV cap (a cgroup's memory.max): its idle sessions' KV leaves the
+    device first, then its last-ranked running processes are preempted (they wait, READY, until their
+    user has room), while more than one of its processes runs; one process that alone holds more than the
+    cap is named in ``plan.over_quota`` (the kernel ends it, EDQUOT). Returns what still runs and idles."""
+    caps = cap.user_kv_cap or {}
+    if not caps:
+        return running, parked
+    swap_free = cap.swap_free
+    for user, limit in caps.items():
+        held = sum(t.resident for t in [*running, *parked] if t.user == user)
+        if held <= limit:
+            continue
+        for t in sorted((t for t in parked if t.user == user and t.resident > 0), key=lambda t: -t.level):
+            if held <= limit:
+                break
+            mode = switch_mode(t, cap, swap_free)
+            swap_free -= t.resident if mode == "swap" else 0
+            plan.evict.append((t.pid, mode))
+            parked.remove(t)
+            held -= t.resident
+        mine = sorted((t for t in running if t.user == user),
+                      key=lambda t: (-_run_level(params, t), -t.pid))  # worst first
+        while held > limit and len(mine) > 1:
+            v = mine.pop(0)
+            mode = switch_mode(v, cap, swap_free)
+            swap_free -= v.resident if mode == "swap" else 0
+            plan.preempt.append((v.pid, mode))
+            running.remove(v)
+            held -= v.resident
+        if held > limit and mine:
+            plan.over_quota.append(mine[0].pid)
+            running.remove(mine[0])
+    return running, parked
+
+
 def decide(params: SchedParams, cap: Capacity, ready: list[Task], running: list[Task],
            parked: list[Task] = ()) -> Plan:
     """The plan for one model instance now. Pure: the same inputs give the same plan.
@@ -250,6 +288,7 @@ def decide(params: SchedParams, cap: Capacity, ready: list[Task], running: list[
     """
     bs = cap.block_size
     plan = Plan()
+    running, parked = _enforce_kv_quota(params, cap, list(running), list(parked), plan)
     slots = cap.max_batch - len(running)
     # the kernel's estimate, never below what the worker last reported (a guard against resuming into a pool
     # the engine has just found short)

@@ -29,7 +29,9 @@ class SessionsMixin:
             raise InvalidArgument(f"process {proc.pid} is not a session (spawn it with session=true to write to it)")
         if proc.state is State.ZOMBIE:
             raise InvalidArgument(f"session {proc.pid} has ended ({proc.finish_reason})")
-        if proc.state is not State.BLOCKED or proc.pid in self.turn_pending:
+        if proc.pid in self.turn_pending:
+            raise Busy(f"session {proc.pid} is taking another write's turn; wait for that reply, then write")
+        if proc.state is not State.BLOCKED:
             raise Busy(f"session {proc.pid} is {proc.state.value}"
                        + (" (stopped: CONT it first)" if proc.state is State.STOPPED else
                           ": it is still answering; wait for the reply (stream it), then write"))

@@ -31,7 +31,7 @@ class Syscall:
     chunk: tuple[Field, ...] = ()
 
 
-PID = Field("pid", "int", "process id", min=1)
+PID = Field("pid", "int", "process id", min=1, max=2**63 - 1)
 USER_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.@+-]*"
 OMITTED = Field("omitted", "int", "process records left out so that the reply fits one frame (pid order is kept; "
                 "0 unless the table is very large)")
@@ -63,7 +63,8 @@ PROCESS_RECORD: tuple[Field, ...] = (
     Field("prompt_tokens", "int"),
     Field("output_tokens", "int"),
     Field("created", "float", "unix time"),
-    Field("finish_reason", "str", "set once ZOMBIE: " + ", ".join(FINISH_REASONS), nullable=True),
+    Field("finish_reason", "str", "set once ZOMBIE: " + ", ".join(FINISH_REASONS) + " (for a BLOCKED session: "
+          "its last turn's)", nullable=True),
     Field("session", "bool", "a session: stays alive between turns (BLOCKED waiting for a write)"),
     Field("kv_blocks", "int", "KV blocks its context holds on the device now (0 when swapped out or not started)"),
     Field("preemptions", "int", "times it was taken out of the batch (priority, memory pressure or STOP)"),
@@ -169,9 +170,11 @@ SYSCALLS: tuple[Syscall, ...] = (
         errors=(E.ESRCH, E.EPERM, E.ETIMEDOUT, E.EINVAL),
     ),
     Syscall(
-        12, "kill", "Send a signal: TERM cancels and keeps partial output, KILL ends it at once, STOP suspends it "
+        12, "kill", "Send a signal: TERM cancels and keeps partial output, KILL ends it at once (both harmless on "
+        "an ended process), STOP suspends it "
         "(it leaves the batch, its KV swapped out; state STOPPED; the tokens of the step in flight when it arrived "
-        "still land), CONT resumes it exactly where it was. Only the owner or the admin may signal a process.",
+        "still land), CONT resumes it exactly where it was (STOP and CONT of an ended process: EINVAL). Only the owner "
+        "or the admin may signal a process.",
         request=(PID, Field("signal", "str", "signal name", default="TERM", choices=SIGNALS)),
         reply=(PID, Field("state", "str", "state after the signal was delivered")),
         errors=(E.ESRCH, E.EPERM, E.EINVAL),
@@ -184,10 +187,10 @@ SYSCALLS: tuple[Syscall, ...] = (
         errors=(),
     ),
     Syscall(
-        14, "stat", "One process's record with its stats and output so far.",
+        14, "stat", "One process's record with its stats and output so far (the owner's or the admin's).",
         request=(PID,),
         reply=PROCESS_RECORD + (Field("text", "str", "output so far"), Field("stats", "map"), SCHED_STATS),
-        errors=(E.ESRCH, E.EINVAL),
+        errors=(E.ESRCH, E.EPERM, E.EINVAL),
     ),
     Syscall(
         15, "stream", "Stream a process's output: chunks of text as generated, then its result.",
@@ -267,7 +270,8 @@ TURN: tuple[Field, ...] = (
 
 SYSCALLS = SYSCALLS + (
     Syscall(
-        22, "nice", "Change a live process's priority (renice). Only the owner or the admin; below 0 only the admin.",
+        22, "nice", "Change a live process's priority (renice; EINVAL once it has ended). Only the owner or the "
+        "admin; below 0 only the admin.",
         request=(PID, Field("priority", "int", "new nice value, lower runs first", min=PRIORITY_MIN,
                             max=PRIORITY_MAX)),
         reply=(PID, Field("priority", "int"), Field("state", "str")),

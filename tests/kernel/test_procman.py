@@ -13,7 +13,7 @@ from llmos.kernel.config import KernelConfig
 from llmos.kernel.process import State
 from llmos.kernel.procman import END, ProcessManager
 from llmos.syscalls import codec, protocol
-from llmos.syscalls.errors import Busy, NoSuchProcess, NotPermitted, QuotaExceeded, TryAgain
+from llmos.syscalls.errors import Busy, InvalidArgument, NoSuchProcess, NotPermitted, QuotaExceeded, TryAgain
 
 
 _ids = itertools.count(1)
@@ -108,7 +108,7 @@ async def spawn(pm, ex, n=5, priority=0, owner="ann", prompt=(1, 5, 9), **kw):
 
 
 async def state(pm, pid):
-    return (await pm.ask(m.Stat(pid)))["state"]
+    return (await pm.ask(m.Stat(pid, "root")))["state"]
 
 
 def test_a_spawned_process_runs_to_a_zombie_and_wait_returns_its_result(engine):
@@ -141,9 +141,9 @@ def test_an_urgent_process_preempts_the_lowest_priority_running_one_when_the_bat
         urgent = await spawn(pm, ex, n=3, priority=-10, owner="root")
         assert await state(pm, urgent) == "RUNNING"
         assert [await state(pm, p) for p in batch] == ["RUNNING", "READY"]  # the newest of the worst level
-        assert (await pm.ask(m.Stat(batch[1])))["sched"]["preemptions"] == 1
+        assert (await pm.ask(m.Stat(batch[1], "root")))["sched"]["preemptions"] == 1
         await ex.pump(pm, 1)
-        assert (await pm.ask(m.Stat(urgent)))["output_tokens"] == 1  # its first token came in the next step
+        assert (await pm.ask(m.Stat(urgent, "root")))["output_tokens"] == 1  # its first token came in the next step
         await ex.pump(pm, 3)
         assert await state(pm, urgent) == "ZOMBIE" and await state(pm, batch[1]) == "RUNNING"
     scenario(engine, 2, body)
@@ -205,7 +205,7 @@ def test_stop_suspends_and_cont_resumes_to_exactly_the_uninterrupted_tokens(engi
         await ex.pump(pm, 3)
         assert (await pm.ask(m.Kill(pid, "STOP", "ann")))["state"] == "STOPPED"
         await ex.pump(pm, 5)  # nothing runs it while stopped
-        st = await pm.ask(m.Stat(pid))
+        st = await pm.ask(m.Stat(pid, "root"))
         assert st["state"] == "STOPPED" and st["output_tokens"] == 3 and st["kv_blocks"] == 0
         assert (await pm.ask(m.Kill(pid, "CONT", "ann")))["state"] == "RUNNING"
         await ex.pump(pm, 10)
@@ -223,7 +223,7 @@ def test_a_memory_preemption_by_the_engine_moves_the_process_back_to_ready(engin
         await pm.ask(m.StepEvents(ex.id, [ev], engine.stats()))
         # the kernel re-admits it at once (room is there) with a Resume, and the table says so
         assert await state(pm, pid) == "RUNNING"
-        assert isinstance(ex.sent[-1], wp.Resume) and (await pm.ask(m.Stat(pid)))["sched"]["preemptions"] == 1
+        assert isinstance(ex.sent[-1], wp.Resume) and (await pm.ask(m.Stat(pid, "root")))["sched"]["preemptions"] == 1
     scenario(engine, 4, body)
 
 
@@ -241,7 +241,7 @@ def test_aging_makes_a_waiting_low_priority_process_progress(engine):
             await ex.pump(pm, 1)
             clock.now += 1.0
         assert await state(pm, low) in ("RUNNING", "ZOMBIE")
-        assert (await pm.ask(m.Stat(first)))["sched"]["preemptions"] == 1
+        assert (await pm.ask(m.Stat(first, "root")))["sched"]["preemptions"] == 1
     scenario(engine, 1, body, KernelConfig(aging_s=1.0, quantum_tokens=2), clock)
 
 
@@ -306,13 +306,55 @@ def test_each_quota_refuses_with_its_errno_and_says_which_limit(engine):
     scenario(engine, 3, body, cfg, clock)
 
 
+def test_stop_cont_and_nice_of_an_ended_process_are_refused_and_stat_is_the_owners(engine):
+    async def body(pm, ex):
+        pid = await spawn(pm, ex, n=1)
+        await ex.pump(pm, 1)
+        for msg in (m.Kill(pid, "STOP", "ann"), m.Kill(pid, "CONT", "ann"), m.Nice(pid, 3, "ann")):
+            with pytest.raises(InvalidArgument, match="has already ended"):
+                await pm.ask(msg)
+        assert (await pm.ask(m.Kill(pid, "TERM", "ann")))["state"] == "ZOMBIE"  # TERM/KILL stay harmless
+        with pytest.raises(NotPermitted):
+            await pm.ask(m.Stat(pid, "bob"))
+        assert (await pm.ask(m.Stat(pid, "ann")))["text"] is not None
+    scenario(engine, 1, body)
+
+
+def test_stop_then_cont_cannot_grow_the_run_queue_past_its_bound(engine):
+    async def body(pm, ex):
+        await spawn(pm, ex, n=50)
+        a, b = await spawn(pm, ex, n=50), await spawn(pm, ex, n=50)
+        with pytest.raises(Busy):
+            await spawn(pm, ex, n=5)
+        await pm.ask(m.Kill(a, "STOP", "ann"))
+        await pm.ask(m.Kill(b, "STOP", "ann"))
+        with pytest.raises(Busy):  # stopped, they still hold their places in the queue
+            await spawn(pm, ex, n=5)
+        await pm.ask(m.Kill(a, "KILL", "ann"))
+        await spawn(pm, ex, n=5)  # a's place is free again
+        await pm.ask(m.Kill(b, "CONT", "ann"))
+        assert sum(len(i.queue) for i in pm.instances.values()) == 2
+    scenario(engine, 1, body, KernelConfig(max_queue=2))
+
+
+def test_a_process_that_outgrows_its_users_kv_cap_ends_with_edquot_keeping_its_output(engine):
+    async def body(pm, ex):
+        pid = await spawn(pm, ex, n=200, owner="cy")  # 3 prompt tokens: 1 block of 8 at first
+        await ex.pump(pm, 40)
+        res = await (await pm.ask(m.Wait(pid, "cy", reap=True)))
+        assert res["finish_reason"] == "error" and res["error"]["error"] == "EDQUOT"
+        assert "may hold at most 2" in res["error"]["message"]
+        assert 8 <= len(res["token_ids"]) <= 16  # it ran until its context needed a third block
+    scenario(engine, 1, body, KernelConfig(user_quotas="cy:kv_blocks=2"))
+
+
 def test_a_session_keeps_its_context_and_its_second_turn_prefills_only_the_new_tokens(engine):
     async def body(pm, ex):
         pid = await pm.ask(m.Spawn("ann", "tiny", [ex], engine.encode("hello there"), 0,
                                    {"max_new_tokens": 4, "temperature": 0.0, "ignore_eos": True},
                                    session=True, prompt="hello there"))
         await ex.pump(pm, 6)
-        st = await pm.ask(m.Stat(pid))
+        st = await pm.ask(m.Stat(pid, "root"))
         assert st["state"] == "BLOCKED" and st["kv_blocks"] > 0
         st_tokens = pm.table.get(pid).token_ids
         ref, enc = await pm.ask(m.PrepareTurn(pid, "ann", " and more", "user"))
@@ -325,7 +367,7 @@ def test_a_session_keeps_its_context_and_its_second_turn_prefills_only_the_new_t
         items = [q.get_nowait() for _ in range(q.qsize())]
         end, turn = items[-1]
         assert end is END and turn["state"] == "BLOCKED" and turn["finish_reason"] == "length"
-        assert (await pm.ask(m.Stat(pid)))["prompt_tokens"] == context_before + len(ids)
+        assert (await pm.ask(m.Stat(pid, "root")))["prompt_tokens"] == context_before + len(ids)
         # only the new tokens: the turn's text, and the reply's last token (sampled, never yet computed)
         assert turn["stats"]["prefill_tokens"] == len(ids) + 1
         context = engine.encode("hello there") + st_tokens + ids
@@ -340,7 +382,7 @@ def test_several_processes_make_progress_in_the_same_step(engine):
     async def body(pm, ex):
         pids = [await spawn(pm, ex, n=10) for _ in range(3)]
         await ex.pump(pm, 2)
-        outs = [(await pm.ask(m.Stat(p)))["output_tokens"] for p in pids]
+        outs = [(await pm.ask(m.Stat(p, "root")))["output_tokens"] for p in pids]
         assert outs == [2, 2, 2]
     scenario(engine, 4, body)
 
@@ -367,7 +409,7 @@ def test_killing_a_ready_process_removes_it_from_the_run_queue(engine):
         await pm.ask(m.Kill(queued, "TERM", "ann"))
         assert await state(pm, queued) == "ZOMBIE"
         await ex.pump(pm, 5)
-        assert (await pm.ask(m.Stat(queued)))["output_tokens"] == 0
+        assert (await pm.ask(m.Stat(queued, "root")))["output_tokens"] == 0
     scenario(engine, 1, body)
 
 
@@ -406,6 +448,24 @@ def test_admission_waits_for_kv_blocks(tiny_model):
         await ex.pump(pm, 2)
         assert await state(pm, first) == "ZOMBIE" and await state(pm, second) == "RUNNING"
     scenario(small, 8, body)
+
+
+def test_durations_in_results_are_between_unix_times_whatever_the_scheduling_clock(engine):
+    clock = Clock()  # a monotonic clock far from unix time, as the real one is
+
+    async def body(pm, ex):
+        pid = await spawn(pm, ex, n=4)
+        queued = await spawn(pm, ex, n=2, queue_timeout=1.0)
+        await ex.pump(pm, 2)
+        clock.now += 2
+        await pm.ask(m.Tick())  # the queued one times out
+        await ex.pump(pm, 2)
+        for p in (pid, queued):
+            st = (await (await pm.ask(m.Wait(p, "ann", reap=True))))["stats"]
+            assert 0 <= st["queue_time_s"] < 60 and 0 <= st["total_time_s"] < 60, st
+        fin = (await pm.ask(m.Metrics()))["finished"]
+        assert 0 <= fin["total_time_s"]["max"] < 60
+    scenario(engine, 1, body, None, clock)
 
 
 def test_metrics_summarise_finished_processes(engine):

@@ -187,3 +187,18 @@ def test_bad_policy_knobs_are_refused():
         SchedParams(policy="lottery")
     with pytest.raises(ValueError):
         SchedParams(aging_s=0)
+
+
+def test_a_user_over_its_kv_cap_gives_way_by_its_own_worst_process_and_a_lone_one_is_named():
+    c = cap(max_batch=8, kv_total=1000, user_kv_cap={"ann": 30})
+    running = [run(1, nice=0, context=100, user="ann"), run(2, nice=5, context=100, user="ann"),
+               run(3, nice=0, context=300, user="bob")]  # ann holds 13 + 13 blocks... over 30 once grown
+    assert not decide(P, c, [], running)
+    grown = [run(1, nice=0, context=150, user="ann"), run(2, nice=5, context=150, user="ann"), running[2]]
+    plan = decide(P, c, [], grown)  # ann holds 19 + 19 = 38 > 30: her worst gives way, bob untouched
+    assert plan.preempt == [(2, "swap")] and not plan.over_quota
+    alone = decide(P, c, [], [run(1, nice=0, context=300, user="ann")])  # one process over the cap by itself
+    assert alone.over_quota == [1] and not alone.preempt
+    idle = [Task(7, "ann", 0, 150, resident=19, level=0.0)]
+    plan = decide(P, c, [], [run(1, nice=0, context=150, user="ann")], idle)  # her idle session goes first
+    assert plan.evict == [(7, "swap")] and not plan.preempt and not plan.over_quota
