@@ -233,7 +233,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max_procs_per_user", _IntIn(1, 10_000_000), "N", "live processes per user; beyond it spawn answers "
          "EAGAIN (default 1024)"),
     Flag("max_kv_blocks_per_user", _IntIn(1, 2**40), "BLOCKS", "KV blocks one user's processes may hold at once; "
-         "beyond it they wait (default: no cap)"),
+         "beyond it new ones wait, its idle sessions swap out and its worst running one is preempted, and one "
+         "process that alone outgrows it ends with EDQUOT (default: no cap)"),
     Flag("max_tokens_per_minute", _IntIn(0, 2**40), "TOKENS", "prompt and output tokens per user per minute, "
          "checked when a spawn or a session's turn starts: beyond it they answer EDQUOT with when to retry; a "
          "request under way is not cut (default: no limit)"),
