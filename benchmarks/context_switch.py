@@ -28,28 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.workload import make_model
+
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
-
-
-def make_model(root: Path, shape: str, context: int) -> Path:
-    """The benchmark's random-weight Llama of ``shape`` (benchmarks/workload.py) with a ``context``-token window."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from benchmarks.workload import SHAPES
-    from llmos.drivers.model.registry import DEFAULT_MODEL_DIR
-
-    path = root / f"llama-{shape}-{context}"
-    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=context, tie_word_embeddings=True,
-                      num_key_value_heads=SHAPES[shape]["num_attention_heads"], bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPES[shape])
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    for f in DEFAULT_MODEL_DIR.iterdir():
-        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
-            shutil.copy(f, path / f.name)
-    return path
 
 
 def switch(engine, pid: int, mode: str) -> tuple[float, float, int]:

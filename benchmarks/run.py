@@ -29,10 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
 
-def ensure_malloc_env() -> None:
-    """Run baselines under the same allocator settings the kernel gives its workers (fair comparison)."""
+def ensure_malloc_env(module: str = "benchmarks.run") -> None:
+    """Run ``python -m module`` under the allocator settings the kernel gives its workers (fair comparison):
+    re-exec it with them when they are not set."""
     if any(os.environ.get(k) != v for k, v in MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:]], {**os.environ, **MALLOC})
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], {**os.environ, **MALLOC})
 
 
 def cpu_seconds(pid: int) -> float:
@@ -61,11 +62,13 @@ async def llmos_run(address: str, model: str, reqs, kernel_pid: int) -> tuple[fl
     return dt, [r.token_ids for r in results], [results, metrics, cpu]
 
 
-def start_kernel(home: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_kernel(home: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """A kernel subprocess with ``home`` and ``flags``, once it answers: (process, address)."""
+    home.mkdir(parents=True, exist_ok=True)
     address = f"ipc://{home}/run/kernel.sock"
     log = open(home / "kernel.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "llmos.kernel.main", "--home", str(home), "--address", address,
-                             "--max-batch", str(max_batch)], stdout=log, stderr=log)
+                             *flags], stdout=log, stderr=log)
     from llmos.embedded import try_connect
 
     for _ in range(600):
@@ -121,7 +124,7 @@ def bench_shape(shape: str, root: Path, skip_sequential: bool, repeats: int) -> 
 
     home = Path(tempfile.mkdtemp(prefix="llmos-bench-", dir="/tmp"))
     (home / "run").mkdir(mode=0o700)
-    proc, address = start_kernel(home, len(reqs))
+    proc, address = start_kernel(home, "--max-batch", str(len(reqs)))
     # LLMOS and the static batch alternate `repeats` times; the table takes the medians, so a noisy
     # neighbour on a shared machine moves both sides alike
     llmos_dts, static_dts = [], []

@@ -22,28 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.run import machine
+from benchmarks.run import ensure_malloc_env, machine, start_kernel
 from benchmarks.workload import make_model, workload
-
-
-def start(home: Path, *flags: str):
-    import subprocess
-    import sys
-
-    from llmos.embedded import try_connect
-
-    home.mkdir(parents=True, exist_ok=True)
-    address = f"ipc://{home}/run/kernel.sock"
-    log = open(home / "kernel.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "llmos.kernel.main", "--home", str(home), "--address", address,
-                             *flags], stdout=log, stderr=log)
-    for _ in range(600):
-        c = try_connect(address, timeout=1.0)
-        if c is not None:
-            c.close()
-            return proc, address
-        time.sleep(0.05)
-    raise RuntimeError("kernel did not start")
 
 
 def stop(proc) -> None:
@@ -129,7 +109,7 @@ async def throughput(address: str, model: str, max_batch: int | None, repeats: i
 
 
 def main() -> int:
-    ensure_malloc_env_for("benchmarks.scheduler")
+    ensure_malloc_env("benchmarks.scheduler")
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scheduler", description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="5M", choices=("5M", "40M"), help="model shape (benchmarks/workload.py)")
     ap.add_argument("--batch", type=int, default=48, help="nice +10 processes in the batch load")
@@ -145,7 +125,7 @@ def main() -> int:
         root = Path(tmp)
         model = str(make_model(root, args.shape))
         for policy in args.policies.split(","):
-            proc, address = start(root / f"k-{policy}", "--max-batch", "16", "--sched-policy", policy)
+            proc, address = start_kernel(root / f"k-{policy}", "--max-batch", "16", "--sched-policy", policy)
             try:
                 r = asyncio.run(urgent_bench(address, model, args.batch, args.output, args.arrivals, args.repeats))
             finally:
@@ -159,7 +139,7 @@ def main() -> int:
         tuning = []
         if not args.skip_tuning:
             for mb in (None, 16, 32, 64):
-                proc, address = start(root / f"k-mb{mb}", *(["--max-batch", str(mb)] if mb else []))
+                proc, address = start_kernel(root / f"k-mb{mb}", *(["--max-batch", str(mb)] if mb else []))
                 try:
                     tuning.append((mb, asyncio.run(throughput(address, model, mb, args.repeats))))
                 finally:
@@ -182,16 +162,6 @@ def main() -> int:
         for mb, t in tuning:
             print(f"| {mb or 'default (sized by the KV pool)'} | {t:.0f} | {t / best:.2f}x |")
     return 0
-
-
-def ensure_malloc_env_for(module: str) -> None:
-    import os
-    import sys
-
-    from benchmarks.run import MALLOC
-
-    if any(os.environ.get(k) != v for k, v in MALLOC.items()):
-        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], {**os.environ, **MALLOC})
 
 
 if __name__ == "__main__":

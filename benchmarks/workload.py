@@ -29,15 +29,16 @@ def workload(vocab: int, n: int = 32, seed: int = 0, prompt=(8, 96), output=(16,
             for _ in range(n)]
 
 
-def make_model(root: Path, shape: str, seed: int = 0) -> Path:
-    """A random-weight LlamaForCausalLM of the named shape, with the default model's tokenizer."""
+def make_model(root: Path, shape: str, seed: int = 0, context: int = 512) -> Path:
+    """A random-weight LlamaForCausalLM of the named shape and a ``context``-token window, with the default
+    model's tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    path = root / f"llama-{shape}"
+    path = root / (f"llama-{shape}" if context == 512 else f"llama-{shape}-{context}")
     tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=True,
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=context, tie_word_embeddings=True,
                       num_key_value_heads=SHAPES[shape]["num_attention_heads"], bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPES[shape])
     LlamaForCausalLM(cfg).save_pretrained(path)
