@@ -177,9 +177,18 @@ class Plan:
     preempt: list[tuple[int, str]] = field(default_factory=list)  # RUNNING pids out of the batch, and how
     evict: list[tuple[int, str]] = field(default_factory=list)  # parked (idle) pids whose KV leaves the device
     over_quota: list[int] = field(default_factory=list)  # running pids that alone hold more than their user's cap
+    swap_free: int = field(default=0, repr=False, compare=False)  # swap blocks this plan has not yet spent
 
     def __bool__(self) -> bool:
         return bool(self.admit or self.preempt or self.evict or self.over_quota)
+
+    def switch_out(self, task: Task, cap: Capacity, running: bool) -> None:
+        """Take ``task`` off the device (``preempt`` if it runs, else ``evict``), by the cheaper way the swap
+        area this plan has left allows."""
+        mode = switch_mode(task, cap, self.swap_free)
+        if mode == "swap":
+            self.swap_free -= task.resident
+        (self.preempt if running else self.evict).append((task.pid, mode))
 
 
 def switch_mode(task: Task, cap: Capacity, swap_free: int) -> str:
@@ -246,7 +255,6 @@ def _enforce_kv_quota(params: SchedParams, cap: Capacity, running: list[Task], p
     caps = cap.user_kv_cap or {}
     if not caps:
         return running, parked
-    swap_free = cap.swap_free
     for user, limit in caps.items():
         held = sum(t.resident for t in [*running, *parked] if t.user == user)
         if held <= limit:
@@ -254,18 +262,14 @@ def _enforce_kv_quota(params: SchedParams, cap: Capacity, running: list[Task], p
         for t in sorted((t for t in parked if t.user == user and t.resident > 0), key=lambda t: -t.level):
             if held <= limit:
                 break
-            mode = switch_mode(t, cap, swap_free)
-            swap_free -= t.resident if mode == "swap" else 0
-            plan.evict.append((t.pid, mode))
+            plan.switch_out(t, cap, running=False)
             parked.remove(t)
             held -= t.resident
         mine = sorted((t for t in running if t.user == user),
                       key=lambda t: (-_run_level(params, t), -t.pid))  # worst first
         while held > limit and len(mine) > 1:
             v = mine.pop(0)
-            mode = switch_mode(v, cap, swap_free)
-            swap_free -= v.resident if mode == "swap" else 0
-            plan.preempt.append((v.pid, mode))
+            plan.switch_out(v, cap, running=True)
             running.remove(v)
             held -= v.resident
         if held > limit and mine:
@@ -287,7 +291,7 @@ def decide(params: SchedParams, cap: Capacity, ready: list[Task], running: list[
     back only by its user's KV quota lets the others pass.
     """
     bs = cap.block_size
-    plan = Plan()
+    plan = Plan(swap_free=cap.swap_free)
     running, parked = _enforce_kv_quota(params, cap, list(running), list(parked), plan)
     slots = cap.max_batch - len(running)
     # the kernel's estimate, never below what the worker last reported (a guard against resuming into a pool
@@ -295,7 +299,6 @@ def decide(params: SchedParams, cap: Capacity, ready: list[Task], running: list[
     used = max(sum(t.resident for t in [*running, *parked, *ready]), cap.kv_used)
     free = cap.kv_total - used if cap.kv_total else None
     empty = used == 0  # an empty pool always takes one process: one that can never fit learns it (ENOMEM)
-    swap_free = cap.swap_free
     per_user: dict[str, int] = {}
     for t in [*running, *parked, *ready]:
         per_user[t.user] = per_user.get(t.user, 0) + t.resident
@@ -310,53 +313,46 @@ def decide(params: SchedParams, cap: Capacity, ready: list[Task], running: list[
         user_cap = (cap.user_kv_cap or {}).get(cand.user)
         if user_cap is not None and per_user.get(cand.user, 0) - cand.resident + need > user_cap:
             continue  # its user's quota holds it back; others may pass
-        have_slot = slots > 0
-        have_blocks = free is None or need - cand.resident <= free or (empty and not plan.admit)
-        if have_slot and have_blocks:
-            plan.admit.append(cand.pid)
-            slots -= 1
-            if free is not None:
-                free -= need - cand.resident
-            per_user[cand.user] = per_user.get(cand.user, 0) + need - cand.resident
-            running_of[cand.user] = running_of.get(cand.user, 0) + 1
-            continue
-        # make room: idle sessions' KV first, then running processes this one may preempt, worst first
-        evict: list[Task] = []
-        out: list[Task] = []
-        s, f = slots, free
-        for t in idle:
-            if f is None or need - cand.resident <= f:
-                break
-            evict.append(t)
-            f += t.resident
-        for v in victims:
-            if s > 0 and (f is None or need - cand.resident <= f):
-                break
-            if v.pid in plan.admit or not may_preempt(params, cand, v, running_of):
-                continue
-            out.append(v)
-            s += 1
-            if f is not None:
-                f += v.resident
-        if s > 0 and (f is None or need - cand.resident <= f):
+        grow = need - cand.resident  # blocks it takes beyond what it holds
+
+        def fits(blocks: int | None) -> bool:
+            return blocks is None or grow <= blocks
+
+        if not (slots > 0 and (fits(free) or (empty and not plan.admit))):
+            # make room: idle sessions' KV first, then running processes this one may preempt, worst first
+            evict = []
+            out = []
+            s, f = slots, free
+            for t in idle:
+                if fits(f):
+                    break
+                evict.append(t)
+                f += t.resident
+            for v in victims:
+                if s > 0 and fits(f):
+                    break
+                if v.pid in plan.admit or not may_preempt(params, cand, v, running_of):
+                    continue
+                out.append(v)
+                s += 1
+                if f is not None:
+                    f += v.resident
+            if not (s > 0 and fits(f)):
+                break  # the best waiting process cannot be placed: nobody behind it overtakes
             for t in evict:
-                mode = switch_mode(t, cap, swap_free)
-                swap_free -= t.resident if mode == "swap" else 0
-                plan.evict.append((t.pid, mode))
+                plan.switch_out(t, cap, running=False)
                 idle.remove(t)
                 per_user[t.user] -= t.resident
             for v in out:
-                mode = switch_mode(v, cap, swap_free)
-                swap_free -= v.resident if mode == "swap" else 0
-                plan.preempt.append((v.pid, mode))
+                plan.switch_out(v, cap, running=True)
                 victims.remove(v)
                 per_user[v.user] -= v.resident
                 running_of[v.user] -= 1
-            plan.admit.append(cand.pid)
-            slots = s - 1
-            free = None if f is None else f - (need - cand.resident)
-            per_user[cand.user] = per_user.get(cand.user, 0) + need - cand.resident
-            running_of[cand.user] = running_of.get(cand.user, 0) + 1
-            continue
-        break  # the best waiting process cannot be placed: nobody behind it overtakes
+            slots, free = s, f
+        plan.admit.append(cand.pid)
+        slots -= 1
+        if free is not None:
+            free -= grow
+        per_user[cand.user] = per_user.get(cand.user, 0) + grow
+        running_of[cand.user] = running_of.get(cand.user, 0) + 1
     return plan
