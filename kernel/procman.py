@@ -56,6 +56,7 @@ class ProcessManager(SessionsMixin, Actor):
         # STOPPED processes that CONT returns to a run queue: they count against --max-queue, so that
         # STOP, spawn, CONT cannot grow the queue past its bound
         self.stopped_runnable = 0
+        self.live_of: dict[str, int] = {}  # user -> its processes not yet ZOMBIE (the per-user process quota)
         self._kv_capped = self.quotas.default.max_kv_blocks is not None or any(
             u.max_kv_blocks is not None for u in self.quotas.users.values())
 
@@ -152,12 +153,12 @@ class ProcessManager(SessionsMixin, Actor):
             raise Busy(f"the run queue is full ({queued} processes wait; the limit is {self.config.max_queue}): "
                        "retry in a few seconds, once some have run")
         inst = min(live, key=lambda i: len(i.running) + len(i.queue))
-        user_live = sum(1 for p in self.table if p.owner == msg.user and p.state is not State.ZOMBIE)
-        self.quotas.check_start(msg.user, user_live, len(msg.prompt_ids),
+        self.quotas.check_start(msg.user, self.live_of.get(msg.user, 0), len(msg.prompt_ids),
                                 wp.blocks_for(len(msg.prompt_ids) + 1, inst.block_size), now)
         proc = self.table.create(owner=msg.user, model=msg.model, priority=msg.priority, params=msg.params,
                                  prompt_ids=msg.prompt_ids, session=msg.session)
         proc.arrival = proc.state_since = now
+        self.live_of[proc.owner] = self.live_of.get(proc.owner, 0) + 1
         proc.block_size = inst.block_size
         proc.deadline_s, proc.queue_timeout_s = msg.deadline, msg.queue_timeout
         proc.limit_output(context_len(inst.info))
@@ -527,6 +528,9 @@ class ProcessManager(SessionsMixin, Actor):
         if proc.state is State.STOPPED:
             self.stopped_runnable -= proc.stopped_from is State.READY
         proc.transition(State.ZOMBIE, now)
+        left = self.live_of.pop(proc.owner, 1) - 1
+        if left:
+            self.live_of[proc.owner] = left
         proc.finished_at = time.time()
         proc.ended = now
         proc.finish_reason = reason

@@ -92,7 +92,13 @@ def scenario(engine, max_batch, body, config=None, clock=None):
 
 
 def check_invariants(pm: ProcessManager) -> None:
-    """Queued only while READY, in a batch only while RUNNING, parked only while BLOCKED or STOPPED."""
+    """Queued only while READY, in a batch only while RUNNING, parked only while BLOCKED or STOPPED; each user's
+    live count is its processes not yet ZOMBIE."""
+    live: dict[str, int] = {}
+    for p in pm.table:
+        if p.state is not State.ZOMBIE:
+            live[p.owner] = live.get(p.owner, 0) + 1
+    assert pm.live_of == live
     for inst in pm.instances.values():
         for pid in inst.queue.order():
             assert pm.table.get(pid).state is State.READY, pid
