@@ -328,9 +328,6 @@ class Executor(Actor):
     def kv_total(self) -> int:
         return int(self.stats.get("kv_total") or self.info.get("kv_blocks") or 0)
 
-    @property
-    def kv_block_size(self) -> int:
-        return int(self.info.get("kv_block_size") or wp.BLOCK_SIZE)
 
     def describe(self) -> dict[str, Any]:
         s = self.stats

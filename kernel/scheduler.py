@@ -99,18 +99,6 @@ class RunQueue:
         return [pid for _, _, pid in sorted(item for item in self._heap if self._live(item))]
 
 
-def admit(queue: RunQueue, free_slots: int, fits=lambda pid: True) -> list[int]:
-    """Pop up to ``free_slots`` pids, best first, while ``fits(pid)``; the head that does not fit stops
-    admission (a smaller process behind it must not overtake it forever)."""
-    out: list[int] = []
-    while len(out) < free_slots:
-        pid = queue.peek()
-        if pid is None or not fits(pid):
-            break
-        out.append(queue.pop())
-    return out
-
-
 @dataclass(frozen=True)
 class SchedParams:
     """The policy's knobs. Times in seconds, sizes in tokens or levels."""

@@ -2,8 +2,8 @@
 
 import pytest
 
-from llmos.kernel.scheduler import (Capacity, RunQueue, SchedParams, Task, admit, decide, level, may_preempt,
-                                    queue_key, switch_mode)
+from llmos.kernel.scheduler import (Capacity, RunQueue, SchedParams, Task, decide, level, may_preempt, queue_key,
+                                    switch_mode)
 
 P = SchedParams()
 
@@ -42,14 +42,6 @@ def test_the_heap_is_compacted_so_requeues_never_grow_it_without_bound():
         q.push(7, i)
     assert len(q) == 1 and len(q._heap) <= 2 * len(q) + 17
     assert q.head(3) == [7]
-
-
-def test_admit_stops_at_a_head_that_does_not_fit():
-    q = RunQueue()
-    for pid in (1, 2, 3):
-        q.push(pid, pid)
-    assert admit(q, 5, fits=lambda pid: pid != 2) == [1]
-    assert q.order() == [2, 3]
 
 
 def test_aging_raises_a_waiting_process_one_level_per_aging_period():
