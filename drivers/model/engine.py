@@ -172,6 +172,7 @@ class BaseEngine(MemoryContract):
         self.last_batch = 0
         self.last_step_tokens = 0
         self._forced: list[StepEvent] = []  # preemptions made under memory pressure during this step
+        self._ended_on_resume: list[int] = []  # resumed sequences whose journaled output already ends them
         self._step_prefill: dict[int, int] = {}  # pid -> prompt tokens computed this step
         self.swap_bytes_per_s = 0.0
         self.prefill_tokens_per_s = 0.0  # measured at load, then a running estimate from real prefill steps
@@ -325,9 +326,12 @@ class BaseEngine(MemoryContract):
 
     # -- sequences -------------------------------------------------------------------------
     def add(self, pid: int, prompt_ids: list[int], params: SamplingParams | dict, user: str = "",
-            priority: int = 0, session: bool = False) -> None:
+            priority: int = 0, session: bool = False, output_ids: list[int] | None = None) -> None:
         """Start a sequence, active. ``session``: a turn that ends with stop or length parks it with its KV
-        kept, for :meth:`append`. InvalidArgument for a pid already here or an empty prompt."""
+        kept, for :meth:`append`. ``output_ids``: tokens it already generated (a process resumed from the
+        kernel's journal after a crash): they are prefilled with the prompt, count toward ``max_new_tokens``
+        and its stop rules, and their text is taken as already streamed; if they already end it, its next
+        step reports the finish. InvalidArgument for a pid already here or an empty prompt."""
         if isinstance(params, dict):
             params = SamplingParams.from_dict(params)
         if pid in self.seqs:
@@ -335,9 +339,15 @@ class BaseEngine(MemoryContract):
         if not prompt_ids:
             raise InvalidArgument("empty prompt")
         strings, special = split_stops(params.stop, self._silent)
-        self.seqs[pid] = Sequence(pid, list(prompt_ids), len(prompt_ids), params, params.generator(self.device),
-                                  TextTracker(self.tokenizer, strings, prompt_ids), user=user, priority=priority,
-                                  stop_ids=frozenset([*params.stop_token_ids, *special]), session=bool(session))
+        seq = Sequence(pid, list(prompt_ids), len(prompt_ids), params, params.generator(self.device),
+                       TextTracker(self.tokenizer, strings, prompt_ids), user=user, priority=priority,
+                       stop_ids=frozenset([*params.stop_token_ids, *special]), session=bool(session))
+        self.seqs[pid] = seq
+        if output_ids:
+            seq.tokens.extend(output_ids)
+            seq.text.update(seq.generated)  # its text so far was streamed before the crash
+            if self._finish_reason(seq, seq.tokens[-1]) is not None:
+                self._ended_on_resume.append(pid)
 
     def preempt(self, pid: int, mode: str = "swap") -> StepEvent | None:
         """Take a sequence (active or parked) out of the batch and its KV out of the pool; None for an unknown pid.
@@ -473,8 +483,10 @@ class BaseEngine(MemoryContract):
     def step(self) -> list[StepEvent]:
         """One step over the active sequences: their new tokens, finishes, prompt tokens computed
         (``prefilled``) and any preemption memory pressure forced (``preempted``: the victim is parked)."""
+        ended = [self._end_resumed(pid) for pid in self._ended_on_resume]
+        self._ended_on_resume = []
         t = time.perf_counter()
-        events = self._step()
+        events = [e for e in ended if e is not None] + self._step()
         dt = time.perf_counter() - t
         forced, self._forced = self._forced, []
         prefill, self._step_prefill = self._step_prefill, {}
@@ -509,6 +521,19 @@ class BaseEngine(MemoryContract):
             self._drop(seq.pid)
         delta += seq.text.finish()
         return StepEvent(seq.pid, [token], delta, reason, seq.text.text)
+
+    def _end_resumed(self, pid: int) -> StepEvent | None:
+        """The finish of a resumed sequence whose journaled output already met a stop rule (the crash came
+        between its last token and the journal's record of its end)."""
+        seq = self.seqs.get(pid)
+        if seq is None or seq.parked:
+            return None
+        reason = self._finish_reason(seq, seq.tokens[-1])
+        if seq.session:
+            seq.parked = True
+        else:
+            self._drop(pid)
+        return StepEvent(pid, [], seq.text.finish(), reason or "stop", seq.text.text)
 
     def _fail(self, seq: Sequence, errno: Errno, message: str) -> StepEvent:
         self._drop(seq.pid)

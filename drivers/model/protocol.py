@@ -100,6 +100,7 @@ class Add(_Message):
     user: str = ""
     priority: int = 0
     session: bool = False
+    output_ids: list[int] | None = None  # tokens already generated (a process resumed after a crash)
 
 
 @dataclass

@@ -243,8 +243,9 @@ class Worker:
             msg = p.from_wire(msg)
         engine = self.engine
         match msg:
-            case p.Add(pid=pid, prompt_ids=ids, params=params, user=user, priority=priority, session=session):
-                self._apply(pid, lambda: engine.add(pid, ids, params, user, priority, session))
+            case p.Add(pid=pid, prompt_ids=ids, params=params, user=user, priority=priority, session=session,
+                       output_ids=out):
+                self._apply(pid, lambda: engine.add(pid, ids, params, user, priority, session, out))
             case p.Append(pid=pid, prompt_ids=ids, params=params):
                 self._apply(pid, lambda: engine.append(pid, ids, params))
             case p.Preempt(pid=pid, mode=mode):

@@ -286,3 +286,29 @@ def test_the_paged_engine_runs_better_priorities_first_then_earlier_arrivals(tin
     while e.has_work():
         first_token += [ev.pid for ev in e.step() if ev.token_ids and ev.pid not in first_token]
     assert first_token == [2, 4, 1, 3]
+
+
+def test_a_sequence_resumed_with_its_output_so_far_continues_token_for_token(engine):
+    params = {"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}
+    prompt = engine.encode("resume me")
+    engine.add(1, prompt, params)
+    whole = run_all(engine)[1]
+    tokens = [t for e in whole for t in e.token_ids]
+    assert len(tokens) == 16
+    for cut in (1, 7, 15):
+        engine.add(2, prompt, params, output_ids=tokens[:cut])
+        rest = run_all(engine)[2]
+        assert tokens[:cut] + [t for e in rest for t in e.token_ids] == tokens
+        assert rest[-1].finish_reason == "length" and rest[-1].final_text == whole[-1].final_text
+
+
+def test_a_sequence_resumed_with_output_that_already_ends_it_finishes_at_once(engine):
+    params = {"max_new_tokens": 5, "temperature": 0.0, "ignore_eos": True}
+    prompt = engine.encode("done already")
+    engine.add(1, prompt, params)
+    whole = run_all(engine)[1]
+    tokens = [t for e in whole for t in e.token_ids]
+    engine.add(2, prompt, params, output_ids=tokens)
+    rest = run_all(engine)[2]
+    assert [t for e in rest for t in e.token_ids] == [] and rest[-1].finish_reason == "length"
+    assert rest[-1].final_text == whole[-1].final_text and 2 not in engine.seqs
