@@ -27,6 +27,7 @@ class Errno(IntEnum):
     ENOMEM = 12  # out of memory (KV blocks, host budget)
     EBUSY = 16  # the target is busy (a kernel already owns the address)
     EINVAL = 22  # invalid argument: wrong type, out of range, unknown field
+    ENOSPC = 28  # no space left on the device that holds the store
     EPIPE = 32  # the peer went away: the kernel stopped while a call was pending
     ENOSYS = 38  # no such syscall
     EPROTO = 71  # protocol error: malformed frame, version mismatch
@@ -51,6 +52,8 @@ MEANING: dict[Errno, str] = {
     Errno.EBUSY: "busy: the model is loaded with other options or has live processes, the run queue is full, or a "
                  "session is generating a reply; the message says what to do",
     Errno.EINVAL: "invalid argument: wrong type, out of range, too long, unknown field; the message names the field",
+    Errno.ENOSPC: "no space left on the device that holds the store ($LLMOS_HOME/store): the write was not made; "
+                  "what was committed before is intact",
     Errno.EPIPE: "the kernel is stopping: the call was cut short",
     Errno.ENOSYS: "no such syscall",
     Errno.EPROTO: "protocol error: not MessagePack, not a map, no integer id, wrong version, several frames",
@@ -175,6 +178,16 @@ class InvalidArgument(LLMOSError):
     errno_default = Errno.EINVAL
 
 
+class NoSpace(LLMOSError):
+    """Raised when a write to the store cannot be committed because its filesystem is full.
+
+    Nothing of that write is kept, and everything committed before it is intact (unlike DeviceError,
+    which says the device itself failed). Free space, then retry.
+    """
+
+    errno_default = Errno.ENOSPC
+
+
 class KernelGone(LLMOSError):
     """Raised on the client when the kernel stopped or died while a call was pending.
 
@@ -224,7 +237,7 @@ _BY_ERRNO: dict[Errno, type[LLMOSError]] = {
     cls.errno_default: cls
     for cls in (
         NotPermitted, NotFound, NoSuchProcess, DeviceError, TooBig, TryAgain, QuotaExceeded, OutOfMemory, Busy,
-        InvalidArgument, KernelGone, NoSuchSyscall, ProtocolError, FrameTooLarge, Cancelled,
+        InvalidArgument, NoSpace, KernelGone, NoSuchSyscall, ProtocolError, FrameTooLarge, Cancelled,
         TimedOut, KernelUnavailable,
     )
 }
