@@ -16,12 +16,13 @@ from pathlib import Path
 import zmq.asyncio
 
 from llmos.drivers.devices import DeviceTable
+from llmos.drivers.storage import FS, Store, Writer, store_dir
 from llmos.kernel import messages as m
 from llmos.kernel.bus import Bus
 from llmos.kernel.config import KernelConfig
 from llmos.kernel.handlers import Handlers
 from llmos.kernel.heap import return_big_buffers_to_the_os
-from llmos.kernel.log import get_logger
+from llmos.kernel.log import LogRing, get_logger
 from llmos.kernel.models import ModelManager
 from llmos.kernel.procman import ProcessManager
 
@@ -41,6 +42,12 @@ class Kernel:
     async def start(self) -> None:
         return_big_buffers_to_the_os()  # frames of many MiB must not stay in the kernel's heap
         self.ctx = zmq.asyncio.Context()
+        # the store first: the journal and the log ring write through its one Writer
+        self.store = Store(store_dir(self.home)).open()
+        self.store.gc_orphans()
+        self.writer = Writer(self.store).start()
+        self.fs = FS(self.store)
+        self.logring = LogRing(self.store, self.writer).start()
         # the admin: root and the kernel's owner (identity from the transport comes with the identity issue)
         self.procman = ProcessManager(self.config, admins=frozenset({"root", getpass.getuser()})).start()
         self.devices = DeviceTable(self.config.memory_limit)
@@ -75,5 +82,8 @@ class Kernel:
             self.log.error("stop_models_failed", error=repr(exc))
         await self.models.stop()
         await self.procman.stop()
+        await self.logring.stop()
+        await asyncio.to_thread(self.writer.stop)  # commits what is queued, then ends its thread
+        self.store.close()
         self.ctx.destroy(linger=200)
         self.log.info("kernel_stopped")
