@@ -9,6 +9,8 @@ from typing import Any
 
 import msgpack
 
+from llmos.drivers.storage.errors import StorageError
+
 CHUNK = 1 << 20  # extent size of a generic file (Put, and uploads without new_extent)
 MAX_EXTENT = 1 << 30  # one extent, bytes
 UPLOAD_IDLE_S = 300.0  # an upload with no Append for this long is aborted by the writer
@@ -67,8 +69,13 @@ class Inode:
 
     @classmethod
     def unpack(cls, raw: Any) -> "Inode":
-        m = msgpack.unpackb(raw)
-        return cls(m["ino"], m["size"], m["owner"], m["mtime"], list(m["extents"]))
+        """Decode a meta record; StorageError (EIO) if it is not one (a corrupt or foreign value)."""
+        try:
+            m = msgpack.unpackb(raw)
+            return cls(int(m["ino"]), int(m["size"]), str(m["owner"]), float(m["mtime"]),
+                       [int(e) for e in m["extents"]])
+        except Exception as exc:  # msgpack's, KeyError, TypeError...: all say "not an inode record"
+            raise StorageError(f"a file's record in the store is corrupt ({type(exc).__name__}: {exc})") from None
 
     def stat(self, path: str) -> Stat:
         return Stat(path, self.size, self.owner, self.mtime, list(self.extents), "file")

@@ -99,3 +99,18 @@ def test_extents_are_zero_copy_views_into_the_map(writer, store, fs):
         floats = np.frombuffer(views[0], dtype=np.float32)
         assert floats[999] == 999.0 and not floats.flags.writeable and not floats.flags.owndata
         assert np.frombuffer(views[1], dtype=np.int64).sum() == sum(range(300))
+        # the bytes live in the mapping of data.mdb itself, not in a copy on the heap
+        address = floats.ctypes.data
+        assert any(lo <= address < hi for lo, hi in maps_of(store.path / "data.mdb"))
+        assert np.frombuffer(fs.extents(txn, "/models/m/weights")[0], np.uint8).ctypes.data == address
+
+
+def maps_of(path):
+    """The address ranges at which this process maps ``path`` (from /proc/self/maps)."""
+    out = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            out.append((lo, hi))
+    return out

@@ -89,3 +89,12 @@ def test_an_upload_to_a_directory_is_refused_at_begin(writer):
     writer.submit(ops.Put("/data/d/f", b"", "a")).result(10)
     with pytest.raises(InvalidArgument, match="directory"):
         writer.submit(ops.Begin("/data/d", "a")).result(10)
+
+
+def test_gc_frees_data_that_no_path_and_no_upload_points_to(store):
+    from llmos.drivers.storage.layout import data_key
+
+    store.write_txn(lambda txn: ops.apply(ops.Put("/data/live", b"l" * 10, "a"), txn, store))
+    store.write_txn(lambda txn: [txn.put(data_key(999, i), b"stray", db=store.db("data")) for i in range(3)])
+    assert store.gc_orphans() == 1
+    assert data_keys_of(store, 999) == [] and FS(store).read("/data/live") == b"l" * 10
