@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable
 
 from llmos.kernel import __version__
 from llmos.kernel import messages as m
+from llmos.kernel.files import Files
 from llmos.syscalls import protocol
 from llmos.syscalls.errors import InvalidArgument, ProtocolError, TimedOut
 
@@ -35,6 +36,7 @@ class Caller:
 class Handlers:
     def __init__(self, kernel: Any) -> None:
         self.k = kernel  # the Kernel: its actors and identity; handlers only read it
+        self.files = Files(kernel)  # the fs calls' open uploads live there
 
     async def sys_hello(self, caller: Caller, args: dict, emit: Emit) -> dict:
         if args["version"] != protocol.PROTOCOL_VERSION:
@@ -162,6 +164,33 @@ class Handlers:
         procs = await self.k.procman.ask(m.Metrics())
         models = await self.k.models.ask(m.ListModels())
         return {**procs, "models": [ex for d in models for ex in d["executors"]]}
+
+    # -- the namespace (kernel/files.py) -------------------------------------------------------
+    async def sys_fs_put(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await self.files.put(caller.user, caller.identity, args)
+
+    async def sys_fs_get(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await self.files.get(caller.user, args, emit, self._backlog(caller))
+
+    async def sys_fs_list(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await self.files.list(caller.user, args)
+
+    async def sys_fs_remove(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await self.files.remove(caller.user, args)
+
+    async def sys_fs_stat(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await self.files.stat(caller.user, args)
+
+    async def sys_dmesg(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await self.files.dmesg(args, emit, self._backlog(caller))
+
+    def _backlog(self, caller: Caller) -> Callable[[], int]:
+        """Bytes of replies the bus holds unsent for this caller (a big read waits while they pile up)."""
+        def held() -> int:
+            client = getattr(self.k, "bus", None) and self.k.bus.clients.get(caller.identity)
+            return client.outbox.bytes if client else 0
+
+        return held
 
 
 def handler_for(handlers: Handlers, name: str) -> Callable | None:

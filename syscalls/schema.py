@@ -17,8 +17,9 @@ from llmos.syscalls.errors import InvalidArgument, quote
 
 _MISSING = object()
 
-# Wire types: "int", "float", "str", "bool", "map", "any", "list[str]", "list[int]", "list[map]".
-_SCALARS = {"int", "float", "str", "bool", "map", "any"}
+# Wire types: "int", "float", "str", "bytes" (MessagePack bin), "bool", "map", "any", "list[str]", "list[int]",
+# "list[map]".
+_SCALARS = {"int", "float", "str", "bytes", "bool", "map", "any"}
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Field:
     min: float | None = None
     max: float | None = None
     choices: tuple | None = None
-    max_len: int | None = None  # characters of a string, items of a list
+    max_len: int | None = None  # characters of a string, bytes of a bytes value, items of a list
     item_max_len: int | None = None  # characters of each string in a list[str]
     max_bytes: int | None = None  # the value's size as MessagePack (strings as UTF-8), all of it
     pattern: str | None = None  # a string must match this regular expression whole
@@ -55,7 +56,7 @@ class Field:
             hi = "inf" if self.max is None else str(self.max)
             parts.append(f"range [{lo}, {hi}]")
         if self.max_len is not None:
-            unit = "items" if self.type.startswith("list[") else "characters"
+            unit = "items" if self.type.startswith("list[") else "bytes" if self.type == "bytes" else "characters"
             parts.append(f"at most {self.max_len:,} {unit}")
         if self.item_max_len is not None:
             parts.append(f"each at most {self.item_max_len:,} characters")
@@ -100,6 +101,11 @@ def _check_scalar(field: Field, kind: str, value: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise InvalidArgument(f"{where} must be a string, got {type(value).__name__}")
         return value
+    if kind == "bytes":
+        # a string is not bytes: it would be stored UTF-8-encoded without the caller saying so
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise InvalidArgument(f"{where} must be bytes (MessagePack bin), got {type(value).__name__}")
+        return bytes(value) if not isinstance(value, bytes) else value
     if kind == "map":
         if not isinstance(value, dict):
             raise InvalidArgument(f"{where} must be a map, got {type(value).__name__}")
@@ -143,6 +149,8 @@ def check(field: Field, value: Any) -> Any:
     value = _check_scalar(field, field.type, value, f"field '{field.name}'")
     if field.max_len is not None and isinstance(value, str) and len(value) > field.max_len:
         raise InvalidArgument(f"field '{field.name}' has {len(value)} characters, at most {field.max_len} allowed")
+    if field.max_len is not None and isinstance(value, bytes) and len(value) > field.max_len:
+        raise InvalidArgument(f"field '{field.name}' has {len(value):,} bytes, at most {field.max_len:,} allowed")
     if field.choices is not None and value not in field.choices:
         raise InvalidArgument(f"field '{field.name}' must be one of {', '.join(map(str, field.choices))}; "
                               f"got {quote(value)}")

@@ -296,6 +296,113 @@ SYSCALLS = SYSCALLS + (
     ),
 )
 
+# -- the namespace (issue 9): files in the store, and the kernel's log ring ----------------------------------
+FS_PATH_MAX = 4096  # bytes of a path (UTF-8); each part at most 255
+FS_DATA_MAX = 8 * 2**20  # bytes of one fs_put frame's data (the client sends 4 MiB per frame)
+FS_PIECE = 2**20  # bytes of file data in one fs_get frame
+LOG_LINES_MAX = 10_000  # lines the kernel's log ring keeps (and the most one dmesg returns)
+FS_RULES = ("/home/<user>: its user and the admin read and write; /models: everyone reads, the admin writes; "
+            "/data: everyone reads and creates, a file's owner or the admin replaces or removes it; "
+            "/proc/<pid>: the process's owner and the admin read, nobody writes; /var/log: everyone reads, "
+            "nobody writes")
+
+FS_PATH = Field("path", "str", "an absolute path under /models, /data, /proc, /home or /var/log (no '..', no empty "
+                "part, no NUL; each part at most 255 bytes, the whole at most 4096 bytes)", max_len=FS_PATH_MAX)
+FS_STAT: tuple[Field, ...] = (
+    Field("path", "str", "the normalised path"),
+    Field("kind", "str", "file or dir (directories are implied by the paths under them)"),
+    Field("size", "int", "bytes of a file; entries of a directory"),
+    Field("owner", "str", "the user who wrote the file (the kernel's own files: 'kernel'; a directory: '')"),
+    Field("mtime", "float", "unix time of the last write (a directory: 0)"),
+    Field("extents", "list[int]", "the file's extents, in bytes, in order (each contiguous in the store's map)"),
+)
+
+SYSCALLS = SYSCALLS + (
+    Syscall(
+        30, "fs_put", "Write a file: one call with `last` true and no `upload` replaces the file atomically; a "
+        "bigger value goes as an upload (`last` false starts or continues it, the reply's `upload` id continues "
+        "it, `last` true commits it; nothing is visible before the commit). An upload belongs to the connection "
+        "that began it. Who may write: " + FS_RULES + ".",
+        request=(
+            FS_PATH,
+            Field("data", "bytes", "the bytes to write (appended to the upload when there is one)", default=b"",
+                  max_len=FS_DATA_MAX),
+            Field("upload", "int", "null: a new write (a whole-file put when `last` is true); an id from an "
+                  "earlier reply: continue that upload (of this connection, on the same path)", nullable=True,
+                  min=1, max=2**63 - 1),
+            Field("new_extent", "bool", "start a new extent with this data (an extent is contiguous in the map: "
+                  "one per tensor lets a model load zero-copy)", default=False),
+            Field("last", "bool", "commit: the path now names everything sent; false: more data follows",
+                  default=True),
+        ),
+        reply=(Field("upload", "int", "the upload id to continue with, while `last` is false; null once committed",
+                     nullable=True), *FS_STAT),
+        errors=(E.EPERM, E.EINVAL, E.ENOENT, E.ENOSPC, E.EIO, E.E2BIG, E.EAGAIN),
+    ),
+    Syscall(
+        31, "fs_get", "Read a byte range of a file: pieces of at most 1 MiB as chunk frames, the last piece in the "
+        "reply (a range of 1 MiB or less is one frame). The range is read from one snapshot of the store. Who "
+        "may read: " + FS_RULES + ".",
+        request=(
+            FS_PATH,
+            Field("offset", "int", "first byte of the range", default=0, min=0, max=2**63 - 1),
+            Field("length", "int", "bytes in the range; null: to the end of the file (a range past the end is "
+                  "cut there)", nullable=True, min=0, max=2**63 - 1),
+        ),
+        reply=(Field("path", "str"), Field("size", "int", "the file's size in bytes"),
+               Field("mtime", "float", "the file's mtime (unix): a reader of several ranges sees a replacement"),
+               Field("offset", "int", "first byte of the range"),
+               Field("length", "int", "bytes in the whole range (chunks and the reply's data)"),
+               Field("data", "bytes", "the range's last piece (at most 1 MiB)")),
+        errors=(E.ENOENT, E.EPERM, E.EINVAL, E.EIO),
+        streams=True,
+        chunk=(Field("data", "bytes", "the next piece of the range, at most 1 MiB, in order"),),
+    ),
+    Syscall(
+        32, "fs_list", "List a directory: its immediate children, sorted by name (a subdirectory is one entry). "
+        "'/' lists the namespaces. Who may: whoever may read the directory (" + FS_RULES + ").",
+        request=(FS_PATH, Field("limit", "int", "most entries to return", default=1000, min=1,
+                                max=LOG_LINES_MAX)),
+        reply=(Field("path", "str"),
+               Field("entries", "list[map]", "one stat per child: " + ", ".join(f.name for f in FS_STAT)),
+               Field("truncated", "bool", "more entries exist than `limit`")),
+        errors=(E.ENOENT, E.EPERM, E.EINVAL, E.EIO),
+    ),
+    Syscall(
+        33, "fs_remove", "Remove a file, or with `recursive` a directory and everything under it (in one "
+        "transaction). Who may: whoever may write the path (" + FS_RULES + "); in /data, a recursive remove "
+        "needs every file under it to be the caller's (or the caller to be the admin).",
+        request=(FS_PATH, Field("recursive", "bool", "remove everything under the path", default=False)),
+        reply=(Field("path", "str"), Field("removed", "int", "files removed")),
+        errors=(E.ENOENT, E.EPERM, E.EINVAL, E.ENOSPC, E.EIO),
+    ),
+    Syscall(
+        34, "fs_stat", "A file's or directory's stat: kind, size, owner, mtime, extents. Who may: whoever may "
+        "read the path (" + FS_RULES + ").",
+        request=(FS_PATH,),
+        reply=FS_STAT,
+        errors=(E.ENOENT, E.EPERM, E.EINVAL, E.EIO),
+    ),
+    Syscall(
+        35, "dmesg", "The kernel's log ring (/var/log/kernel; the last 10,000 lines survive restarts): the last "
+        "`n` lines, or those after `since`; with `follow`, new lines stream as chunk frames until the caller "
+        "goes away. Everyone may read it.",
+        request=(
+            Field("n", "int", "how many of the newest lines", default=100, min=0, max=LOG_LINES_MAX),
+            Field("since", "int", "return the lines with a seq after this one instead (the reply's `seq` "
+                  "continues where a call left off)", nullable=True, min=0, max=2**63 - 1),
+            Field("follow", "bool", "after the lines, stream each new line as it is logged (the call does not "
+                  "end by itself)", default=False),
+        ),
+        reply=(Field("lines", "list[str]", "log lines, oldest first: JSON objects {seq, ts (unix), level, "
+                     "component, event, ...}"),
+               Field("seq", "int", "the newest line's seq (0 when the log is empty)")),
+        errors=(E.EINVAL,),
+        streams=True,
+        chunk=(Field("lines", "list[str]", "log lines, as in the reply"),),
+    ),
+)
+
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}
 BY_NR: dict[int, Syscall] = {s.nr: s for s in SYSCALLS}
 assert len(BY_NAME) == len(SYSCALLS) and len(BY_NR) == len(SYSCALLS), "duplicate syscall name or number"

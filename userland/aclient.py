@@ -20,6 +20,7 @@ from llmos.syscalls.errors import KernelGone, KernelUnavailable, TimedOut
 from llmos.types import ProcessInfo, ProcessResult, TurnResult
 
 if TYPE_CHECKING:
+    from llmos.fs import AsyncFS
     from llmos.session import AsyncSession
 
 
@@ -231,6 +232,52 @@ class AsyncClient:
     @syscall_doc("metrics")
     async def metrics(self) -> dict[str, Any]:
         return await self.call("metrics", timeout=30.0)
+
+    # -- the namespace (``fs`` wraps these; shapes as Client's) -----------------------------------
+    @property
+    def fs(self) -> "AsyncFS":
+        """The namespace as coroutines: ``await c.fs.put(path, data)``, ``get``, ``ls``, ``stat``, ``rm``,
+        ``exists`` (llmos.fs.AsyncFS)."""
+        from llmos.fs import AsyncFS
+
+        return AsyncFS(self)
+
+    @syscall_doc("fs_put")
+    async def fs_put(self, path: str, data: bytes | bytearray | memoryview = b"", upload: int | None = None,
+                     new_extent: bool = False, last: bool = True) -> dict[str, Any]:
+        """One frame of a write (as Client.fs_put): {upload} while ``last`` is false, else the file's stat."""
+        return await self.call("fs_put", {"path": path, "data": data, "upload": upload, "new_extent": new_extent,
+                                          "last": last}, timeout=120.0)
+
+    @syscall_doc("fs_get")
+    async def fs_get(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Returns the range's bytes (``length`` None: to the end of the file)."""
+        pieces: list[bytes] = []
+        async for _, payload in self._frames("fs_get", {"path": path, "offset": offset, "length": length}, None):
+            pieces.append(payload["data"])
+        return b"".join(pieces)
+
+    @syscall_doc("fs_list")
+    async def fs_list(self, path: str = "/", limit: int = 1000) -> dict[str, Any]:
+        """Returns {path, entries (stat maps), truncated}."""
+        return await self.call("fs_list", {"path": path, "limit": limit}, timeout=60.0)
+
+    @syscall_doc("fs_remove")
+    async def fs_remove(self, path: str, recursive: bool = False) -> dict[str, Any]:
+        """Returns {path, removed: files removed}."""
+        return await self.call("fs_remove", {"path": path, "recursive": recursive}, timeout=120.0)
+
+    @syscall_doc("fs_stat")
+    async def fs_stat(self, path: str) -> dict[str, Any]:
+        """Returns {path, kind, size, owner, mtime, extents}."""
+        return await self.call("fs_stat", {"path": path}, timeout=30.0)
+
+    @syscall_doc("dmesg")
+    async def dmesg(self, n: int = 100, since: int | None = None, follow: bool = False) -> AsyncIterator[str]:
+        """The lines (JSON strings), oldest first; with ``follow`` it goes on with each new line."""
+        async for _, payload in self._frames("dmesg", {"n": n, "since": since, "follow": follow}, None):
+            for line in payload.get("lines", []):
+                yield line
 
     async def generate_text(self, prompt: str, model: str | None = None, **params: Any) -> str:
         """Spawn, wait, and return the text (or raise the error the process ended with)."""

@@ -20,6 +20,7 @@ from llmos.syscalls.errors import KernelGone, KernelUnavailable, LLMOSError, Tim
 from llmos.types import ProcessInfo, ProcessResult, TurnResult
 
 if TYPE_CHECKING:
+    from llmos.fs import FS, LogLines
     from llmos.session import Session
 
 
@@ -227,6 +228,61 @@ class Client:
     @syscall_doc("metrics")
     def metrics(self) -> dict[str, Any]:
         return self.call("metrics", timeout=30.0)
+
+    # -- the namespace (``fs`` wraps these in friendlier calls) --------------------------------
+    @property
+    def fs(self) -> "FS":
+        """The namespace: ``c.fs.put(path, data)``, ``get``, ``open``, ``ls``, ``stat``, ``rm``, ``exists``
+        (llmos.fs.FS; paths under /models, /data, /proc, /home/<user>, /var/log)."""
+        from llmos.fs import FS
+
+        return FS(self)
+
+    @syscall_doc("fs_put")
+    def fs_put(self, path: str, data: bytes | bytearray | memoryview = b"", upload: int | None = None,
+               new_extent: bool = False, last: bool = True) -> dict[str, Any]:
+        """One frame of a write: ``data`` at most 8 MiB (``fs.put`` streams any size). Returns {upload} while
+        ``last`` is false, else the file's stat as a map (path, kind, size, owner, mtime, extents; upload null)."""
+        return self.call("fs_put", {"path": path, "data": data, "upload": upload, "new_extent": new_extent,
+                                    "last": last}, timeout=120.0)
+
+    @syscall_doc("fs_get")
+    def fs_get(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Returns the range's bytes (``length`` None: to the end of the file)."""
+        return b"".join(self.fs_get_pieces(path, offset, length)[1])
+
+    def fs_get_pieces(self, path: str, offset: int = 0, length: int | None = None) -> tuple[dict[str, Any], list[bytes]]:
+        """The ``fs_get`` syscall as it arrives: (its reply {path, size, mtime, offset, length, data}, the range's
+        pieces in order: each chunk's data, then the reply's). Raises as ``fs_get``."""
+        pieces: list[bytes] = []
+        for kind, payload in self.call_stream("fs_get", {"path": path, "offset": offset, "length": length}):
+            pieces.append(payload["data"])
+            if kind == protocol.OK:
+                return payload, pieces
+        raise AssertionError("a stream ends with its final frame")
+
+    @syscall_doc("fs_list")
+    def fs_list(self, path: str = "/", limit: int = 1000) -> dict[str, Any]:
+        """Returns {path, entries (stat maps), truncated}."""
+        return self.call("fs_list", {"path": path, "limit": limit}, timeout=60.0)
+
+    @syscall_doc("fs_remove")
+    def fs_remove(self, path: str, recursive: bool = False) -> dict[str, Any]:
+        """Returns {path, removed: files removed}."""
+        return self.call("fs_remove", {"path": path, "recursive": recursive}, timeout=120.0)
+
+    @syscall_doc("fs_stat")
+    def fs_stat(self, path: str) -> dict[str, Any]:
+        """Returns {path, kind, size, owner, mtime, extents}."""
+        return self.call("fs_stat", {"path": path}, timeout=30.0)
+
+    @syscall_doc("dmesg")
+    def dmesg(self, n: int = 100, since: int | None = None, follow: bool = False) -> "LogLines":
+        """Iterate the returned LogLines for the lines (JSON strings, oldest first); its ``seq`` is the newest
+        line's seq at the end. With ``follow`` the iteration goes on with each new line (close it to stop)."""
+        from llmos.fs import LogLines
+
+        return LogLines(self.call_stream("dmesg", {"n": n, "since": since, "follow": follow}))
 
 
 class OutputStream:

@@ -13,6 +13,7 @@ from llmos import embedded
 from llmos._wire import text_or_raise
 from llmos.syscalls.address import resolve_address
 from llmos.client import Client, OutputStream
+from llmos.fs import FS
 from llmos.session import Session
 from llmos.syscalls.errors import KernelUnavailable
 from llmos.types import ProcessInfo, ProcessResult, TurnResult
@@ -101,6 +102,12 @@ class LLMOS:
 
     def ps(self) -> list[ProcessInfo]:
         return self.client.ps()
+
+    @property
+    def fs(self) -> "FS":
+        """The namespace: ``os.fs.put("/home/me/notes", b"...")``, ``get(path, offset, length)``, ``open(path)``,
+        ``ls(path)``, ``stat(path)``, ``rm(path, recursive)``, ``exists(path)`` (llmos.fs.FS, as Client.fs)."""
+        return self.client.fs
 
     def close(self) -> None:
         """Disconnect; stop the kernel if this object embedded it. Safe to call twice."""
