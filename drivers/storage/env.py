@@ -22,6 +22,12 @@ from llmos.syscalls.errors import InvalidArgument, NotFound
 
 T = TypeVar("T")
 MAX_MAP_BYTES = 1 << 44  # growth stops here (16 TiB of address space); the disk fills long before
+WRITER_MAP_BYTES = 64 << 20  # a writable store's first map; it doubles as needed
+# A read-only store maps this much address space at once (the file is mapped read-only; pages past its end are
+# never touched), so a reader that holds a transaction for long (a model's zero-copy weights) never has to remap
+# while the writer's process grows the store: a remap is impossible while any transaction of the process lives.
+READER_MAP_BYTES = 1 << 40
+ADOPT_WAIT_S = 30.0  # how long a read waits for this process's other transactions before it can remap
 
 
 def store_dir(home: Path | str) -> Path:
@@ -57,14 +63,21 @@ class _Gate:
                 self._cond.notify_all()
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def exclusive(self, timeout: float | None = None) -> Iterator[None]:
+        """Wait until no transaction is live (at most ``timeout`` s: then StorageError)."""
         if getattr(self._depth, "n", 0):
             raise StorageError("the store's map cannot be resized from inside one of its transactions")
         with self._cond:
             self._waiting += 1
-            while self._resizing or self._inside:
-                self._cond.wait()
-            self._waiting -= 1
+            try:
+                if not self._cond.wait_for(lambda: not (self._resizing or self._inside), timeout):
+                    raise StorageError(
+                        f"the store grew past this process's map, and a transaction of this process has stayed "
+                        f"open for over {timeout} s (pinned zero-copy data?), so the map cannot be remapped: "
+                        f"open the store with a bigger map_size")
+            finally:
+                self._waiting -= 1
+                self._cond.notify_all()
             self._resizing = True
         try:
             yield
@@ -78,14 +91,14 @@ class Store:
     """One LMDB environment (``path``: the store directory, see ``store_dir``).
 
     Readers anywhere (``read``); writes only through ``write_txn``, which the Writer's thread calls
-    (and tools and tests with no kernel). ``map_size``: the initial map in bytes; it doubles whenever
-    a write needs more. Durable: fsync at every commit (sync, metasync), no writes through the map.
+    (and tools and tests with no kernel). ``map_size``: the initial map in bytes (default 64 MiB, or
+    1 TiB of address space when read-only); it doubles whenever a write needs more. Durable: fsync at every commit (sync, metasync), no writes through the map.
     """
 
-    def __init__(self, path: Path | str, *, readonly: bool = False, map_size: int = 64 << 20) -> None:
+    def __init__(self, path: Path | str, *, readonly: bool = False, map_size: int | None = None) -> None:
         self.path = Path(path)
         self.readonly = readonly
-        self.map_size = map_size
+        self.map_size = map_size if map_size is not None else READER_MAP_BYTES if readonly else WRITER_MAP_BYTES
         self.stale_readers_cleared = 0  # what reader_check cleared at open
         self.map_grows = 0
         self._env: lmdb.Environment | None = None
@@ -241,7 +254,7 @@ class Store:
             self.map_grows += 1
 
     def _adopt_map_size(self) -> None:
-        with self._gate.exclusive():
+        with self._gate.exclusive(ADOPT_WAIT_S):
             try:
                 self.env().set_mapsize(0)  # 0: take the size the writer's process recorded
             except lmdb.Error as exc:

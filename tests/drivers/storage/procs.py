@@ -4,6 +4,7 @@ reader: reads every file under /data over and over, checking each against ``patt
         STORE_DIR/../stop exists; prints "ready" after its first pass, then one JSON summary line.
 hold:   opens the store, begins a read transaction, prints "holding", and waits to be killed.
 keep:   opens the store read-only (as a model worker would), prints "open", exits when stdin closes.
+grow:   writes 16 MiB through a Writer (a 1 MiB map grows), prints "written".
 """
 
 from __future__ import annotations
@@ -65,5 +66,16 @@ def keep(path: Path) -> None:
         sys.stdin.read()
 
 
+def grow(path: Path) -> None:
+    from llmos.drivers.storage import Writer, ops
+
+    with Store(path, map_size=1 << 20) as store:
+        writer = Writer(store).start()
+        for f in [writer.submit(ops.Put(f"/data/g{i}", pattern(f"g{i}", 1 << 20), "t")) for i in range(16)]:
+            f.result(60)
+        writer.stop()
+    print("written", flush=True)
+
+
 if __name__ == "__main__":
-    {"reader": reader, "hold": hold, "keep": keep}[sys.argv[1]](Path(sys.argv[2]))
+    {"reader": reader, "hold": hold, "keep": keep, "grow": grow}[sys.argv[1]](Path(sys.argv[2]))

@@ -110,6 +110,34 @@ def test_a_reader_killed_mid_transaction_is_cleared_at_the_next_open_and_its_pag
             holder.wait(10)
 
 
+def test_a_long_held_read_never_hangs_a_reader_process_that_must_remap(home, monkeypatch):
+    from llmos.drivers.storage import env as env_module
+
+    monkeypatch.setattr(env_module, "ADOPT_WAIT_S", 0.3)
+    path = store_dir(home)
+    with Store(path, map_size=1 << 20) as s:
+        s.write_txn(lambda txn: ops.apply(ops.Put("/data/w", pattern("w", 10), "t"), txn, s))
+    small = Store(path, readonly=True, map_size=1 << 20).open()
+    held = small.read()
+    held.__enter__()  # pinned, as a model's zero-copy weights are
+    try:
+        grower = spawn("grow", path)
+        expect_line(grower, "written")
+        grower.wait(30)
+        result = {}
+        reader = threading.Thread(target=lambda: result.update(err=pytest.raises(StorageError, FS(small).read,
+                                                                                 "/data/g15")))
+        reader.start()
+        reader.join(30)
+        assert not reader.is_alive() and "bigger map_size" in result["err"].value.message
+    finally:
+        held.__exit__(None, None, None)
+    assert FS(small).read("/data/g15") == pattern("g15", 1 << 20)  # nothing pinned now: it remaps
+    small.close()
+    with Store(path, readonly=True) as big:  # the default read-only map is address space enough never to remap
+        assert big.map_size >= 1 << 40 and FS(big).read("/data/g3", 0, 9) == pattern("g3", 9)
+
+
 @pytest.fixture
 def small_disk():
     """A 4 MiB tmpfs, unmounted (and removed) afterwards."""
