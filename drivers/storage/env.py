@@ -30,6 +30,10 @@ READER_MAP_BYTES = 1 << 40
 ADOPT_WAIT_S = 30.0  # how long a read waits for this process's other transactions before it can remap
 
 
+_forks = [0]  # bumped in every forked child: a Store remembers the value it was opened under (no getpid per call)
+os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
+
+
 def store_dir(home: Path | str) -> Path:
     """Where the store of ``$LLMOS_HOME`` lives: ``home/store``."""
     return Path(home) / "store"
@@ -104,6 +108,7 @@ class Store:
         self._env: lmdb.Environment | None = None
         self._dbs: dict[str, object] = {}
         self._pid = 0
+        self._fork_gen = -1
         self._gate = _Gate()
         self._dbs_lock = threading.Lock()
 
@@ -120,7 +125,7 @@ class Store:
             self._env = lmdb.open(str(self.path), map_size=max(self.map_size, on_disk), subdir=True,
                                   readonly=self.readonly, max_dbs=MAX_DBS, mode=0o600, sync=True, metasync=True,
                                   writemap=False, create=not self.readonly, max_readers=512)
-            self._pid = os.getpid()
+            self._pid, self._fork_gen = os.getpid(), _forks[0]
             if not self.readonly:
                 for name in ("data.mdb", "lock.mdb"):
                     os.chmod(self.path / name, 0o600)
@@ -138,7 +143,7 @@ class Store:
 
     def close(self) -> None:
         """Close the environment (in a forked child only drop it: the files belong to the parent)."""
-        if self._env is not None and self._pid == os.getpid():
+        if self._env is not None and self._fork_gen == _forks[0]:
             with self._gate.exclusive():
                 self._env.close()
         self._drop()
@@ -157,7 +162,7 @@ class Store:
         """The LMDB environment, after the fork and open checks (StorageError). Package-internal."""
         if self._env is None:
             raise StorageError(f"store {str(self.path)!r} is not open")
-        if self._pid != os.getpid():
+        if self._fork_gen != _forks[0]:
             raise StorageError(f"store {str(self.path)!r} was opened by pid {self._pid} and cannot be used in "
                                f"forked child {os.getpid()}: LMDB handles do not cross a fork; open a new Store "
                                f"in the child")
@@ -165,9 +170,11 @@ class Store:
 
     def db(self, name: str):
         """The handle of the named database (created on first use unless read-only; NotFound if absent)."""
-        self.env()
         handle = self._dbs.get(name)
-        return handle if handle is not None else self._open_db(name)
+        if handle is not None and self._fork_gen == _forks[0]:
+            return handle
+        self.env()
+        return self._open_db(name)
 
     def _open_db(self, name: str):
         with self._dbs_lock:

@@ -67,9 +67,12 @@ def write_extents(txn: lmdb.Transaction, store, ino: int, first: int, pieces: li
         txn.put(data_key(ino, first + i), piece, db=data)
 
 
-def link(txn: lmdb.Transaction, store, path: str, ino: int, owner: str, extents: list[int]) -> Inode:
-    """Point ``path`` at ``ino`` (atomically replacing what it pointed to; the old data is freed)."""
-    check_placeable(txn, store, path)
+def link(txn: lmdb.Transaction, store, path: str, ino: int, owner: str, extents: list[int],
+         checked: bool = False) -> Inode:
+    """Point ``path`` at ``ino`` (atomically replacing what it pointed to; the old data is freed).
+    ``checked``: check_placeable already ran in this transaction."""
+    if not checked:
+        check_placeable(txn, store, path)
     old = lookup(txn, store, path)
     if old is not None and old.ino != ino:
         free_data(txn, store, old.ino)

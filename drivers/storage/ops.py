@@ -93,12 +93,14 @@ def size_of(op: Op) -> int:
 def _put(op: Put, txn: lmdb.Transaction, store) -> Stat:
     path = normpath(op.path)
     data = _bytes(op.data)
+    if not isinstance(op.owner, str):
+        raise InvalidArgument(f"owner must be a string, not {type(op.owner).__name__}")
     inodes.check_placeable(txn, store, path)
     ino = inodes.next_number(txn, store, "next_ino")
     view = memoryview(data)
     pieces = [view[i:i + CHUNK] for i in range(0, len(view), CHUNK)]
     inodes.write_extents(txn, store, ino, 0, pieces)
-    return inodes.link(txn, store, path, ino, op.owner, [len(p) for p in pieces]).stat(path)
+    return inodes.link(txn, store, path, ino, op.owner, [len(p) for p in pieces], checked=True).stat(path)
 
 
 def _remove(op: Remove, txn: lmdb.Transaction, store) -> int:
