@@ -26,6 +26,7 @@ from llmos.kernel.config import add_flags as add_kernel_flags, home_dir
 from llmos.syscalls.address import llmos_home, resolve_address
 from llmos.syscalls.errors import InvalidArgument, KernelUnavailable, LLMOSError, NoSuchProcess
 from llmos._args import add_generation_flags, positive, signal_name, syscall_arg
+from llmos.cli_fs import add_commands as add_fs_commands
 from llmos.top import format_ps, run_top
 from llmos.types import ProcessResult
 
@@ -533,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     mt = sub.add_parser("metrics", parents=[common], help="process and model metrics")
     mt.add_argument("--json", action="store_true")
     mt.set_defaults(fn=cmd_metrics)
+    add_fs_commands(sub, common)  # fs ls|cat|put|get|rm|stat, dmesg (llmos/cli_fs.py)
     return ap
 
 

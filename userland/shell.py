@@ -44,6 +44,9 @@ HELP = """commands:
   wait PID            wait for a process and print its output
   stat PID            a process's record and stats
   status              the kernel's pid, address, uptime and models
+  ls [PATH]           list a directory of the namespace (default /: /models, /data, /proc, /home, /var)
+  cat PATH            print a file of the namespace (text; binary bytes shown escaped)
+  dmesg [-n N]        the kernel's last log lines (default 20)
   help                this text
   exit                leave the shell (also Ctrl-D)"""
 
@@ -99,6 +102,10 @@ PARSERS: dict[str, Callable[[], _Parser]] = {
     "wait": lambda: _parser("wait", _PID),
     "stat": lambda: _parser("stat", _PID),
     "status": lambda: _parser("status"),
+    "ls": lambda: _parser("ls", ("path", {"nargs": "?", "default": "/", "metavar": "PATH"})),
+    "cat": lambda: _parser("cat", ("path", {"metavar": "PATH"})),
+    "dmesg": lambda: _parser("dmesg", ("-n", {"dest": "n", "type": syscall_arg("dmesg", "n"), "default": 20,
+                                              "metavar": "N"})),
     "help": lambda: _parser("help"),
 }
 
@@ -122,7 +129,7 @@ class Shell:
             "run": self.do_run, "spawn": self.do_spawn, "ps": self.do_ps, "kill": self.do_kill,
             "wait": self.do_wait, "stat": self.do_stat, "status": self.do_status, "help": self.do_help,
             "stop": self.do_stop, "cont": self.do_cont, "nice": self.do_nice, "top": self.do_top,
-            "chat": self.do_chat,
+            "chat": self.do_chat, "ls": self.do_ls, "cat": self.do_cat, "dmesg": self.do_dmesg,
         }
 
     def say(self, text: str = "", end: str = "\n") -> None:
@@ -243,6 +250,27 @@ class Shell:
         self.say(f"kernel {info['version']} pid {info['pid']} at {info['address']}, up {info['uptime_s']:.0f} s")
         for m in info["models"]:
             self.say(f"  {m['model']}: worker {m['worker_pid']} on {m['device']}, running {m['running']}")
+
+    def do_ls(self, a: argparse.Namespace) -> None:
+        from llmos.cli_fs import format_ls
+
+        entries = self.os.fs.ls(a.path)
+        self.say(format_ls(entries) if entries else f"{a.path}: empty")
+
+    def do_cat(self, a: argparse.Namespace) -> None:
+        import codecs
+
+        text = codecs.getincrementaldecoder("utf-8")("backslashreplace")  # a piece may end mid-character
+        with self.os.fs.open(a.path) as reader:
+            for piece in reader:
+                self.say(text.decode(piece), end="")
+        self.say(text.decode(b"", final=True))
+
+    def do_dmesg(self, a: argparse.Namespace) -> None:
+        from llmos.cli_fs import format_log_line
+
+        for line in self.os.client.dmesg(n=a.n):
+            self.say(format_log_line(line))
 
     def do_help(self, a: argparse.Namespace) -> None:
         self.say(HELP)
