@@ -28,6 +28,7 @@ import zmq.asyncio
 
 from llmos.drivers.model import protocol as wp
 from llmos.drivers.model.prompt import check_prompt_chars, check_prompt_ids
+from llmos.kernel import capture
 from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor
 from llmos.syscalls import codec, protocol
@@ -85,6 +86,7 @@ class Executor(Actor):
         self.step_time = 0.0
         self.tokens_out = 0
         self.address = f"ipc://{run_dir / f'worker-{os.getpid()}-{self.id}.sock'}"
+        self.home = run_dir.parent  # the kernel's $LLMOS_HOME: run_dir is home/run
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_TRANSPORT_BYTES)  # a memory guard, as on the bus
@@ -110,6 +112,7 @@ class Executor(Actor):
         self.sock.bind(self.address)
         cmd = [*program, "--address", self.address, "--model", self.model_path, "--options", json.dumps(self.options)]
         env = dict(os.environ)
+        env["LLMOS_HOME"] = str(self.home)  # where a worker finds the store (a model loaded by name from it)
         # big step buffers are reused instead of being mapped and faulted in again every step
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 30))
         env.setdefault("MALLOC_TRIM_THRESHOLD_", str(4 << 30))
@@ -155,6 +158,8 @@ class Executor(Actor):
         match msg:
             case m.Encode():
                 return self._encode(msg)
+            case wp.Score():
+                return self._score(msg)
             case wp.Add():
                 try:
                     self._send(msg)
@@ -211,6 +216,22 @@ class Executor(Actor):
                 fut.set_exception(exc.with_traceback(None))
         return fut
 
+    def _score(self, msg: wp.Score) -> asyncio.Future:
+        """Forward a Score to the worker (as Encode goes): the future of its Scored reply, as a map."""
+        fut = asyncio.get_running_loop().create_future()
+        if self.dead:
+            fut.set_exception(DeviceError(self.dead))
+            return fut
+        msg.rid = next(self._rids)
+        self._pending[msg.rid] = fut
+        try:
+            self._send(msg)
+        except LLMOSError as exc:
+            self._pending.pop(msg.rid, None)
+            if not fut.done():
+                fut.set_exception(exc.with_traceback(None))
+        return fut
+
     def _send(self, msg: Any) -> None:
         """Send a worker protocol message (``drivers/model/protocol.py``) to the worker, or raise.
 
@@ -260,6 +281,14 @@ class Executor(Actor):
                         fut.set_result(msg.ids)
                     else:
                         fut.set_exception(error_from_errno(msg.errno or Errno.EIO, msg.message or "encode failed"))
+            case wp.Scored():
+                fut = self._pending.pop(msg.rid, None)
+                if fut is not None and not fut.done():
+                    if msg.errno is None:
+                        fut.set_result({"token_ids": msg.token_ids, "logprobs": msg.logprobs, "nll": msg.nll,
+                                        "windows": msg.windows, "stride": msg.stride})
+                    else:
+                        fut.set_exception(error_from_errno(msg.errno, msg.message or "score failed"))
             case wp.Ready():
                 self.info = msg.info
                 self.max_batch = int(self.info.get("max_batch") or self.max_batch)
@@ -269,6 +298,8 @@ class Executor(Actor):
                     self.ready.set_result(self)
             case wp.Failed():  # the load failed; its errno says whose fault (EINVAL: the model's files)
                 self._died(str(msg.message), int(msg.errno or Errno.EIO))
+            case wp.Captured() | wp.CaptureDone():  # captured intermediates: stored by kernel/capture.py
+                capture.deliver(msg)
             case wp.Heartbeat():
                 self.running = msg.running
                 if msg.stats:
@@ -284,7 +315,8 @@ class Executor(Actor):
             self.ready.set_exception(error_from_errno(errno, message) if errno != Errno.EIO else DeviceError(message))
             self.ready.exception()  # mark retrieved: the waiter may be gone
         self._fail_all(message)
-        self.procman.tell(m.WorkerDied(self.id, message))
+        # a worker that had loaded and then died crashed: the model manager starts another in its place
+        self.procman.tell(m.WorkerDied(self.id, message, crashed=bool(self.info)))
         self.on_gone(self)
 
     def _fail_all(self, message: str) -> None:

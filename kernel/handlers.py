@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from llmos.drivers.model import protocol as wp
 from llmos.kernel import __version__
 from llmos.kernel import messages as m
 from llmos.kernel.files import Files
@@ -70,21 +71,32 @@ class Handlers:
         if session and ids is not None:
             raise InvalidArgument("a session takes 'prompt' or 'messages' (its turns are text), not 'prompt_ids'")
         model, priority, keep_alive = args.pop("model"), args.pop("priority"), args.pop("keep_alive")
+        capture, ticket = self.k.capture.request(args), None  # the capture fields leave args (EINVAL for bad ones)
         path, ready, token = await self.k.models.ask(m.Acquire(model, keep_alive))
         try:
             executors = await asyncio.gather(*ready)
+            if capture is not None:  # checked against the model; its spec travels in the params to the worker
+                ticket = await self.k.capture.admit(caller.user, capture, executors[0].info, session)
+                if ticket.params is not None:
+                    args["capture"] = ticket.params
             prompt_ids = await (await executors[0].ask(m.Encode(prompt, messages, ids))) if given else []
             pid = await self.k.procman.ask(m.Spawn(caller.user, path, executors, prompt_ids, priority, args,
                                                    session=session, deadline=deadline, queue_timeout=queue_timeout,
                                                    messages=messages, prompt=prompt))
+            if isinstance(pid, asyncio.Future):  # acknowledged once the journal has committed its record
+                pid = await pid
+        except BaseException:
+            self.k.capture.release(ticket)
+            raise
         finally:
             self.k.models.tell(m.Release(token))
+        self.k.capture.bind(ticket, pid)
         return {"pid": pid}
 
     async def sys_wait(self, caller: Caller, args: dict, emit: Emit) -> dict:
         fut = await self.k.procman.ask(m.Wait(args["pid"], caller.user, args["reap"]))
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), args["timeout"])
+        try:  # a result waits for its process's capture to be stored (kernel/capture.py)
+            return await self.k.capture.complete(await asyncio.wait_for(asyncio.shield(fut), args["timeout"]))
         except asyncio.TimeoutError:
             await self.k.procman.ask(m.CancelWait(args["pid"], fut))
             if fut.done():  # it finished (and maybe was reaped) just as the deadline passed
@@ -112,7 +124,7 @@ class Handlers:
             while True:
                 item = await q.get()
                 if isinstance(item, tuple) and item[0] is END:
-                    return item[1]
+                    return await self.k.capture.complete(item[1])
                 await emit(item)
         finally:
             try:
@@ -136,7 +148,7 @@ class Handlers:
         return await self._relay(pid, q, emit)
 
     async def sys_close(self, caller: Caller, args: dict, emit: Emit) -> dict:
-        return await (await self.k.procman.ask(m.Close(args["pid"], caller.user)))
+        return await self.k.capture.complete(await (await self.k.procman.ask(m.Close(args["pid"], caller.user))))
 
     async def sys_models(self, caller: Caller, args: dict, emit: Emit) -> dict:
         return {"models": [{**d, "loaded": True} for d in await self.k.models.ask(m.ListModels())]}
@@ -164,6 +176,18 @@ class Handlers:
         procs = await self.k.procman.ask(m.Metrics())
         models = await self.k.models.ask(m.ListModels())
         return {**procs, "models": [ex for d in models for ex in d["executors"]]}
+
+    async def sys_score(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        if (args["text"] is None) == (args["prompt_ids"] is None):
+            raise InvalidArgument("give exactly one of 'text' and 'prompt_ids'")
+        path, ready, token = await self.k.models.ask(m.Acquire(args["model"], None))
+        try:  # held until the reply: a model in use is not unloaded under its score
+            executors = await asyncio.gather(*ready)
+            out = await (await executors[0].ask(wp.Score(0, args["text"], args["prompt_ids"],
+                                                         args["add_special_tokens"])))
+        finally:
+            self.k.models.tell(m.Release(token))
+        return {"model": path, "tokens": len(out["token_ids"]), **out}
 
     # -- the namespace (kernel/files.py) -------------------------------------------------------
     async def sys_fs_put(self, caller: Caller, args: dict, emit: Emit) -> dict:

@@ -128,8 +128,40 @@ class StepEvents:
 
 @dataclass
 class WorkerDied:
+    """An executor's worker is gone. ``crashed``: it died by itself (the model manager restarts it and its
+    processes wait for the new instance); otherwise it was retired (unloaded) and its processes end."""
+
     executor: str
     message: str
+    crashed: bool = False
+
+
+@dataclass
+class ModelGone:
+    """No instance of ``model`` will come back (its restarts failed, or it could not be loaded after a kernel
+    restart): the processes waiting for one end with EIO and ``message``."""
+
+    model: str
+    message: str
+
+
+@dataclass
+class SpawnFailed:
+    """A spawn's journal record could not be committed (ENOSPC, EIO): the process ends, unacknowledged."""
+
+    pid: int
+    error: dict[str, Any]
+
+
+@dataclass
+class Checkpoint:
+    """Write every dirty journal record now; answers with a future resolved once they are committed."""
+
+
+@dataclass
+class Suspend:
+    """The kernel is stopping: from now on a retired worker's processes are kept as they are (journaled,
+    to resume at the next start) instead of ending."""
 
 
 @dataclass

@@ -30,6 +30,8 @@ from llmos.syscalls.errors import Busy, InvalidArgument, NotFound, OutOfMemory
 
 DEFAULT_KEEP_ALIVE_S = 300.0
 POLICIES = ("static", "dynamic", "isolated")
+# A crashed worker is restarted (its processes resume on the new one) at most this often, then the model is unloaded
+MAX_RESTARTS, RESTART_WINDOW_S = 3, 60.0
 # With no max_batch, the KV pool holds this many full contexts and the batch is whatever fits it (and the
 # engine's per-step token budget): short contexts make a wide batch, long ones a narrow one.
 POOL_CONTEXTS = 16
@@ -46,6 +48,7 @@ class ModelEntry:
     last_used: float = field(default_factory=time.monotonic)
     pending: int = 0  # spawns that acquired this model and have not reached the process table yet
     loaded_at: float = field(default_factory=time.time)
+    restarts: list[float] = field(default_factory=list)  # monotonic times of recent worker restarts
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.path, "device": self.device, "instances": len(self.executors),
@@ -268,15 +271,18 @@ class ModelManager(Actor):
         await self._unload(path)
         return {"model": path, "unloaded": True}
 
-    async def _unload(self, path: str) -> None:
+    async def _unload(self, path: str, why: str | None = None) -> None:
         entry = self.models.pop(path, None)
         if entry is None:
             return
-        self.log.info("model_unloaded", model=path)
+        self.log.info("model_unloaded", model=path, **({"reason": why} if why else {}))
+        reason = f"model {path} was unloaded" + (f": {why}" if why else "")
         for ex in entry.executors:
             self.devices.free(ex.holder)
             # first: the procman stops scheduling onto it and ends its processes
-            await _retire(ex, f"model {path} was unloaded")
+            await _retire(ex, reason)
+        # processes waiting for a restarted instance of it wait no more
+        self.procman.tell(m.ModelGone(path, reason))
         await asyncio.gather(*(ex.stop() for ex in entry.executors), return_exceptions=True)
 
     async def _reap_idle(self) -> None:
@@ -293,9 +299,24 @@ class ModelManager(Actor):
 
     async def _executor_gone(self, ex: Executor) -> None:
         entry = self.models.get(ex.model_path)
-        if entry is not None and ex in entry.executors:
-            # a crashed instance takes its model out of the registry; the next request reloads it
-            await self._unload(ex.model_path)
+        if entry is None or ex not in entry.executors:
+            return
+        now = time.monotonic()
+        entry.restarts = [t for t in entry.restarts if now - t < RESTART_WINDOW_S]
+        # a worker that crashed after loading (or a restarted one) is replaced on the same device, and its
+        # processes resume there; a first load that fails, or too many crashes, unloads the model
+        if (ex.info or entry.restarts) and len(entry.restarts) < MAX_RESTARTS:
+            entry.restarts.append(now)
+            new = Executor(self.ctx, self.run_dir, entry.path, self.procman, self._gone, self.log_dir, entry.options,
+                           ex.device, silence_s=self.config.worker_silence_s)
+            new.holder = ex.holder
+            entry.executors[entry.executors.index(ex)] = new.launch()
+            self.log.warning("worker_restarting", model=entry.path, dead=ex.id, new=new.id,
+                             restarts=len(entry.restarts), reason=ex.dead)
+            asyncio.get_running_loop().create_task(ex.stop())
+            return
+        await self._unload(ex.model_path, f"its worker failed {len(entry.restarts) + 1} times in "
+                                          f"{RESTART_WINDOW_S:.0f} s: {ex.dead}" if entry.restarts else ex.dead)
 
     def _gone(self, ex: Executor) -> None:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 from llmos.syscalls.errors import InvalidArgument, NoSuchProcess
 
@@ -95,6 +95,8 @@ class LLMProcess:
     transcript: str | None = None  # a plain-text session's context so far
     turn_started: float | None = None  # monotonic time of the current turn's write
     turn_prefill: int = 0  # tokens prefilled for the current turn
+    # the process table's observer: told of every transition (the journal records the process from there)
+    observer: Callable[["LLMProcess"], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def context_tokens(self) -> int:
@@ -131,6 +133,8 @@ class LLMProcess:
             spent[self.state.value] = spent.get(self.state.value, 0.0) + max(0.0, now - self.state_since)
             self.state_since = now
         self.state = new
+        if self.observer is not None:
+            self.observer(self)
 
     @property
     def text(self) -> str:
@@ -186,17 +190,36 @@ class LLMProcess:
 
 
 class ProcessTable:
-    """pid -> LLMProcess. Pids grow monotonically and are never reused within a kernel's life."""
+    """pid -> LLMProcess. Pids grow monotonically and are never reused: with a journal, not even across
+    kernel restarts (the next pid is journaled with every spawn and restored at start).
 
-    def __init__(self) -> None:
+    ``observer`` (the journal's hook) is told of every process created and every transition."""
+
+    def __init__(self, observer: Callable[[LLMProcess], None] | None = None) -> None:
         self._procs: dict[int, LLMProcess] = {}
         self._next_pid = 1
+        self.observer = observer
+
+    @property
+    def next_pid(self) -> int:
+        return self._next_pid
+
+    def restore(self, proc: LLMProcess) -> None:
+        """Put back a process read from the journal (its pid is kept; later pids come after it)."""
+        proc.observer = self.observer
+        self._procs[proc.pid] = proc
+        self._next_pid = max(self._next_pid, proc.pid + 1)
+
+    def skip_to(self, next_pid: int) -> None:
+        """Never hand out a pid below ``next_pid`` (the journal's counter: pids of reaped processes too)."""
+        self._next_pid = max(self._next_pid, next_pid)
 
     def create(self, *, owner: str, model: str, priority: int, params: dict[str, Any],
                prompt_ids: list[int], session: bool = False) -> LLMProcess:
         if not prompt_ids and not session:
             raise InvalidArgument("empty prompt")
-        proc = LLMProcess(self._next_pid, owner, model, priority, params, list(prompt_ids), session=session)
+        proc = LLMProcess(self._next_pid, owner, model, priority, params, list(prompt_ids), session=session,
+                          observer=self.observer)
         self._procs[proc.pid] = proc
         self._next_pid += 1
         return proc

@@ -22,7 +22,9 @@ from llmos.kernel.process import KV_DEVICE, KV_NONE, KV_SWAP, LLMProcess, Proces
 from llmos.kernel.quota import Timers
 from llmos.kernel.accounting import FinishedStats, fit_records
 from llmos.kernel.instance import Instance, context_len
+from llmos.kernel.journal import Journal
 from llmos.kernel.retention import Zombie, to_reap
+from llmos.kernel.recovery import RecoveryMixin
 from llmos.kernel.sessions import SessionsMixin
 from llmos.kernel.scheduler import Plan, SchedParams, Task, decide, level, queue_key
 from llmos.syscalls.errors import Busy, DeviceError, Errno, InvalidArgument, NotPermitted, wire_error
@@ -30,12 +32,15 @@ from llmos.syscalls.errors import Busy, DeviceError, Errno, InvalidArgument, Not
 END = m.END  # the stream queues' end marker
 
 
-class ProcessManager(SessionsMixin, Actor):
+class ProcessManager(SessionsMixin, RecoveryMixin, Actor):
     def __init__(self, config: KernelConfig | None = None, clock: Callable[[], float] = time.monotonic,
-                 tick_s: float | None = None, admins: frozenset[str] = frozenset({"root"})) -> None:
+                 tick_s: float | None = None, admins: frozenset[str] = frozenset({"root"}),
+                 journal: Journal | None = None) -> None:
         """``clock``: monotonic seconds for every duration (aging, quanta, deadlines, retention); tests pass
         a fake one and send ``Tick`` themselves (``tick_s=0``: no ticker). ``admins``: the users who may
-        signal anyone's processes and set negative nice values."""
+        signal anyone's processes and set negative nice values. ``journal``: the process journal in the store;
+        its processes are restored now (finished ones with their results, unfinished ones waiting for an
+        instance of their model: ``orphan_models``)."""
         super().__init__("procman")
         self.config = config or KernelConfig()
         self.clock = clock
@@ -45,7 +50,12 @@ class ProcessManager(SessionsMixin, Actor):
         self.tick_s = min(max(self.config.zombie_ttl_s / 2, 0.1), 10.0) if tick_s is None else tick_s
         self._ticker: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self.table = ProcessTable()
+        self.journal = journal
+        self.table = ProcessTable(journal.changed if journal is not None else None)
+        # model path -> processes waiting for an instance of it: their worker crashed (a new one is starting), or
+        # the kernel restarted and the model is loading. Not placed, not in any run queue until adopted.
+        self.orphans: dict[str, set[int]] = {}
+        self.suspended = False  # the kernel is stopping: retired workers' processes are kept, not ended
         self.instances: dict[str, Instance] = {}
         self.where: dict[int, Instance] = {}  # pid -> the instance it is placed on (until ZOMBIE)
         self.waiters: dict[int, list[tuple[asyncio.Future, bool]]] = {}
@@ -59,6 +69,10 @@ class ProcessManager(SessionsMixin, Actor):
         self.live_of: dict[str, int] = {}  # user -> its processes not yet ZOMBIE (the per-user process quota)
         self._kv_capped = self.quotas.default.max_kv_blocks is not None or any(
             u.max_kv_blocks is not None for u in self.quotas.users.values())
+        if journal is not None:
+            journal.procs = self._lookup
+            journal.on_error = lambda exc: self.log.error("journal_write_failed", error=str(exc))
+            self._restore(*journal.load())
 
     def start(self) -> "ProcessManager":
         super().start()
@@ -83,7 +97,22 @@ class ProcessManager(SessionsMixin, Actor):
     async def receive(self, msg: Any) -> Any:
         match msg:
             case m.Spawn():
-                return self.spawn(msg)
+                return self._durable(self.spawn(msg))
+            case m.SpawnFailed():
+                proc = self._lookup(msg.pid)
+                if proc is not None and proc.state is not State.ZOMBIE:
+                    if proc.in_engine:
+                        self._tell(self.where.get(proc.pid), wp.Abort(proc.pid))
+                    self._finish(proc, "error", error=msg.error)
+                return None
+            case m.Checkpoint():
+                fut = self.journal.flush() if self.journal is not None else None
+                return asyncio.wrap_future(fut) if fut is not None else None
+            case m.Suspend():
+                self.suspended = True
+                return None
+            case m.ModelGone():
+                return self.model_gone(msg)
             case m.Wait():
                 return self.wait(msg.pid, msg.user, msg.reap)
             case m.CancelWait():
@@ -129,7 +158,8 @@ class ProcessManager(SessionsMixin, Actor):
             case m.ExecutorReady():
                 inst = self.instances.get(msg.executor)
                 if inst is None:
-                    self.instances[msg.executor] = Instance(msg.executor, msg.ref, dict(msg.info))
+                    inst = self.instances[msg.executor] = Instance(msg.executor, msg.ref, dict(msg.info))
+                    self._adopt(inst, getattr(msg.ref, "model_path", None))
                 else:  # a new description of a known instance (its measurements)
                     inst.info = dict(msg.info)
                 return None
@@ -239,6 +269,8 @@ class ProcessManager(SessionsMixin, Actor):
             if proc.state is State.RUNNING:
                 proc.admitted_level = float(priority)  # it ranks by its new value from now on
             inst = self.where.get(pid)
+            if self.journal is not None:
+                self.journal.changed(proc)
             if inst is not None:
                 if proc.state is State.READY:
                     self._enqueue(inst, proc, now, requeue=True)
@@ -300,6 +332,8 @@ class ProcessManager(SessionsMixin, Actor):
                 proc.last_token_at = wall
                 proc.token_ids.extend(ev.token_ids)
                 proc.run_tokens += len(ev.token_ids)
+                if self.journal is not None:
+                    self.journal.changed(proc)  # a checkpoint of its tokens
                 self.quotas.use_tokens(proc.owner, len(ev.token_ids), now)
             if ev.text:
                 proc.text_parts.append(ev.text)
@@ -335,17 +369,6 @@ class ProcessManager(SessionsMixin, Actor):
             proc.transition(State.READY, now)
             self._enqueue(inst, proc, now)
             self.log.info("preempted", pid=proc.pid, mode=ev.preempted, by="memory")
-
-    def worker_died(self, msg: m.WorkerDied) -> None:
-        inst = self.instances.pop(msg.executor, None)
-        if inst is None:
-            return
-        inst.dead = True
-        err = wire_error(Errno.EIO, msg.message)
-        for pid in sorted(inst.placed):
-            proc = self.table.get(pid)
-            if proc.state is not State.ZOMBIE:
-                self._finish(proc, "error", error=err)
 
     def tick(self) -> None:
         """Timers that are due (deadlines, queue timeouts), then zombie retention."""
@@ -470,9 +493,9 @@ class ProcessManager(SessionsMixin, Actor):
             proc.waited_s += now - proc.state_since
             proc.admitted_level = ready[pid].level
             proc.run_tokens = 0
-            if not proc.in_engine:
+            if not proc.in_engine:  # new, or resumed from its tokens so far (its worker crashed, or the kernel did)
                 sent = self._tell(inst, wp.Add(pid, proc.prompt_ids, proc.params, proc.owner, proc.priority,
-                                               proc.session))
+                                               proc.session, list(proc.token_ids) or None))
                 proc.in_engine = sent
             else:
                 inst.parked.discard(pid)
@@ -542,6 +565,8 @@ class ProcessManager(SessionsMixin, Actor):
         self.timers.cancel(proc.pid)
         self.turn_pending.discard(proc.pid)
         inst = self.where.pop(proc.pid, None)
+        if proc.model in self.orphans:
+            self.orphans[proc.model].discard(proc.pid)
         if inst is not None:
             inst.queue.remove(proc.pid)
             inst.running.discard(proc.pid)
@@ -572,6 +597,8 @@ class ProcessManager(SessionsMixin, Actor):
     def _reap(self, pid: int) -> None:
         self.table.reap(pid)
         self.subscribers.pop(pid, None)
+        if self.journal is not None:
+            self.journal.reaped(pid)
 
     def _reap_expired(self, owner: str | None = None) -> None:
         """Apply the retention policy to every ZOMBIE (or to one owner's, when a process of theirs finished)."""

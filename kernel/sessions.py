@@ -17,7 +17,7 @@ from llmos.drivers.model import protocol as wp
 from llmos.kernel import messages as m
 from llmos.kernel.instance import context_len
 from llmos.kernel.process import LLMProcess, State
-from llmos.syscalls.errors import Busy, DeviceError, InvalidArgument, TooBig
+from llmos.syscalls.errors import Busy, DeviceError, InvalidArgument, TooBig, TryAgain
 
 
 class SessionsMixin:
@@ -36,6 +36,9 @@ class SessionsMixin:
                        + (" (stopped: CONT it first)" if proc.state is State.STOPPED else
                           ": it is still answering; wait for the reply (stream it), then write"))
         inst = self.where.get(proc.pid)
+        if proc.pid in self.orphans.get(proc.model, ()):
+            raise TryAgain(f"the model of session {proc.pid} is restarting (its worker or the kernel stopped); "
+                           "its context is kept: retry in a few seconds")
         if inst is None or inst.dead:
             raise DeviceError(f"the model instance of session {proc.pid} has stopped")
         self.turn_pending.add(proc.pid)

@@ -188,24 +188,52 @@ def test_workers_die_with_a_killed_kernel(tiny_model):
         k.stop()
 
 
-def test_a_crashed_worker_ends_its_processes_with_eio_and_the_model_reloads(tiny_model):
+def test_a_crashed_worker_is_restarted_and_its_processes_resume_token_for_token(tiny_model):
+    k = KernelProc()
+    try:
+        with k.client() as c:
+            greedy = dict(model=tiny_model, max_new_tokens=300, temperature=0.0, ignore_eos=True)
+            prompts = ["first survivor", "second survivor", "third"]
+            pids = [c.spawn(prompt=p, **greedy) for p in prompts]
+            wait_for(lambda: c.stat(pids[0]).output_tokens > 5, what="the processes to generate")
+            [worker] = k.worker_pids()
+            os.kill(worker, signal.SIGKILL)
+            results = [c.wait(pid, timeout=60) for pid in pids]
+            new_workers = k.worker_pids()
+            refs = [c.wait(c.spawn(prompt=p, **greedy)) for p in prompts]
+            for r, ref in zip(results, refs):
+                assert r.finish_reason == "length" and r.error is None
+                assert r.token_ids == ref.token_ids and r.text == ref.text
+            assert any(r.sched["recomputed_tokens"] > 0 for r in results)
+            assert new_workers != [worker] and len(new_workers) == 1
+            assert "worker_restarting" in k.logs() or "worker_restarting" in (k.home / "kernel.out").read_text()
+    finally:
+        k.stop()
+
+
+def test_a_worker_that_keeps_crashing_ends_its_processes_with_eio_and_the_model_reloads(tiny_model):
     k = KernelProc()
     try:
         with k.client() as c:
             pid = c.spawn(prompt="doomed", model=tiny_model, max_new_tokens=100000, ignore_eos=True)
-            [worker] = k.worker_pids()
-            os.kill(worker, signal.SIGKILL)
+            c.kill(pid, "STOP")  # it waits, STOPPED, through every restart
+            killed = set()
+            for _ in range(4):  # three restarts are allowed in a minute; the fourth crash unloads the model
+                worker = wait_for(lambda: [w for w in k.worker_pids() if w and w not in killed],
+                                  what="a (restarted) worker")[0]
+                wait_for(lambda: any(m["worker_pid"] == worker and m.get("engine") for m in c.kernel_info()["models"]),
+                         what="the worker to load")
+                os.kill(worker, signal.SIGKILL)
+                killed.add(worker)
             r = c.wait(pid, timeout=30)
             assert r.finish_reason == "error" and r.error["error"] == "EIO"
             assert r.error["errno"] == DeviceError.errno_default == 5
-            assert "exited with code -9" in r.error["message"]
+            assert "failed 4 times" in r.error["message"] and "exited with code -9" in r.error["message"]
             again = c.wait(c.spawn(prompt="again", model=tiny_model, max_new_tokens=3))
             assert again.stats.output_tokens == 3
-            assert k.worker_pids() != [worker]
+            assert not set(k.worker_pids()) & killed
     finally:
         k.stop()
-    assert k.proc.returncode == 0
-
 
 def test_a_pending_wait_learns_that_the_kernel_stopped(tiny_model):
     k = KernelProc()

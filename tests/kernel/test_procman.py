@@ -25,6 +25,7 @@ class InlineExecutor:
 
     def __init__(self, engine: BaseEngine, max_batch: int):
         self.id, self.engine = f"inline{next(_ids)}", engine
+        self.model_path = "tiny"  # the model its processes name (a restarted instance adopts theirs)
         self.info = {**engine.info(), "max_batch": max_batch}
         self.outbox: list[wp.StepEvent] = []
         self.sent: list = []
@@ -33,7 +34,8 @@ class InlineExecutor:
         self.sent.append(msg)
         match msg:
             case wp.Add():
-                self.engine.add(msg.pid, msg.prompt_ids, msg.params, msg.user, msg.priority, msg.session)
+                self.engine.add(msg.pid, msg.prompt_ids, msg.params, msg.user, msg.priority, msg.session,
+                                msg.output_ids)
             case wp.Preempt():
                 ev = self.engine.preempt(msg.pid, msg.mode)
                 if ev is not None:
