@@ -44,9 +44,9 @@ def format_ls(entries: list[FileStat]) -> str:
 
 
 def format_stat(s: FileStat) -> str:
-    lines = [f"  path: {s.path}", f"  kind: {s.kind}",
-             f"  size: {s.size} {'bytes' if s.kind == 'file' else 'entries'}", f" owner: {s.owner or '-'}",
-             f" mtime: {_when(s.mtime)}" + (f" ({s.mtime:.3f})" if s.mtime else "")]
+    lines = [f"   path: {s.path}", f"   kind: {s.kind}",
+             f"   size: {s.size} {'bytes' if s.kind == 'file' else 'entries'}", f"  owner: {s.owner or '-'}",
+             f"  mtime: {_when(s.mtime)}" + (f" ({s.mtime:.3f})" if s.mtime else "")]
     if s.kind == "file":
         lines.append(f"extents: {len(s.extents)}" + (f" ({', '.join(map(_size, s.extents[:8]))}"
                                                      f"{', ...' if len(s.extents) > 8 else ''})" if s.extents else ""))

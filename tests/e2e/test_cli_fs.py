@@ -66,7 +66,7 @@ def test_fs_put_ls_cat_stat_get_and_rm_from_the_command_line(as_user):
 
         st = json.loads(llmos(env, "fs", "stat", "--json", f"/home/{name}/data/blob.bin").stdout)
         assert st["size"] == len(blob) and st["owner"] == name and st["kind"] == "file"
-        assert "  kind: dir" in llmos(env, "fs", "stat", f"/home/{name}/data").stdout.decode()
+        assert "   kind: dir" in llmos(env, "fs", "stat", f"/home/{name}/data").stdout.decode()
 
         out = Path(tmp) / "copy.bin"
         r = llmos(env, "fs", "get", f"/home/{name}/data/blob.bin", str(out))
