@@ -207,7 +207,7 @@ class Files:
         pid = _proc_pid(path)
         journal = self._journal()
         if pid is not None and path == f"/proc/{pid}" and journal is not None:
-            may(user, "read", path, self.admins, self._proc_owner(pid))
+            may(user, "read", path, self.admins, None)  # a directory: its names are everyone's, as on Linux
             stored = self._stored_listing(path, limit, missing_ok=True)
             seen = {s.path for s in stored}
             synth = [self._stat_of_proc(pid, n) for n in journal.proc_list(pid) or () if f"{path}/{n}" not in seen]
@@ -239,11 +239,14 @@ class Files:
         if path == KERNEL_LOG:
             return wire_stat(self._kernel_log_stat())
         pid = _proc_pid(path)
-        if pid is not None and self._journal() is not None and path.count("/") == 3:
-            may(user, "read", path, self.admins, self._proc_owner(pid))
-            stat = self._stat_of_proc(pid, path.rsplit("/", 1)[1])
-            if stat is not None:
-                return wire_stat(stat)
+        if pid is not None and self._journal() is not None:
+            if path == f"/proc/{pid}":  # the process's directory: what the journal makes up and what is stored
+                return wire_stat(dir_stat(path, len(self._listing(user, path, 10_000))))
+            if path.count("/") == 3:
+                may(user, "read", path, self.admins, self._proc_owner(pid))
+                stat = self._stat_of_proc(pid, path.rsplit("/", 1)[1])
+                if stat is not None:
+                    return wire_stat(stat)
         inode = self._inode(path)
         may(user, "read", path, self.admins, self._owner_for_read(path, inode))
         if inode is not None:

@@ -243,6 +243,7 @@ def test_proc_files_come_from_the_journal_and_only_the_owner_and_the_admin_read_
     assert [e["path"] for e in run(f.list("alice", args("fs_list", path="/proc/7")))["entries"]] == \
         ["/proc/7/record", "/proc/7/tokens"]
     assert run(f.stat("root", args("fs_stat", path="/proc/7/tokens")))["size"] == 5
+    assert run(f.stat("alice", args("fs_stat", path="/proc/7")))["size"] == 2
     with pytest.raises(NotPermitted, match="alice's process"):
         get(f, "bob", "/proc/7/tokens")
     with pytest.raises(NotFound):
