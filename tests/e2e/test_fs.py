@@ -3,13 +3,14 @@ permissions, uploads tied to their connection, and dmesg."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import uuid
 
 import pytest
 
-from llmos import InvalidArgument, NotFound, NotPermitted
+from llmos import AsyncClient, InvalidArgument, NotFound, NotPermitted
 from llmos.client import Client
 from llmos.fs import FRAME
 
@@ -118,15 +119,19 @@ def test_the_root_lists_the_namespaces_and_var_log_kernel_reads_as_text(alice):
 
 
 def test_dmesg_shows_a_spawns_log_line_and_follow_streams_new_ones(kernel, tiny_model, alice):
-    watcher = Client(kernel.address)  # a sync client reads one call at a time: the follow gets its own
-    lines = watcher.dmesg(n=1, follow=True)
-    stream = iter(lines)
-    next(stream)  # the newest line: the kernel has subscribed this call to new ones
-    pid = alice.spawn(prompt="hi", model=tiny_model, max_new_tokens=2, temperature=0.0)
-    followed = next(json.loads(x) for x in stream if json.loads(x).get("event") == "spawn"
-                    and json.loads(x).get("pid") == pid)
-    lines.close()
-    watcher.close()
+    async def follow() -> tuple[int, dict]:
+        async with AsyncClient(kernel.address) as watcher:
+            lines = watcher.dmesg(n=1, follow=True)
+            await lines.__anext__()  # the newest line: the kernel has subscribed this call to new ones
+            pid = alice.spawn(prompt="hi", model=tiny_model, max_new_tokens=2, temperature=0.0)
+            async for line in lines:
+                rec = json.loads(line)
+                if rec.get("event") == "spawn" and rec.get("pid") == pid:
+                    await lines.aclose()
+                    return pid, rec
+        raise AssertionError("the follow ended")
+
+    pid, followed = asyncio.run(asyncio.wait_for(follow(), 60))  # a line that never comes fails, not hangs
     alice.wait(pid)
     assert followed["owner"] == alice.user and followed["component"] == "procman"
     tail = alice.dmesg(n=10_000)
