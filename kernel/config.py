@@ -38,6 +38,8 @@ class KernelConfig:
     max_kv_blocks_per_user: int | None = None  # KV blocks a user's processes may hold at once (None: no cap)
     max_tokens_per_minute: int | None = None  # prompt + output tokens per user per minute (EDQUOT beyond)
     user_quotas: str | None = None  # per-user overrides: "alice:procs=4,kv_blocks=800,tpm=20000;bob:tpm=0"
+    max_capture_bytes: int = 64 * 2**20  # captured intermediates one process may store (kernel/capture.py)
+    max_capture_bytes_per_user: int = 256 * 2**20  # a user's stored captures, in all
 
     def __post_init__(self) -> None:
         for f in FLAGS:
@@ -240,6 +242,12 @@ FLAGS: tuple[Flag, ...] = (
          "request under way is not cut (default: no limit)"),
     Flag("user_quotas", _Quotas(), "SPEC", "per-user limits overriding the defaults, e.g. "
          "'alice:procs=4,kv_blocks=800,tpm=20000;bob:tpm=1000'", "user-quota"),
+    Flag("max_capture_bytes", _SizeIn(0, 2**44), "SIZE", "bytes of captured intermediates (spawn's capture) one "
+         "process may store; at the cap its capture stops with a warning, its generation goes on; 0 turns "
+         "captures off (default 64M)"),
+    Flag("max_capture_bytes_per_user", _SizeIn(0, 2**48), "SIZE", "bytes of captured intermediates one user's "
+         "processes may keep in the store, in all (stored, plus what captures under way may still write); "
+         "beyond it a capture stops, or captures nothing, with a warning (default 256M)"),
 )
 assert {f.field for f in FLAGS} == {f.name for f in fields(KernelConfig)}, "every setting needs a flag"
 

@@ -19,6 +19,7 @@ from llmos.drivers.devices import DeviceTable
 from llmos.drivers.storage import FS, Store, Writer, store_dir
 from llmos.kernel import messages as m
 from llmos.kernel.bus import Bus
+from llmos.kernel.capture import Captures
 from llmos.kernel.config import KernelConfig
 from llmos.kernel.handlers import Handlers
 from llmos.kernel.heap import return_big_buffers_to_the_os
@@ -50,6 +51,8 @@ class Kernel:
         self.logring = LogRing(self.store, self.writer).start()
         # the admin: root and the kernel's owner (identity from the transport comes with the identity issue)
         self.procman = ProcessManager(self.config, admins=frozenset({"root", getpass.getuser()})).start()
+        self.capture = Captures(self.writer, self.fs, self.procman, max_bytes=self.config.max_capture_bytes,
+                                max_bytes_per_user=self.config.max_capture_bytes_per_user).install()
         self.devices = DeviceTable(self.config.memory_limit)
         self.models = ModelManager(self.ctx, self.run_dir, self.log_dir, self.procman, self.devices,
                                    self.config).start()

@@ -54,6 +54,22 @@ SAMPLING: tuple[Field, ...] = (
     Field("ignore_eos", "bool", "keep generating past the end-of-sequence token", default=False),
 )
 
+CAPTURE: tuple[Field, ...] = (
+    Field("capture", "list[str]", "intermediates to store as float32 .npy files under /proc/<pid>/capture/ (read them "
+          "with Client.capture): 'hidden_states', per layer 0..L of L blocks, [tokens, hidden] (0: the embeddings' "
+          "output; l: block l's output; L: the last block's after the final norm, as transformers' "
+          "output_hidden_states), and 'attentions', per layer 0..L-1, [tokens, heads, tokens] (row t: the softmax "
+          "weights of position t over positions 0..t, zero beyond). tokens: every position the model processed, "
+          "the prompt's then each generated token's but the last. Capped per process (--max-capture-bytes) and "
+          "per user (--max-capture-bytes-per-user): at the cap the capture stops and the result's warnings say "
+          "so; the generation goes on, its output the same as without capture. Not for sessions; attentions "
+          "need the paged engine (EINVAL)", default=(), max_len=2, item_max_len=32),
+    Field("capture_layers", "list[int]", "the layers to capture (null: all); out of range: EINVAL", nullable=True,
+          max_len=4096),
+    Field("capture_heads", "list[int]", "the attention heads to keep, in this order (null: all); needs "
+          "attentions", nullable=True, max_len=4096),
+)
+
 PROCESS_RECORD: tuple[Field, ...] = (
     Field("pid", "int"),
     Field("owner", "str", "user who spawned it"),
@@ -157,6 +173,7 @@ SYSCALLS: tuple[Syscall, ...] = (
                   "output kept (for a session: each turn's deadline, from its write)", nullable=True, min=0.001),
             Field("queue_timeout", "float", "seconds it may wait in the run queue before it first runs; past them "
                   "it ends with ETIMEDOUT", nullable=True, min=0.001),
+            *CAPTURE,
             *SAMPLING,
         ),
         reply=(PID,),

@@ -249,6 +249,12 @@ class AsyncClient:
         return await self.call("fs_put", {"path": path, "data": data, "upload": upload, "new_extent": new_extent,
                                           "last": last}, timeout=120.0)
 
+    async def capture(self, pid: int, kind: str, layer: int) -> Any:
+        """As Client.capture: the tensor a process captured, as a numpy float32 array."""
+        from llmos.capture import capture_path, load_array
+
+        return load_array(await self.fs_get(capture_path(pid, kind, layer)))
+
     @syscall_doc("fs_get")
     async def fs_get(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
         """Returns the range's bytes (``length`` None: to the end of the file)."""

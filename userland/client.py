@@ -140,7 +140,9 @@ class Client:
         """Returns the new pid. ``priority``: nice value -20..19 (below 0 only for root). ``session``: the
         process stays alive between turns (see ``write``, ``close`` and ``LLMOS.session``). ``deadline``
         and ``queue_timeout``: seconds (the process ends with ETIMEDOUT past them, partial output kept).
-        ``params``: the sampling fields of the table (max_new_tokens, temperature, top_p, top_k, seed...)."""
+        ``params``: the sampling fields of the table (max_new_tokens, temperature, top_p, top_k, seed...), and
+        ``capture`` (["attentions", "hidden_states"]), ``capture_layers``, ``capture_heads``: tensors stored for
+        ``capture(pid, kind, layer)`` to read."""
         params.update(session=session, deadline=deadline, queue_timeout=queue_timeout)
         return self.call("spawn", spawn_args(prompt, messages, model, priority, params))["pid"]
 
@@ -245,6 +247,21 @@ class Client:
         ``last`` is false, else the file's stat as a map (path, kind, size, owner, mtime, extents; upload null)."""
         return self.call("fs_put", {"path": path, "data": data, "upload": upload, "new_extent": new_extent,
                                     "last": last}, timeout=120.0)
+
+    def capture(self, pid: int, kind: str, layer: int) -> Any:
+        """The tensor a process captured (``spawn(capture=[...])``), as a numpy float32 array:
+        ``kind`` "hidden_states": [tokens, hidden] for ``layer`` 0..L (0: the embeddings' output; l: block l's
+        output; L: the last block's after the final norm, as transformers' output_hidden_states);
+        ``kind`` "attentions": [tokens, heads, tokens] for ``layer`` 0..L-1, row t the softmax weights of
+        position t over positions 0..t, zero beyond (heads as chosen by capture_heads).
+        tokens: every position processed, the prompt's then each generated token's but the last. The capture
+        is stored before the process's result is returned, and outlives the process (``wait`` reaps it). Read
+        from /proc/<pid>/capture/<kind>/<layer>.npy (its index.json lists what was kept, and why not more).
+        Raises NotFound (ENOENT: not captured, that layer not kept, or removed), NotPermitted (EPERM: another
+        user's process), InvalidArgument (EINVAL: an unknown kind or a bad layer)."""
+        from llmos.capture import read_capture
+
+        return read_capture(self.fs_get, pid, kind, layer)
 
     @syscall_doc("fs_get")
     def fs_get(self, path: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -103,6 +103,12 @@ class LLMOS:
     def ps(self) -> list[ProcessInfo]:
         return self.client.ps()
 
+    def capture(self, pid: int, kind: str, layer: int) -> Any:
+        """The tensor process ``pid`` captured (``spawn(..., capture=["attentions", "hidden_states"])``), as a
+        numpy float32 array: hidden_states [tokens, hidden] (layer 0..L), attentions [tokens, heads, tokens]
+        (layer 0..L-1); shapes, layers and errors as Client.capture."""
+        return self.client.capture(pid, kind, layer)
+
     @property
     def fs(self) -> "FS":
         """The namespace: ``os.fs.put("/home/me/notes", b"...")``, ``get(path, offset, length)``, ``open(path)``,

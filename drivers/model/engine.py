@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from llmos.drivers.memory import KVBlockPool
+from llmos.drivers.model.capture import start_capture
 from llmos.drivers.model.memory_contract import MemoryContract
 from llmos.drivers.model.protocol import BLOCK_SIZE, PREEMPT_MODES, StepEvent, blocks_for
 from llmos.drivers.model.prompt import check_length, check_prompt_chars, check_prompt_ids
@@ -87,6 +88,7 @@ class Sequence:
     parked: bool = False  # out of the batch until the kernel resumes it
     swap: Any = None  # its KV in the engine's host swap area (engine-specific), covering ``computed`` tokens
     swap_blocks: int = 0  # swap-area blocks that holds
+    capture: Any = None  # its captured intermediates (capture.SequenceCapture), when it asked for them
 
     @property
     def generated(self) -> list[int]:
@@ -119,6 +121,7 @@ class BaseEngine(MemoryContract):
     """
 
     kind = "base"
+    capture_kinds: tuple[str, ...] = ()  # what its sequences may capture (capture.py)
 
     def __init__(self, model: Any, tokenizer: Any, device: torch.device, name: str = "model",
                  block_size: int = BLOCK_SIZE, num_blocks: int | None = None, max_batch: int | None = None,
@@ -178,6 +181,7 @@ class BaseEngine(MemoryContract):
         self.prefill_tokens_per_s = 0.0  # measured at load, then a running estimate from real prefill steps
         self.load_prefill_tokens_per_s = 0.0
         self._measure = measure
+        self.captured: list[tuple[int, Any]] = []  # (pid, SequenceCapture) of ended sequences, for the worker
 
     def measure(self) -> None:
         """Measure the two costs of a context switch on this instance: bytes per second through the swap
@@ -248,6 +252,9 @@ class BaseEngine(MemoryContract):
             "swap_blocks": self.swap_total,
             "swap_bytes_per_s": self.swap_bytes_per_s,
             "prefill_tokens_per_s": self.load_prefill_tokens_per_s,
+            "layers": self.shape.layers,
+            "heads": self.shape.heads,
+            "capture": list(self.capture_kinds),
         }
 
     def stats(self) -> dict[str, Any]:
@@ -331,7 +338,10 @@ class BaseEngine(MemoryContract):
         kept, for :meth:`append`. ``output_ids``: tokens it already generated (a process resumed from the
         kernel's journal after a crash): they are prefilled with the prompt, count toward ``max_new_tokens``
         and its stop rules, and their text is taken as already streamed; if they already end it, its next
-        step reports the finish. InvalidArgument for a pid already here or an empty prompt."""
+        step reports the finish. ``params["capture"]`` (a dict of params only): a capture spec from the kernel
+        (capture.py); its tensors are kept as computed and listed in ``captured`` when it ends. InvalidArgument
+        for a pid already here, an empty prompt, or a capture this engine cannot make."""
+        capture = start_capture(params, self, session)  # InvalidArgument for a capture it cannot make
         if isinstance(params, dict):
             params = SamplingParams.from_dict(params)
         if pid in self.seqs:
@@ -342,6 +352,7 @@ class BaseEngine(MemoryContract):
         seq = Sequence(pid, list(prompt_ids), len(prompt_ids), params, params.generator(self.device),
                        TextTracker(self.tokenizer, strings, prompt_ids), user=user, priority=priority,
                        stop_ids=frozenset([*params.stop_token_ids, *special]), session=bool(session))
+        seq.capture = capture
         self.seqs[pid] = seq
         if output_ids:
             seq.tokens.extend(output_ids)
@@ -465,6 +476,8 @@ class BaseEngine(MemoryContract):
         if seq is not None:
             seq.cache = None
             self._drop_swap(seq)
+            if seq.capture is not None:  # the worker sends it before the event that ends the process
+                self.captured.append((pid, seq.capture))
         return seq
 
     def has_work(self) -> bool:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from llmos.drivers.model import cpu_kernels
+from llmos.drivers.model.capture import KINDS as CAPTURE_KINDS, Tap, tap_attention, tap_hidden
 from llmos.drivers.model.engine import SWAP_PROBE_BYTES, BaseEngine, Sequence
 from llmos.drivers.model.protocol import PAD_BLOCK, StepEvent, blocks_for
 from llmos.drivers.model.sampling import sample_batch
@@ -67,6 +68,7 @@ class StepYielded(Exception):
 
 class PagedEngine(BaseEngine):
     kind = "paged"
+    capture_kinds = CAPTURE_KINDS
     # set by the worker: floor -> True when an op waits that brings a sequence of priority below floor
     urgent_waiting = None
 
@@ -90,6 +92,7 @@ class PagedEngine(BaseEngine):
         # CPU kernels build here; None keeps the pure-torch forward
         self.ops = cpu_kernels.load() if device.type == "cpu" and dtype == torch.float32 else None
         self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
+        self._taps: list[Tap] = []  # the step in flight's captures (capture.py), kept if it completes
         self._fuse_projections()
         self.measure()
 
@@ -313,6 +316,7 @@ class PagedEngine(BaseEngine):
         if not plan:
             return events
         floor = min(seq.priority for seq, _, _ in plan)
+        self._taps = []
         try:
             logits = self._forward(plan, floor)
         except StepYielded:  # an urgent sequence arrived: nothing of this step is kept (its KV writes are redone)
@@ -323,6 +327,9 @@ class PagedEngine(BaseEngine):
             for seq, _, _ in plan:
                 events.append(self._fail(seq, Errno.EIO, f"model step failed: {type(exc).__name__}: {exc}"))
             return events
+        for tap in self._taps:  # captured rows are kept only once the step completes
+            tap.commit()
+        self._taps = []
         sampled_seqs: list[Sequence] = []
         for seq, start, n in plan:
             seq.computed = start + n
@@ -344,6 +351,24 @@ class PagedEngine(BaseEngine):
             t = self.pool.tables[seq.pid][:width]
             rows.extend(t + [PAD_BLOCK] * (width - len(t)))
         return rows
+
+    def _capture_taps(self, plan: list[tuple[Sequence, int, int]]) -> list[Tap]:
+        """The captures this step makes: for each planned sequence that captures, the positions it computes
+        that are not captured yet (within its byte limit), their rows in the packed batch and the cache slots
+        of its positions up to them. Empty (nearly always) when no sequence captures: the step is unchanged."""
+        taps: list[Tap] = []
+        offset, bs, dev = 0, self.pool.block_size, self.device
+        for seq, start, n in plan:
+            if seq.capture is not None and not seq.capture.stopped:
+                lo, hi, capped = seq.capture.span(start, n)
+                if hi > lo or capped:
+                    table = self.pool.tables[seq.pid]
+                    rows = torch.arange(offset + lo - start, offset + hi - start, device=dev)
+                    slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(hi)], dtype=torch.long,
+                                         device=dev)
+                    taps.append(Tap(seq, lo, hi, capped, rows, slots))
+            offset += n
+        return taps
 
     def _norm(self, h: torch.Tensor, delta: torch.Tensor | None, ln: Any) -> torch.Tensor:
         """``h += delta`` in place (the residual), then the layer's RMSNorm of h."""
@@ -430,6 +455,7 @@ class PagedEngine(BaseEngine):
             pre.append((offset, n, slots, mask))
             offset += n
 
+        self._taps = taps = self._capture_taps(plan)
         h = self.inner.embed_tokens(input_ids)  # [N, hidden], a fresh tensor: the residual adds go in place
         cos, sin = self.inner.rotary_emb(h[None], positions[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [N, head_dim]
@@ -443,11 +469,16 @@ class PagedEngine(BaseEngine):
                 raise StepYielded()
             attn = layer.self_attn
             w_qkv, b_qkv, w_o, b_o, w_gu, w_down, b_down = self.linears[li]
-            qkv = linear(self._norm(h, delta, layer.input_layernorm), w_qkv, b_qkv)
+            x = self._norm(h, delta, layer.input_layernorm)  # h is now the residual stream entering block li
+            if taps:
+                tap_hidden(taps, li, h)
+            qkv = linear(x, w_qkv, b_qkv)
             q, k, v = self._rotary(qkv, cos, sin)
             kc, vc = self.k_cache[li], self.v_cache[li]  # [blocks, block_size * KV * D]
             kc.view(-1, KV * D).index_copy_(0, slot_mapping, k.reshape(n_tok, KV * D))
             vc.view(-1, KV * D).index_copy_(0, slot_mapping, v)
+            if taps:
+                tap_attention(taps, li, q, kc.view(-1, KV, D), KV, attn.scaling)
             out = torch.empty(n_tok, H, D, dtype=q.dtype, device=dev)
             if native is not None:
                 self.ops.paged_decode(q[:nd], kc, vc, native[0], native[1], out[:nd], bs, attn.scaling)
@@ -473,6 +504,8 @@ class PagedEngine(BaseEngine):
             x = self._norm(h, linear(out.view(n_tok, H * D), w_o, b_o), layer.post_attention_layernorm)
             delta = linear(self._act(layer.mlp, linear(x, w_gu)), w_down, b_down)
         h.add_(delta)
+        if taps:  # transformers' last hidden state is the last block's output after the final norm
+            tap_hidden(taps, len(self.layers), h, self.inner.norm)
         # logits only where a token is sampled: the last planned token of each finished-pending sequence
         last = []
         offset = 0

@@ -257,3 +257,42 @@ class Heartbeat(_Message):
     op: ClassVar[str] = "hb"
     running: int = 0
     stats: dict[str, Any] | None = None
+
+
+# captured intermediates (worker -> kernel; see drivers/model/capture.py) ------------------------------------
+CAPTURE_KINDS = ("attentions", "hidden_states")
+
+
+@dataclass
+class Captured(_Message):
+    """A piece of one captured tensor's ``.npy`` file (``np.save`` format, float32): ``data`` is the file's
+    bytes from byte ``start`` (the first piece opens with the header), at most ``capture.FRAME_BYTES``;
+    ``last`` marks the file's last piece. ``shape``: the whole array's ([tokens, hidden] for hidden_states,
+    [tokens, heads, tokens] for attentions). ``key``: the kernel's key of this capture (from the spec in the
+    process's params). A process's pieces come file after file, all before its ``CaptureDone``, which comes
+    before the step frame that ends the process."""
+
+    op: ClassVar[str] = "captured"
+    pid: int
+    key: int
+    kind: str
+    layer: int
+    start: int
+    shape: list[int]
+    dtype: str
+    data: bytes
+    last: bool
+
+
+@dataclass
+class CaptureDone(_Message):
+    """A process's capture is complete: ``tokens`` rows in each of ``files`` files (``heads``: the attention
+    heads kept, in order); ``warnings`` say where it stopped (its byte limit) or why it is empty."""
+
+    op: ClassVar[str] = "capture_done"
+    pid: int
+    key: int
+    tokens: int
+    files: int
+    heads: list[int]
+    warnings: list[str]

@@ -58,6 +58,9 @@ def crop_cache(cache: Any, tokens: int) -> Any:
 
 class SequentialEngine(BaseEngine):
     kind = "sequential"
+    # transformers' own hidden states cost no change to the forward; its attention weights would need the
+    # eager attention, another compute path than the one that makes the output
+    capture_kinds = ("hidden_states",)
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
@@ -106,8 +109,16 @@ class SequentialEngine(BaseEngine):
         return events
 
     def _advance(self, seq: Sequence) -> StepEvent:
-        ids = torch.tensor([seq.tokens[seq.computed:]], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, use_cache=True, **self._extra, **{self._cache_kw: seq.cache})
+        start, n = seq.computed, len(seq.tokens) - seq.computed
+        ids = torch.tensor([seq.tokens[start:]], dtype=torch.long, device=self.device)
+        span = seq.capture.span(start, n) if seq.capture is not None else None
+        extra = {"output_hidden_states": True} if span is not None and span[1] > span[0] else {}
+        out = self.model(input_ids=ids, use_cache=True, **self._extra, **extra, **{self._cache_kw: seq.cache})
+        if span is not None:
+            lo, hi, capped = span
+            hidden = {layer: out.hidden_states[layer][0, lo - start:hi - start] for layer in seq.capture.hidden} \
+                if extra else {}
+            seq.capture.commit(lo, hi, capped, hidden, {})
         seq.cache = getattr(out, self._cache_kw)
         seq.computed = len(seq.tokens)
         return self._accept(seq, sample(out.logits[0, -1], seq.params, seq.generator, seq.tokens))

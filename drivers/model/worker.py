@@ -144,6 +144,7 @@ class Worker:
                 steps, step_s = steps + 1, step_s + time.perf_counter() - t
                 stalled = not events and not self.engine.last_step_tokens
                 if events:
+                    self._send_captures()
                     self.send(p.Step(events, self.engine.running, step_s, steps, self.engine.stats()))
                     steps, step_s = 0, 0.0
                     last_sent = time.monotonic()
@@ -279,7 +280,21 @@ class Worker:
             return None
 
     def _events(self, events: list[p.StepEvent]) -> None:
+        self._send_captures()
         self.send(p.Step(events, self.engine.running, 0.0, 0, self.engine.stats()))
+
+    def _send_captures(self) -> None:
+        """Send the captures of the sequences that ended (capture.py's frames, then CaptureDone each) before
+        the step frame that ends them: the kernel stores them before the process's result is visible."""
+        ended, self.engine.captured = self.engine.captured, []
+        for pid, capture in ended:
+            try:
+                for msg in capture.frames(pid):
+                    self.send(msg)
+            except Exception as exc:  # a capture that cannot be sent is lost, not the worker: the kernel is told
+                traceback.print_exc()
+                self.send(p.CaptureDone(pid, capture.spec.key, 0, 0, [], [f"capture lost in the worker: {exc!r}"[:300]]))
+
 
 
 # huggingface_hub's strict dataclasses (transformers' configs): a field of the wrong type, or fields that
