@@ -136,7 +136,8 @@ class Captures:
         """Take the capture fields out of a spawn's validated args; None when it asks no capture.
         InvalidArgument for an unknown or repeated kind, a negative layer or head, or layers or heads without
         a capture."""
-        kinds, layers, heads = args.pop("capture", ()), args.pop("capture_layers", None), args.pop("capture_heads", None)
+        kinds, layers = args.pop("capture", ()), args.pop("capture_layers", None)
+        heads = args.pop("capture_heads", None)
         if not kinds:
             if layers is not None or heads is not None:
                 raise InvalidArgument("capture_layers and capture_heads need capture (attentions, hidden_states)")

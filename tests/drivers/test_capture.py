@@ -202,7 +202,8 @@ def test_frames_are_bounded_pieces_of_exactly_what_np_save_writes(tiny_model):
     for kind in ("attentions", "hidden_states"):
         pieces = [m for m in msgs if isinstance(m, Captured) and m.kind == kind]
         data = b"".join(m.data for m in pieces)
-        assert all(len(m.data) <= 256 for m in pieces) and [m.last for m in pieces] == [False] * (len(pieces) - 1) + [True]
+        assert all(len(m.data) <= 256 for m in pieces)
+        assert [m.last for m in pieces] == [False] * (len(pieces) - 1) + [True]
         arr = np.load(io.BytesIO(data))
         saved = io.BytesIO()
         np.save(saved, arr)
