@@ -16,6 +16,7 @@ from pathlib import Path
 import zmq.asyncio
 
 from llmos.drivers.devices import DeviceTable
+from llmos.drivers.model.from_store import use_store
 from llmos.drivers.storage import FS, Store, Writer, store_dir
 from llmos.kernel import messages as m
 from llmos.kernel.bus import Bus
@@ -48,6 +49,7 @@ class Kernel:
         self.store.gc_orphans()
         self.writer = Writer(self.store).start()
         self.fs = FS(self.store)
+        use_store(self.fs)  # model names resolve in this store (/models/<name>): llmos run --model NAME
         self.logring = LogRing(self.store, self.writer).start()
         # the admin: root and the kernel's owner (identity from the transport comes with the identity issue)
         self.procman = ProcessManager(self.config, admins=frozenset({"root", getpass.getuser()})).start()

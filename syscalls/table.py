@@ -420,6 +420,40 @@ SYSCALLS = SYSCALLS + (
     ),
 )
 
+# -- evaluation (issue 9): what a model makes of a text ------------------------------------------------------
+SCORE_TOKENS_MAX = 1_000_000  # tokens one score takes: its reply (ids and log-probabilities) fits one frame
+
+SYSCALLS = SYSCALLS + (
+    Syscall(
+        36, "score", "Token log-probabilities of a text under a model, for perplexity: the natural log-probability "
+        "of each token given those before it (the first token has no context and is not scored). A text longer "
+        "than the model's context is scored with a sliding window (windows of the context's length, every half "
+        "context; each token is scored once, with at least half a context before it). Computed by the model's "
+        "worker between generation steps, one window at a time, with the model's plain forward and a float32 "
+        "log_softmax. Everyone may score.",
+        request=(
+            MODEL,
+            Field("text", "str", "the text (exactly one of text and prompt_ids)", nullable=True, max_len=4_000_000),
+            Field("prompt_ids", "list[int]", "the text as token ids (exactly one of text and prompt_ids)",
+                  nullable=True, max_len=SCORE_TOKENS_MAX),
+            Field("add_special_tokens", "bool", "tokenise the text as a prompt, with the tokens the model adds (a "
+                  "BOS: the text's first token is then scored too)", default=True),
+        ),
+        reply=(
+            Field("model", "str", "the resolved model"),
+            Field("tokens", "int", "tokens of the text"),
+            Field("token_ids", "list[int]", "the text's token ids"),
+            Field("logprobs", "list[float]", "natural log-probability of each token after the first (tokens - 1 "
+                  "values, in order)"),
+            Field("nll", "float", "negative log-likelihood: minus the sum of logprobs, in nats (perplexity is "
+                  "exp(nll / (tokens - 1)))"),
+            Field("windows", "int", "forward passes the sliding window took"),
+            Field("stride", "int", "tokens between the windows' starts (half the context)"),
+        ),
+        errors=(E.EINVAL, E.ENOENT, E.E2BIG, E.EIO, E.ENOMEM),
+    ),
+)
+
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}
 BY_NR: dict[int, Syscall] = {s.nr: s for s in SYSCALLS}
 assert len(BY_NAME) == len(SYSCALLS) and len(BY_NR) == len(SYSCALLS), "duplicate syscall name or number"

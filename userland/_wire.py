@@ -51,6 +51,8 @@ def model_arg(model: str | os.PathLike | None) -> str | None:
     if model is None:
         return None
     text = os.fspath(model)
+    if text.startswith("store:"):  # a model in the kernel's store (store:/models/<name>), not a path here
+        return text
     try:
         p = Path(text).expanduser()
         if p.exists() or os.sep in text or text.startswith("."):

@@ -233,6 +233,13 @@ class AsyncClient:
     async def metrics(self) -> dict[str, Any]:
         return await self.call("metrics", timeout=30.0)
 
+    @syscall_doc("score")
+    async def score(self, text: str | None = None, model: str | None = None, *, prompt_ids: list[int] | None = None,
+                    add_special_tokens: bool = True, timeout: float | None = None) -> dict[str, Any]:
+        """As Client.score."""
+        return await self.call("score", {"model": model_arg(model), "text": text, "prompt_ids": prompt_ids,
+                                         "add_special_tokens": add_special_tokens}, timeout=timeout)
+
     # -- the namespace (``fs`` wraps these; shapes as Client's) -----------------------------------
     @property
     def fs(self) -> "AsyncFS":

@@ -20,6 +20,7 @@ from llmos.syscalls.errors import KernelGone, KernelUnavailable, LLMOSError, Tim
 from llmos.types import ProcessInfo, ProcessResult, TurnResult
 
 if TYPE_CHECKING:
+    from llmos.store_data import DataSets
     from llmos.fs import FS, LogLines
     from llmos.session import Session
 
@@ -230,6 +231,22 @@ class Client:
     @syscall_doc("metrics")
     def metrics(self) -> dict[str, Any]:
         return self.call("metrics", timeout=30.0)
+
+    @syscall_doc("score")
+    def score(self, text: str | None = None, model: str | None = None, *, prompt_ids: list[int] | None = None,
+              add_special_tokens: bool = True, timeout: float | None = None) -> dict[str, Any]:
+        """Returns {model, tokens, token_ids, logprobs (natural log, one per token after the first), nll (nats),
+        windows, stride}. ``timeout``: seconds (None waits; a long text takes a forward pass per half context)."""
+        return self.call("score", {"model": model_arg(model), "text": text, "prompt_ids": prompt_ids,
+                                   "add_special_tokens": add_special_tokens}, timeout=timeout)
+
+    @property
+    def data(self) -> "DataSets":
+        """The data sets in the store (/data): ``import_file``, ``records``, ``ls``, ``stat``, ``rm``
+        (llmos.store_data.DataSets)."""
+        from llmos.store_data import DataSets
+
+        return DataSets(self)
 
     # -- the namespace (``fs`` wraps these in friendlier calls) --------------------------------
     @property

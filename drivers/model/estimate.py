@@ -7,9 +7,10 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from llmos.drivers.model import from_store
 from llmos.drivers.model.registry import check_config, path_error
 from llmos.drivers.model.shape import PACK_LIMIT_BYTES, PAGED_MODEL_TYPES, model_shape
-from llmos.syscalls.errors import InvalidArgument, quote
+from llmos.syscalls.errors import InvalidArgument, NotFound, quote
 
 MAX_ESTIMATE_BYTES = 2**63 - 1
 WORKER_OVERHEAD_BYTES = 350 * 2**20  # a worker with torch and transformers imported: the RSS ps showed for one on the tiny test model
@@ -51,14 +52,22 @@ def estimate(path: str | Path, device: str = "cpu", kv_tokens: int | None = None
     memory budget's, range): the config states a shape no real model has.
     """
     where = f"model {quote(str(path))}"
-    config = check_config(Path(path) / "config.json", where)
     elem = 4 if device == "cpu" else 2  # the loader uses float32 on CPU, bfloat16 on GPUs
-    try:
-        params = parameter_count(path)
-    except OSError as exc:  # the files changed since resolve_model checked them
-        raise path_error(f"{where}: cannot read its weights", exc) from None
-    except (ValueError, KeyError, TypeError, struct.error) as exc:
-        raise InvalidArgument(f"{where}: a safetensors header changed and is malformed: {type(exc).__name__}") from None
+    stored = from_store.ref_name(str(path))
+    if stored is not None:  # a model in the store (store:/models/<name>): its config and headers from there
+        fs = from_store.process_store()
+        if fs is None:
+            raise NotFound(f"{where}: no store is open in this process")
+        config, params = from_store.read_config(fs, stored), from_store.parameter_count(fs, stored)
+    else:
+        config = check_config(Path(path) / "config.json", where)
+        try:
+            params = parameter_count(path)
+        except OSError as exc:  # the files changed since resolve_model checked them
+            raise path_error(f"{where}: cannot read its weights", exc) from None
+        except (ValueError, KeyError, TypeError, struct.error) as exc:
+            raise InvalidArgument(f"{where}: a safetensors header changed and is malformed: "
+                                  f"{type(exc).__name__}") from None
     shape = model_shape(config)
     per_token = shape.kv_bytes_per_token(elem)
     context = shape.context_len

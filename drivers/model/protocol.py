@@ -89,6 +89,20 @@ class Encode(_Message):
 
 
 @dataclass
+class Score(_Message):
+    """Log-probabilities of a text's tokens under the model (perplexity); answered by ``Scored`` with the same
+    rid. Tokenised like a prompt (``add_special_tokens``: a BOS where the model adds one), or ``prompt_ids``
+    as given; a text longer than the context is scored with a sliding window (stride: half the context).
+    The worker runs one window at a time between steps, so generation goes on meanwhile."""
+
+    op: ClassVar[str] = "score"
+    rid: int
+    text: str | None = None
+    prompt_ids: list[int] | None = None
+    add_special_tokens: bool = True
+
+
+@dataclass
 class Add(_Message):
     """Start a sequence and put it in the batch. ``session``: when a turn ends (stop or length) the engine keeps
     the sequence and its KV context, parked, for the next ``Append``, instead of dropping it."""
@@ -234,6 +248,24 @@ class Encoded(_Message):
     op: ClassVar[str] = "encoded"
     rid: int
     ids: list[int] | None = None
+    errno: int | None = None
+    error: str | None = None
+    message: str | None = None
+
+
+@dataclass
+class Scored(_Message):
+    """The answer to ``Score``: ``token_ids`` (the text's tokens), ``logprobs`` (natural log-probability of
+    each token after the first, given those before it, float32 log_softmax), ``nll`` (minus their sum),
+    ``windows`` (forward passes) and ``stride``; or an error struct's fields."""
+
+    op: ClassVar[str] = "scored"
+    rid: int
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
+    nll: float = 0.0
+    windows: int = 0
+    stride: int = 0
     errno: int | None = None
     error: str | None = None
     message: str | None = None

@@ -16,7 +16,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from llmos.drivers.model.shape import (CONTEXT_KEYS, HEAD_DIM_KEYS, HEADS_KEYS, HIDDEN_KEYS, KV_HEADS_KEYS,
                                        LAYERS_KEYS)
@@ -50,33 +50,72 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentenc
 _checked: dict[str, tuple] = {}  # model directory -> the stamps it last passed the check with
 
 
-def resolve_model(model: str | None) -> str:
-    """Map a model name or path to the absolute path of a checked model directory.
+def resolve_model(model: str | None, fs: Any = None) -> str:
+    """Map a model name or path to the absolute path of a checked model directory, or to a checked model in the
+    store (``store:/models/<name>``).
 
-    NotFound (ENOENT) when there is no directory with a config.json (or the path names a missing
-    user's home); InvalidArgument (EINVAL) when the OS refuses the path (a component over 255 bytes,
-    no permission) or the directory's files are broken (see :func:`check_model_dir`).
+    A string that is no model directory but names a model of the store (``<name>``, ``/models/<name>`` or
+    ``store:/models/<name>``) resolves there, through ``fs`` (an ``llmos.drivers.storage.FS``; default: the
+    process's, see ``from_store.use_store``). 'default' (or None) is always the shipped model's directory.
+    NotFound (ENOENT) when there is no directory with a config.json (or the path names a missing user's
+    home) and the store has no such model (the message names both places looked at); InvalidArgument
+    (EINVAL) when the OS refuses the path (a component over 255 bytes, no permission) or the model's files
+    are broken (see :func:`check_model_dir` and ``from_store.check_model``).
     """
+    from llmos.drivers.model import from_store
+
     if model is None or model == DEFAULT_MODEL_NAME:
         path = DEFAULT_MODEL_DIR
     else:
+        store = fs if fs is not None else from_store.process_store()
+        name = from_store.store_name(model)
+        if model.startswith(from_store.SCHEME):
+            return _resolve_stored(model, name, store)
         try:
             path = Path(model).expanduser()
         except RuntimeError:  # "~name/..." for a user with no home directory
             raise NotFound(f"model {quote_path(model)}: no such user's home directory") from None
         if not path.is_absolute():
-            raise NotFound(f"model {quote_path(model)}: give an absolute path to a Hugging Face model directory "
-                           f"or '{DEFAULT_MODEL_NAME}'")
+            if name is not None:
+                return _resolve_stored(model, name, store, "not a directory (a model path must be absolute)")
+            raise NotFound(f"model {quote_path(model)}: give an absolute path to a Hugging Face model directory, "
+                           f"'{DEFAULT_MODEL_NAME}', or the name of a model in the store")
+        try:
+            if not (path / "config.json").is_file():
+                if name is not None and not path.exists():
+                    return _resolve_stored(model, name, store, "no such directory")
+                raise NotFound(f"no model at {quote_path(model)}: expected a Hugging Face model directory with "
+                               "config.json")
+        except OSError as exc:
+            raise path_error(f"model {quote_path(model)}", exc) from None
+        except (RuntimeError, ValueError) as exc:  # a symlink loop; a NUL byte
+            raise NotFound(f"no model at {quote_path(model)}: {type(exc).__name__}: {quote(str(exc))}") from None
     try:
-        if not (path / "config.json").is_file():
-            raise NotFound(f"no model at {quote_path(model)}: expected a Hugging Face model directory with config.json")
         resolved = path.resolve()
     except OSError as exc:
         raise path_error(f"model {quote_path(model)}", exc) from None
-    except (RuntimeError, ValueError) as exc:  # a symlink loop; a NUL byte
+    except (RuntimeError, ValueError) as exc:
         raise NotFound(f"no model at {quote_path(model)}: {type(exc).__name__}: {quote(str(exc))}") from None
     check_model_dir(resolved)
     return str(resolved)
+
+
+def _resolve_stored(model: str, name: str | None, store: Any, on_disk: str | None = None) -> str:
+    """``store:/models/<name>`` once the store's model ``name`` passes its check; NotFound naming the places
+    looked at (the disk, when ``on_disk`` says what was found there, and the store)."""
+    from llmos.drivers.model import from_store
+
+    if name is None:
+        raise NotFound(f"model {quote_path(model)}: a store model is named store:/models/<name>, the name being "
+                       f"{from_store.NAME_DOC}")
+    disk = f"{on_disk}, " if on_disk else ""
+    if store is None:
+        raise NotFound(f"no model {quote_path(model)}: {disk}and no store is open to look in")
+    try:
+        from_store.check_model(store, name)
+    except NotFound as exc:
+        raise NotFound(f"no model {quote_path(model)}: {disk}and in the store {exc.message}") from None
+    return from_store.ref(name)
 
 
 def path_error(what: str, exc: OSError) -> LLMOSError:
@@ -105,24 +144,36 @@ def check_model_dir(path: Path) -> None:
     if _checked.get(str(path)) == stamp:
         return
     check_config(files[0], where)
+    check_tokenizer_files(names, where)
+    for f in files[1:]:
+        check_safetensors(f, where)
+    _checked[str(path)] = stamp
+
+
+def check_tokenizer_files(names: set[str], where: str = "model") -> None:
+    """InvalidArgument unless the file names ``names`` of a model include a tokenizer's files."""
     if not (names.intersection(TOKENIZER_FILES) or {"vocab.json", "merges.txt"} <= names
             or any(n.endswith(".tiktoken") for n in names)):
         raise InvalidArgument(f"{where}: no tokenizer files (one of tokenizer.json, tokenizer.model, vocab.json "
                               "with merges.txt, vocab.txt, spiece.model, sentencepiece.bpe.model, *.tiktoken)")
-    for f in files[1:]:
-        check_safetensors(f, where)
-    _checked[str(path)] = stamp
 
 
 def check_config(f: Path, where: str = "model") -> dict[str, Any]:
     """The config.json at ``f`` as a dict, or InvalidArgument naming the fault: not JSON, not an object,
     or a model shape key (context, sizes, heads, layers, vocabulary) that is not a whole number in range."""
     try:
-        config = json.loads(f.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"{where}: config.json is not valid JSON: {exc}") from None
+        raw = f.read_bytes()
     except OSError as exc:
         raise path_error(f"{where}: cannot read config.json", exc) from None
+    return parse_config(raw, where)
+
+
+def parse_config(raw: bytes, where: str = "model") -> dict[str, Any]:
+    """config.json's bytes as a dict, checked as :func:`check_config` says."""
+    try:
+        config = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(f"{where}: config.json is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise InvalidArgument(f"{where}: config.json must hold a JSON object, not {type(config).__name__}")
     text = config.get("text_config")
@@ -146,21 +197,32 @@ def check_safetensors(f: Path, where: str = "model") -> None:
     """InvalidArgument unless ``f`` has a well-formed safetensors header: an 8-byte little-endian length,
     that many bytes of a JSON object inside the file, and for every tensor a dtype, a shape and data
     offsets that lie inside the data area and match the shape's size."""
-    name = quote(f.name)
     try:
         size = f.stat().st_size
         with open(f, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise InvalidArgument(f"{where}: {name} is not a safetensors file: {size} bytes, too short "
-                                      "for a header")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > MAX_SAFETENSORS_HEADER:
-                raise InvalidArgument(f"{where}: {name} is not a safetensors file: its header claims {n} bytes, "
-                                      f"the file holds {size - 8} after the length")
-            raw = fh.read(n)
+            def read(lo: int, hi: int) -> bytes:
+                fh.seek(lo)
+                return fh.read(hi - lo)
+
+            safetensors_header(read, size, f.name, where)
     except OSError as exc:
-        raise path_error(f"{where}: cannot read {name}", exc) from None
+        raise path_error(f"{where}: cannot read {quote(f.name)}", exc) from None
+
+
+def safetensors_header(read: Callable[[int, int], bytes], size: int, filename: str,
+                       where: str = "model") -> tuple[int, dict[str, Any]]:
+    """(n, header) of a safetensors file of ``size`` bytes whose bytes ``[lo, hi)`` ``read(lo, hi)`` gives:
+    the header's length n (its JSON is bytes [8, 8 + n), the data starts at 8 + n) and the header as a
+    dict, checked as :func:`check_safetensors` says (InvalidArgument naming ``filename`` and the fault)."""
+    name = quote(filename)
+    head = read(0, min(8, size))
+    if len(head) < 8:
+        raise InvalidArgument(f"{where}: {name} is not a safetensors file: {size} bytes, too short for a header")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8 or n > MAX_SAFETENSORS_HEADER:
+        raise InvalidArgument(f"{where}: {name} is not a safetensors file: its header claims {n} bytes, "
+                              f"the file holds {size - 8} after the length")
+    raw = read(8, 8 + n)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -174,6 +236,7 @@ def check_safetensors(f: Path, where: str = "model") -> None:
         fault = _tensor_fault(meta, data)
         if fault:
             raise InvalidArgument(f"{where}: {name}: tensor {quote(tensor)}: {fault}")
+    return n, header
 
 
 def _tensor_fault(meta: object, data: int) -> str | None:

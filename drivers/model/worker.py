@@ -22,14 +22,17 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zmq
 
 from llmos.drivers.model import protocol as p
+from llmos.drivers.model.prompt import check_prompt_ids
+from llmos.drivers.model.score import ScoreJob
 from llmos.syscalls import codec
-from llmos.syscalls.errors import Errno, LLMOSError, quote, wire_error
+from llmos.syscalls.errors import Errno, InvalidArgument, LLMOSError, quote, wire_error
 
 HEARTBEAT_S = 1.0
 ENCODE_THREADS = 2  # a long prompt being tokenised leaves a thread for everyone else's
@@ -71,6 +74,7 @@ class Worker:
         self._encoded_endpoint = ""  # where encoder threads push their replies for the socket thread
         self._local = threading.local()
         self._encoder_socks: list[zmq.Socket] = []  # one per encoder thread, closed once the pool has ended
+        self.scoring: deque[ScoreJob] = deque()  # Score ops tokenised, run one window per loop turn (main thread)
 
     def send(self, msg: Any) -> None:
         """Send a protocol message to the kernel (from the main thread)."""
@@ -84,11 +88,14 @@ class Worker:
         try:
             from transformers.utils import logging as hf_logging
 
+            from llmos.drivers.model import from_store
             from llmos.drivers.model.engine import load_engine
 
             hf_logging.disable_progress_bar()
             t0 = time.time()
-            self.engine = load_engine(self.model_path, self.device, **self.options)
+            # a model in the store (store:/models/<name>) is mapped from $LLMOS_HOME/store, opened read-only here
+            load = from_store.load_engine if from_store.ref_name(self.model_path) else load_engine
+            self.engine = load(self.model_path, self.device, **self.options)
             self.engine.urgent_waiting = self._urgent_waiting  # the paged engine's steps yield to urgent arrivals
             info = self.engine.info()
             info["load_s"] = time.time() - t0
@@ -127,7 +134,7 @@ class Worker:
         stalled = False  # the last step ran nothing: wait for an op (or a heartbeat) before trying again
         steps, step_s = 0, 0.0
         while self.running:
-            wait = stalled or not self.engine.has_work()
+            wait = (stalled or not self.engine.has_work()) and not self.scoring
             try:  # apply every op that arrived
                 msg = self.inbox.get(timeout=HEARTBEAT_S) if wait else self.inbox.get_nowait()
                 while self.running:
@@ -148,6 +155,8 @@ class Worker:
                     self.send(p.Step(events, self.engine.running, step_s, steps, self.engine.stats()))
                     steps, step_s = 0, 0.0
                     last_sent = time.monotonic()
+            if self.scoring:
+                self._score_window()
             if time.monotonic() - last_sent >= HEARTBEAT_S:
                 self.send(p.Heartbeat(self.engine.running, self.engine.stats()))
                 last_sent = time.monotonic()
@@ -190,6 +199,8 @@ class Worker:
                     msg = self._decode(self.sock.recv())
                     if isinstance(msg, p.Encode):
                         self.encoder.submit(self._encode_and_reply, msg)
+                    elif isinstance(msg, p.Score):  # tokenised off the main thread, then scored between steps
+                        self.encoder.submit(self._prepare_score, msg)
                     elif msg is not None:
                         self.inbox.put(msg)
         except Exception:  # the kernel must learn that this worker is gone, not wait on it
@@ -215,6 +226,10 @@ class Worker:
         except Exception as exc:  # a reply too large for a frame: the kernel still gets one
             frame = codec.encode(p.Encoded(msg.rid, **wire_error(Errno.E2BIG, f"the encoded prompt does not fit a "
                                                                               f"frame: {exc}")).to_wire())
+        self._push(frame)
+
+    def _push(self, frame: bytes) -> None:
+        """On an encoder thread: send a frame to the kernel through this thread's socket to the socket thread."""
         sock = getattr(self._local, "sock", None)
         if sock is None:
             sock = self._local.sock = self.ctx.socket(zmq.PUSH)
@@ -230,6 +245,36 @@ class Worker:
             return p.Encoded(msg.rid, **exc.to_wire())
         except Exception as exc:
             return p.Encoded(msg.rid, **wire_error(Errno.EINVAL, f"cannot encode input: {type(exc).__name__}: {exc}"))
+
+    def _prepare_score(self, msg: p.Score) -> None:
+        """On an encoder thread: tokenise a Score's text (or check its ids) and queue it for the main thread;
+        a refusal is answered from here."""
+        try:
+            if (msg.text is None) == (msg.prompt_ids is None):
+                raise InvalidArgument("give exactly one of 'text' and 'prompt_ids'")
+            if msg.prompt_ids is not None:
+                # any length: a text longer than the context is scored window by window
+                ids = check_prompt_ids(msg.prompt_ids, int(self.engine.model.config.vocab_size), 2**62)
+            else:
+                ids = list(self.engine.tokenizer(msg.text, add_special_tokens=msg.add_special_tokens)["input_ids"])
+            self.inbox.put(ScoreJob(msg.rid, ids, int(self.engine.context_len)))
+        except Exception as exc:
+            err = exc.to_wire() if isinstance(exc, LLMOSError) else wire_error(
+                Errno.EINVAL, f"cannot score input: {type(exc).__name__}: {exc}")
+            self._push(codec.encode(p.Scored(msg.rid, **err).to_wire()))
+
+    def _score_window(self) -> None:
+        """Run the first queued Score's next window; send its reply once it is done (or failed)."""
+        job = self.scoring[0]
+        try:
+            job.step(self.engine.model, self.engine.device)
+            if job.done:
+                self.scoring.popleft()
+                self.send(job.reply())
+        except Exception as exc:
+            self.scoring.popleft()
+            err = exc.to_wire() if isinstance(exc, LLMOSError) else wire_error(Errno.EIO, f"scoring failed: {exc!r}")
+            self.send(p.Scored(job.rid, **err))
 
     # -- ops, applied by the main thread between steps --------------------------------------
     def _urgent_waiting(self, floor: int) -> bool:
@@ -263,6 +308,11 @@ class Worker:
                 event = engine.abort(pid)
                 self._events([event if event is not None else p.StepEvent(pid, finish_reason="killed",
                                                                            final_text="")])
+            case ScoreJob():
+                if msg.done:  # nothing to score (a text of one token): answered at once
+                    self.send(msg.reply())
+                else:
+                    self.scoring.append(msg)
             case p.Shutdown():
                 self.running = False
             case _:
@@ -294,7 +344,6 @@ class Worker:
             except Exception as exc:  # a capture that cannot be sent is lost, not the worker: the kernel is told
                 traceback.print_exc()
                 self.send(p.CaptureDone(pid, capture.spec.key, 0, 0, [], [f"capture lost in the worker: {exc!r}"[:300]]))
-
 
 
 # huggingface_hub's strict dataclasses (transformers' configs): a field of the wrong type, or fields that
