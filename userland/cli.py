@@ -27,6 +27,7 @@ from llmos.syscalls.address import llmos_home, resolve_address
 from llmos.syscalls.errors import InvalidArgument, KernelUnavailable, LLMOSError, NoSuchProcess
 from llmos._args import add_generation_flags, positive, signal_name, syscall_arg
 from llmos.cli_fs import add_commands as add_fs_commands
+from llmos.cli_store import add_commands as add_store_commands
 from llmos.top import format_ps, run_top
 from llmos.types import ProcessResult
 
@@ -535,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--json", action="store_true")
     mt.set_defaults(fn=cmd_metrics)
     add_fs_commands(sub, common)  # fs ls|cat|put|get|rm|stat, dmesg (llmos/cli_fs.py)
+    add_store_commands(sub, common)  # model import|export|ls|rm, data import|ls|stat|cat|rm, eval (llmos/cli_store.py)
     return ap
 
 
