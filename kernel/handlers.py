@@ -96,7 +96,7 @@ class Handlers:
     async def sys_wait(self, caller: Caller, args: dict, emit: Emit) -> dict:
         fut = await self.k.procman.ask(m.Wait(args["pid"], caller.user, args["reap"]))
         try:  # a result waits for its process's capture to be stored (kernel/capture.py)
-            return await self.k.capture.complete(await asyncio.wait_for(asyncio.shield(fut), args["timeout"]))
+            return await self._settled(await asyncio.wait_for(asyncio.shield(fut), args["timeout"]))
         except asyncio.TimeoutError:
             await self.k.procman.ask(m.CancelWait(args["pid"], fut))
             if fut.done():  # it finished (and maybe was reaped) just as the deadline passed
@@ -124,7 +124,7 @@ class Handlers:
             while True:
                 item = await q.get()
                 if isinstance(item, tuple) and item[0] is END:
-                    return await self.k.capture.complete(item[1])
+                    return await self._settled(item[1])
                 await emit(item)
         finally:
             try:
@@ -132,6 +132,15 @@ class Handlers:
             except Exception:
                 pass
 
+    async def _settled(self, result: dict) -> dict:
+        """A final result (or a session turn's), once its process's capture is stored and its journal record
+        committed: a result a client has been given survives a kernel crash."""
+        result = await self.k.capture.complete(result)
+        if getattr(self.k, "journal", None) is not None:
+            committed = await self.k.procman.ask(m.Checkpoint())
+            if committed is not None:
+                await committed
+        return result
 
     async def sys_nice(self, caller: Caller, args: dict, emit: Emit) -> dict:
         return await self.k.procman.ask(m.Nice(args["pid"], args["priority"], caller.user))
@@ -148,7 +157,7 @@ class Handlers:
         return await self._relay(pid, q, emit)
 
     async def sys_close(self, caller: Caller, args: dict, emit: Emit) -> dict:
-        return await self.k.capture.complete(await (await self.k.procman.ask(m.Close(args["pid"], caller.user))))
+        return await self._settled(await (await self.k.procman.ask(m.Close(args["pid"], caller.user))))
 
     async def sys_models(self, caller: Caller, args: dict, emit: Emit) -> dict:
         return {"models": [{**d, "loaded": True} for d in await self.k.models.ask(m.ListModels())]}

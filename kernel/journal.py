@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import json
 import struct
 import sys
 from typing import Any, Callable
@@ -79,10 +80,13 @@ def proc_of(rec: dict[str, Any], prompt_ids: list[int]) -> LLMProcess:
             setattr(proc, k, rec[k])
     proc.params = dict(rec["params"] or {})
     proc.state = State(rec["state"])
+    proc.warnings = list(rec.get("warnings") or [])
+    if proc.params.pop("capture", None) is not None and proc.state is not State.ZOMBIE:
+        proc.warnings.append("its capture was not resumed after the kernel restarted (what it had captured "
+                             "before is lost): captures are not journaled")
     proc.stopped_from = State(rec["stopped_from"]) if rec.get("stopped_from") else None
     proc.token_ids = _ids_from_bytes(rec.get("token_ids") or b"")
     proc.text_parts = [rec["text"]] if rec.get("text") else []
-    proc.warnings = list(rec.get("warnings") or [])
     sched = rec.get("sched") or {}
     proc.sched = SchedStats(**{k: sched[k] for k in ("preemptions", "swaps_out", "swaps_in", "recomputed_tokens",
                                                      "prefill_tokens", "turns") if k in sched},
@@ -132,6 +136,55 @@ class Journal:
         self.next_pid = next_pid
         return next_pid, procs
 
+    # -- /proc/<pid> (what `llmos fs cat /proc/<pid>/record` reads: the committed record) ----------
+    PROC_FILES = ("record", "prompt_ids", "token_ids", "text", "result")
+
+    def _read(self, pid: int) -> tuple[dict[str, Any], list[int]] | None:
+        jdb = self.store.db("journal")
+        key = _PID.pack(pid)
+        with self.store.read() as txn:
+            raw = txn.get(RECORD + key, db=jdb)
+            if raw is None:
+                return None
+            rec = msgpack.unpackb(bytes(raw), raw=False)
+            prompt = txn.get(PROMPT + key, db=jdb)
+            return rec, _ids_from_bytes(prompt) if prompt is not None else []
+
+    def proc_owner(self, pid: int) -> str | None:
+        got = self._read(pid)
+        return got[0]["owner"] if got else None
+
+    def proc_list(self, pid: int) -> list[str]:
+        """The files /proc/<pid> shows (``result`` once it has ended); [] for a pid with no record."""
+        got = self._read(pid)
+        if got is None:
+            return []
+        return [n for n in self.PROC_FILES if n != "result" or got[0]["state"] == State.ZOMBIE.value]
+
+    def proc_file(self, pid: int, name: str) -> bytes | None:
+        """One /proc/<pid> file as JSON (UTF-8), from the last committed record: ``record`` (the process record:
+        state, owner, model, params, times, sched stats), ``prompt_ids``, ``token_ids``, ``text`` (the output so
+        far, plain text) and, once it ended, ``result``. None when there is no such file."""
+        got = self._read(pid)
+        if got is None or name not in self.PROC_FILES:
+            return None
+        rec, prompt = got
+        proc = proc_of(rec, prompt)
+        if name == "record":
+            body = {k: v for k, v in rec.items() if k not in ("token_ids", "text")}
+            body |= {"prompt_tokens": len(prompt), "output_tokens": len(proc.token_ids)}
+        elif name == "prompt_ids":
+            body = prompt
+        elif name == "token_ids":
+            body = proc.token_ids
+        elif name == "text":
+            return proc.text.encode("utf-8", "surrogatepass")
+        elif proc.state is State.ZOMBIE:
+            body = proc.result()
+        else:
+            return None
+        return json.dumps(body, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
+
     # -- writing ---------------------------------------------------------------------------
     def spawned(self, proc: LLMProcess, next_pid: int) -> asyncio.Future:
         """Commit a new process's record, prompt and the next pid now; the future resolves with the pid once
@@ -156,9 +209,9 @@ class Journal:
 
     def changed(self, proc: LLMProcess) -> None:
         """Mark a process dirty: its record is written at the next checkpoint, or at once (in the next commit the
-        Writer groups) when it has just ended: a result its client may already have is not left to a timer."""
+        Writer groups) when it has just ended: a result (or a session's reply) its client may already have is not left to a timer."""
         self._dirty.add(proc.pid)
-        self._arm(soon=proc.state is State.ZOMBIE)
+        self._arm(soon=proc.state in (State.ZOMBIE, State.BLOCKED))
 
     def reaped(self, pid: int) -> None:
         self._dirty.discard(pid)

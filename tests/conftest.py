@@ -104,6 +104,12 @@ class KernelProc:
             return self._saved_logs
         return self._out.read_text(errors="replace")[-3000:]
 
+    def crash(self) -> None:
+        """kill -9 the kernel (nothing is cleaned up: its home stays, for a new KernelProc(home=...))."""
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -195,3 +195,24 @@ def test_a_spawn_whose_record_cannot_be_committed_is_refused_and_the_process_end
         assert proc.state is State.ZOMBIE and proc.error["error"] == "ENOSPC"
         await pm.stop()
     asyncio.run(main())
+
+
+def test_proc_files_are_the_committed_record_as_json_and_the_result_appears_once_it_ends(engine, store):
+    import json
+
+    async def main():
+        pm = new_pm(store)
+        ex = InlineExecutor(engine, 4)
+        await pm.ask(m.ExecutorReady(ex.id, ex, ex.info))
+        pid = await spawn(pm, ex, [1, 2, 3], {**GREEDY, "max_new_tokens": 3}, owner="bob")
+        j = pm.journal
+        assert j.proc_owner(pid) == "bob" and j.proc_list(pid) == ["record", "prompt_ids", "token_ids", "text"]
+        assert json.loads(j.proc_file(pid, "prompt_ids")) == [1, 2, 3] and j.proc_file(pid, "result") is None
+        await run_to_end(pm, ex, [pid])
+        await checkpoint(pm)
+        rec = json.loads(j.proc_file(pid, "record"))
+        assert rec["state"] == "ZOMBIE" and rec["owner"] == "bob" and rec["output_tokens"] == 3
+        assert json.loads(j.proc_file(pid, "result"))["token_ids"] == pm.table.get(pid).token_ids
+        assert j.proc_file(pid + 1, "record") is None and j.proc_list(pid + 1) == []
+        await pm.stop()
+    asyncio.run(main())
