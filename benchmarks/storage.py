@@ -166,12 +166,14 @@ def section(rows: dict[str, float], count: int, rounds: int, concurrency: int, c
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, doc: Path = ROOT / "docs" / "performance.md") -> None:
-    """Put ``text`` as the Storage section of ``doc``: replace a section of that name, else append it; every
-    other section stays as it is (benchmarks.run keeps what follows its own sections the same way)."""
+def write_section(text: str, doc: Path = ROOT / "docs" / "performance.md", section: str | None = None) -> None:
+    """Put ``text`` as the ``section`` (default: the Storage section) of ``doc``: replace a section of that name,
+    else append it; every other section stays as it is (benchmarks.run keeps what follows its own sections the
+    same way). Other benchmarks (benchmarks.journal) record their sections with it too."""
+    section = section or SECTION
     old = doc.read_text() if doc.exists() else "# Performance\n"
-    if SECTION + "\n" in old:
-        start = old.index(SECTION + "\n")
+    if section + "\n" in old:
+        start = old.index(section + "\n")
         end = old.find("\n## ", start + 1)
         new = old[:start] + text + (old[end + 1:] if end != -1 else "")
     else:

@@ -38,6 +38,8 @@ class KernelConfig:
     max_kv_blocks_per_user: int | None = None  # KV blocks a user's processes may hold at once (None: no cap)
     max_tokens_per_minute: int | None = None  # prompt + output tokens per user per minute (EDQUOT beyond)
     user_quotas: str | None = None  # per-user overrides: "alice:procs=4,kv_blocks=800,tpm=20000;bob:tpm=0"
+    journal: str = "on"  # "off": processes are not journaled (they do not survive a kernel crash)
+    checkpoint_s: float = 0.25  # how often running processes' new tokens are committed to the journal
     max_capture_bytes: int = 64 * 2**20  # captured intermediates one process may store (kernel/capture.py)
     max_capture_bytes_per_user: int = 256 * 2**20  # a user's stored captures, in all
 
@@ -240,6 +242,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max_tokens_per_minute", _IntIn(0, 2**40), "TOKENS", "prompt and output tokens per user per minute, "
          "checked when a spawn or a session's turn starts: beyond it they answer EDQUOT with when to retry; a "
          "request under way is not cut (default: no limit)"),
+    Flag("journal", _Choice(("on", "off")), "on|off", "journal every process in the store, so that a kernel "
+         "killed or stopped resumes them at its next start (default on; off only to measure what it costs)"),
+    Flag("checkpoint_s", _FloatIn(0.01, 3600.0), "SECONDS", "how often the journal commits running processes' "
+         "new tokens; a crash loses at most this much output, which the resume regenerates (default 0.25)",
+         "checkpoint"),
     Flag("user_quotas", _Quotas(), "SPEC", "per-user limits overriding the defaults, e.g. "
          "'alice:procs=4,kv_blocks=800,tpm=20000;bob:tpm=1000'", "user-quota"),
     Flag("max_capture_bytes", _SizeIn(0, 2**44), "SIZE", "bytes of captured intermediates (spawn's capture) one "

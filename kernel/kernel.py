@@ -24,6 +24,7 @@ from llmos.kernel.capture import Captures
 from llmos.kernel.config import KernelConfig
 from llmos.kernel.handlers import Handlers
 from llmos.kernel.heap import return_big_buffers_to_the_os
+from llmos.kernel.journal import Journal
 from llmos.kernel.log import LogRing, get_logger
 from llmos.kernel.models import ModelManager
 from llmos.kernel.procman import ProcessManager
@@ -52,7 +53,12 @@ class Kernel:
         use_store(self.fs)  # model names resolve in this store (/models/<name>): llmos run --model NAME
         self.logring = LogRing(self.store, self.writer).start()
         # the admin: root and the kernel's owner (identity from the transport comes with the identity issue)
-        self.procman = ProcessManager(self.config, admins=frozenset({"root", getpass.getuser()})).start()
+        self.journal = (Journal(self.store, self.writer, self.config.checkpoint_s)
+                        if self.config.journal == "on" else None)
+        # the journal's processes come back now: ZOMBIEs with their results, the rest waiting for their models
+        self.procman = ProcessManager(self.config, admins=frozenset({"root", getpass.getuser()}),
+                                      journal=self.journal).start()
+        waiting_for = self.procman.orphan_models()
         self.capture = Captures(self.writer, self.fs, self.procman, max_bytes=self.config.max_capture_bytes,
                                 max_bytes_per_user=self.config.max_capture_bytes_per_user).install()
         self.devices = DeviceTable(self.config.memory_limit)
@@ -62,9 +68,22 @@ class Kernel:
         self.bus = Bus(self.ctx, self.address, self.handlers, self.config)
         self.bus.bind()
         self.bus.start()
+        self._recovery = asyncio.get_running_loop().create_task(self._load_for_recovery(waiting_for))
         gc.collect()
         gc.freeze()  # what start-up made lives as long as the kernel: later collections skip it
         self.log.info("kernel_started", pid=os.getpid(), address=self.address, home=str(self.home))
+
+    async def _load_for_recovery(self, models: list[str]) -> None:
+        """Load the models that restored processes wait for; a model that cannot be loaded ends them (EIO)."""
+        for model in models:
+            try:
+                ready = await self.models.ask(m.Load(model, {}))
+                await asyncio.gather(*ready)
+            except Exception as exc:  # the model's files are gone, or it no longer fits
+                message = getattr(exc, "message", None) or repr(exc)
+                self.log.error("recovery_load_failed", model=model, error=message)
+                self.procman.tell(m.ModelGone(model, f"model {model} could not be loaded after the kernel restarted: "
+                                                     f"{message}"))
 
     def request_shutdown(self, reason: str) -> None:
         if not self._stop.is_set():
@@ -81,11 +100,19 @@ class Kernel:
     async def shutdown(self) -> None:
         self.log.info("kernel_stopping", reason=self._stop_reason)
         await self.bus.close(self._stop_reason or "kernel stopping")
+        self._recovery.cancel()
+        await self.procman.ask(m.Suspend())  # unfinished processes stay journaled, to resume at the next start
         try:
             await asyncio.wait_for(self.models.ask(m.StopAll()), 15)
         except Exception as exc:
             self.log.error("stop_models_failed", error=repr(exc))
         await self.models.stop()
+        checkpoint = await self.procman.ask(m.Checkpoint())
+        if checkpoint is not None:
+            try:
+                await checkpoint
+            except Exception as exc:
+                self.log.error("journal_checkpoint_failed", error=str(exc))
         await self.procman.stop()
         await self.logring.stop()
         await asyncio.to_thread(self.writer.stop)  # commits what is queued, then ends its thread
