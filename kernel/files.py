@@ -274,13 +274,13 @@ class Files:
             # removed only by its owner or the admin, so a recursive remove checks each one)
             meta = store.db("meta")
             raw = txn.get(key(path), db=meta) if path != "/" else None
-            may(user, "write", path, admins, Inode.unpack(raw).owner if raw is not None else None)
+            may(user, "remove", path, admins, Inode.unpack(raw).owner if raw is not None else None)
             if recursive:
                 prefix = dir_prefix(path)
                 with txn.cursor(db=meta) as cur:
                     ok = cur.set_range(prefix)
                     while ok and bytes(cur.key()).startswith(prefix):
-                        may(user, "write", bytes(cur.key()).decode(), admins, Inode.unpack(cur.value()).owner)
+                        may(user, "remove", bytes(cur.key()).decode(), admins, Inode.unpack(cur.value()).owner)
                         ok = cur.next()
             return ops.apply(ops.Remove(path, recursive), txn, store)
 

@@ -5,7 +5,7 @@
 | /home/<user>/...  | that user, the admin               | that user, the admin                            |
 | /models/...       | everyone                           | the admin                                       |
 | /data/...         | everyone                           | anyone creates; the file's owner or the admin replaces/removes (sticky) |
-| /proc/<pid>/...   | the process's owner, the admin     | nobody (only the kernel, which does not ask)    |
+| /proc/<pid>/...   | the process's owner, the admin     | nobody (only the kernel); its owner and the admin remove its captures |
 | /var/log/...      | everyone                           | nobody (only the kernel)                        |
 | /, /home, /var    | everyone (a listing)               | nobody                                          |
 | anything else     | EINVAL: no such namespace          | EINVAL                                          |
@@ -25,15 +25,19 @@ _LISTABLE = {"/", "/home", "/var", "/models", "/data", "/proc", "/var/log"}
 
 
 def may(user: str, op: str, path: str, admins: set[str] | frozenset[str], owner_of_file: str | None) -> None:
-    """Return if ``user`` may ``op`` ("read" | "write") ``path``; raise NotPermitted (EPERM) naming the
-    rule otherwise, InvalidArgument (EINVAL) outside the namespaces or for a bad op or path.
+    """Return if ``user`` may ``op`` ("read" | "write" | "remove") ``path``; raise NotPermitted (EPERM) naming
+    the rule otherwise, InvalidArgument (EINVAL) outside the namespaces or for a bad op or path. "remove" is
+    "write", except that a process's owner (and the admin) may remove its captures (/proc/<pid>/capture/...),
+    which the kernel alone writes: that frees the user's capture quota.
 
     ``owner_of_file``: the owner of the file at ``path`` if one exists, else None (creation, a listing).
     """
-    if op not in ("read", "write"):
-        raise InvalidArgument(f"op must be 'read' or 'write', not {quote(op)}")
+    if op not in ("read", "write", "remove"):
+        raise InvalidArgument(f"op must be 'read', 'write' or 'remove', not {quote(op)}")
     path = normpath(path)
     admin = user in admins
+    if op == "remove" and not path.startswith("/proc/"):
+        op = "write"
     parts = path.strip("/").split("/") if path != "/" else []
     area = parts[0] if parts else ""
     if path in _LISTABLE:
@@ -55,7 +59,9 @@ def may(user: str, op: str, path: str, admins: set[str] | frozenset[str], owner_
         raise NotPermitted(f"{quote_path(path)} belongs to {owner_of_file}: in /data anyone creates, only the "
                            f"file's owner or the admin replaces or removes")
     if area == "proc":
-        if op == "write":
+        if op == "remove" and len(parts) >= 3 and parts[2] == "capture" and (admin or owner_of_file == user):
+            return
+        if op != "read":
             raise NotPermitted(f"only the kernel writes /proc ({quote_path(path)})")
         if owner_of_file is None or owner_of_file == user or admin:
             return

@@ -30,6 +30,13 @@ TABLE = [
     ("bob", "read", "/proc/7", None, OK),
     ("alice", "write", "/proc/7/result", "alice", EPERM),
     ("root", "write", "/proc/7/result", "alice", EPERM),
+    ("alice", "remove", "/proc/7/capture/attentions/0.npy", "alice", OK),  # frees her capture quota
+    ("root", "remove", "/proc/7/capture/index.json", "alice", OK),
+    ("bob", "remove", "/proc/7/capture/index.json", "alice", EPERM),
+    ("alice", "remove", "/proc/7/result", "alice", EPERM),
+    ("alice", "write", "/proc/7/capture/x.npy", "alice", EPERM),
+    ("bob", "remove", "/data/corpus", "alice", EPERM),
+    ("alice", "remove", "/data/corpus", "alice", OK),
     ("bob", "read", "/var/log/kernel", "kernel", OK),
     ("root", "write", "/var/log/kernel", "kernel", EPERM),
     ("bob", "read", "/", None, OK),
