@@ -104,11 +104,12 @@ RESULT: tuple[Field, ...] = (
           "the context holds after the prompt"),
 )
 
-DEFAULT_MODEL_DOC = ("an absolute model directory, or 'default' (or null): the small Llama shipped with LLMOS "
-                     "(4.2M parameters, drivers/models/default)")
+DEFAULT_MODEL_DOC = ("an absolute model directory, the name of a model in the store (<name>, /models/<name> or "
+                     "store:/models/<name>: see llmos model import), or 'default' (or null): the small Llama shipped "
+                     "with LLMOS (4.2M parameters, drivers/models/default)")
 MODEL = Field("model", "str", DEFAULT_MODEL_DOC, nullable=True, max_len=4096)
 MODEL_DESCRIPTION = (
-    Field("model", "str", "resolved model directory"),
+    Field("model", "str", "the resolved model: a directory, or store:/models/<name> for a model in the store"),
     Field("loaded", "bool"),
     Field("device", "str", "cpu or cuda:N", nullable=True),
     Field("instances", "int", nullable=True),

@@ -57,11 +57,11 @@ def progress_bar(what: str, unit: str = "bytes") -> Iterator[Any]:
 # -- models -------------------------------------------------------------------------------------------------
 def format_models(rows: list[dict[str, Any]]) -> str:
     """The ``llmos model ls`` table: name, size, files, owner, mtime (an unfinished import is marked)."""
-    lines = [f"{'NAME':<32} {'SIZE':>10} {'FILES':>5} {'OWNER':<12} {'MODIFIED':<16}"]
+    lines = [f"{'NAME':<32} {'SIZE':>10} {'FILES':>5} {'OWNER':<12} MODIFIED"]
     for r in rows:
         mark = "" if r["complete"] else "  (incomplete import)"
         lines.append(f"{r['name'][:32]:<32} {_size(r['size']):>10} {r['files']:>5} {r['owner'][:12]:<12} "
-                     f"{_when(r['mtime']):<16}{mark}")
+                     f"{_when(r['mtime'])}{mark}")
     return "\n".join(lines)
 
 
@@ -77,8 +77,10 @@ def cmd_model_import(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(row))
     else:
+        # 'default' alone names the shipped directory: its store copy is run by its path
+        how = row["path"] if row["name"] == "default" else row["name"]
         print(f"imported {row['name']}: {row['files']} files, {_size(row['size'])} at {row['path']} "
-              f"(run it: llmos run --model {row['name']} ...)")
+              f"(run it: llmos run --model {how} ...)")
     return 0
 
 
@@ -171,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"perplexity {report['perplexity']:.4f} of {report['model']} on {report['data']}: "
               f"{report['records']} records, {report['scored']} tokens scored, {report['nll_per_token']:.4f} nats "
-              f"per token, {report['seconds']:.1f} s ({report['tokens_per_s']:.0f} tokens/s)")
+              f"per token, {report['seconds']:.2f} s ({report['tokens_per_s']:.0f} tokens/s)")
         print(f"report: {report['path']}")
     return 0
 
