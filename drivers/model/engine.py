@@ -2,7 +2,8 @@
 
 An engine offers ``encode`` (prompt or chat messages to token ids), ``add`` (start a
 sequence), ``preempt``/``resume`` (a context switch out of and back into the batch: KV swapped
-to a bounded host swap area, or dropped and recomputed), ``append`` (a session's next turn),
+to a bounded host swap area, else spilled to the worker's area on disk (``spill.py``), else dropped and
+recomputed), ``append`` (a session's next turn),
 ``renice``, ``abort`` (end one now, keeping its output), ``has_work`` and ``step`` (advance every
 active sequence it can, returning :class:`~llmos.drivers.model.protocol.StepEvent`s). A sequence
 is *active* (in the batch) or *parked*; the engine never resumes a parked one by itself: the
@@ -88,6 +89,7 @@ class Sequence:
     parked: bool = False  # out of the batch until the kernel resumes it
     swap: Any = None  # its KV in the engine's host swap area (engine-specific), covering ``computed`` tokens
     swap_blocks: int = 0  # swap-area blocks that holds
+    spilled: int = 0  # or: its KV's blocks in the engine's spill area on disk (spill.py), covering ``computed``
     capture: Any = None  # its captured intermediates (capture.SequenceCapture), when it asked for them
 
     @property
@@ -118,16 +120,23 @@ class BaseEngine(MemoryContract):
 
     Subclasses implement ``_step`` (one step over the active sequences, recording prompt tokens computed
     with :meth:`_prefilled`) and, when they hold KV tensors themselves, ``_swap_out``/``_swap_in``.
+
+    Spill options (``can_spill`` engines): ``spill_dir`` the spill area's directory (None: no spill area; the
+    worker gives ``$LLMOS_HOME/store/spill/<pid>``), ``spill_bytes`` its bound in bytes (default 8 GiB; 0: no
+    spill area), ``spill_below_bytes`` the host memory available below which the host swap area is passed
+    over (default: a tenth of RAM or 1 GiB, whichever is smaller). :meth:`close` removes the area.
     """
 
     kind = "base"
+    can_spill = False  # its KV lies in pool blocks it can write to the spill area and read back (_spill_out/_in)
     capture_kinds: tuple[str, ...] = ()  # what its sequences may capture (capture.py)
 
     def __init__(self, model: Any, tokenizer: Any, device: torch.device, name: str = "model",
                  block_size: int = BLOCK_SIZE, num_blocks: int | None = None, max_batch: int | None = None,
                  kv_policy: str = "static", max_blocks: int | None = None, user_cap_blocks: int | None = None,
                  user_caps: dict[str, int] | None = None, max_tokens_per_step: int = DEFAULT_TOKENS_PER_STEP,
-                 swap_blocks: int | None = None, measure: bool = True) -> None:
+                 swap_blocks: int | None = None, measure: bool = True, spill_dir: str | Path | None = None,
+                 spill_bytes: int | None = None, spill_below_bytes: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -166,6 +175,13 @@ class BaseEngine(MemoryContract):
         if self.swap_total < 0:
             raise InvalidArgument(f"swap_blocks must be at least 0, got {swap_blocks}")
         self.swap_used = 0
+        # the second tier (spill.py): engines that can write their blocks to disk, when the worker gives a place
+        self.spill = None
+        if spill_dir is not None and self.can_spill and (spill_bytes is None or spill_bytes > 0):
+            from llmos.drivers.model.spill import DEFAULT_SPILL_BYTES, SpillArea
+
+            self.spill = SpillArea(spill_dir, block_size * self.kv_token_bytes,
+                                   DEFAULT_SPILL_BYTES if spill_bytes is None else int(spill_bytes), spill_below_bytes)
         self.swaps_out = 0
         self.swaps_in = 0
         self.recomputed_tokens = 0
@@ -250,6 +266,8 @@ class BaseEngine(MemoryContract):
             "kv_policy": self.kv_policy,
             "kv_max_blocks": self.max_blocks - 1,
             "swap_blocks": self.swap_total,
+            "spill_bytes": self.spill.budget_bytes if self.spill is not None else 0,
+            "spill_below_bytes": self.spill.below_bytes if self.spill is not None else 0,
             "swap_bytes_per_s": self.swap_bytes_per_s,
             "prefill_tokens_per_s": self.load_prefill_tokens_per_s,
             "layers": self.shape.layers,
@@ -266,7 +284,14 @@ class BaseEngine(MemoryContract):
                 "kv_per_user": u.per_user, "steps": self.steps, "step_yields": self.yields, "preemptions": self.preemptions,
                 "kv_policy": self.kv_policy, "swap_used": self.swap_used, "swap_total": self.swap_total,
                 "swaps_out": self.swaps_out, "swaps_in": self.swaps_in, "recomputed_tokens": self.recomputed_tokens,
-                "prefill_tokens_per_s": self.prefill_tokens_per_s}
+                "prefill_tokens_per_s": self.prefill_tokens_per_s,
+                **(self.spill.stats() if self.spill is not None else
+                   {"spills": 0, "spilled_blocks": 0, "spill_bytes_used": 0, "spill_failures": 0})}
+
+    def close(self) -> None:
+        """Release what the engine holds outside its process's memory: its spill area's files. Idempotent."""
+        if self.spill is not None:
+            self.spill.close()
 
     # -- input -----------------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
@@ -363,10 +388,11 @@ class BaseEngine(MemoryContract):
     def preempt(self, pid: int, mode: str = "swap") -> StepEvent | None:
         """Take a sequence (active or parked) out of the batch and its KV out of the pool; None for an unknown pid.
 
-        ``swap`` copies the KV of its computed tokens to the host swap area (``recompute`` instead when the
-        area lacks room); ``recompute`` drops it (computed = 0). The event's ``preempted`` is the mode used
-        (``none`` when its KV had already left the pool), ``recomputed`` the tokens a resume recomputes.
-        InvalidArgument for a mode not in PREEMPT_MODES."""
+        ``swap`` copies the KV of its computed tokens to the host swap area, or to the spill area on disk when
+        the host area lacks room or host memory is short, else drops it as ``recompute`` does (computed = 0).
+        The event's ``preempted`` is the mode used (``swap`` for a spill too; ``none`` when its KV had already
+        left the pool), ``recomputed`` the tokens a resume recomputes. InvalidArgument for a mode not in
+        PREEMPT_MODES."""
         if mode not in PREEMPT_MODES:
             raise InvalidArgument(f"unknown preemption mode {quote(str(mode))}: swap or recompute")
         seq = self.seqs.get(pid)
@@ -381,16 +407,25 @@ class BaseEngine(MemoryContract):
         return self._evict(seq, mode)
 
     def _evict(self, seq: Sequence, mode: str) -> StepEvent:
-        """Move ``seq``'s KV out of the pool (swap, or drop when asked or when the swap area lacks room)."""
+        """Move ``seq``'s KV out of the pool. ``swap``: to the host swap area if it has room and host memory is
+        not short (``spill_below_bytes``), else to the spill area, else (or for ``recompute``) drop it. A spill
+        is a ``swap`` to the kernel: the KV is kept."""
         need = blocks_for(seq.computed, self.pool.block_size)
-        if mode == "swap" and seq.computed and self.swap_used + need <= self.swap_total:
-            seq.swap = self._swap_out(seq)
-            seq.swap_blocks = need
-            self.swap_used += need
-            self.swaps_out += 1
-            self.pool.free(seq.pid)
-            seq.cache = None
-            return StepEvent(seq.pid, preempted="swap")
+        if mode == "swap" and seq.computed:
+            short = self.spill is not None and self.spill.host_short()
+            if not short and self.swap_used + need <= self.swap_total:
+                seq.swap = self._swap_out(seq)
+                seq.swap_blocks = need
+                self.swap_used += need
+            elif self.spill is not None and self.spill.write(seq.pid, need, self._spill_rows(seq)):
+                seq.spilled = need
+            else:
+                need = 0
+            if need:
+                self.swaps_out += 1
+                self.pool.free(seq.pid)
+                seq.cache = None
+                return StepEvent(seq.pid, preempted="swap")
         dropped = seq.computed
         self.pool.free(seq.pid)
         seq.computed = 0
@@ -448,6 +483,12 @@ class BaseEngine(MemoryContract):
     def _truncate_kv(self, seq: Sequence, tokens: int) -> None:
         """Keep the KV of the first ``tokens`` tokens only, wherever it is."""
         keep = blocks_for(tokens, self.pool.block_size)
+        if seq.spilled and tokens < seq.computed:
+            if tokens == 0:
+                self._drop_swap(seq)
+            else:
+                self.spill.drop(seq.pid, keep)
+                seq.spilled = min(seq.spilled, keep)
         if seq.swap is not None and tokens < seq.computed:
             if tokens == 0:
                 self._drop_swap(seq)
@@ -460,8 +501,12 @@ class BaseEngine(MemoryContract):
             self._cache_truncate(seq, tokens)
 
     def _drop_swap(self, seq: Sequence) -> None:
+        """Forget ``seq``'s swapped-out KV, in the host area or the spill area."""
         self.swap_used -= seq.swap_blocks
         seq.swap, seq.swap_blocks = None, 0
+        if seq.spilled:
+            self.spill.drop(seq.pid)
+            seq.spilled = 0
 
     def abort(self, pid: int) -> StepEvent | None:
         """End a sequence now (signal TERM): keep and flush what it generated, free its pool and swap blocks."""

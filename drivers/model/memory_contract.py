@@ -1,9 +1,11 @@
-"""The memory contract every engine keeps, and the swap area's hooks (mixed into ``BaseEngine``).
+"""The memory contract every engine keeps, and the swap and spill areas' hooks (mixed into ``BaseEngine``).
 
 A sequence that can never fit ends with ENOMEM; otherwise, while the pool (or its user's cap) is
 short, idle sessions give way first (swapped out), then the last-ranked active sequence, which is
 parked and reported to the kernel as a preemption event. Engines that hold KV tensors implement the
-swap hooks (copy a sequence's blocks out to host memory and back).
+swap hooks (copy a sequence's blocks out to host memory and back); those whose KV lies in pool blocks
+also the spill hooks (write a sequence's blocks to the worker's spill area on disk and read them back,
+``spill.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ class MemoryContract:
         """The swap handle cut to its first ``blocks`` blocks (``tokens`` tokens)."""
         raise NotImplementedError
 
+    def _spill_rows(self, seq: Sequence) -> Any:
+        """``rows(lo, hi)`` for SpillArea.write: ``seq``'s pool blocks lo..hi-1 as bytes-like values of the area's
+        ``block_bytes`` (engines with ``can_spill``)."""
+        raise NotImplementedError
+
+    def _spill_in(self, seq: Sequence) -> bool:
+        """Read ``seq``'s spilled blocks back into its (newly allocated) pool blocks; False when they cannot be read."""
+        raise NotImplementedError
+
     def _cache_truncate(self, seq: Sequence, tokens: int) -> None:
         """Engines with a per-sequence cache object cut it to ``tokens`` tokens."""
 
@@ -54,14 +65,13 @@ class MemoryContract:
     def _make_room(self, seq: Sequence, tokens: int, keep: set[int], active_victims: bool = True) -> StepEvent | bool:
         """Give ``seq`` blocks for ``tokens`` slots, the memory contract every engine keeps.
 
-        A sequence that can never fit ends with ENOMEM (the event is returned). Otherwise, while the
-        pool (or the user's cap) is short, a holder of blocks not in ``keep`` (already run this step)
-        gives way: parked ones first (idle sessions: their KV is swapped out), then, when
-        ``active_victims``, the active one that ranks last (lowest priority, then newest). The victim is
-        parked (KV swapped out if the swap area has room, else dropped) and its event, ``preempted`` set,
-        joins this step's events: the kernel resumes it later. At its user's cap only that user's
-        sequences give way. True when ``seq`` has its blocks; False when it must wait (it was the one
-        preempted, or nobody could give way).
+        A sequence that can never fit ends with ENOMEM (the event is returned). Otherwise, while the pool (or the
+        user's cap) is short, a holder of blocks not in ``keep`` (already run this step) gives way: parked ones
+        first (idle sessions: their KV is swapped out), then, when ``active_victims``, the active one that ranks
+        last (lowest priority, then newest). The victim is parked (KV swapped out to the host area or the spill area
+        if either has room, else dropped) and its event, ``preempted`` set, joins this step's events: the kernel
+        resumes it later. At its user's cap only that user's sequences give way. True when ``seq`` has its blocks;
+        False when it must wait (it was the one preempted, or nobody could give way).
         """
         failed = self._never_fits(seq, tokens)
         if failed is not None:
@@ -80,7 +90,8 @@ class MemoryContract:
         return True
 
     def _force_preempt(self, seq: Sequence) -> None:
-        """Park ``seq`` under memory pressure (swap if the area has room), reporting it in this step's events."""
+        """Park ``seq`` under memory pressure (swap or spill if an area has room), reporting it in this step's
+        events."""
         if not seq.parked:
             seq.preemptions += 1
             self.preemptions += 1
@@ -106,6 +117,13 @@ class MemoryContract:
             self._swap_in(seq)
             self._drop_swap(seq)
             self.swaps_in += 1
+        elif seq.spilled:
+            if self._spill_in(seq):
+                self.swaps_in += 1
+            else:  # unreadable (an I/O error): recomputed from the start in the blocks it now holds, never an error
+                self.recomputed_tokens += seq.computed
+                seq.computed = 0
+            self._drop_swap(seq)
         return True
 
     def _grow(self) -> bool:

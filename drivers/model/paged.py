@@ -68,6 +68,7 @@ class StepYielded(Exception):
 
 class PagedEngine(BaseEngine):
     kind = "paged"
+    can_spill = True
     capture_kinds = CAPTURE_KINDS
     # set by the worker: floor -> True when an op waits that brings a sequence of priority below floor
     urgent_waiting = None
@@ -118,6 +119,29 @@ class PagedEngine(BaseEngine):
     def _swap_truncate(self, swap: list, blocks: int, tokens: int) -> list:
         # slots past ``tokens`` in the last block are overwritten before they are read
         return [(k[:blocks].clone(), v[:blocks].clone()) for k, v in swap]
+
+    # -- the spill area (spill.py): one value per block, keys then values of layer 0, then layer 1... ----------
+    def _spill_rows(self, seq: Sequence):
+        table = self.pool.tables[seq.pid]
+
+        def rows(lo: int, hi: int) -> list[memoryview]:
+            per_layer = self._copy_out(table[lo:hi])  # L x (k, v), each [hi - lo, row] on the host
+            # [blocks, 2L, row] as bytes: row i is block lo + i, the layout SpillArea stores
+            flat = torch.stack([t for kv in per_layer for t in kv], dim=1).view(torch.uint8).numpy()
+            return [memoryview(flat[i]).cast("B") for i in range(hi - lo)]
+
+        return rows
+
+    def _spill_in(self, seq: Sequence) -> bool:
+        table = self.pool.tables[seq.pid]
+        dtype, row = self.k_cache[0].dtype, self.k_cache[0].shape[1]
+
+        def into(lo: int, values: list[memoryview]) -> None:
+            n = len(values)
+            flat = torch.frombuffer(bytearray(b"".join(values)), dtype=torch.uint8).view(dtype).view(n, -1, row)
+            self._copy_in(table[lo:lo + n], [(flat[:, 2 * i], flat[:, 2 * i + 1]) for i in range(len(self.layers))])
+
+        return self.spill.read(seq.pid, into)
 
     def _measure_swap(self) -> float:
         """Bytes per second through the real swap path: a few MB of blocks copied out and back."""
@@ -263,6 +287,8 @@ class PagedEngine(BaseEngine):
             room = self._make_room(seq, seq.computed + 1, planned)
             if isinstance(room, StepEvent):
                 events.append(room)
+            elif room and len(seq.tokens) - seq.computed != 1:
+                continue  # its spilled KV could not be read back: a prompt again, recomputed below
             elif room:
                 plan.append((seq, seq.computed, 1))
                 planned.add(seq.pid)

@@ -95,7 +95,7 @@ class Worker:
             t0 = time.time()
             # a model in the store (store:/models/<name>) is mapped from $LLMOS_HOME/store, opened read-only here
             load = from_store.load_engine if from_store.ref_name(self.model_path) else load_engine
-            self.engine = load(self.model_path, self.device, **self.options)
+            self.engine = load(self.model_path, self.device, **{**self.options, "spill_dir": self._spill_dir()})
             self.engine.urgent_waiting = self._urgent_waiting  # the paged engine's steps yield to urgent arrivals
             info = self.engine.info()
             info["load_s"] = time.time() - t0
@@ -114,6 +114,7 @@ class Worker:
             return self._step_loop()
         finally:
             self.running = False
+            self.engine.close()  # its spill area's files
             self.encoder.shutdown(wait=True, cancel_futures=True)
             for sock in self._encoder_socks:  # their threads have ended
                 sock.close(linger=0)
@@ -123,6 +124,17 @@ class Worker:
                 pass  # the pipe is full: the socket thread is stuck on the kernel; exiting ends it
             self.io.join(5)
             self.pipe.close(linger=0)
+
+    @staticmethod
+    def _spill_dir() -> str:
+        """This worker's spill area, ``$LLMOS_HOME/store/spill/<pid>`` (created at the first spill), after removing
+        those of dead workers (one killed with -9 could not remove its own)."""
+        from llmos.drivers.model.spill import remove_stale, spill_root
+        from llmos.syscalls.address import llmos_home
+
+        root = spill_root(llmos_home())
+        remove_stale(root)
+        return str(root / str(os.getpid()))
 
     def _step_loop(self) -> int:
         """Step while something can run; otherwise block on the inbox (up to a heartbeat), never spin.
@@ -373,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--device", default=None)
     ap.add_argument("--options", default="{}", help="engine options as JSON (engine, max_batch, block_size, "
-                                                   "num_blocks, max_tokens_per_step)")
+                                                   "num_blocks, max_tokens_per_step, spill_bytes, "
+                                                   "spill_below_bytes)")
     args = ap.parse_args(argv)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal belongs to the kernel/client
