@@ -381,7 +381,9 @@ class Executor(Actor):
                 "preemptions": s.get("preemptions", 0), "parked": s.get("parked", 0),
                 "swap_used": s.get("swap_used", 0), "swap_total": s.get("swap_total", self.info.get("swap_blocks", 0)),
                 "swaps_out": s.get("swaps_out", 0), "swaps_in": s.get("swaps_in", 0),
-                "recomputed_tokens": s.get("recomputed_tokens", 0)}
+                "recomputed_tokens": s.get("recomputed_tokens", 0), "spills": s.get("spills", 0),
+                "spilled_blocks": s.get("spilled_blocks", 0), "spill_bytes_used": s.get("spill_bytes_used", 0),
+                "spill_failures": s.get("spill_failures", 0)}
 
 
 def _tail(path: Path, limit: int = 400) -> str:

@@ -168,7 +168,8 @@ class Handlers:
                 "num_blocks": args["kv_blocks"] + 1 if args["kv_blocks"] else None,
                 "max_blocks": args["kv_max_blocks"] + 1 if args["kv_max_blocks"] else None,
                 "user_cap_blocks": args["user_cap_blocks"], "max_batch": args["max_batch"],
-                "keep_alive": args["keep_alive"], "engine": args["engine"]}
+                "keep_alive": args["keep_alive"], "engine": args["engine"], "spill_bytes": args["spill_bytes"],
+                "spill_below_bytes": args["spill_below_bytes"]}
         await asyncio.gather(*await self.k.models.ask(m.Load(model, opts)))
         return await self.k.models.ask(m.Describe(model))
 

@@ -139,7 +139,8 @@ class ModelManager(Actor):
     # load options a loaded model cannot change without a reload, as (request key, user-facing name)
     _FIXED = (("device", "device"), ("instances", "instances"), ("kv_policy", "kv_policy"),
               ("num_blocks", "kv_blocks"), ("max_blocks", "kv_max_blocks"), ("user_cap_blocks", "user_cap_blocks"),
-              ("max_batch", "max_batch"), ("engine", "engine"))
+              ("max_batch", "max_batch"), ("engine", "engine"), ("spill_bytes", "spill_bytes"),
+              ("spill_below_bytes", "spill_below_bytes"))
 
     def _check_same(self, entry: ModelEntry, req: dict[str, Any]) -> None:
         """EBUSY naming each option asked for that differs from how the model is loaded, and what to do."""

@@ -239,6 +239,12 @@ SYSCALLS: tuple[Syscall, ...] = (
             Field("keep_alive", "float", "seconds to stay loaded once idle; -1 pins, 0 unloads after use",
                   nullable=True, min=-1.0),
             Field("engine", "str", "auto, paged or sequential", nullable=True, choices=("auto", "paged", "sequential")),
+            Field("spill_bytes", "int", "most bytes of swapped-out KV a worker keeps on disk (its spill area in the "
+                  "store's directory) when its host swap area is full or host memory is short (default 8 GiB; 0: "
+                  "never, recompute instead)", nullable=True, min=0, max=2**50),
+            Field("spill_below_bytes", "int", "host memory available (bytes) below which swapped-out KV goes to disk "
+                  "instead of the host swap area (default: the smaller of RAM/10 and 1 GiB)", nullable=True, min=0,
+                  max=2**50),
         ),
         reply=MODEL_DESCRIPTION,
         errors=(E.ENOENT, E.ENOMEM, E.EIO, E.EINVAL),

@@ -134,7 +134,8 @@ class Append(_Message):
 @dataclass
 class Preempt(_Message):
     """Take a sequence out of the batch (a context switch out): ``swap`` copies its KV blocks to the worker's
-    host swap area (recompute when the area is full), ``recompute`` frees them; either way the pool's blocks
+    host swap area, or to its spill area on disk when that is full or host memory is short (recompute when
+    neither has room), ``recompute`` frees them; either way the pool's blocks
     are freed. A parked sequence (a session between turns) may be preempted too: its KV leaves the pool.
     The engine answers with a ``StepEvent`` whose ``preempted`` says what it did."""
 
