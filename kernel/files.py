@@ -22,7 +22,9 @@ from typing import Any, Awaitable, Callable
 from llmos.drivers.storage import UPLOAD_IDLE_S, Stat, may, normpath, ops
 from llmos.drivers.storage.layout import Inode, dir_stat
 from llmos.drivers.storage.paths import dir_prefix, key
-from llmos.syscalls.errors import DeviceError, InvalidArgument, NotFound, NotPermitted, TryAgain, quote_path
+from llmos.drivers.model.from_store import ref_name
+from llmos.kernel import messages as m
+from llmos.syscalls.errors import Busy, DeviceError, InvalidArgument, NotFound, NotPermitted, TryAgain, quote_path
 from llmos.syscalls.table import FS_PIECE
 
 Emit = Callable[[Any], Awaitable[None]]
@@ -64,11 +66,24 @@ class Files:
     def admins(self) -> frozenset[str]:
         return getattr(self.k.procman, "admins", frozenset())
 
+    async def _not_in_use(self, path: str) -> None:
+        """EBUSY for a write or removal touching the files of a store model that is loaded: its workers map its
+        weights in place (drivers/model/from_store.py), so its pages must not be freed and reused under them."""
+        if path != "/models" and not path.startswith("/models/"):
+            return
+        for model in [d["model"] for d in await self.k.models.ask(m.ListModels())]:
+            name = ref_name(model)
+            if name is not None and (path == "/models" or path == f"/models/{name}" or
+                                     path.startswith(f"/models/{name}/")):
+                raise Busy(f"model {name} is loaded and its workers read its weights in place from the store: "
+                           f"unload it first (`llmos unload {name}`), then change or remove {quote_path(path)}")
+
     # -- put ---------------------------------------------------------------------------------------------
     async def put(self, user: str, identity: bytes, args: dict) -> dict[str, Any]:
         path, data, upload, last = normpath(args["path"]), args["data"], args["upload"], args["last"]
         if upload is None:
             self._may_write(user, path)
+            await self._not_in_use(path)
             if last:
                 return {"upload": None, **wire_stat(await self.k.writer.do(ops.Put(path, data, user)))}
             self._room_for_upload(user)
@@ -267,6 +282,7 @@ class Files:
         path, recursive = normpath(args["path"]), args["recursive"]
         if path == KERNEL_LOG or path in _VIRTUAL_DIRS:
             may(user, "write", path, self.admins, "kernel")
+        await self._not_in_use(path)
         admins, store = self.admins, self.k.store
 
         def checked_remove(txn: Any) -> int:

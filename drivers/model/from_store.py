@@ -11,10 +11,11 @@ extent's limit; or a file written another way), one small enough to live inside 
 (under ~2 KiB: not aligned), and one whose dtype is not the one the model runs in (float16 weights
 for a float32 CPU model are converted, as ``from_pretrained`` does).
 
-The worker keeps one read transaction open for the model's life: the pages it maps cannot be reused
-by LMDB while it lives, so a model removed or replaced meanwhile goes on running from its old bytes.
-The price: pages the store frees while the transaction is open are not reused until the model is
-unloaded (the store's file grows by what is rewritten meanwhile).
+The worker's read transaction lasts only for the load. The mapped pages stay valid after it: LMDB never
+moves a page, and it reuses one only once the value on it is deleted or replaced, which the kernel refuses
+(EBUSY) for the files of a loaded model (kernel/files.py). So a long-lived model pins no old pages, and
+the journal's frequent commits keep reusing the store's free pages (a reader held for the model's life
+made the file grow by every page rewritten meanwhile).
 
 In the kernel, a model name resolves through the store the kernel opened (:func:`use_store`): one
 Store per process.
@@ -355,10 +356,11 @@ def load_model(model: str, device: str | None = None, home: Path | str | None = 
         if (tmp / "generation_config.json").exists():
             net.generation_config = GenerationConfig.from_pretrained(str(tmp))
         net.eval()
-        if dev.type != "cpu":  # the device holds copies: the map's pages need not stay pinned
+        if dev.type != "cpu":  # the device holds copies
             net = net.to(dev)
-            hold.txn_cm.__exit__(None, None, None)
-            hold.txn_cm = None
+        # the views stay valid without the read: the kernel never frees a loaded model's pages (EBUSY)
+        hold.txn_cm.__exit__(None, None, None)
+        hold.txn_cm = None
         net._llmos_store = hold
         return net, tokenizer, dev
     except BaseException:

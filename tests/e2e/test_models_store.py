@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llmos import LLMOS, NotFound, NotPermitted
+from llmos import LLMOS, Busy, NotFound, NotPermitted
 from llmos import store_models as sm
 from llmos.client import Client
 
@@ -77,8 +77,13 @@ def test_ls_export_and_rm_as_a_user_runs_them(kernel, client, tiny_model, stored
     assert all(sha(out / p.name) == sha(p) for p in src)  # byte-identical, every file
     again = llmos(kernel, "model", "export", stored, str(out))
     assert again.returncode == 1 and "already holds" in again.stderr and "--force" in again.stderr
-    if any(m["model"] == f"store:/models/{stored}" for m in client.models()):
-        client.model_unload(stored, force=True)  # a loaded model cannot be unloaded by a name gone from the store
+    client.model_load(stored)  # a loaded store model's files are read in place by its worker: they stay
+    busy = llmos(kernel, "model", "rm", stored)
+    assert busy.returncode == 1 and "[EBUSY]" in busy.stderr and "unload it first" in busy.stderr
+    with pytest.raises(Busy):
+        client.fs.put(f"/models/{stored}/config.json", b"{}")
+    assert client.wait(client.spawn("still runs", model=stored, max_new_tokens=2)).stats.output_tokens == 2
+    client.model_unload(stored, force=True)
     r = llmos(kernel, "model", "rm", stored)
     assert r.returncode == 0 and r.stdout.startswith(f"removed {stored} ("), r.stderr
     assert stored not in {r["name"] for r in json.loads(llmos(kernel, "model", "ls", "--json").stdout)}
