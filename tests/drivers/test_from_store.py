@@ -64,6 +64,7 @@ def test_a_store_model_is_the_model_from_pretrained_gives_with_its_weights_in_th
     try:
         ref = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
         hold = net._llmos_store
+        assert hold.txn_cm is None  # the read ended with the load: no page of the store stays pinned by it
         lo, hi = hold.stats.map_range
         assert hi > lo > 0
         big = [(n, p) for n, p in net.named_parameters() if p.nbytes >= 4096]
