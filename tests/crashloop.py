@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from tests.conftest import KernelProc, wait_for
 
 N_TOKENS = 48
+# every result is kept until the end's check: retention (which reaps unwaited ZOMBIEs by age and count, by design)
+# must not take them first
+KEEP_ALL = ["--zombie-ttl", "86400", "--max-zombies", "1000000"]
 # prompts of several lengths: the long ones are still prefilling when a kill comes right after their spawn
 PROMPTS = ["a", "the kernel", "résumé of a crash " * 4, "once upon a time " * 40, "x y z " * 120, "中文 " * 30]
 
@@ -25,12 +28,13 @@ class LoopReport:
     lost: list[int] = field(default_factory=list)
     differing: list[int] = field(default_factory=list)
     restart_s: list[float] = field(default_factory=list)
+    why: list[str] = field(default_factory=list)  # what each lost one gave
 
     def summary(self) -> str:
         mean = sum(self.restart_s) / max(1, len(self.restart_s))
         return (f"{self.iterations} kills ({', '.join(f'{k} {v}' for k, v in sorted(self.points.items()))}); "
                 f"{self.acknowledged} acknowledged spawns: {len(self.lost)} lost, {len(self.differing)} differing "
-                f"greedy outputs; restart to ready {mean:.1f} s on average")
+                f"greedy outputs; restart to ready {mean:.1f} s on average" + (f"; lost: {self.why[:5]}" if self.why else ""))
 
 
 def greedy(model: str) -> dict:
@@ -41,7 +45,7 @@ def crash_loop(model: str, iterations: int, seed: int = 0) -> LoopReport:
     """Run the loop on ``model``; returns what it saw (the caller asserts)."""
     rng = random.Random(seed)
     report = LoopReport()
-    k = KernelProc()
+    k = KernelProc(extra=KEEP_ALL)
     home = k.home
     try:
         with k.client() as c:
@@ -70,18 +74,20 @@ def crash_loop(model: str, iterations: int, seed: int = 0) -> LoopReport:
             k.crash()
             report.iterations += 1
             t = time.monotonic()
-            k = KernelProc(home=home)
+            k = KernelProc(home=home, extra=KEEP_ALL)
             report.restart_s.append(time.monotonic() - t)
         report.acknowledged = len(acked)
         with k.client() as c:
             for pid, prompt in sorted(acked.items()):
                 try:
                     r = c.wait(pid, timeout=120)
-                except Exception:
+                except Exception as exc:
                     report.lost.append(pid)
+                    report.why.append(f"{pid}: {exc!r}"[:200])
                     continue
                 if r.finish_reason != "length" or r.error is not None:
                     report.lost.append(pid)
+                    report.why.append(f"{pid}: {r.finish_reason} {r.error}"[:200])
                 elif r.token_ids != refs[prompt]:
                     report.differing.append(pid)
             fresh = c.spawn(prompt="after", **greedy(model))
