@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from benchmarks.run import ROOT, machine
+from benchmarks.storage import write_section
 
 SECTION = "## Model load"
 
@@ -155,18 +156,6 @@ def section(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, doc: Path = ROOT / "docs" / "performance.md") -> None:
-    """Replace the section of that name in ``doc`` (or append it); every other section stays as it is."""
-    old = doc.read_text() if doc.exists() else "# Performance\n"
-    if SECTION + "\n" in old:
-        start = old.index(SECTION + "\n")
-        end = old.find("\n## ", start + 1)
-        new = old[:start] + text + (old[end + 1:] if end != -1 else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    doc.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.model_load", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="default,40M", help="models: default and/or workload shapes (5M, 40M)")
@@ -197,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(rows, command)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(text, section=SECTION)
     return 0
 
 
