@@ -24,6 +24,7 @@ import asyncio
 import json
 import struct
 import sys
+import time
 from typing import Any, Callable
 
 import msgpack
@@ -34,6 +35,7 @@ _PID = struct.Struct(">Q")
 RECORD, PROMPT = b"r", b"i"
 NEXT_PID = b"next_pid"
 CHECKPOINT_S = 0.25
+ERROR_REPORT_S = 60.0  # a failing checkpoint is reported at most this often
 
 
 def _ids_to_bytes(ids: list[int]) -> bytes:
@@ -110,6 +112,7 @@ class Journal:
         self._prompt_of: dict[int, list[int]] = {}  # pid -> the prompt list last written (identity compared)
         self._timer: asyncio.TimerHandle | None = None
         self._last: Any = None  # the last write submitted (the Writer commits in order)
+        self._reported = -ERROR_REPORT_S  # when a failed checkpoint was last reported (monotonic)
         self.next_pid = 1
         self.stats = {"checkpoints": 0, "records": 0, "bytes": 0, "spawns": 0}
 
@@ -233,12 +236,29 @@ class Journal:
             return self._last if self._last is not None and not self._last.done() else None
         self.stats["checkpoints"] += 1
         fut = self._last = self.writer.submit(self._op(self._puts(procs), gone))
-        fut.add_done_callback(self._checked)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a shutdown's last flush): nothing to retry with
+            return fut
+        pids = [p.pid for p in procs]
+        # the Writer's thread completes the future: the journal's state is touched back on the loop only
+        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._checked, f, pids, gone))
         return fut
 
-    def _checked(self, fut: Any) -> None:
+    def _checked(self, fut: Any, pids: list[int], gone: list[int]) -> None:
+        """A checkpoint that failed (a full disk: ENOSPC) is tried again at the next one (its records marked dirty
+        again, its deletions kept), and reported at most once a minute."""
         exc = fut.exception()
-        if exc is not None:
+        if exc is None:
+            return
+        self.stats["failed"] = self.stats.get("failed", 0) + 1
+        self._dirty.update(p for p in pids if p not in self._reaped)
+        self._reaped.update(gone)
+        for pid in pids:
+            self._prompt_of.pop(pid, None)  # its prompt may not have been written either
+        self._arm()
+        if time.monotonic() - self._reported >= ERROR_REPORT_S:
+            self._reported = time.monotonic()
             self.on_error(exc)
 
     def _arm(self, soon: bool = False) -> None:

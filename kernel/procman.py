@@ -71,7 +71,8 @@ class ProcessManager(SessionsMixin, RecoveryMixin, Actor):
             u.max_kv_blocks is not None for u in self.quotas.users.values())
         if journal is not None:
             journal.procs = self._lookup
-            journal.on_error = lambda exc: self.log.error("journal_write_failed", error=str(exc))
+            journal.on_error = lambda exc: self.log.error("journal_write_failed", error=str(exc),
+                                                          failures=journal.stats.get("failed", 0))
             self._restore(*journal.load())
 
     def start(self) -> "ProcessManager":

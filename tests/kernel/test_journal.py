@@ -216,3 +216,33 @@ def test_proc_files_are_the_committed_record_as_json_and_the_result_appears_once
         assert j.proc_file(pid + 1, "record") is None and j.proc_list(pid + 1) == []
         await pm.stop()
     asyncio.run(main())
+
+
+def test_a_checkpoint_the_disk_refuses_is_written_at_a_later_one_and_reported_once(engine, store):
+    async def main():
+        pm = new_pm(store)
+        ex = InlineExecutor(engine, 4)
+        await pm.ask(m.ExecutorReady(ex.id, ex, ex.info))
+        pid = await spawn(pm, ex, [1, 2], {**GREEDY, "max_new_tokens": 2})
+        real = pm.journal.writer
+        errors = []
+        pm.journal.on_error = errors.append
+
+        def full_disk(op):
+            f = concurrent.futures.Future()
+            f.set_exception(NoSpace("no space left on the store's disk"))
+            return f
+        pm.journal.writer = type("W", (), {"submit": staticmethod(full_disk)})()
+        await run_to_end(pm, ex, [pid])  # its end (and tokens) cannot be committed
+        for _ in range(3):
+            await asyncio.sleep(0.03)  # checkpoints come and fail
+        assert len(errors) == 1 and pm.journal.stats["failed"] >= 2
+        pm.journal.writer = real  # space again
+        await asyncio.sleep(0.05)
+        await checkpoint(pm)
+        assert pm.journal.proc_list(pid)[-1] == "result"
+        await pm.stop()
+        pm2 = new_pm(store)
+        assert pm2.table.get(pid).state is State.ZOMBIE and len(pm2.table.get(pid).token_ids) == 2
+        await pm2.stop()
+    asyncio.run(main())
