@@ -72,7 +72,7 @@ def _zombie(pid: int) -> bool:
 
 
 def test_a_kill_minus_9_loop_at_random_points_loses_no_acknowledged_spawn(tiny_model):
-    report = crash_loop(tiny_model, iterations=3, seed=1)
+    report = crash_loop(tiny_model, iterations=2, seed=1)  # 100 in the soak step (tests/soak/test_crash_soak.py)
     print(report.summary())
-    assert report.iterations == 3 and report.acknowledged > 0
+    assert report.iterations == 2 and report.acknowledged > 0
     assert report.lost == [] and report.differing == [], report.summary()
