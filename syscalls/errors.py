@@ -26,6 +26,7 @@ class Errno(IntEnum):
     EAGAIN = 11  # try again: a resource is temporarily unavailable (the client's reply buffer is full)
     ENOMEM = 12  # out of memory (KV blocks, host budget)
     EBUSY = 16  # the target is busy (a kernel already owns the address)
+    EEXIST = 17  # the target exists (a rename without replace onto a taken path)
     EINVAL = 22  # invalid argument: wrong type, out of range, unknown field
     ENOSPC = 28  # no space left on the device that holds the store
     EPIPE = 32  # the peer went away: the kernel stopped while a call was pending
@@ -51,6 +52,7 @@ MEANING: dict[Errno, str] = {
     Errno.ENOMEM: "out of memory: KV blocks or the host memory budget, even after evicting idle models",
     Errno.EBUSY: "busy: the model is loaded with other options or has live processes, the run queue is full, or a "
                  "session is generating a reply; the message says what to do",
+    Errno.EEXIST: "the target exists: a move (fs_rename) onto a taken path without `replace`",
     Errno.EINVAL: "invalid argument: wrong type, out of range, too long, unknown field; the message names the field",
     Errno.ENOSPC: "no space left on the device that holds the store ($LLMOS_HOME/store): the write was not made; "
                   "what was committed before is intact",
@@ -172,6 +174,12 @@ class Busy(LLMOSError):
     errno_default = Errno.EBUSY
 
 
+class Exists(LLMOSError):
+    """Raised when the target already exists and the call was not told to replace it (fs_rename)."""
+
+    errno_default = Errno.EEXIST
+
+
 class InvalidArgument(LLMOSError):
     """Raised by the kernel for a request whose fields have the wrong type, range or name."""
 
@@ -195,6 +203,20 @@ class KernelGone(LLMOSError):
     """
 
     errno_default = Errno.EPIPE
+
+
+class KernelRestarted(KernelGone):
+    """Raised on the client for a call pending on a kernel that was replaced by a new one (killed, restarted).
+
+    A subclass of KernelGone (errno EPIPE): the kernel the call went to is gone. ``pids``: the processes the
+    pending calls were about (``wait``, ``stream``...); they survive a restart (the journal keeps them), so
+    ``wait``/``stream`` them again. By then the client has said hello to the new kernel: its identity is kept.
+    Client-side only: never sent by a kernel.
+    """
+
+    def __init__(self, message: str, errno: Errno | int | None = None, pids: tuple[int, ...] = ()) -> None:
+        super().__init__(message, errno)
+        self.pids = tuple(pids)
 
 
 class NoSuchSyscall(LLMOSError):
@@ -237,7 +259,7 @@ _BY_ERRNO: dict[Errno, type[LLMOSError]] = {
     cls.errno_default: cls
     for cls in (
         NotPermitted, NotFound, NoSuchProcess, DeviceError, TooBig, TryAgain, QuotaExceeded, OutOfMemory, Busy,
-        InvalidArgument, NoSpace, KernelGone, NoSuchSyscall, ProtocolError, FrameTooLarge, Cancelled,
+        Exists, InvalidArgument, NoSpace, KernelGone, NoSuchSyscall, ProtocolError, FrameTooLarge, Cancelled,
         TimedOut, KernelUnavailable,
     )
 }

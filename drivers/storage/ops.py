@@ -14,8 +14,8 @@ import lmdb
 
 from llmos.drivers.storage import inodes, uploads
 from llmos.drivers.storage.layout import CHUNK, Stat
-from llmos.drivers.storage.paths import dir_prefix, normpath
-from llmos.syscalls.errors import InvalidArgument, NotFound, quote, quote_path
+from llmos.drivers.storage.paths import dir_prefix, key, normpath
+from llmos.syscalls.errors import Exists, InvalidArgument, NotFound, quote, quote_path
 
 
 @dataclass
@@ -34,6 +34,19 @@ class Remove:
 
     path: str
     recursive: bool = False
+
+
+@dataclass
+class Rename:
+    """Move the file ``src``, or every file under ``src/``, to ``dst`` (``src/a/b`` -> ``dst/a/b``) in one
+    transaction, by re-keying the inode records (no data is copied; owners and mtimes stay) -> files moved.
+    What ``dst`` holds (a file, or files under ``dst/``) is removed first and its data freed when
+    ``replace``, else EEXIST. ENOENT if ``src`` holds nothing; EINVAL when one path is inside the other, or
+    ``dst`` cannot be placed (a file as its ancestor)."""
+
+    src: str
+    dst: str
+    replace: bool = False
 
 
 @dataclass
@@ -82,7 +95,7 @@ class Flush:
     """Nothing; resolves once everything submitted before it is committed -> None."""
 
 
-Op = Put | Remove | Begin | Append | Commit | Abort | Call | Flush
+Op = Put | Remove | Rename | Begin | Append | Commit | Abort | Call | Flush
 
 
 def size_of(op: Op) -> int:
@@ -128,6 +141,44 @@ def _remove(op: Remove, txn: lmdb.Transaction, store) -> int:
     return removed
 
 
+def tree(txn: lmdb.Transaction, store, path: str) -> list[tuple[str, inodes.Inode]]:
+    """The file at ``path`` (if any) and every file under ``path/``, in key order, with their inodes."""
+    found = []
+    inode = inodes.lookup(txn, store, path) if path != "/" else None
+    if inode is not None:
+        found.append((path, inode))
+    prefix = dir_prefix(path)
+    with txn.cursor(db=store.db("meta")) as cur:
+        ok = cur.set_range(prefix)
+        while ok and bytes(cur.key()).startswith(prefix):
+            found.append((bytes(cur.key()).decode(), inodes.Inode.unpack(cur.value())))
+            ok = cur.next()
+    return found
+
+
+def _rename(op: Rename, txn: lmdb.Transaction, store) -> int:
+    src, dst = normpath(op.src), normpath(op.dst)
+    if src == "/" or dst == "/" or src == dst or dst.startswith(dir_prefix(src).decode()) or \
+            src.startswith(dir_prefix(dst).decode()):
+        raise InvalidArgument(f"cannot move {quote_path(src)} to {quote_path(dst)}: one is the other or inside it")
+    moving = tree(txn, store, src)
+    if not moving:
+        raise NotFound(f"no such file or directory: {quote_path(src)}")
+    there = tree(txn, store, dst)
+    if there and not op.replace:
+        raise Exists(f"{quote_path(dst)} exists: move with replace=True to replace it")
+    for name, inode in there:
+        inodes.unlink(txn, store, name, inode)
+    meta = store.db("meta")
+    for name, inode in moving:
+        txn.delete(key(name), db=meta)
+    for name, inode in moving:
+        new = dst + name[len(src):]
+        inodes.check_placeable(txn, store, new)
+        txn.put(key(new), inode.pack(), db=meta)
+    return len(moving)
+
+
 def _call(op: Call, txn: lmdb.Transaction, store) -> Any:
     return op.fn(txn)
 
@@ -143,7 +194,7 @@ def _bytes(data: Any) -> bytes | bytearray | memoryview:
 
 
 _APPLY: dict[type, Callable[[Any, lmdb.Transaction, Any], Any]] = {
-    Put: _put, Remove: _remove, Call: _call, Flush: _flush,
+    Put: _put, Remove: _remove, Rename: _rename, Call: _call, Flush: _flush,
     Begin: uploads.begin, Append: uploads.append, Commit: uploads.commit, Abort: uploads.abort,
 }
 
