@@ -212,6 +212,9 @@ class Handlers:
     async def sys_fs_remove(self, caller: Caller, args: dict, emit: Emit) -> dict:
         return await self.files.remove(caller.user, args)
 
+    async def sys_fs_rename(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await self.files.rename(caller.user, args)
+
     async def sys_fs_stat(self, caller: Caller, args: dict, emit: Emit) -> dict:
         return await self.files.stat(caller.user, args)
 

@@ -427,6 +427,26 @@ SYSCALLS = SYSCALLS + (
     ),
 )
 
+# -- moving in the namespace (issue 9): what makes an import atomic ------------------------------------------
+SYSCALLS = SYSCALLS + (
+    Syscall(
+        37, "fs_rename", "Move a file, or a directory and everything under it, to another path in one transaction "
+        "(no data is copied; owners and mtimes stay): readers see the old tree or the new one, never a mix. What "
+        "`dst` holds is removed first (its data freed) when `replace`, else EEXIST. Who may: whoever may remove "
+        "every file under `src` and write `dst` (" + FS_RULES + "); in /data, replacing needs every file under "
+        "`dst` to be the caller's (or the caller to be the admin). EBUSY while either path holds a loaded store "
+        "model.",
+        request=(
+            Field("src", "str", "the file or directory to move (a path as in fs_put)", max_len=FS_PATH_MAX),
+            Field("dst", "str", "where it goes: `src/a/b` becomes `dst/a/b`", max_len=FS_PATH_MAX),
+            Field("replace", "bool", "remove what `dst` holds first (false: EEXIST when it holds something)",
+                  default=False),
+        ),
+        reply=(Field("src", "str"), Field("dst", "str"), Field("moved", "int", "files moved")),
+        errors=(E.ENOENT, E.EEXIST, E.EPERM, E.EINVAL, E.EBUSY, E.ENOSPC, E.EIO),
+    ),
+)
+
 # -- evaluation (issue 9): what a model makes of a text ------------------------------------------------------
 SCORE_TOKENS_MAX = 1_000_000  # tokens one score takes: its reply (ids and log-probabilities) fits one frame
 
