@@ -282,6 +282,7 @@ class Files:
         path, recursive = normpath(args["path"]), args["recursive"]
         if path == KERNEL_LOG or path in _VIRTUAL_DIRS:
             may(user, "write", path, self.admins, "kernel")
+        self._may_remove(user, path)  # EPERM before EBUSY: a loaded model is nobody's business but the admin's
         await self._not_in_use(path)
         admins, store = self.admins, self.k.store
 
@@ -302,6 +303,35 @@ class Files:
 
         removed = await self.k.writer.do(ops.Call(checked_remove))
         return {"path": path, "removed": removed}
+
+    async def rename(self, user: str, args: dict) -> dict[str, Any]:
+        src, dst, replace = normpath(args["src"]), normpath(args["dst"]), args["replace"]
+        for path in (src, dst):
+            if path == KERNEL_LOG or path in _VIRTUAL_DIRS:
+                may(user, "write", path, self.admins, "kernel")
+        self._may_remove(user, src)
+        self._may_write(user, dst)
+        await self._not_in_use(src)
+        await self._not_in_use(dst)
+        admins, store = self.admins, self.k.store
+
+        def checked_rename(txn: Any) -> int:
+            # the checks and the move in one transaction: every file that goes away (under src, and under dst
+            # when replaced) must be removable by the caller, and every new path writable (/data is sticky)
+            for name, inode in ops.tree(txn, store, src):
+                may(user, "remove", name, admins, inode.owner)
+                may(user, "write", dst + name[len(src):], admins, None)
+            if replace:
+                for name, inode in ops.tree(txn, store, dst):
+                    may(user, "remove", name, admins, inode.owner)
+            return ops.apply(ops.Rename(src, dst, replace), txn, store)
+
+        moved = await self.k.writer.do(ops.Call(checked_rename))
+        return {"src": src, "dst": dst, "moved": moved}
+
+    def _may_remove(self, user: str, path: str) -> None:
+        existing = self._inode(path)
+        may(user, "remove", path, self.admins, existing.owner if existing is not None else None)
 
     # -- dmesg -------------------------------------------------------------------------------------------
     async def dmesg(self, args: dict, emit: Emit, backlog: Callable[[], int] = lambda: 0) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import pytest
 from llmos.drivers.storage import FS, UPLOAD_IDLE_S, Store, Writer, ops, store_dir
 from llmos.kernel.files import BACKLOG_BYTES, MAX_UPLOADS_PER_USER, PIECE, Files
 from llmos.kernel.log import LogRing
-from llmos.syscalls.errors import DeviceError, InvalidArgument, NotFound, NotPermitted, TryAgain
+from llmos.syscalls.errors import Busy, DeviceError, Exists, InvalidArgument, NotFound, NotPermitted, TryAgain
 from llmos.syscalls.schema import validate
 from llmos.syscalls.table import BY_NAME
 
@@ -43,13 +43,23 @@ class Journal:
         return sorted(self.files.get(pid, {}))
 
 
+class Models:
+    """What the models actor answers ListModels with: the loaded models (store ones as store:/models/<name>)."""
+
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+
+    async def ask(self, msg) -> list[dict]:
+        return [{"model": name} for name in self.loaded]
+
+
 @pytest.fixture
 def kernel():
     home = Path(tempfile.mkdtemp(prefix="llmos-files-test-"))
     store = Store(store_dir(home), map_size=8 << 20).open()
     writer = Writer(store).start()
     k = SimpleNamespace(store=store, writer=writer, fs=FS(store), procman=SimpleNamespace(admins=frozenset({"root"})),
-                        logring=LogRing(store, writer), journal=None)
+                        logring=LogRing(store, writer), journal=None, models=Models())
     yield k
     writer.stop()
     store.close()
@@ -248,3 +258,63 @@ def test_proc_files_come_from_the_journal_and_only_the_owner_and_the_admin_read_
         get(f, "bob", "/proc/7/tokens")
     with pytest.raises(NotFound):
         run(f.list("alice", args("fs_list", path="/proc/8")))
+
+
+def rename(files: Files, user: str, src: str, dst: str, replace: bool = False) -> dict:
+    return run(files.rename(user, args("fs_rename", src=src, dst=dst, replace=replace)))
+
+
+def test_rename_moves_a_tree_atomically_over_the_old_one_only_with_replace(kernel):
+    f = Files(kernel)
+    put(f, "alice", "/data/keep/a", b"old")
+    put(f, "alice", "/data/.import-keep-1/a", b"new")
+    put(f, "alice", "/data/.import-keep-1/b", b"new b")
+    with pytest.raises(Exists):
+        rename(f, "alice", "/data/.import-keep-1", "/data/keep")
+    assert get(f, "alice", "/data/keep/a")[0]["data"] == b"old"
+    assert rename(f, "alice", "/data/.import-keep-1", "/data/keep", replace=True) == \
+        {"src": "/data/.import-keep-1", "dst": "/data/keep", "moved": 2}
+    assert [e["path"] for e in run(f.list("alice", args("fs_list", path="/data")))["entries"]] == ["/data/keep"]
+    assert get(f, "bob", "/data/keep/b")[0]["data"] == b"new b"
+    with pytest.raises(NotFound):
+        rename(f, "alice", "/data/.import-keep-1", "/data/keep", replace=True)
+
+
+def test_rename_needs_remove_on_every_source_file_and_write_on_every_replaced_one(kernel):
+    f = Files(kernel)
+    put(f, "alice", "/data/a/x", b"alice's")
+    put(f, "bob", "/data/b/y", b"bob's")
+    put(f, "root", "/models/m/config.json", b"{}")
+    with pytest.raises(NotPermitted, match="belongs to alice"):
+        rename(f, "bob", "/data/a", "/data/c")  # bob may not take alice's files away
+    with pytest.raises(NotPermitted, match="belongs to alice"):
+        rename(f, "bob", "/data/b", "/data/a", replace=True)  # nor replace them
+    with pytest.raises(NotPermitted, match="only the admin writes /models"):
+        rename(f, "bob", "/data/b", "/models/m2")
+    with pytest.raises(NotPermitted, match="only the admin writes /models"):
+        rename(f, "bob", "/models/m", "/data/m")
+    with pytest.raises(NotPermitted, match="alice's home"):
+        rename(f, "bob", "/data/b", "/home/alice/b")
+    assert get(f, "root", "/data/a/x")[0]["data"] == b"alice's" and get(f, "root", "/data/b/y")[0]["data"] == b"bob's"
+    assert rename(f, "root", "/data/b", "/data/a", replace=True)["moved"] == 1  # the admin may
+
+
+def test_a_loaded_store_model_is_busy_for_rename_and_remove_but_a_user_hears_eperm_first(kernel):
+    f = Files(kernel)
+    put(f, "root", "/models/m/config.json", b"{}")
+    put(f, "root", "/models/.import-m-1/config.json", b"{ }")
+    kernel.models.loaded = ["store:/models/m"]
+    with pytest.raises(Busy, match="unload it first"):
+        rename(f, "root", "/models/.import-m-1", "/models/m", replace=True)
+    with pytest.raises(Busy):
+        rename(f, "root", "/models/m", "/models/n")
+    with pytest.raises(Busy):
+        run(f.remove("root", args("fs_remove", path="/models/m", recursive=True)))
+    for call in (lambda: run(f.remove("alice", args("fs_remove", path="/models/m", recursive=True))),
+                 lambda: run(f.remove("alice", args("fs_remove", path="/models/m/config.json"))),
+                 lambda: rename(f, "alice", "/models/.import-m-1", "/models/m", replace=True)):
+        with pytest.raises(NotPermitted):
+            call()
+    kernel.models.loaded = []
+    assert rename(f, "root", "/models/.import-m-1", "/models/m", replace=True)["moved"] == 1
+    assert get(f, "root", "/models/m/config.json")[0]["data"] == b"{ }"
