@@ -173,7 +173,7 @@ def _rename(op: Rename, txn: lmdb.Transaction, store) -> int:
     for name, inode in moving:
         txn.delete(key(name), db=meta)
     for name, inode in moving:
-        new = dst + name[len(src):]
+        new = normpath(dst + name[len(src):])  # a longer dst may push a deep path over the bounds
         inodes.check_placeable(txn, store, new)
         txn.put(key(new), inode.pack(), db=meta)
     return len(moving)
