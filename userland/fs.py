@@ -142,6 +142,12 @@ class FS:
             return False
         return True
 
+    def rename(self, src: str, dst: str, replace: bool = False) -> int:
+        """Move the file or directory ``src`` to ``dst`` in one transaction (no data copied); returns the files
+        moved. ``replace``: what ``dst`` holds is removed first, else Exists (EEXIST). Raises NotFound,
+        NotPermitted, Busy (EBUSY: a loaded store model), InvalidArgument (one path inside the other)."""
+        return self.client.call("fs_rename", {"src": src, "dst": dst, "replace": replace}, timeout=120.0)["moved"]
+
 
 class Reader(io.RawIOBase):
     """A read-only, forward file over ``fs_get`` windows; iterating yields pieces (bytes) to the end."""
@@ -239,6 +245,11 @@ class AsyncFS:
         except NotFound:
             return False
         return True
+
+    async def rename(self, src: str, dst: str, replace: bool = False) -> int:
+        """As FS.rename."""
+        return (await self.client.call("fs_rename", {"src": src, "dst": dst, "replace": replace},
+                                       timeout=120.0))["moved"]
 
 
 class LogLines:
