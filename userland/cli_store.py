@@ -111,7 +111,7 @@ def format_data(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'NAME':<32} {'FORMAT':<6} {'RECORDS':>10} {'SIZE':>10} {'OWNER':<12} {'CREATED':<16} SOURCE"]
     for r in rows:
         if not r.get("complete", True):
-            lines.append(f"{r['name'][:32]:<32} (incomplete import)")
+            lines.append(f"{r['name'][:32]:<32} ({'unreadable meta.json' if r.get('error') else 'incomplete import'})")
             continue
         lines.append(f"{r['name'][:32]:<32} {r['format']:<6} {r['records']:>10} {_size(r['bytes']):>10} "
                      f"{r.get('owner', '')[:12]:<12} {_when(r['created']):<16} {r['source']}")

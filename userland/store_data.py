@@ -21,12 +21,14 @@ import codecs
 import csv
 import json
 import os
+import re
+import secrets
 import sys
 import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
-from llmos.syscalls.errors import Busy, InvalidArgument, LLMOSError, NotFound, quote
+from llmos.syscalls.errors import Busy, InvalidArgument, LLMOSError, NotFound, NotPermitted, quote
 
 if TYPE_CHECKING:
     from llmos.client import Client
@@ -52,9 +54,23 @@ def data_dir(name: str) -> str:
     return f"{DATA}/{name}"
 
 
+META_KEYS = ("format", "records", "bytes", "source", "created")  # what ls and stat show; a meta.json lacks none
+
+
+def staging(name: str) -> str:
+    """A fresh hidden directory an import of ``name`` writes into before it is renamed over ``/data/<name>``."""
+    return f"{DATA}/.import-{name}-{secrets.token_hex(4)}"
+
+
+def is_staging_of(entry: str, name: str) -> bool:
+    """True for the name of a staging directory an import of ``name`` made (a leftover of a killed one)."""
+    return re.fullmatch(rf"\.import-{re.escape(name)}-[0-9a-f]{{8}}", entry) is not None
+
+
 # -- reading a source file, one record at a time --------------------------------------------------------------
-def _lines(fh: IO[bytes], source: str) -> Iterator[tuple[int, str]]:
-    """(line number, text with its line end) of a binary file, decoded as UTF-8 (a BOM at its start dropped)."""
+def _lines(fh: IO[bytes], source: str) -> Iterator[tuple[int, "str | Bad"]]:
+    """(line number, text with its line end) of a binary file, decoded as UTF-8 (a BOM at its start dropped);
+    a line that is not UTF-8 comes as a Bad (a bad row, skipped with skip_bad)."""
     n = 0
     while True:
         raw = fh.readline(MAX_RECORD_BYTES + 1)
@@ -68,7 +84,7 @@ def _lines(fh: IO[bytes], source: str) -> Iterator[tuple[int, str]]:
         try:
             yield n, raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InvalidArgument(f"{source}: line {n} is not UTF-8 (byte {exc.start})") from None
+            yield n, Bad(n, f"not UTF-8 (byte {exc.start})")
 
 
 class Bad(Exception):
@@ -79,9 +95,12 @@ class Bad(Exception):
         self.line, self.why = line, why
 
 
-def _text(lines: Iterator[tuple[int, str]], paragraphs: bool) -> Iterator[str]:
+def _text(lines: Iterator[tuple[int, "str | Bad"]], paragraphs: bool) -> Iterator[str | Bad]:
     para: list[str] = []
     for _, line in lines:
+        if isinstance(line, Bad):
+            yield line
+            continue
         line = line.rstrip("\r\n")
         if not paragraphs:
             if line.strip():
@@ -95,8 +114,11 @@ def _text(lines: Iterator[tuple[int, str]], paragraphs: bool) -> Iterator[str]:
         yield "\n".join(para)
 
 
-def _jsonl(lines: Iterator[tuple[int, str]], field: str) -> Iterator[str | Bad]:
+def _jsonl(lines: Iterator[tuple[int, "str | Bad"]], field: str) -> Iterator[str | Bad]:
     for n, line in lines:
+        if isinstance(line, Bad):
+            yield line
+            continue
         if not line.strip():
             continue
         try:
@@ -114,14 +136,28 @@ def _jsonl(lines: Iterator[tuple[int, str]], field: str) -> Iterator[str | Bad]:
             yield obj[field]
 
 
-def _csv(lines: Iterator[tuple[int, str]], field: str | None, source: str) -> Iterator[str | Bad]:
-    reader = csv.reader((line for _, line in lines), strict=True)
+def _csv(lines: Iterator[tuple[int, "str | Bad"]], field: str | None, source: str) -> Iterator[str | Bad]:
+    undecodable: list[Bad] = []  # lines the csv reader never sees; reported after the row they preceded
+
+    def text_lines() -> Iterator[str]:
+        for _, line in lines:
+            if isinstance(line, Bad):
+                undecodable.append(line)
+            else:
+                yield line
+
+    reader = csv.reader(text_lines(), strict=True)
     try:
         header = next(reader)
     except StopIteration:
-        return
+        header = None
     except csv.Error as exc:
         raise InvalidArgument(f"{source}: line 1: not CSV: {exc}") from None
+    if undecodable and undecodable[0].line == 1:
+        raise InvalidArgument(f"{source}: line 1 (the CSV header) is {undecodable[0].why}")
+    if header is None:
+        yield from undecodable
+        return
     if field is not None:
         if field not in header:
             raise InvalidArgument(f"{source}: the CSV header has no column {quote(field)} (it has "
@@ -138,9 +174,14 @@ def _csv(lines: Iterator[tuple[int, str]], field: str | None, source: str) -> It
         try:
             row = next(reader)
         except StopIteration:
+            yield from undecodable
             return
         except csv.Error as exc:
-            yield Bad(reader.line_num, f"not CSV: {exc}")
+            row = Bad(reader.line_num, f"not CSV: {exc}")
+        while undecodable:
+            yield undecodable.pop(0)
+        if isinstance(row, Bad):
+            yield row
             continue
         if not row:
             continue
@@ -157,7 +198,7 @@ def read_records(fh: IO[bytes], fmt: str = "text", field: str | None = None, par
     text: one record per non-empty line (``paragraphs``: per run of non-blank lines); jsonl: the string at
     ``field`` (default "text") of each line's object, blank lines skipped; csv: the ``field`` column (default
     the "text" column, or the only one), the first row being the header. Empty values are skipped. A bad
-    row (invalid JSON, no such field, a short CSV row) raises InvalidArgument naming ``source`` and its line,
+    row (a line that is not UTF-8, invalid JSON, no such field, a short CSV row) raises InvalidArgument naming ``source`` and its line,
     or with ``skip_bad`` is skipped, its line number appended to ``skipped``."""
     if fmt not in FORMATS:
         raise InvalidArgument(f"format {quote(fmt)}: one of {', '.join(FORMATS)}")
@@ -227,17 +268,20 @@ class DataSets:
                     replace: bool = False, progress: Progress | None = None) -> dict[str, Any]:
         """Import ``source`` (a path, or a binary file object read to its end) as data set ``name`` and return
         its meta ({name, format, field, records, bytes, source, created, skipped}). Records as
-        :func:`read_records` says; streamed, in constant memory. ``replace``: an existing data set of that
-        name is removed first (yours, or as the admin), else Busy (EBUSY). ``progress(read, size)`` in source
-        bytes. Raises InvalidArgument (a bad row: its line number; a bad name, format or field),
-        NotPermitted, NoSpace; a failed import leaves no meta.json (and removes what it committed)."""
+        :func:`read_records` says; streamed, in constant memory. The import is written into a hidden staging
+        directory (``/data/.import-<name>-<random>``) and renamed over ``/data/<name>`` in one transaction once
+        every file is committed, so readers see the old set or the new one; a failed or interrupted import
+        removes its staging directory and leaves the old set as it was (one left by a kill -9 is removed by the
+        next import of that name). ``replace``: an existing data set of that name is replaced (yours, or as
+        the admin), else Busy (EBUSY). ``progress(read, size)`` in source bytes. Raises InvalidArgument (a bad
+        row: its line number; every row bad; a bad name, format or field), NotPermitted, NoSpace."""
         name = check_name(name)
         if format not in FORMATS:
             raise InvalidArgument(f"format {quote(format)}: one of {', '.join(FORMATS)}")
-        if self.client.fs.exists(data_dir(name)):
-            if not replace:
-                raise Busy(f"data set {quote(name)} exists: `llmos data rm {name}` first, or import with --replace")
-            self.client.fs.rm(data_dir(name), recursive=True)
+        if self.client.fs.exists(data_dir(name)) and not replace:
+            raise Busy(f"data set {quote(name)} exists: `llmos data rm {name}` first, or import with --replace")
+        self._remove_leftovers(name)
+        stage = staging(name)
         opened = not hasattr(source, "read")
         fh: IO[bytes] = open(source, "rb") if opened else source  # type: ignore[arg-type]
         label = Path(source).name if opened else str(getattr(source, "name", "<stream>"))
@@ -246,10 +290,12 @@ class DataSets:
                 total: int | None = os.fstat(fh.fileno()).st_size
             except (OSError, AttributeError, ValueError):
                 total = None
-            return self._import(fh, name, format, field, paragraphs, skip_bad, label, total, progress)
+            meta = self._import(fh, stage, name, format, field, paragraphs, skip_bad, label, total, progress)
+            self.client.fs.rename(stage, data_dir(name), replace=replace)
+            return meta
         except BaseException:
             try:
-                self.client.fs.rm(data_dir(name), recursive=True)
+                self.client.fs.rm(stage, recursive=True)
             except LLMOSError:
                 pass  # nothing was committed: the uploads are dropped by the kernel
             raise
@@ -257,10 +303,23 @@ class DataSets:
             if opened:
                 fh.close()
 
-    def _import(self, fh: IO[bytes], name: str, fmt: str, field: str | None, paragraphs: bool, skip_bad: bool,
-                label: str, total: int | None, progress: Progress | None) -> dict[str, Any]:
-        records = _Upload(self.client, data_dir(name) + "/records")
-        index = _Upload(self.client, data_dir(name) + "/index")
+    def _remove_leftovers(self, name: str) -> None:
+        """Remove the staging directories of earlier imports of ``name`` that were killed before cleaning up."""
+        try:
+            entries = self.client.fs.ls(DATA, limit=10_000)
+        except NotFound:
+            return
+        for e in entries:
+            if e.kind == "dir" and is_staging_of(e.name, name):
+                try:
+                    self.client.fs.rm(e.path, recursive=True)
+                except (NotFound, NotPermitted):
+                    pass  # gone meanwhile, or someone else's: theirs to remove
+
+    def _import(self, fh: IO[bytes], stage: str, name: str, fmt: str, field: str | None, paragraphs: bool,
+                skip_bad: bool, label: str, total: int | None, progress: Progress | None) -> dict[str, Any]:
+        records = _Upload(self.client, stage + "/records")
+        index = _Upload(self.client, stage + "/index")
         offsets = array.array("Q", [0])
         at, n, skipped = 0, 0, []
         last_report = 0
@@ -276,45 +335,65 @@ class DataSets:
             if progress is not None and records.size != last_report:
                 last_report = records.size
                 progress(fh.tell(), total)
+        if n == 0 and skipped:
+            raise InvalidArgument(f"{label}: every row is bad ({len(skipped)} skipped, the first at line "
+                                  f"{skipped[0]}): nothing was imported")
         index.write(_little_endian(offsets))
         records.close()
         index.close()
         meta = {"name": name, "format": fmt, "field": field if fmt != "text" else None, "paragraphs": paragraphs,
                 "records": n, "bytes": at, "source": label, "created": time.time(), "skipped": len(skipped),
                 "skipped_lines": skipped[:100]}
-        self.client.fs.put(data_dir(name) + "/meta.json", json.dumps(meta).encode())
+        self.client.fs.put(stage + "/meta.json", json.dumps(meta).encode())
         if progress is not None:
             progress(total if total is not None else fh.tell(), total)
         return meta
 
     def stat(self, name: str) -> dict[str, Any]:
         """The data set's meta (see ``import_file``) with its owner; NotFound when there is none (or its import
-        did not finish)."""
+        did not finish); InvalidArgument (EINVAL) when its meta.json is unreadable (not a JSON object with
+        format, records, bytes, source and created: written by hand with ``fs put``)."""
         name = check_name(name)
         try:
             st = self.client.fs.stat(data_dir(name) + "/meta.json")
-            meta = json.loads(self.client.fs.get(st.path))
+            raw = self.client.fs.get(st.path)
         except NotFound:
             raise NotFound(f"no data set {quote(name)} in the store ({data_dir(name)}; `llmos data ls` lists "
                            "them)") from None
+        try:
+            meta = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"data set {quote(name)}: unreadable meta.json (not JSON: {exc}); remove it "
+                                  f"with `llmos data rm {name}` or import it again") from None
+        missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else None
+        if missing is None or missing:
+            why = f"lacks {', '.join(missing)}" if missing else f"a JSON {type(meta).__name__}, not an object"
+            raise InvalidArgument(f"data set {quote(name)}: unreadable meta.json ({why}); remove it with "
+                                  f"`llmos data rm {name}` or import it again")
         return {**meta, "name": name, "owner": st.owner}
 
     def ls(self) -> list[dict[str, Any]]:
-        """Every data set, by name: its meta and owner; one whose import did not finish has ``complete`` false."""
+        """Every data set, by name: its meta and owner; one whose import did not finish has ``complete`` false,
+        one whose meta.json is unreadable also ``error`` (why). Names starting with "." (an import's staging
+        directory) and directories whose names no import makes are left out."""
         try:
             entries = self.client.fs.ls(DATA, limit=10_000)
         except NotFound:
             return []
         rows = []
         for e in entries:
-            if e.kind != "dir":
+            if e.kind != "dir" or e.name.startswith("."):
                 continue
+            try:
+                check_name(e.name)
+            except InvalidArgument:
+                continue  # a directory no import makes
             try:
                 rows.append({**self.stat(e.name), "complete": True})
             except NotFound:
                 rows.append({"name": e.name, "complete": False})
-            except InvalidArgument:
-                continue  # a directory no import makes
+            except InvalidArgument as exc:
+                rows.append({"name": e.name, "complete": False, "error": exc.message})
         return rows
 
     def count(self, name: str) -> int:

@@ -137,3 +137,72 @@ def test_the_importers_memory_does_not_grow_with_the_file(kernel, client, names,
         peaks.append(int(r.stdout.split()[-1]) / 1024)
         assert client.data.count(name) == n
     assert peaks[1] - peaks[0] < 5, f"peak RSS {peaks[0]:.1f} MiB for 5 MiB, {peaks[1]:.1f} MiB for 15 MiB"
+
+
+def _staging_dirs(client, name):
+    return [e.name for e in client.fs.ls("/data") if e.name.startswith(f".import-{name}-")]
+
+
+def test_a_replace_that_fails_or_is_interrupted_keeps_the_old_set_and_leaves_no_staging(kernel, client, names,
+                                                                                        tmp_path):
+    name = unique()
+    names.append(name)
+    good = tmp_path / "good.txt"
+    good.write_text("old 1\nold 2\n")
+    client.data.import_file(good, name)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "new"}\nnot json\n')
+    r = llmos(kernel, "data", "import", str(bad), "--name", name, "--format", "jsonl", "--replace")
+    assert r.returncode == 1 and "line 2: invalid JSON" in r.stderr
+    assert client.data.records(name) == ["old 1", "old 2"] and not _staging_dirs(client, name)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(done, total):  # after the first frame went: the new set is half written
+        raise Interrupted()
+
+    big = tmp_path / "big.txt"
+    big.write_text("".join(f"new line {i} {'x' * 200}\n" for i in range(30_000)))  # > one 4 MiB frame
+    with pytest.raises(Interrupted):
+        client.data.import_file(big, name, replace=True, progress=interrupt)
+    assert client.data.records(name) == ["old 1", "old 2"] and not _staging_dirs(client, name)
+    assert client.data.import_file(big, name, replace=True)["records"] == 30_000
+    assert client.data.count(name) == 30_000 and not _staging_dirs(client, name)
+
+
+def test_a_staging_dir_left_by_a_killed_import_is_hidden_and_removed_by_the_next_import(kernel, client, names,
+                                                                                        tmp_path):
+    name = unique()
+    names.append(name)
+    client.fs.put(f"/data/.import-{name}-0badc0de/records", b"half")
+    assert all(not row["name"].startswith(".") for row in client.data.ls())
+    src = tmp_path / "x.txt"
+    src.write_text("a\n")
+    client.data.import_file(src, name)
+    assert not _staging_dirs(client, name) and client.data.records(name) == ["a"]
+
+
+def test_every_row_bad_is_an_error_and_stores_nothing(kernel, client, names, tmp_path):
+    name = unique()
+    names.append(name)
+    src = tmp_path / "all-bad.txt"
+    src.write_bytes(b"\xff\n\xfe\n")
+    r = llmos(kernel, "data", "import", str(src), "--name", name, "--skip-bad")
+    assert r.returncode == 1 and "[EINVAL]" in r.stderr and "every row is bad (2 skipped" in r.stderr, r.stderr
+    assert not client.fs.exists(f"/data/{name}") and not _staging_dirs(client, name)
+
+
+@pytest.mark.parametrize("meta", [b"not json", b"[1, 2]", b'{"format": "text"}'])
+def test_a_bad_meta_json_is_marked_in_ls_and_einval_in_stat(kernel, client, names, meta):
+    name = unique()
+    names.append(name)
+    client.fs.put(f"/data/{name}/meta.json", meta)
+    ls = llmos(kernel, "data", "ls")
+    assert ls.returncode == 0, ls.stderr
+    assert [line for line in ls.stdout.splitlines() if line.startswith(name)][0].endswith("(unreadable meta.json)")
+    st = llmos(kernel, "data", "stat", name)
+    assert st.returncode == 1 and "[EINVAL]" in st.stderr and "unreadable meta.json" in st.stderr
+    assert "Traceback" not in st.stderr + ls.stderr
+    with pytest.raises(InvalidArgument, match="unreadable meta.json"):
+        client.data.stat(name)

@@ -54,8 +54,26 @@ def test_csv_takes_the_text_column_the_field_named_or_the_only_one():
 
 
 def test_text_that_is_not_utf8_is_refused_naming_its_line():
-    with pytest.raises(InvalidArgument, match=r"f.txt: line 2 is not UTF-8 \(byte 1\)"):
+    with pytest.raises(InvalidArgument, match=r"f.txt: line 2: not UTF-8 \(byte 1\) \(--skip-bad"):
         records(b"fine\nx\xff\n")
+
+
+@pytest.mark.parametrize("fmt, data, kept, lines", [
+    ("text", b"fine\nx\xff\nalso fine\n\xc3\n", ["fine", "also fine"], [2, 4]),
+    ("jsonl", b'{"text": "a"}\n{"text": "\xff"}\n{"text": "b"}\n', ["a", "b"], [2]),
+    ("csv", b'id,text\n1,a\n2,\xfe\n3,b\n4,\xff\n', ["a", "b"], [3, 5]),
+])
+def test_skip_bad_skips_and_counts_lines_that_are_not_utf8_in_every_format(fmt, data, kept, lines):
+    skipped: list[int] = []
+    assert records(data, fmt, skip_bad=True, skipped=skipped) == kept
+    assert skipped == lines
+    with pytest.raises(InvalidArgument, match=f"line {lines[0]}: not UTF-8"):
+        records(data, fmt)
+
+
+def test_a_csv_header_that_is_not_utf8_is_refused_even_with_skip_bad():
+    with pytest.raises(InvalidArgument, match="line 1 \\(the CSV header\\) is not UTF-8"):
+        records(b"id,t\xffext\n1,a\n", "csv", skip_bad=True)
 
 
 def test_options_that_do_not_fit_the_format_are_einval():
