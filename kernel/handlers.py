@@ -46,10 +46,11 @@ class Handlers:
         if args["user"] is not None:  # validated by the table's pattern before we get here
             caller.user = args["user"]
         return {"version": protocol.PROTOCOL_VERSION, "kernel_version": __version__, "pid": os.getpid(),
-                "max_frame_bytes": protocol.MAX_FRAME_BYTES}
+                "started": self.k.started, "max_frame_bytes": protocol.MAX_FRAME_BYTES}
 
     async def sys_ping(self, caller: Caller, args: dict, emit: Emit) -> dict:
-        return {"time": time.time()}
+        # pid and start time: a client connected across a restart on the same address tells kernels apart
+        return {"time": time.time(), "pid": os.getpid(), "started": self.k.started}
 
     async def sys_kernel_info(self, caller: Caller, args: dict, emit: Emit) -> dict:
         counts = await self.k.procman.ask(m.Counts())

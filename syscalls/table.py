@@ -132,12 +132,15 @@ SYSCALLS: tuple[Syscall, ...] = (
                   pattern_doc="letters, digits and _ . @ + - (not first: . @ + -)"),
         ),
         reply=(Field("version", "int"), Field("kernel_version", "str"), Field("pid", "int"),
+               Field("started", "float", "the kernel's start, unix time: with pid, which kernel this is"),
                Field("max_frame_bytes", "int")),
         errors=(E.EPROTO, E.EINVAL),
     ),
     Syscall(
         1, "ping", "Liveness probe; answers at once.",
-        request=(), reply=(Field("time", "float", "kernel's unix time"),), errors=(),
+        request=(), reply=(Field("time", "float", "kernel's unix time"), Field("pid", "int", "the kernel's pid"),
+                          Field("started", "float", "the kernel's start, unix time (as hello's: a client compares "
+                                "them to notice a kernel restarted on the same address)")), errors=(),
     ),
     Syscall(
         2, "kernel_info", "The kernel's identity and load: pid, address, uptime, version, counts.",

@@ -2,7 +2,10 @@
 
 Not thread-safe: give each thread its own Client. Every wait on the socket has a finite
 poll; while a call is pending and the kernel is silent, the client pings it, and a kernel
-that answers nothing for DEAD_AFTER_S seconds raises KernelGone.
+that answers nothing for DEAD_AFTER_S seconds raises KernelGone. A ping answered by another
+kernel (pid or start time not hello's: killed and restarted on the same address) fails the
+pending calls with KernelRestarted, after a new hello (so the user stays who it was);
+``wait`` and ``stream`` then go on by themselves against the new kernel.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from llmos._wire import Calls, bus_context, current_user, model_arg, spawn_args,
 from llmos.syscalls.address import connect_address, resolve_address
 from llmos.syscalls import protocol
 from llmos.syscalls.address import ipc_path
-from llmos.syscalls.errors import KernelGone, KernelUnavailable, LLMOSError, TimedOut
+from llmos.syscalls.errors import KernelGone, KernelRestarted, KernelUnavailable, LLMOSError, TimedOut
 from llmos.types import ProcessInfo, ProcessResult, TurnResult
 
 if TYPE_CHECKING:
@@ -37,6 +40,9 @@ class Client:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(connect_address(self.address))
         self._calls = Calls()
+        self._client_name = client_name
+        self._pending: dict[int, int | None] = {}  # request id -> the pid it is about (None: no pid)
+        self._restarted: set[int] = set()  # pending requests the kernel that knew them took down with it
         self.kernel: dict[str, Any] = {}
         try:
             self.kernel = self.hello(client=client_name, timeout=connect_timeout)
@@ -50,8 +56,9 @@ class Client:
     # -- transport -------------------------------------------------------------------------
     def call(self, name: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         """Make one syscall and return its result (raises the llmos error it answers with)."""
-        rid = self._send(name, args or {})
-        for kind, payload in self._frames(rid, timeout):
+        args = args or {}
+        rid = self._send(name, args)
+        for kind, payload in self._frames(rid, timeout, _pid_of(args)):
             if kind == protocol.OK:
                 return payload
         raise AssertionError("unreachable")
@@ -59,7 +66,7 @@ class Client:
     def call_stream(self, name: str, args: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         """Yield ("chunk", data) frames, then ("ok", result)."""
         rid = self._send(name, args)
-        yield from self._frames(rid, None)
+        yield from self._frames(rid, None, _pid_of(args))
 
     def _send(self, name: str, args: dict[str, Any]) -> int:
         if self._sock.closed:
@@ -68,11 +75,21 @@ class Client:
         self._sock.send(frame)
         return rid
 
-    def _frames(self, rid: int, timeout: float | None) -> Iterator[tuple[str, Any]]:
+    def _frames(self, rid: int, timeout: float | None, pid: int | None = None) -> Iterator[tuple[str, Any]]:
+        self._pending[rid] = pid
+        try:
+            yield from self._wait_frames(rid, timeout)
+        finally:
+            self._pending.pop(rid, None)
+            self._restarted.discard(rid)
+
+    def _wait_frames(self, rid: int, timeout: float | None) -> Iterator[tuple[str, Any]]:
         deadline = None if timeout is None else time.monotonic() + timeout
         last_heard = time.monotonic()
-        pinged = False
+        ping: int | None = None
         while True:
+            if rid in self._restarted:  # noticed while another call of ours (a nested stream) was reading
+                raise self._restart_error()
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise TimedOut(f"no reply from the kernel within {timeout} s")
@@ -81,12 +98,14 @@ class Client:
                 silent = time.monotonic() - last_heard
                 if silent > protocol.DEAD_AFTER_S:
                     raise KernelGone(f"kernel at {self.address} stopped answering")
-                if not pinged:
-                    self._send("ping", {})
-                    pinged = True
+                # a ping each heartbeat while silent: one sent into a dying kernel's buffer is lost with it
+                ping = self._send("ping", {})
                 continue
             got, kind, payload = self._calls.interpret(self._sock.recv())
-            last_heard, pinged = time.monotonic(), False
+            last_heard = time.monotonic()
+            if got == ping and kind == protocol.OK and self._another_kernel(payload):
+                self._rehello()
+                raise self._restart_error()
             if got != rid:
                 continue  # a ping reply, or a reply to a call abandoned earlier
             if kind == "err":
@@ -94,6 +113,28 @@ class Client:
             yield kind, payload
             if kind == protocol.OK:
                 return
+
+    def _another_kernel(self, pong: dict[str, Any]) -> bool:
+        """True when a ping's reply comes from another kernel than hello's (a kernel without these fields,
+        an older one, is taken to be the same)."""
+        if not isinstance(pong, dict) or "pid" not in pong or not self.kernel:
+            return False
+        return (pong.get("pid"), pong.get("started")) != (self.kernel.get("pid"), self.kernel.get("started"))
+
+    def _rehello(self) -> None:
+        """Say hello to the new kernel (so this connection's calls are the user's again, not anonymous), and
+        mark every call pending on the old one as failed by the restart."""
+        self._restarted.update(self._pending)
+        self.kernel = self.hello(client=self._client_name, timeout=30.0)
+
+    def _restart_error(self) -> KernelRestarted:
+        pids = tuple(sorted({p for p in self._pending.values() if p is not None}))
+        if pids:
+            said = ", ".join(f"process {p} survives it: `llmos wait {p}`" for p in pids)
+        else:
+            said = "the call pending on the old kernel is lost with it"
+        return KernelRestarted(f"the kernel at {self.address} restarted (pid {self.kernel.get('pid')}); {said}",
+                               pids=pids)
 
     def close(self, pid: int | None = None) -> ProcessResult | None:
         """``close()``: disconnect from the kernel (what ``with Client() as c`` does on leaving; safe twice).
@@ -149,8 +190,16 @@ class Client:
 
     @syscall_doc("wait")
     def wait(self, pid: int, timeout: float | None = None, reap: bool = True) -> ProcessResult:
-        """``timeout`` in seconds (None waits forever); TimedOut when it passes."""
-        return ProcessResult.from_wire(self.call("wait", {"pid": pid, "timeout": timeout, "reap": reap}))
+        """``timeout`` in seconds (None waits forever); TimedOut when it passes. A kernel restarted meanwhile
+        (KernelRestarted) is waited on again for the same pid, within what is left of ``timeout``: waiting is
+        idempotent, and the process survives the restart."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return ProcessResult.from_wire(self.call("wait", {"pid": pid, "timeout": left, "reap": reap}))
+            except KernelRestarted:
+                continue
 
     @syscall_doc("kill")
     def kill(self, pid: int, signal: str = "TERM") -> str:
@@ -182,8 +231,29 @@ class Client:
 
     @syscall_doc("stream")
     def stream(self, pid: int) -> "OutputStream":
-        """Iterate the returned OutputStream for text chunks; its ``result`` is the ProcessResult at the end."""
-        return OutputStream(self.call_stream("stream", {"pid": pid}))
+        """Iterate the returned OutputStream for text chunks; its ``result`` is the ProcessResult at the end.
+        A kernel restarted meanwhile (KernelRestarted) is streamed from again for the same pid, skipping the
+        text and token ids already yielded (a new stream's first chunk holds everything so far)."""
+        return OutputStream(self._restreamed(pid))
+
+    def _restreamed(self, pid: int) -> Iterator[tuple[str, Any]]:
+        given_text, given_ids = 0, 0  # what the caller has had, in characters and token ids
+        while True:
+            skip_text, skip_ids = given_text, given_ids
+            try:
+                for kind, payload in self.call_stream("stream", {"pid": pid}):
+                    if kind == protocol.OK:
+                        yield kind, payload
+                        return
+                    text, ids = payload.get("text") or "", payload.get("token_ids") or []
+                    cut_text, cut_ids = min(skip_text, len(text)), min(skip_ids, len(ids))
+                    skip_text, skip_ids = skip_text - cut_text, skip_ids - cut_ids
+                    payload = {**payload, "text": text[cut_text:], "token_ids": ids[cut_ids:]}
+                    given_text += len(payload["text"])
+                    given_ids += len(payload["token_ids"])
+                    yield kind, payload
+            except KernelRestarted:
+                continue
 
     @syscall_doc("write")
     def write(self, pid: int, content: str, role: str = "user") -> TurnResult:
@@ -317,6 +387,12 @@ class Client:
         from llmos.fs import LogLines
 
         return LogLines(self.call_stream("dmesg", {"n": n, "since": since, "follow": follow}))
+
+
+def _pid_of(args: dict[str, Any]) -> int | None:
+    """The process a call is about (for KernelRestarted's message), if it names one."""
+    pid = args.get("pid")
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
 
 
 class OutputStream:
