@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from llmos.drivers.model.from_store import MODELS, check_name, model_dir
 from llmos.drivers.model.registry import DEFAULT_MODEL_DIR, check_model_dir, path_error
-from llmos.syscalls.errors import Busy, InvalidArgument, LLMOSError, NotFound, quote, quote_path
+from llmos.syscalls.errors import Busy, InvalidArgument, LLMOSError, NotFound, NotPermitted, quote, quote_path
 
 if TYPE_CHECKING:
     from llmos.client import Client
@@ -147,19 +149,23 @@ def import_model(client: "Client", path: str | os.PathLike, name: str | None = N
     """Copy the Hugging Face model directory ``path`` into ``/models/<name>`` (default: the directory's name)
     and return its summary (as :func:`list_models` rows). The admin's only: the kernel refuses others EPERM.
 
-    ``replace``: an existing model of that name is removed first (else Busy, EBUSY). ``progress(done,
-    total)`` in bytes after every frame. Raises InvalidArgument/NotFound (the directory, before anything is
-    sent), NotPermitted, NoSpace, and what a failed upload raises (what was written is removed)."""
+    The files go into a hidden staging directory (``/models/.import-<name>-<random>``), renamed over
+    ``/models/<name>`` in one transaction once every file is committed: a failed or interrupted import removes
+    the staging directory and leaves the old model as it was (one left by a kill -9 is removed by the next
+    import of that name). ``replace``: an existing model of that name is replaced (else Busy, EBUSY; EBUSY
+    too while it is loaded: unload it first). ``progress(done, total)`` in bytes after every frame. Raises
+    InvalidArgument/NotFound (the directory, before anything is sent), NotPermitted, NoSpace, and what a
+    failed upload raises."""
     path = Path(path).expanduser()
     name = check_name(name if name is not None else path.resolve().name)
     files = check_importable(path)
     plan = [(f, f"{model_dir(name)}/{f.name}", pieces_for(f)) for f in files]
     total = sum(f.stat().st_size for f in files)
-    if exists(client, name):
-        if not replace:
-            raise Busy(f"model {quote(name)} is already in the store: `llmos model rm {name}` first, or import "
-                       "with --replace")
-        client.fs.rm(model_dir(name), recursive=True)
+    if exists(client, name) and not replace:
+        raise Busy(f"model {quote(name)} is already in the store: `llmos model rm {name}` first, or import "
+                   "with --replace")
+    _remove_leftovers(client, name)
+    stage = f"{MODELS}/.import-{name}-{secrets.token_hex(4)}"
     done = 0
 
     def step(n: int) -> None:
@@ -170,16 +176,31 @@ def import_model(client: "Client", path: str | os.PathLike, name: str | None = N
 
     try:
         for f, store_path, pieces in plan:
-            upload_file(client, f, store_path, pieces, step)
+            upload_file(client, f, stage + store_path[len(model_dir(name)):], pieces, step)
+        client.fs.rename(stage, model_dir(name), replace=replace)
     except BaseException:
         try:
-            client.fs.rm(model_dir(name), recursive=True)
+            client.fs.rm(stage, recursive=True)
         except LLMOSError:
             pass  # nothing was committed, or the kernel is gone: the error in hand says more
         raise
     if progress is not None and total == 0:
         progress(0, 0)
     return describe(client, name)
+
+
+def _remove_leftovers(client: "Client", name: str) -> None:
+    """Remove the staging directories of earlier imports of ``name`` that were killed before cleaning up."""
+    try:
+        entries = client.fs.ls(MODELS, limit=10_000)
+    except NotFound:
+        return
+    for e in entries:
+        if e.kind == "dir" and re.fullmatch(rf"\.import-{re.escape(name)}-[0-9a-f]{{8}}", e.name):
+            try:
+                client.fs.rm(e.path, recursive=True)
+            except (NotFound, NotPermitted):
+                pass  # gone meanwhile
 
 
 def import_default(client: "Client", name: str = "default", *, replace: bool = False,
@@ -212,14 +233,15 @@ def describe(client: "Client", name: str) -> dict[str, Any]:
 
 
 def list_models(client: "Client") -> list[dict[str, Any]]:
-    """Every model in the store, by name, as :func:`describe` rows."""
+    """Every model in the store, by name, as :func:`describe` rows (names starting with "." are an import's
+    staging directories: left out)."""
     try:
         entries = client.fs.ls(MODELS, limit=10_000)
     except NotFound:
         return []
     rows = []
     for e in entries:
-        if e.kind == "dir":
+        if e.kind == "dir" and not e.name.startswith("."):
             try:
                 rows.append(describe(client, e.name))
             except (NotFound, InvalidArgument):
@@ -228,8 +250,8 @@ def list_models(client: "Client") -> list[dict[str, Any]]:
 
 
 def remove_model(client: "Client", name: str) -> int:
-    """Remove store model ``name``; returns the files removed. A worker that has it loaded goes on running from
-    the pages it maps until it is unloaded. NotFound, NotPermitted (not the admin)."""
+    """Remove store model ``name``; returns the files removed. NotFound, NotPermitted (not the admin), Busy
+    (EBUSY: it is loaded, its workers read its weights in place: unload it first)."""
     check_name(name)
     try:
         return client.fs.rm(model_dir(name), recursive=True)

@@ -134,3 +134,28 @@ def test_the_shipped_default_model_is_importable(kernel, client):
         assert len(ext) > 30  # the header, then one extent per tensor (the default model has 4 layers of 9)
     finally:
         client.fs.rm(f"/models/{name}", recursive=True)
+
+
+def test_an_interrupted_or_refused_replace_keeps_the_old_model_and_leaves_no_staging(kernel, client, tiny_model,
+                                                                                     stored):
+    before = {f.name: (f.size, f.mtime) for f in client.fs.ls(f"/models/{stored}")}
+    client.fs.put(f"/models/.import-{stored}-0badc0de/config.json", b"{}")  # as a kill -9 leaves one
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(done, total):
+        raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        sm.import_model(client, tiny_model, stored, replace=True, progress=interrupt)
+    assert {f.name: (f.size, f.mtime) for f in client.fs.ls(f"/models/{stored}")} == before
+    assert not [e.name for e in client.fs.ls("/models") if e.name.startswith(f".import-{stored}-")]
+    assert all(not r["name"].startswith(".") for r in sm.list_models(client))
+    client.model_load(stored)
+    r = llmos(kernel, "model", "import", tiny_model, "--name", stored, "--replace")
+    assert r.returncode == 1 and "[EBUSY]" in r.stderr and "unload it first" in r.stderr
+    assert {f.name: (f.size, f.mtime) for f in client.fs.ls(f"/models/{stored}")} == before
+    assert not [e.name for e in client.fs.ls("/models") if e.name.startswith(f".import-{stored}-")]
+    client.model_unload(stored, force=True)
+    assert sm.import_model(client, tiny_model, stored, replace=True)["complete"] is True
