@@ -171,7 +171,9 @@ class Reader(io.RawIOBase):
             self._ident = ident
         elif ident != self._ident:
             raise DeviceError(f"{self.path} was replaced while being read (at byte {self.pos + len(self._buf)})")
-        if not data:
+        # the end is where the reply says the file ends: no extra request to find it (a synthesised file,
+        # /var/log/kernel, is made anew on each request, so a second window would always look "replaced")
+        if not data or reply.get("offset", 0) + len(data) >= reply["size"]:
             self._eof = True
         self._buf += data
 

@@ -119,3 +119,15 @@ def test_the_shell_lists_cats_and_shows_dmesg(kernel, as_user):
     assert "greeting" in out and "héllo" in out
     assert "error: [EPERM]" in out and "error: [EINVAL] no such namespace" in out
     assert sum(1 for line in out.splitlines() if line.startswith("[") and "] " in line) >= 1  # dmesg lines
+
+
+def test_the_kernel_log_can_be_cat_and_get_though_it_is_made_anew_on_each_read(kernel, client, tmp_path):
+    """/var/log/kernel is synthesised per request (its mtime is the time of the request): a reader that asked
+    again past the end to find it compared two different (size, mtime) and said EIO "replaced"."""
+    r = llmos(kernel.env, "fs", "cat", "/var/log/kernel")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.endswith(b"\n") and json.loads(r.stdout.splitlines()[0])  # JSON lines, oldest first
+    r = llmos(kernel.env, "fs", "get", "/var/log/kernel", str(tmp_path / "log"))
+    assert r.returncode == 0 and r.stderr == "" and (tmp_path / "log").read_bytes().endswith(b"\n"), r.stderr
+    with client.fs.open("/var/log/kernel") as reader:
+        assert reader.read().endswith(b"\n")
