@@ -70,7 +70,7 @@ def test_llmos_eval_equals_the_perplexity_transformers_gives(kernel, client, tin
     nll, scored = sum(w[0] for w in want), sum(w[1] for w in want)
     assert report["records"] == len(TEXTS) and report["scored"] == scored
     assert math.isclose(report["perplexity"], math.exp(nll / scored), rel_tol=1e-4)
-    assert report["path"].startswith(f"/home/{client.user}/eval/tiny-llama-{dataset}-")
+    assert report["path"].startswith(f"/home/{client.user}/eval/dir-tiny-llama-{dataset}-")
     stored = json.loads(client.fs.get(report["path"]))
     assert stored["perplexity"] == report["perplexity"] and stored["model"] == tiny_model
     assert {"tokens", "nll", "seconds", "tokens_per_s"} <= set(stored)
@@ -110,3 +110,36 @@ def test_eval_of_a_data_set_that_is_not_there_is_enoent(kernel, tiny_model):
     r = subprocess.run([*BIN, "eval", tiny_model, "--data", "no-such-data"], env=kernel.env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 1 and "[ENOENT]" in r.stderr and "no data set 'no-such-data'" in r.stderr
+
+
+def test_an_eval_survives_its_worker_crashing_midway_and_reports_never_overwrite_each_other(tiny_model, tmp_path):
+    import os
+    import signal
+
+    from llmos import evaluate as ev
+    from tests.conftest import KernelProc
+
+    k = KernelProc()  # its own kernel: the worker it kills must not be the shared kernel's
+    try:
+        with k.client() as c:
+            src = tmp_path / "eval.jsonl"
+            src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+            c.data.import_file(src, "crash", "jsonl")
+            clean = ev.evaluate(c, tiny_model, "crash")
+            killed: list[int] = []
+
+            def kill_once(done, todo, scored):  # after the first record: the next ones meet the crash
+                if not killed:
+                    [worker] = k.worker_pids()
+                    os.kill(worker, signal.SIGKILL)
+                    killed.append(worker)
+
+            crashed = ev.evaluate(c, tiny_model, "crash", progress=kill_once)
+            assert killed and crashed["records"] == len(TEXTS) and crashed["scored"] == clean["scored"]
+            assert math.isclose(crashed["perplexity"], clean["perplexity"], rel_tol=1e-4)
+            assert crashed["path"] != clean["path"] and c.fs.exists(clean["path"])
+            assert clean["path"].startswith(f"/home/{c.user}/eval/dir-tiny-llama-crash-")
+            assert ev.model_label("store:/models/default") == "store-default"
+            assert ev.model_label("/some/where/default") == "dir-default"
+    finally:
+        k.stop()
