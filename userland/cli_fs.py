@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from llmos.fs import FileStat
+from llmos.syscalls.errors import InvalidArgument
 
 LOG_FIELDS = ("seq", "ts", "level", "component", "event")  # a log line's fixed fields; the rest are shown as k=v
 
@@ -106,12 +107,19 @@ def _write_out(pieces: Iterable[bytes], out: Any) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     with _connect(args) as c:
-        entries = c.fs.ls(args.path)
+        entries = c.fs.ls(args.path, args.limit)
     if args.json:
         print(json.dumps([e.__dict__ for e in entries]))
     elif entries:
         print(format_ls(entries))
+    if entries.truncated:
+        print(truncated_note(len(entries)), file=sys.stderr)
     return 0
+
+
+def truncated_note(shown: int) -> str:
+    """What ``ls`` says under a listing cut at ``shown`` entries."""
+    return f"... more than {shown} entries: use --limit"
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
@@ -180,7 +188,10 @@ def cmd_put(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     with _connect(args) as c:
-        n = c.fs.rm(args.path, recursive=args.recursive)
+        try:
+            n = c.fs.rm(args.path, recursive=args.recursive)
+        except InvalidArgument as exc:  # the kernel speaks of the syscall's argument; here it is a flag
+            raise InvalidArgument(exc.message.replace("recursive=True", "-r"), exc.errno) from None
     print(json.dumps({"path": args.path, "removed": n}) if args.json
           else f"removed {args.path}" + (f" ({n} files)" if args.recursive else ""))
     return 0
@@ -209,6 +220,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ls = fsub.add_parser("ls", parents=[common], help="list a directory (default /)")
     ls.add_argument("path", nargs="?", default="/")
     ls.add_argument("--json", action="store_true", help="one JSON list of stats")
+    ls.add_argument("--limit", type=syscall_arg("fs_list", "limit"), default=1000,
+                    help="most entries to list (default 1000)")
     ls.set_defaults(fn=cmd_ls)
     cat = fsub.add_parser("cat", parents=[common], help="write a file's bytes to stdout")
     cat.add_argument("path")

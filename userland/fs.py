@@ -119,10 +119,12 @@ class FS:
         bytes at a time. DeviceError (EIO) if the file is replaced while it is being read."""
         return Reader(self.client, path)
 
-    def ls(self, path: str = "/", limit: int = 1000) -> list[FileStat]:
-        """The entries of directory ``path``, sorted by name (a subdirectory is one entry, kind "dir").
-        Raises NotFound, NotPermitted, InvalidArgument."""
-        return [FileStat.from_wire(e) for e in self.client.fs_list(path, limit)["entries"]]
+    def ls(self, path: str = "/", limit: int = 1000) -> "Listing":
+        """The entries of directory ``path``, sorted by name (a subdirectory is one entry, kind "dir"): at most
+        ``limit`` of them; the list's ``truncated`` is true when there are more. Raises NotFound, NotPermitted,
+        InvalidArgument."""
+        reply = self.client.fs_list(path, limit)
+        return Listing((FileStat.from_wire(e) for e in reply["entries"]), bool(reply.get("truncated")))
 
     def stat(self, path: str) -> FileStat:
         """The stat of a file or directory. Raises NotFound, NotPermitted, InvalidArgument."""
@@ -147,6 +149,14 @@ class FS:
         moved. ``replace``: what ``dst`` holds is removed first, else Exists (EEXIST). Raises NotFound,
         NotPermitted, Busy (EBUSY: a loaded store model), InvalidArgument (one path inside the other)."""
         return self.client.call("fs_rename", {"src": src, "dst": dst, "replace": replace}, timeout=120.0)["moved"]
+
+
+class Listing(list):
+    """A directory's entries (FileStat), with ``truncated``: true when more exist than were asked for."""
+
+    def __init__(self, entries: Iterable[FileStat] = (), truncated: bool = False) -> None:
+        super().__init__(entries)
+        self.truncated = truncated
 
 
 class Reader(io.RawIOBase):

@@ -21,7 +21,7 @@ from llmos.cli import EXIT_SIGPIPE, end, internal_error, nice_message, outcome, 
 from llmos.kernel.config import home_dir
 from llmos.llmos import LLMOS
 from llmos.syscalls.address import llmos_home
-from llmos.syscalls.errors import LLMOSError
+from llmos.syscalls.errors import InvalidArgument, LLMOSError
 from llmos.top import Sample, format_ps, frame
 
 HELP = """commands:
@@ -102,7 +102,8 @@ PARSERS: dict[str, Callable[[], _Parser]] = {
     "wait": lambda: _parser("wait", _PID),
     "stat": lambda: _parser("stat", _PID),
     "status": lambda: _parser("status"),
-    "ls": lambda: _parser("ls", ("path", {"nargs": "?", "default": "/", "metavar": "PATH"})),
+    "ls": lambda: _parser("ls", ("path", {"nargs": "?", "default": "/", "metavar": "PATH"}),
+                          ("--limit", {"type": syscall_arg("fs_list", "limit"), "default": 1000})),
     "cat": lambda: _parser("cat", ("path", {"metavar": "PATH"})),
     "dmesg": lambda: _parser("dmesg", ("-n", {"dest": "n", "type": syscall_arg("dmesg", "n"), "default": 20,
                                               "metavar": "N"})),
@@ -254,16 +255,23 @@ class Shell:
     def do_ls(self, a: argparse.Namespace) -> None:
         from llmos.cli_fs import format_ls
 
-        entries = self.os.fs.ls(a.path)
+        from llmos.cli_fs import truncated_note
+
+        entries = self.os.fs.ls(a.path, a.limit)
         self.say(format_ls(entries) if entries else f"{a.path}: empty")
+        if entries.truncated:
+            self.say(truncated_note(len(entries)))
 
     def do_cat(self, a: argparse.Namespace) -> None:
         import codecs
 
         text = codecs.getincrementaldecoder("utf-8")("backslashreplace")  # a piece may end mid-character
-        with self.os.fs.open(a.path) as reader:
-            for piece in reader:
-                self.say(text.decode(piece), end="")
+        try:
+            with self.os.fs.open(a.path) as reader:
+                for piece in reader:
+                    self.say(text.decode(piece), end="")
+        except InvalidArgument as exc:  # the kernel names its syscall; the shell's command for it is ls
+            raise InvalidArgument(exc.message.replace("list it with fs_list", "list it with ls"), exc.errno) from None
         self.say(text.decode(b"", final=True))
 
     def do_dmesg(self, a: argparse.Namespace) -> None:

@@ -131,3 +131,21 @@ def test_the_kernel_log_can_be_cat_and_get_though_it_is_made_anew_on_each_read(k
     assert r.returncode == 0 and r.stderr == "" and (tmp_path / "log").read_bytes().endswith(b"\n"), r.stderr
     with client.fs.open("/var/log/kernel") as reader:
         assert reader.read().endswith(b"\n")
+
+
+def test_ls_says_when_a_listing_is_cut_and_errors_name_the_cli_s_flags_not_the_syscall_s(kernel, as_user):
+    name, env = as_user
+    home = f"/home/{name}"
+    for f in ("a", "b", "c"):
+        assert llmos(env, "fs", "put", "-", f"{home}/d/{f}", input=b"x").returncode == 0
+    r = llmos(env, "fs", "ls", "--limit", "2", f"{home}/d")
+    assert r.returncode == 0 and r.stdout.count(b"\n") == 2 and "more than 2 entries: use --limit" in r.stderr
+    r = llmos(env, "fs", "ls", f"{home}/d")
+    assert r.stdout.count(b"\n") == 3 and r.stderr == ""
+    r = llmos(env, "fs", "rm", f"{home}/d")
+    assert r.returncode != 0 and "remove it with -r" in r.stderr and "recursive=True" not in r.stderr, r.stderr
+    script = f"ls --limit 1 {home}/d\ncat {home}/d\nexit\n"
+    r = subprocess.run([sys.executable, "-m", "llmos.shell"], env=env, input=script, capture_output=True, text=True,
+                       timeout=120)
+    assert "more than 1 entries: use --limit" in r.stdout and "list it with ls" in r.stdout, r.stdout + r.stderr
+    assert "fs_list" not in r.stdout
