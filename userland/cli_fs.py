@@ -1,4 +1,4 @@
-"""``llmos fs ls|cat|put|get|rm|stat`` and ``llmos dmesg``: the namespace and the kernel's log from the shell.
+"""``llmos fs ls|cat|put|get|rm|mv|stat`` and ``llmos dmesg``: the namespace and the kernel's log from the shell.
 
 Human output by default, ``--json`` for programs. Errors are the kernel's, one line with the errno
 (``llmos: [ENOENT] ...``), exit 1, as for every ``llmos`` command.
@@ -197,6 +197,14 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mv(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        n = c.fs.rename(args.src, args.dst, replace=args.replace)
+    print(json.dumps({"src": args.src, "dst": args.dst, "moved": n}) if args.json
+          else f"moved {args.src} to {args.dst} ({n} file{'s' if n != 1 else ''})")
+    return 0
+
+
 def cmd_dmesg(args: argparse.Namespace) -> int:
     with _connect(args) as c:
         lines = c.dmesg(n=args.lines, follow=args.follow)
@@ -246,6 +254,13 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     rm.add_argument("-r", "--recursive", action="store_true")
     rm.add_argument("--json", action="store_true")
     rm.set_defaults(fn=cmd_rm)
+    mv = fsub.add_parser("mv", parents=[common], help="move a file or a directory and everything under it, in one "
+                         "transaction (no data copied); DST taken: EEXIST unless --replace")
+    mv.add_argument("src", metavar="SRC")
+    mv.add_argument("dst", metavar="DST")
+    mv.add_argument("--replace", action="store_true", help="remove what DST holds first (atomically, with the move)")
+    mv.add_argument("--json", action="store_true")
+    mv.set_defaults(fn=cmd_mv)
     st = fsub.add_parser("stat", parents=[common], help="a file's or directory's kind, size, owner, mtime, extents")
     st.add_argument("path")
     st.add_argument("--json", action="store_true")
