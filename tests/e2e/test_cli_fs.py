@@ -73,7 +73,7 @@ def test_fs_put_ls_cat_stat_get_and_rm_from_the_command_line(as_user):
         assert r.returncode == 0 and out.read_bytes() == blob and not Path(str(out) + ".part").exists()
 
         r = llmos(env, "fs", "rm", f"/home/{name}/data")
-        assert r.returncode == 1 and "is a directory: remove it with recursive=True" in r.stderr
+        assert r.returncode == 1 and "is a directory: remove it with -r" in r.stderr
         r = llmos(env, "fs", "rm", "-r", f"/home/{name}/data")
         assert r.returncode == 0 and "(1 files)" in r.stdout.decode()
 
