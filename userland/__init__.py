@@ -19,7 +19,8 @@ _WHERE = {
     "TurnResult": "llmos.types", "Session": "llmos.session",
     **{name: _ERRORS for name in ("LLMOSError", "Errno", "InvalidArgument", "NotFound", "NoSuchProcess",
                                   "NotPermitted", "TimedOut", "TooBig", "DeviceError", "KernelGone",
-                                  "KernelUnavailable", "QuotaExceeded", "TryAgain", "Busy")},
+                                  "KernelUnavailable", "KernelRestarted", "QuotaExceeded", "TryAgain", "Busy",
+                                  "NoSpace")},
 }
 
 __all__ = list(_WHERE)
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from llmos.client import Client, OutputStream
     from llmos.llmos import LLMOS
     from llmos.session import Session
-    from llmos.syscalls.errors import (Busy, DeviceError, Errno, InvalidArgument, KernelGone, KernelUnavailable,
-                                       LLMOSError, NoSuchProcess, NotFound, NotPermitted, QuotaExceeded, TimedOut,
-                                       TooBig, TryAgain)
+    from llmos.syscalls.errors import (Busy, DeviceError, Errno, InvalidArgument, KernelGone, KernelRestarted,
+                                       KernelUnavailable, LLMOSError, NoSpace, NoSuchProcess, NotFound, NotPermitted,
+                                       QuotaExceeded, TimedOut, TooBig, TryAgain)
     from llmos.types import ProcessInfo, ProcessResult, Stats, TurnResult

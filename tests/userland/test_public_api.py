@@ -12,7 +12,7 @@ def test_the_public_names_are_exactly_these():
         "LLMOS", "Client", "AsyncClient", "OutputStream", "ProcessResult", "ProcessInfo", "Stats",
         "LLMOSError", "Errno", "InvalidArgument", "NotFound", "NoSuchProcess", "NotPermitted", "TimedOut",
         "TooBig", "DeviceError", "KernelGone", "KernelUnavailable", "QuotaExceeded", "TryAgain", "Busy",
-        "TurnResult", "Session",
+        "TurnResult", "Session", "KernelRestarted", "NoSpace",
     ])
     for name in llmos.__all__:
         assert getattr(llmos, name) is not None
