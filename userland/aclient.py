@@ -280,6 +280,11 @@ class AsyncClient:
         """Returns {path, removed: files removed}."""
         return await self.call("fs_remove", {"path": path, "recursive": recursive}, timeout=120.0)
 
+    @syscall_doc("fs_rename")
+    async def fs_rename(self, src: str, dst: str, replace: bool = False) -> dict[str, Any]:
+        """Returns {src, dst, moved: files moved}."""
+        return await self.call("fs_rename", {"src": src, "dst": dst, "replace": replace}, timeout=120.0)
+
     @syscall_doc("fs_stat")
     async def fs_stat(self, path: str) -> dict[str, Any]:
         """Returns {path, kind, size, owner, mtime, extents}."""

@@ -375,6 +375,11 @@ class Client:
         """Returns {path, removed: files removed}."""
         return self.call("fs_remove", {"path": path, "recursive": recursive}, timeout=120.0)
 
+    @syscall_doc("fs_rename")
+    def fs_rename(self, src: str, dst: str, replace: bool = False) -> dict[str, Any]:
+        """Returns {src, dst, moved: files moved}."""
+        return self.call("fs_rename", {"src": src, "dst": dst, "replace": replace}, timeout=120.0)
+
     @syscall_doc("fs_stat")
     def fs_stat(self, path: str) -> dict[str, Any]:
         """Returns {path, kind, size, owner, mtime, extents}."""
