@@ -210,15 +210,20 @@ class Store:
                     return
             self._adopt_map_size()
 
-    def write_txn(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+    def write_txn(self, fn: Callable[[lmdb.Transaction], T], reserve: int = 0) -> T:
         """Run ``fn`` in one write transaction and commit it; returns what ``fn`` returned.
 
-        A full map is grown (x2) and ``fn`` run again from the start, so ``fn`` must only act through
-        its transaction. StorageError (EIO) or NoSpace (ENOSPC) if the commit fails: nothing of it is kept.
+        ``reserve``: about how many bytes ``fn`` writes. The map is grown first while less than twice that
+        (and under half the map) is free: LMDB was seen to stall inside a write that ran into a full map while
+        other threads of this process kept reading, so a write should never find the map full. A full map is
+        still grown (x2) and ``fn`` run again from the start, so ``fn`` must only act through its
+        transaction. StorageError (EIO) or NoSpace (ENOSPC) if the commit fails: nothing of it is kept.
         Only the Writer's thread calls this while a kernel runs."""
         if self.readonly:
             raise InvalidArgument(f"store {str(self.path)!r} is open read-only")
         env = self.env()
+        while self._short_of(2 * reserve):
+            self._grow()
         while True:
             with self._gate.shared():
                 try:
@@ -246,6 +251,16 @@ class Store:
                 self._grow()
 
     # -- the map ------------------------------------------------------------------------------------
+    def _short_of(self, need: int) -> bool:
+        """Whether the map has less than ``need`` bytes past its last used page, or is over half used."""
+        try:
+            info = self.env().info()
+            used = (info["last_pgno"] + 1) * self.env().stat()["psize"]
+        except lmdb.Error:
+            return False
+        room = info["map_size"] - used
+        return info["map_size"] < MAX_MAP_BYTES and (room < need or used > info["map_size"] // 2)
+
     def _grow(self) -> None:
         with self._gate.exclusive():
             env = self.env()

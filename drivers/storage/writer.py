@@ -125,7 +125,7 @@ class Writer:
                 outcomes.append(self._apply_one(op, txn))
 
         try:
-            self.store.write_txn(run)
+            self.store.write_txn(run, reserve=sum(_ops.size_of(op) for op, _ in batch))
         except LLMOSError as exc:  # the commit failed: nothing of the batch is kept
             self.stats["failed_commits"] += 1
             if len(batch) > 1:

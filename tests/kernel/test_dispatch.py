@@ -1,6 +1,7 @@
 """Dispatch without sockets: frames in, frames out; every request ends in exactly one final frame."""
 
 import asyncio
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -29,7 +30,9 @@ class Collected:
 
 def call(frame: bytes, handlers=None, caller=None) -> list[dict]:
     out = Collected()
-    asyncio.run(dispatch(handlers or Handlers(kernel=None), caller or Caller(b"id", "ann"), frame, out))
+    # hello and ping need only the kernel's start time
+    asyncio.run(dispatch(handlers or Handlers(kernel=SimpleNamespace(started=1.0)), caller or Caller(b"id", "ann"),
+                         frame, out))
     assert out.finals == 1, out.frames
     return out.frames
 
