@@ -2,10 +2,13 @@
 
 import os
 
+import pytest
+
 from tests.conftest import KernelProc, wait_for
 from tests.crashloop import crash_loop
 
 
+@pytest.mark.slow
 def test_a_kernel_killed_mid_generation_resumes_every_process_after_a_restart(tiny_model):
     g = dict(model=tiny_model, temperature=0.0, ignore_eos=True)
     k = KernelProc()
@@ -71,6 +74,7 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_a_kill_minus_9_loop_at_random_points_loses_no_acknowledged_spawn(tiny_model):
     report = crash_loop(tiny_model, iterations=2, seed=1)  # 100 in the soak step (tests/soak/test_crash_soak.py)
     print(report.summary())

@@ -112,6 +112,7 @@ def test_eval_of_a_data_set_that_is_not_there_is_enoent(kernel, tiny_model):
     assert r.returncode == 1 and "[ENOENT]" in r.stderr and "no data set 'no-such-data'" in r.stderr
 
 
+@pytest.mark.slow
 def test_an_eval_survives_its_worker_crashing_midway_and_reports_never_overwrite_each_other(tiny_model, tmp_path):
     import os
     import signal

@@ -188,6 +188,7 @@ def test_workers_die_with_a_killed_kernel(tiny_model):
         k.stop()
 
 
+@pytest.mark.slow
 def test_a_crashed_worker_is_restarted_and_its_processes_resume_token_for_token(tiny_model):
     k = KernelProc()
     try:
@@ -211,6 +212,7 @@ def test_a_crashed_worker_is_restarted_and_its_processes_resume_token_for_token(
         k.stop()
 
 
+@pytest.mark.slow
 def test_a_worker_that_keeps_crashing_ends_its_processes_with_eio_and_the_model_reloads(tiny_model):
     k = KernelProc()
     try:

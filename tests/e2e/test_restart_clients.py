@@ -5,6 +5,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from llmos.client import Client
 from tests.conftest import KernelProc, wait_for
 
@@ -12,6 +14,7 @@ BIN = [sys.executable, "-m", "llmos"]
 N = 120
 
 
+@pytest.mark.slow
 def test_clients_waiting_and_streaming_across_a_kernel_restart_get_the_result_and_keep_their_user(tiny_model):
     g = dict(model=tiny_model, temperature=0.0, ignore_eos=True, max_new_tokens=N)
     k = KernelProc()

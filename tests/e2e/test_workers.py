@@ -326,6 +326,7 @@ def test_a_load_failure_the_worker_blames_on_the_files_reaches_the_caller_as_ein
     assert isinstance(err, InvalidArgument) and "no-such-architecture" in err.message
 
 
+@pytest.mark.slow
 def test_a_silent_worker_is_counted_dead_replaced_and_its_processes_resume(tiny_model):
     k = KernelProc(extra=["--worker-timeout", "2"])
     try:
