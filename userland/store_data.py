@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 DATA = "/data"
 FORMATS = ("text", "jsonl", "csv")
 FRAME = 4 * 2**20  # bytes per fs_put frame
+INDEX_FRAME = 256 << 10  # the index goes out in small frames: its buffer never grows with the file
 MAX_RECORD_BYTES = 64 * 2**20  # one line (or record) of the source at most; a longer one is refused
 READ_BATCH = 1024  # records per ranged read when iterating
 Progress = Callable[[int, "int | None"], None]  # (source bytes read, source size or None)
@@ -329,7 +330,7 @@ class DataSets:
             at += len(raw)
             n += 1
             offsets.append(at)
-            if len(offsets) * 8 >= FRAME:
+            if len(offsets) * 8 >= INDEX_FRAME:
                 index.write(_little_endian(offsets))
                 offsets = array.array("Q")
             if progress is not None and records.size != last_report:
