@@ -20,6 +20,7 @@ from llmos.syscalls import protocol
 from llmos.syscalls.errors import InvalidArgument, ProtocolError, TimedOut
 
 Emit = Callable[[Any], Awaitable[None]]
+SETTLE_S = 10.0  # longest a result waits for its journal commit before it is returned anyway
 
 
 @dataclass
@@ -140,7 +141,12 @@ class Handlers:
         if getattr(self.k, "journal", None) is not None:
             committed = await self.k.procman.ask(m.Checkpoint())
             if committed is not None:
-                await committed
+                try:  # a store that stalls must not hold every waiter: the result goes out, the journal catches up
+                    await asyncio.wait_for(asyncio.shield(committed), SETTLE_S)
+                except asyncio.TimeoutError:
+                    self.k.log.warning("journal_commit_slow", waited_s=SETTLE_S, pid=result.get("pid"))
+                except Exception:  # a failed commit is the journal's to report (and to retry)
+                    pass
         return result
 
     async def sys_nice(self, caller: Caller, args: dict, emit: Emit) -> dict:

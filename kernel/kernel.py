@@ -110,7 +110,7 @@ class Kernel:
         checkpoint = await self.procman.ask(m.Checkpoint())
         if checkpoint is not None:
             try:
-                await checkpoint
+                await asyncio.wait_for(checkpoint, 30)
             except Exception as exc:
                 self.log.error("journal_checkpoint_failed", error=str(exc))
         await self.procman.stop()

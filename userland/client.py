@@ -197,7 +197,10 @@ class Client:
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return ProcessResult.from_wire(self.call("wait", {"pid": pid, "timeout": left, "reap": reap}))
+                # the kernel answers by ``left``; past it with a margin, a kernel that still answers pings but
+                # not this call is stalled: TimedOut, not a wait forever
+                return ProcessResult.from_wire(self.call("wait", {"pid": pid, "timeout": left, "reap": reap},
+                                                         timeout=None if left is None else left + 30.0))
             except KernelRestarted:
                 continue
 
