@@ -16,12 +16,7 @@ from typing import Any, Iterator
 
 from llmos import evaluate as ev
 from llmos import store_models as sm
-
-
-def _connect(args: argparse.Namespace) -> Any:
-    from llmos.cli import _connect as connect
-
-    return connect(args)
+from llmos.cli_fs import _connect
 
 
 def _size(n: int) -> str:

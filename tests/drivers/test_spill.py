@@ -17,30 +17,11 @@ import zmq
 from llmos.drivers.model.engine import load_engine
 from llmos.drivers.model.protocol import PAD_BLOCK, blocks_for
 from llmos.drivers.model.spill import SpillArea, remove_stale, spill_root
+from tests.drivers.test_context_switch import drain, step_until_tokens, tokens
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 SAMPLED = {"temperature": 1.3, "top_p": 0.95, "seed": 11, "ignore_eos": True}
 HUGE = 1 << 62  # a spill_below_bytes no host reaches: host memory is always "short", spilling is forced
-
-
-def tokens(events, pid):
-    return [t for ev in events if ev.pid == pid for t in ev.token_ids]
-
-
-def drain(engine, limit=2000):
-    out = []
-    for _ in range(limit):
-        if not engine.has_work():
-            return out
-        out += engine.step()
-    raise AssertionError("the engine kept working")
-
-
-def step_until_tokens(engine, pid, n):
-    out = []
-    while len(tokens(out, pid)) < n:
-        out += engine.step()
-    return out
 
 
 def scramble_free_blocks(engine):
