@@ -1,6 +1,10 @@
-"""The Bus: the kernel's ROUTER socket. Reads frames, runs one dispatch task per request, delivers replies.
+"""The Bus: the kernel's ROUTER sockets. Reads frames, runs one dispatch task per request, delivers replies.
 
-Each client connection has a Caller (the user its hello named) and an Outbox (kernel/outbox.py):
+One ROUTER per listening address (a Listener): ipc, tcp with CURVE, or tcp --insecure (loopback). Each
+client connection has a Caller, the user its transport proves (kernel/identity.py), taken from every
+message's properties, so nothing a client sends can change it: a connection whose user differs from
+the one the bus knew for that routing id (a client that chose another's routing id) starts afresh,
+with nothing of the old one's. And an Outbox (kernel/outbox.py):
 every reply goes through the outbox, which hands frames to the socket without blocking and keeps
 what the socket refuses (the client reads slowly) for a retry, merging stream chunks meanwhile.
 ZeroMQ itself holds at most SNDHWM frames per client; the outbox is bounded in bytes by the
@@ -25,6 +29,8 @@ from llmos.kernel.config import KernelConfig
 from llmos.kernel.dispatch import dispatch
 from llmos.kernel.handlers import Caller, Handlers
 from llmos.kernel.heap import BIG_REQUEST_BYTES, CycleCollector
+from llmos.kernel.identity import (ANONYMOUS, CURVE, INSECURE, IPC, ZAP_DOMAIN, Keyring, account_name, curve_key,
+                                   peer_uid)
 from llmos.kernel.log import get_logger
 from llmos.kernel.outbox import Outbox
 from llmos.syscalls import codec, protocol
@@ -38,6 +44,17 @@ CLOSE_FLUSH_S = 0.5  # on shutdown, how long the last frames (bye) may take to l
 
 class _Gone(Exception):
     """The socket says the client is no longer connected."""
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One address the bus listens on, and how its callers prove who they are (identity.IPC, CURVE or
+    INSECURE). CURVE listeners need the kernel's key pair (Z85)."""
+
+    address: str
+    transport: str
+    public_key: bytes | None = None
+    secret_key: bytes | None = None
 
 
 @dataclass(eq=False)
@@ -61,53 +78,103 @@ class _Client:
 
 
 class Bus:
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, handlers: Handlers,
-                 config: KernelConfig | None = None) -> None:
-        self.address = address
+    def __init__(self, ctx: zmq.asyncio.Context, listeners: str | list[Listener], handlers: Handlers,
+                 config: KernelConfig | None = None, admins: frozenset[str] = frozenset(),
+                 keyring: Keyring | None = None) -> None:
+        if isinstance(listeners, str):  # one ipc or insecure address (tests of the bus alone)
+            listeners = [Listener(listeners, IPC if listeners.startswith("ipc://") else INSECURE)]
+        self.listeners = listeners
+        self.address = listeners[0].address
         self.config = config or KernelConfig()
         self.handlers = handlers
+        self.admins = admins
+        self.keyring = keyring
         self.log = get_logger("bus")
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.LINGER, 500)
-        self.sock.setsockopt(zmq.SNDHWM, SNDHWM_FRAMES)
-        # frames read from a connection but not yet taken by the kernel: a client that sends faster
-        # than the kernel reads is held back by ZeroMQ instead of filling the kernel's memory
-        self.sock.setsockopt(zmq.RCVHWM, RCVHWM_FRAMES)
-        # frames over MAX_FRAME_BYTES are read and answered EMSGSIZE; this cap only guards memory
-        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_TRANSPORT_BYTES)
-        self.clients: dict[bytes, _Client] = {}
+        self.socks = [self._socket(ctx, lst) for lst in listeners]
+        self.clients: dict[bytes, _Client] = {}  # key: the listener's index byte, then the routing id
         self._blocked: set[bytes] = set()  # clients whose socket refused a frame: retried by _retry
         self._wake: asyncio.Event | None = None
         self.collector: CycleCollector | None = None
         self._tasks: list[asyncio.Task] = []
 
+    @staticmethod
+    def _socket(ctx: zmq.asyncio.Context, listener: Listener) -> zmq.asyncio.Socket:
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.SNDHWM, SNDHWM_FRAMES)
+        # frames read from a connection but not yet taken by the kernel: a client that sends faster
+        # than the kernel reads is held back by ZeroMQ instead of filling the kernel's memory
+        sock.setsockopt(zmq.RCVHWM, RCVHWM_FRAMES)
+        # frames over MAX_FRAME_BYTES are read and answered EMSGSIZE; this cap only guards memory
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_TRANSPORT_BYTES)
+        if listener.transport == CURVE:
+            sock.curve_secretkey = listener.secret_key
+            sock.curve_publickey = listener.public_key
+            sock.curve_server = True
+            sock.zap_domain = ZAP_DOMAIN.encode()
+        return sock
+
     def bind(self) -> None:
-        self.sock.bind(self.address)
+        for sock, listener in zip(self.socks, self.listeners):
+            sock.bind(listener.address)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self.collector = CycleCollector(loop)
-        self._tasks = [loop.create_task(self._read(), name="bus:read"),
+        self._tasks = [*(loop.create_task(self._read(i), name=f"bus:read:{i}") for i in range(len(self.socks))),
                        loop.create_task(self._retry(), name="bus:retry")]
 
     # -- requests --------------------------------------------------------------------------
-    async def _read(self) -> None:
+    async def _read(self, index: int) -> None:
+        sock = self.socks[index]
         while True:
-            frames = await self.sock.recv_multipart(copy=True)
-            self._receive(frames)
+            frames = await sock.recv_multipart(copy=False)
+            self._receive(index, frames)
             # let the new request's task take its first step (decode, validate) before the next
             # frame is read, so a burst of big frames is not all held at once
             await asyncio.sleep(0)
 
-    def _receive(self, frames: list[bytes]) -> None:
-        ident = frames[0]
+    def identify(self, index: int, ident: bytes, frame: zmq.Frame) -> Caller | None:
+        """The Caller a message's transport proves; None for a CURVE key no longer authorised."""
+        transport = self.listeners[index].transport
+        if transport == IPC:
+            uid = peer_uid(frame)
+            user = account_name(uid) if uid is not None else ANONYMOUS
+        elif transport == CURVE:
+            key = curve_key(frame)
+            user = self.keyring.user_of(key) if key is not None and self.keyring is not None else None
+            if user is None:
+                return None
+        else:
+            user = ANONYMOUS
+        return Caller(bytes([index]) + ident, user, user in self.admins, transport)
+
+    def _receive(self, index: int, zframes: list[zmq.Frame]) -> None:
+        caller = self.identify(index, zframes[0].bytes, zframes[-1])
+        frames = [f.bytes for f in zframes]
+        ident = bytes([index]) + frames[0]
         if self.collector is not None and sum(map(len, frames)) >= BIG_REQUEST_BYTES:
             self.collector.big_request()  # whatever cycles its request leaves, collect them soon
         client = self.clients.get(ident)
+        if client is not None and (caller is None or client.caller != caller):
+            # another connection under a routing id the bus knew (a client may choose its own): nothing of
+            # the old one's (its replies, its calls in flight) goes to it
+            self._forget(client)
+            client = None
+        if caller is None:
+            rid = codec.peek_id(frames[-1])
+            self.handlers.refused(Caller(ident, ANONYMOUS, False, CURVE), "call", "the CURVE key of this "
+                                  "connection is no longer authorised")
+            try:
+                self._send(ident, codec.error(rid, Errno.EPERM, None, "this connection's CURVE key is no longer "
+                                              "authorised (withdrawn by the admin): use an authorised key"))
+            except _Gone:
+                pass
+            return
         if client is None:
-            client = self.clients[ident] = _Client(self, Caller(ident))
+            client = self.clients[ident] = _Client(self, caller)
         if len(frames) != 2:
             rid = codec.peek_id(frames[1]) if len(frames) > 1 else None
             client.final(rid, codec.error(rid, Errno.EPROTO, None,
@@ -141,8 +208,8 @@ class Bus:
         self._maybe_forget(client)
 
     def _maybe_forget(self, client: _Client) -> None:
-        # an idle connection that never named a user has nothing worth remembering
-        if not client.tasks and not client.outbox and client.caller.user == "anonymous":
+        # an idle connection has nothing worth remembering: its next message brings its identity again
+        if not client.tasks and not client.outbox:
             if self.clients.get(client.caller.identity) is client:
                 del self.clients[client.caller.identity]
 
@@ -167,7 +234,7 @@ class Bus:
     def _send(self, ident: bytes, data: bytes) -> bool:
         """True when the socket took the frame, False when it is full for this client (EAGAIN)."""
         try:
-            done = self.sock.send_multipart([ident, data], flags=zmq.DONTWAIT, copy=False)
+            done = self.socks[ident[0]].send_multipart([ident[1:], data], flags=zmq.DONTWAIT, copy=False)
             if done.done():  # with DONTWAIT the send is tried at once and never waits
                 done.result()
         except zmq.Again:
@@ -229,4 +296,5 @@ class Bus:
                 break
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)  # let the last frames leave before the socket closes
-        self.sock.close(linger=500)
+        for sock in self.socks:
+            sock.close(linger=500)

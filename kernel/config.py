@@ -42,6 +42,9 @@ class KernelConfig:
     checkpoint_s: float = 0.25  # how often running processes' new tokens are committed to the journal
     max_capture_bytes: int = 64 * 2**20  # captured intermediates one process may store (kernel/capture.py)
     max_capture_bytes_per_user: int = 256 * 2**20  # a user's stored captures, in all
+    listen: str | None = None  # more addresses to listen on, comma-separated (tcp ones with CURVE)
+    insecure: bool = False  # tcp without CURVE (loopback only): every tcp caller is "anonymous"
+    group: str | None = None  # the OS group whose members may reach the ipc socket
 
     def __post_init__(self) -> None:
         for f in FLAGS:
@@ -54,7 +57,7 @@ class KernelConfig:
                 raise ValueError(f"{f.option}: {exc}") from None
 
 
-NULLABLE = {"memory_limit", "max_batch", "max_procs_per_user", "max_kv_blocks_per_user", "max_tokens_per_minute",
+NULLABLE = {"listen", "group", "memory_limit", "max_batch", "max_procs_per_user", "max_kv_blocks_per_user", "max_tokens_per_minute",
             "user_quotas"}
 QUOTA_KEYS = {"procs": "max_procs", "kv_blocks": "max_kv_blocks", "tpm": "tokens_per_minute"}
 
@@ -168,6 +171,51 @@ class _Choice(_Parser):
         return value
 
 
+class _Addresses(_Parser):
+    def convert(self, text: str) -> str:
+        return text
+
+    def check(self, value: Any) -> str:
+        from llmos.syscalls.address import check_address
+        from llmos.syscalls.errors import InvalidArgument
+
+        if not isinstance(value, str) or not value.strip():
+            raise argparse.ArgumentTypeError("must be one or more addresses, comma-separated")
+        for address in value.split(","):
+            try:
+                check_address(address.strip(), "--listen")
+            except InvalidArgument as exc:
+                raise argparse.ArgumentTypeError(exc.message) from None
+        return value
+
+
+class _Group(_Parser):
+    def convert(self, text: str) -> str:
+        return text
+
+    def check(self, value: Any) -> str:
+        import grp
+
+        try:
+            grp.getgrnam(value)
+        except (KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f"no group {value!r} on this machine (make it with groupadd, "
+                                             f"add the users who may call the kernel to it)") from None
+        return value
+
+
+class _Switch(_Parser):
+    """An on/off flag that takes no value (``--insecure``)."""
+
+    def convert(self, text: str) -> bool:
+        return bool(text)
+
+    def check(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"must be true or false, got {value!r}")
+        return value
+
+
 class _Quotas(_Parser):
     def convert(self, text: str) -> str:
         return text
@@ -252,6 +300,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag("max_capture_bytes", _SizeIn(0, 2**44), "SIZE", "bytes of captured intermediates (spawn's capture) one "
          "process may store; at the cap its capture stops with a warning, its generation goes on; 0 turns "
          "captures off (default 64M)"),
+    Flag("listen", _Addresses(), "ADDRESS[,ADDRESS]", "more addresses to serve besides --address, e.g. "
+         "tcp://0.0.0.0:5556: tcp is encrypted and authenticated with CURVE (keys: llmos user add), or with "
+         "--insecure plain, loopback only"),
+    Flag("insecure", _Switch(), "", "serve tcp addresses without CURVE (loopback addresses only; every tcp "
+         "caller is then the one user 'anonymous'): for development, never across machines"),
+    Flag("group", _Group(), "GROUP", "share the kernel with the members of this OS group: the ipc socket "
+         "becomes 0660 and its directory 0750 with that group (the home 0710); the rest of the home stays "
+         "owner-only"),
     Flag("max_capture_bytes_per_user", _SizeIn(0, 2**48), "SIZE", "bytes of captured intermediates one user's "
          "processes may keep in the store, in all (stored, plus what captures under way may still write); "
          "beyond it a capture stops, or captures nothing, with a warning (default 256M)"),
@@ -274,7 +330,10 @@ def quotas_of(config: KernelConfig):
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """Add every kernel flag to ``parser``; unset flags parse to None (the config's default applies)."""
     for f in FLAGS:
-        parser.add_argument(f.option, dest=f.field, type=f.parse, default=None, metavar=f.metavar, help=f.help)
+        if isinstance(f.parse, _Switch):
+            parser.add_argument(f.option, dest=f.field, action="store_const", const=True, default=None, help=f.help)
+        else:
+            parser.add_argument(f.option, dest=f.field, type=f.parse, default=None, metavar=f.metavar, help=f.help)
 
 
 def from_args(ns: argparse.Namespace) -> KernelConfig:
@@ -287,6 +346,8 @@ def to_argv(ns: argparse.Namespace) -> list[str]:
     out: list[str] = []
     for f in FLAGS:
         value = getattr(ns, f.field, None)
-        if value is not None:
+        if value is True and isinstance(f.parse, _Switch):
+            out.append(f.option)
+        elif value is not None:
             out += [f.option, str(value)]
     return out

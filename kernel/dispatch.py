@@ -1,7 +1,8 @@
 """Turn one request frame into its replies: any chunks, then exactly one final frame.
 
 Decode, check the envelope and version, find the syscall, validate its args against the
-table's schema, call the handler, encode its result. Every fault becomes an error frame to that
+table's schema, check the table's access rule for the caller (EPERM, audited), call the handler,
+encode its result. Every fault becomes an error frame to that
 caller, with the request's id whenever it can be read; a result too big for a frame becomes
 EMSGSIZE. Nothing here can raise into the bus (cancellation aside: a client that is gone gets
 nothing).
@@ -15,9 +16,10 @@ from llmos.kernel.actor import ActorStopped
 from llmos.kernel.handlers import Caller, Handlers, handler_for
 from llmos.kernel.log import get_logger
 from llmos.syscalls import codec, protocol
-from llmos.syscalls.errors import (Errno, FrameTooLarge, LLMOSError, NoSuchSyscall, ProtocolError, quote)
+from llmos.syscalls.errors import (Errno, FrameTooLarge, LLMOSError, NoSuchSyscall, NotPermitted, ProtocolError,
+                                   quote)
 from llmos.syscalls.schema import validate
-from llmos.syscalls.table import lookup
+from llmos.syscalls.table import ADMIN, OWNER, PATH, Syscall, lookup
 
 log = get_logger("dispatch")
 
@@ -80,9 +82,41 @@ def result_frame(rid: int, result: Any) -> bytes:
         return codec.error(rid, Errno.EIO, None, f"internal kernel error: {exc.message}")
 
 
+FS_WRITES = ("fs_put", "fs_remove", "fs_rename")
+
+
+async def check_access(sc: Syscall, caller: Caller, args: dict, handlers: Handlers) -> str | None:
+    """Enforce the table's access rule for ``sc`` (NotPermitted, EPERM, when it does not allow the caller);
+    return what makes the call an administrative action, to audit, or None."""
+    rule = sc.access
+    fields = {f.name: f for f in sc.request}
+    raised = [a for a in rule.admin_args if args.get(a) != fields[a].default_value()] + \
+             [a for a in rule.admin_below_zero if isinstance(args.get(a), int) and args[a] < 0]
+    owner = await handlers.owner_of(args["pid"]) if rule.who == OWNER else None
+    if not caller.admin:
+        if rule.who == ADMIN:
+            raise NotPermitted(f"{sc.name} is the admin's (the kernel's owner or root); you are {caller.user}")
+        if raised:
+            what = ", ".join(f"{a}={quote(args[a])}" for a in raised)
+            raise NotPermitted(f"{sc.name} with {what} is the admin's (the kernel's owner or root); you are "
+                               f"{caller.user}")
+        if owner is not None and owner != caller.user:
+            raise NotPermitted(f"process {args['pid']} belongs to {owner}, not {caller.user}")
+        return None
+    if rule.who == ADMIN or raised:
+        return ", ".join(raised) or "admin only"
+    if owner is not None and owner != caller.user:
+        return f"process {args['pid']} of {owner}"
+    if rule.who == PATH and sc.name in FS_WRITES and any(
+            str(args.get(k) or "").startswith("/models") for k in ("path", "src", "dst")):
+        return "writes /models"
+    return None
+
+
 async def dispatch(handlers: Handlers, caller: Caller, frame: bytes, replies: Replies) -> None:
     """Serve one request frame; ``replies`` gets its chunks, then exactly one final frame."""
     rid: int | None = None
+    name = "?"
     try:
         try:
             rid, call, raw_args = parse_request(frame)
@@ -90,16 +124,23 @@ async def dispatch(handlers: Handlers, caller: Caller, frame: bytes, replies: Re
             rid = w.rid
             raise w.error from None
         sc = lookup(call)
+        name = sc.name
         fn = handler_for(handlers, sc.name)
         if fn is None:
             raise NoSuchSyscall(f"syscall {sc.name} has no handler in this kernel")
         args = validate(sc.request, raw_args)
+        administrative = await check_access(sc, caller, args, handlers)
         request_id = rid
 
         async def emit(data: Any) -> None:
             replies.chunk(request_id, data)
 
+        if administrative is not None:  # before the call: a shutdown's line must not wait for its end
+            handlers.audit.admin(caller.user, sc.name, why=administrative, pid=args.get("pid"),
+                                 target=args.get("model") or args.get("path") or args.get("user"))
         final = result_frame(rid, await fn(caller, args, emit))
     except Exception as exc:  # a handler bug must not take the bus down
+        if isinstance(exc, LLMOSError) and exc.errno == Errno.EPERM:
+            handlers.audit.refused(caller.user, name, exc.message, transport=caller.transport)
         final = error_frame(rid, exc)
     replies.final(rid, final)

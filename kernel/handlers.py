@@ -15,39 +15,55 @@ from typing import Any, Awaitable, Callable
 from llmos.drivers.model import protocol as wp
 from llmos.kernel import __version__
 from llmos.kernel import messages as m
+from llmos.kernel.audit import Audit
 from llmos.kernel.files import Files
 from llmos.syscalls import protocol
-from llmos.syscalls.errors import InvalidArgument, ProtocolError, TimedOut
+from llmos.syscalls.errors import InvalidArgument, NotPermitted, ProtocolError, TimedOut
 
 Emit = Callable[[Any], Awaitable[None]]
 SETTLE_S = 10.0  # longest a result waits for its journal commit before it is returned anyway
 
 
-@dataclass
+@dataclass(frozen=True)
 class Caller:
-    """Who is calling: one client connection (its bus identity) and the user its ``hello`` named.
+    """Who is calling: one client connection (its bus identity) and the user its transport proves.
 
-    The Bus keeps one Caller per connection and hands it to every request of that connection;
-    ``sys_hello`` sets ``user`` once the hello is valid, so a refused hello records nothing.
+    The Bus makes one Caller per connection from the transport (kernel/identity.py: the peer's uid
+    over ipc, its CURVE key over tcp) and hands it to every request of that connection; nothing a
+    client sends changes it. ``admin``: the user is the kernel's owner or root. ``transport``: ipc,
+    curve or insecure.
     """
 
     identity: bytes
     user: str = "anonymous"
+    admin: bool = False
+    transport: str = "insecure"
 
 
 class Handlers:
     def __init__(self, kernel: Any) -> None:
         self.k = kernel  # the Kernel: its actors and identity; handlers only read it
         self.files = Files(kernel)  # the fs calls' open uploads live there
+        self.audit = Audit()  # refused calls and administrative actions, to the kernel log (dmesg)
+
+    async def owner_of(self, pid: int) -> str:
+        """The owner of process ``pid`` (NoSuchProcess, ESRCH, when there is none): the dispatcher's
+        access check for calls on a process."""
+        return await self.k.procman.ask(m.Owner(pid))
+
+    def refused(self, caller: Caller, call: str, reason: str) -> None:
+        self.audit.refused(caller.user, call, reason, transport=caller.transport)
 
     async def sys_hello(self, caller: Caller, args: dict, emit: Emit) -> dict:
         if args["version"] != protocol.PROTOCOL_VERSION:
             raise ProtocolError(f"client speaks protocol {args['version']}, kernel speaks "
                                 f"{protocol.PROTOCOL_VERSION}")
-        if args["user"] is not None:  # validated by the table's pattern before we get here
-            caller.user = args["user"]
+        if args["user"] is not None and args["user"] != caller.user:
+            raise NotPermitted(f"this connection is user {caller.user} (proven by its {caller.transport} "
+                               f"transport), not {args['user']}: a client cannot choose who it is")
         return {"version": protocol.PROTOCOL_VERSION, "kernel_version": __version__, "pid": os.getpid(),
-                "started": self.k.started, "max_frame_bytes": protocol.MAX_FRAME_BYTES}
+                "started": self.k.started, "max_frame_bytes": protocol.MAX_FRAME_BYTES, "user": caller.user,
+                "admin": caller.admin, "transport": caller.transport}
 
     async def sys_ping(self, caller: Caller, args: dict, emit: Emit) -> dict:
         # pid and start time: a client connected across a restart on the same address tells kernels apart
@@ -57,7 +73,9 @@ class Handlers:
         counts = await self.k.procman.ask(m.Counts())
         models = [ex for d in await self.k.models.ask(m.ListModels()) for ex in d["executors"]]
         return {"pid": os.getpid(), "address": self.k.address, "uptime_s": time.time() - self.k.started,
-                "version": __version__, "home": str(self.k.home), "processes": counts, "models": models}
+                "version": __version__, "home": str(self.k.home), "processes": counts, "models": models,
+                "listeners": [{"address": a, "transport": t} for a, t in self.k.plan], "owner": self.k.owner,
+                "group": self.k.config.group}
 
     async def sys_shutdown(self, caller: Caller, args: dict, emit: Emit) -> dict:
         self.k.request_shutdown(f"shutdown syscall from {caller.user}")
@@ -205,6 +223,16 @@ class Handlers:
         finally:
             self.k.models.tell(m.Release(token))
         return {"model": path, "tokens": len(out["token_ids"]), **out}
+
+    # -- users: the CURVE keys of tcp clients (kernel/identity.py) --------------------------------
+    async def sys_user_add(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return self.k.keyring.add(args["user"], args["key"]).to_wire()
+
+    async def sys_user_list(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return {"keys": [e.to_wire() for e in self.k.keyring.entries()]}
+
+    async def sys_user_remove(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return {"user": args["user"], "removed": self.k.keyring.remove(args["user"], args["key"])}
 
     # -- the namespace (kernel/files.py) -------------------------------------------------------
     async def sys_fs_put(self, caller: Caller, args: dict, emit: Emit) -> dict:

@@ -7,7 +7,6 @@ stops in order: bus (bye frames), model workers, actors.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import gc
 import os
 import time
@@ -19,15 +18,17 @@ from llmos.drivers.devices import DeviceTable
 from llmos.drivers.model.from_store import use_store
 from llmos.drivers.storage import FS, Store, Writer, store_dir
 from llmos.kernel import messages as m
-from llmos.kernel.bus import Bus
+from llmos.kernel.bus import Bus, Listener
 from llmos.kernel.capture import Captures
 from llmos.kernel.config import KernelConfig
 from llmos.kernel.handlers import Handlers
 from llmos.kernel.heap import return_big_buffers_to_the_os
+from llmos.kernel.identity import CURVE, KeyAuthenticator, owner_name
 from llmos.kernel.journal import Journal
 from llmos.kernel.log import LogRing, get_logger
 from llmos.kernel.models import ModelManager
 from llmos.kernel.procman import ProcessManager
+from llmos.kernel.sharing import ensure_keys, listen_plan, share_socket
 
 
 class Kernel:
@@ -38,6 +39,10 @@ class Kernel:
         self.run_dir = home / "run"
         self.log_dir = home / "log"
         self.started = time.time()
+        self.owner = owner_name()  # the admin, with root
+        self.admins = frozenset({"root", self.owner})
+        self.plan = listen_plan(address, self.config)  # [(address, transport)]; InvalidArgument for a bad one
+        self.auth: KeyAuthenticator | None = None
         self.log = get_logger("kernel")
         self._stop = asyncio.Event()
         self._stop_reason = ""
@@ -52,11 +57,11 @@ class Kernel:
         self.fs = FS(self.store)
         use_store(self.fs)  # model names resolve in this store (/models/<name>): llmos run --model NAME
         self.logring = LogRing(self.store, self.writer).start()
-        # the admin: root and the kernel's owner (identity from the transport comes with the identity issue)
+        self.public_key, secret_key, self.keyring = ensure_keys(self.home, self.owner)
         self.journal = (Journal(self.store, self.writer, self.config.checkpoint_s)
                         if self.config.journal == "on" else None)
         # the journal's processes come back now: ZOMBIEs with their results, the rest waiting for their models
-        self.procman = ProcessManager(self.config, admins=frozenset({"root", getpass.getuser()}),
+        self.procman = ProcessManager(self.config, admins=self.admins,
                                       journal=self.journal).start()
         waiting_for = self.procman.orphan_models()
         self.capture = Captures(self.writer, self.fs, self.procman, max_bytes=self.config.max_capture_bytes,
@@ -65,13 +70,24 @@ class Kernel:
         self.models = ModelManager(self.ctx, self.run_dir, self.log_dir, self.procman, self.devices,
                                    self.config).start()
         self.handlers = Handlers(self)
-        self.bus = Bus(self.ctx, self.address, self.handlers, self.config)
+        listeners = [Listener(a, t, self.public_key, secret_key) for a, t in self.plan]
+        if any(t == CURVE for _, t in self.plan):  # the ZAP handler first: it checks each CURVE handshake
+            self.auth = KeyAuthenticator(self.ctx, self.keyring, on_refused=self._key_refused)
+            self.auth.start()
+        self.bus = Bus(self.ctx, listeners, self.handlers, self.config, admins=self.admins, keyring=self.keyring)
         self.bus.bind()
+        for a, _ in self.plan:
+            share_socket(a, self.config.group)
         self.bus.start()
         self._recovery = asyncio.get_running_loop().create_task(self._load_for_recovery(waiting_for))
         gc.collect()
         gc.freeze()  # what start-up made lives as long as the kernel: later collections skip it
-        self.log.info("kernel_started", pid=os.getpid(), address=self.address, home=str(self.home))
+        self.log.info("kernel_started", pid=os.getpid(), address=self.address, home=str(self.home),
+                      listeners=[f"{t} {a}" for a, t in self.plan], owner=self.owner, group=self.config.group)
+
+    def _key_refused(self, fingerprint: str) -> None:
+        self.handlers.audit.refused("unknown", "handshake", f"CURVE key {fingerprint} is not authorised",
+                                    transport=CURVE)
 
     async def _load_for_recovery(self, models: list[str]) -> None:
         """Load the models that restored processes wait for; a model that cannot be loaded ends them (EIO)."""
@@ -117,5 +133,7 @@ class Kernel:
         await self.logring.stop()
         await asyncio.to_thread(self.writer.stop)  # commits what is queued, then ends its thread
         self.store.close()
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.destroy(linger=200)
         self.log.info("kernel_stopped")

@@ -37,6 +37,7 @@ from llmos.syscalls.address import resolve_address
 from llmos.kernel.config import KernelConfig, add_flags, from_args, home_dir
 from llmos.kernel.kernel import Kernel
 from llmos.kernel.log import get_logger
+from llmos.kernel.sharing import listen_plan
 from llmos.syscalls.address import ipc_path, llmos_home
 from llmos.syscalls.errors import InvalidArgument
 
@@ -44,7 +45,7 @@ EXIT_INTERNAL = 1
 EXIT_CONFIG = 2
 EXIT_BUSY = 3
 EXIT_ADDRINUSE = 4
-HOME_ENTRIES = {"run", "log", "shell_history"}  # what LLMOS itself puts in a home
+HOME_ENTRIES = {"run", "log", "shell_history", "keys", "store"}  # what LLMOS itself puts in a home
 _WORKER_SOCKET = re.compile(r"^worker-(\d+)-.*\.sock$")
 
 
@@ -178,6 +179,10 @@ def _serve(args: argparse.Namespace, config: KernelConfig) -> int:
     except InvalidArgument as exc:
         return _refuse(exc.message)
     try:
+        listen_plan(address, config)  # tcp without CURVE off the loopback, an address twice: refused here
+    except InvalidArgument as exc:
+        return _refuse(exc.message)
+    try:
         run = prepare_home(home)
     except OSError as exc:
         return _refuse(f"cannot use {home} as the home: {exc.strerror or exc}")
@@ -207,8 +212,8 @@ def _serve(args: argparse.Namespace, config: KernelConfig) -> int:
         uvloop.run(_run(kernel, args.parent_pid))
     except zmq.ZMQError as exc:
         if exc.errno == zmq.EADDRINUSE:
-            return _refuse(f"{address} is in use by another program (EADDRINUSE); stop it or choose another "
-                           f"--address", EXIT_ADDRINUSE)
+            return _refuse(f"{' or '.join(a for a, _ in listen_plan(address, config))} is in use by another "
+                           f"program (EADDRINUSE); stop it or choose another --address / --listen", EXIT_ADDRINUSE)
         if exc.errno in (zmq.EADDRNOTAVAIL, zmq.ENODEV, errno.EACCES):
             return _refuse(f"cannot listen on {address}: {exc.strerror}")
         raise

@@ -102,6 +102,13 @@ class Ps:
 
 
 @dataclass
+class Owner:
+    """Who owns process ``pid`` (the dispatcher's access check); NoSuchProcess when there is none."""
+
+    pid: int
+
+
+@dataclass
 class Stat:
     pid: int
     user: str

@@ -134,6 +134,8 @@ class ProcessManager(SessionsMixin, RecoveryMixin, Actor):
             case m.Ps():
                 kept, omitted = fit_records([p.record() for p in self.table])
                 return {"processes": kept, "omitted": omitted}
+            case m.Owner():
+                return self.table.get(msg.pid).owner
             case m.Stat():
                 proc = self._owned(msg.pid, msg.user)
                 return {**proc.record(), "text": proc.text, "stats": proc.stats(), "sched": proc.sched.to_wire()}

@@ -17,8 +17,12 @@ or its number in the request's `call` field; its arguments go in `args`.
 Bounds: a frame is at most {frame}, a string {string}, an array {array:,} items, a map {map:,}
 keys (protocol.md); a field's own bounds are in its notes. Float fields accept ints.
 
-| nr | name | streams | what it does |
-|---:|---|---|---|
+Who may call: the caller is the user the transport proves (protocol.md, Identity); the kernel's
+dispatcher checks the column below before the call runs and answers EPERM otherwise. "The admin" is
+the kernel's owner and root.
+
+| nr | name | streams | who may call | what it does |
+|---:|---|---|---|---|
 """
 
 
@@ -48,10 +52,11 @@ def render() -> str:
     lines = [HEADER.rstrip("\n").format(frame=_mib(protocol.MAX_FRAME_BYTES), string=_mib(protocol.MAX_STR_BYTES),
                                           array=protocol.MAX_ARRAY_LEN, map=protocol.MAX_MAP_LEN)]
     for s in SYSCALLS:
-        lines.append(f"| {s.nr} | [`{s.name}`](#{s.nr}-{s.name}) | {'yes' if s.streams else ''} | {s.doc} |")
+        who = s.access.describe() if s.access.who != "path" else "by path (see the call)"
+        lines.append(f"| {s.nr} | [`{s.name}`](#{s.nr}-{s.name}) | {'yes' if s.streams else ''} | {who} | {s.doc} |")
     lines.append("")
     for s in SYSCALLS:
-        lines += [f"## {s.nr} `{s.name}`", "", s.doc, ""]
+        lines += [f"## {s.nr} `{s.name}`", "", s.doc, "", f"Who may call: {s.access.describe()}.", ""]
         lines += _fields("Request `args`", s.request)
         if s.streams:
             lines += _fields("Each `chunk` frame's `data`", s.chunk)

@@ -29,6 +29,42 @@ class Syscall:
     errors: tuple[Errno, ...]
     streams: bool = False  # replies with chunk frames before the final frame
     chunk: tuple[Field, ...] = ()
+    access: "Access | None" = None  # who may call it (required: checked below)
+
+
+ANY, OWNER, ADMIN, PATH = "any", "owner", "admin", "path"
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may make a call; the kernel's dispatcher checks it before the handler runs (EPERM otherwise).
+
+    ``who``: ANY authenticated user; OWNER: the owner of the process the call names (its ``pid``) or the
+    admin; ADMIN: the admin only (the kernel's owner and root); PATH: by the path, under the namespace's
+    rules (FS_RULES), checked in the same store transaction as the operation. ``admin_args``: setting any of
+    these arguments (to anything but its default) makes the call the admin's. ``admin_below_zero``: these
+    arguments below 0 are the admin's (a negative nice value, as on Unix).
+    """
+
+    who: str
+    admin_args: tuple[str, ...] = ()
+    admin_below_zero: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        base = {ANY: "any user", OWNER: "the process's owner or the admin", ADMIN: "the admin",
+                PATH: "by path: " + FS_RULES}[self.who]
+        extra = [f"{', '.join(self.admin_args)} only the admin" if self.admin_args else "",
+                 f"{', '.join(self.admin_below_zero)} below 0 only the admin" if self.admin_below_zero else ""]
+        return "; ".join([base, *(e for e in extra if e)])
+
+
+ANY_USER, TARGET_OWNER, ADMIN_ONLY, BY_PATH = Access(ANY), Access(OWNER), Access(ADMIN), Access(PATH)
+LOAD_OPTIONS = ("device", "instances", "kv_policy", "kv_blocks", "kv_max_blocks", "user_cap_blocks", "max_batch",
+                "keep_alive", "engine", "spill_bytes", "spill_below_bytes")
+FS_RULES = ("/home/<user>: its user and the admin read and write; /models: everyone reads, the admin writes; "
+            "/data: everyone reads and creates, a file's owner or the admin replaces or removes it; "
+            "/proc/<pid>: the process's owner and the admin read, nobody writes; /var/log: everyone reads, "
+            "nobody writes")
 
 
 PID = Field("pid", "int", "process id", min=1, max=2**63 - 1)
@@ -123,39 +159,53 @@ MODEL_DESCRIPTION = (
 SYSCALLS: tuple[Syscall, ...] = (
     Syscall(
         0, "hello", "Version handshake: the client states its protocol version; the kernel answers with its own.",
+        access=ANY_USER,
         request=(
             Field("version", "int", "the client's protocol version", min=0),
             Field("client", "str", "client name, for logs", nullable=True, max_len=200, pattern=r"[^\x00-\x1f\x7f]*",
                   pattern_doc="no control characters"),
-            Field("user", "str", "user name the client runs as; it owns what this connection spawns. Recorded "
-                  "only when hello succeeds", nullable=True, max_len=64, pattern=USER_PATTERN,
+            Field("user", "str", "the user the client expects to be. The kernel takes a caller's identity from "
+                  "the transport, never from this field: over ipc the peer's uid (SO_PEERCRED), over tcp its CURVE "
+                  "key. Another name than the transport's is EPERM", nullable=True, max_len=64, pattern=USER_PATTERN,
                   pattern_doc="letters, digits and _ . @ + - (not first: . @ + -)"),
         ),
         reply=(Field("version", "int"), Field("kernel_version", "str"), Field("pid", "int"),
                Field("started", "float", "the kernel's start, unix time: with pid, which kernel this is"),
-               Field("max_frame_bytes", "int")),
-        errors=(E.EPROTO, E.EINVAL),
+               Field("max_frame_bytes", "int"),
+               Field("user", "str", "who the kernel knows this connection as: it owns what the connection spawns"),
+               Field("admin", "bool", "whether that user is the admin (the kernel's owner or root)"),
+               Field("transport", "str", "how the identity was proven: ipc (the peer's uid), curve (its key), or "
+                     "insecure (a tcp listener started with --insecure: every caller is 'anonymous')")),
+        errors=(E.EPROTO, E.EINVAL, E.EPERM),
     ),
     Syscall(
         1, "ping", "Liveness probe; answers at once.",
+        access=ANY_USER,
         request=(), reply=(Field("time", "float", "kernel's unix time"), Field("pid", "int", "the kernel's pid"),
                           Field("started", "float", "the kernel's start, unix time (as hello's: a client compares "
                                 "them to notice a kernel restarted on the same address)")), errors=(),
     ),
     Syscall(
         2, "kernel_info", "The kernel's identity and load: pid, address, uptime, version, counts.",
+        access=ANY_USER,
         request=(),
         reply=(Field("pid", "int"), Field("address", "str"), Field("uptime_s", "float"),
                Field("version", "str"), Field("home", "str"), Field("processes", "map", "count per state"),
-               Field("models", "list[map]", "loaded model instances: model, worker_pid, running, device, ...")),
+               Field("models", "list[map]", "loaded model instances: model, worker_pid, running, device, ..."),
+               Field("listeners", "list[map]", "every address the kernel serves: {address, transport} (ipc, curve "
+                     "or insecure)"),
+               Field("owner", "str", "the account the kernel runs as: the admin, with root"),
+               Field("group", "str", "the OS group that shares the ipc socket (--group)", nullable=True)),
         errors=(),
     ),
     Syscall(
         3, "shutdown", "Stop the kernel: pending calls get a bye frame, workers are stopped.",
+        access=ADMIN_ONLY,
         request=(), reply=(Field("stopping", "bool"),), errors=(E.EPERM,),
     ),
     Syscall(
         10, "spawn", "Create an LLM process: a generation on one model from a prompt or chat messages.",
+        access=Access(ANY, admin_below_zero=("priority",)),
         request=(
             Field("model", "str", DEFAULT_MODEL_DOC, nullable=True, max_len=4096),
             Field("prompt", "str", "plain text prompt (exactly one of prompt, messages, prompt_ids)", nullable=True,
@@ -185,6 +235,7 @@ SYSCALLS: tuple[Syscall, ...] = (
     ),
     Syscall(
         11, "wait", "Wait until a process is a ZOMBIE and return its result; reaps it unless reap is false.",
+        access=TARGET_OWNER,
         request=(PID, Field("timeout", "float", "seconds; null waits forever", nullable=True, min=0.0),
                  Field("reap", "bool", "remove the process from the table", default=True)),
         reply=RESULT,
@@ -196,12 +247,14 @@ SYSCALLS: tuple[Syscall, ...] = (
         "(it leaves the batch, its KV swapped out; state STOPPED; the tokens of the step in flight when it arrived "
         "still land), CONT resumes it exactly where it was (STOP and CONT of an ended process: EINVAL). Only the owner "
         "or the admin may signal a process.",
+        access=TARGET_OWNER,
         request=(PID, Field("signal", "str", "signal name", default="TERM", choices=SIGNALS)),
         reply=(PID, Field("state", "str", "state after the signal was delivered")),
         errors=(E.ESRCH, E.EPERM, E.EINVAL),
     ),
     Syscall(
         13, "ps", "List processes (ZOMBIEs included until reaped).",
+        access=ANY_USER,
         request=(),
         reply=(Field("processes", "list[map]", "process records: " + ", ".join(f.name for f in PROCESS_RECORD)),
                OMITTED),
@@ -209,12 +262,14 @@ SYSCALLS: tuple[Syscall, ...] = (
     ),
     Syscall(
         14, "stat", "One process's record with its stats and output so far (the owner's or the admin's).",
+        access=TARGET_OWNER,
         request=(PID,),
         reply=PROCESS_RECORD + (Field("text", "str", "output so far"), Field("stats", "map"), SCHED_STATS),
         errors=(E.ESRCH, E.EPERM, E.EINVAL),
     ),
     Syscall(
         15, "stream", "Stream a process's output: chunks of text as generated, then its result.",
+        access=TARGET_OWNER,
         request=(PID,),
         reply=RESULT,
         errors=(E.ESRCH, E.EPERM, E.EINVAL),
@@ -223,10 +278,12 @@ SYSCALLS: tuple[Syscall, ...] = (
     ),
     Syscall(
         16, "models", "List the loaded models with their instances, devices and KV pools.",
+        access=ANY_USER,
         request=(), reply=(Field("models", "list[map]", "model descriptions, as model_info"),), errors=(),
     ),
     Syscall(
         17, "model_load", "Load a model (or return it if loaded): device, instances, KV memory policy, keep-alive.",
+        access=Access(ANY, admin_args=LOAD_OPTIONS),
         request=(
             MODEL,
             Field("device", "str", "cpu, cuda:N or auto (one GPU that fits, else the CPU)", nullable=True, max_len=32),
@@ -250,21 +307,24 @@ SYSCALLS: tuple[Syscall, ...] = (
                   max=2**50),
         ),
         reply=MODEL_DESCRIPTION,
-        errors=(E.ENOENT, E.ENOMEM, E.EIO, E.EINVAL),
+        errors=(E.ENOENT, E.ENOMEM, E.EIO, E.EINVAL, E.EPERM),
     ),
     Syscall(
         18, "model_unload", "Unload a model: stop its workers and free its memory.",
+        access=Access(ANY, admin_args=("force",)),
         request=(MODEL, Field("force", "bool", "also end its live processes (they finish with error)",
                               default=False)),
         reply=(Field("model", "str"), Field("unloaded", "bool")),
-        errors=(E.ENOENT, E.EBUSY),
+        errors=(E.ENOENT, E.EBUSY, E.EPERM),
     ),
     Syscall(
         19, "model_info", "Describe a model: loaded or not, its memory estimate, its instances and their metrics.",
+        access=ANY_USER,
         request=(MODEL,), reply=MODEL_DESCRIPTION, errors=(E.ENOENT,),
     ),
     Syscall(
         20, "devices", "The devices: cpu (cores, load, RAM) and each GPU (memory, utilisation), with reservations.",
+        access=ANY_USER,
         request=(),
         reply=(Field("devices", "list[map]", "kind, name, capacity, budget_bytes, reserved_bytes, free_bytes, "
                      "holders, and what the driver reports (load, utilisation, memory)"),),
@@ -272,6 +332,7 @@ SYSCALLS: tuple[Syscall, ...] = (
     ),
     Syscall(
         21, "metrics", "Metrics of every live process and model, and of finished processes.",
+        access=ANY_USER,
         request=(),
         reply=(Field("processes", "list[map]", "live processes: record and stats (queue_time_s, ttft_s, tpot_s, "
                      "tokens)"),
@@ -299,6 +360,7 @@ SYSCALLS = SYSCALLS + (
     Syscall(
         22, "nice", "Change a live process's priority (renice; EINVAL once it has ended). Only the owner or the "
         "admin; below 0 only the admin.",
+        access=Access(OWNER, admin_below_zero=("priority",)),
         request=(PID, Field("priority", "int", "new nice value, lower runs first", min=PRIORITY_MIN,
                             max=PRIORITY_MAX)),
         reply=(PID, Field("priority", "int"), Field("state", "str")),
@@ -307,6 +369,7 @@ SYSCALLS = SYSCALLS + (
     Syscall(
         23, "write", "Send a session its next turn and stream the reply: chunks as generated, then the turn's "
         "result. The session must be BLOCKED (waiting for input).",
+        access=TARGET_OWNER,
         request=(PID, Field("content", "str", "the turn's text", max_len=4_000_000),
                  Field("role", "str", "the message's role for a chat model (user, system...)", default="user",
                        max_len=64)),
@@ -317,6 +380,7 @@ SYSCALLS = SYSCALLS + (
     ),
     Syscall(
         24, "close", "End a session (or any process, as TERM does) and return its result; reaps it.",
+        access=TARGET_OWNER,
         request=(PID,),
         reply=RESULT,
         errors=(E.ESRCH, E.EPERM, E.EINVAL),
@@ -328,11 +392,6 @@ FS_PATH_MAX = 4096  # bytes of a path (UTF-8); each part at most 255
 FS_DATA_MAX = 8 * 2**20  # bytes of one fs_put frame's data (the client sends 4 MiB per frame)
 FS_PIECE = 2**20  # bytes of file data in one fs_get frame
 LOG_LINES_MAX = 10_000  # lines the kernel's log ring keeps (and the most one dmesg returns)
-FS_RULES = ("/home/<user>: its user and the admin read and write; /models: everyone reads, the admin writes; "
-            "/data: everyone reads and creates, a file's owner or the admin replaces or removes it; "
-            "/proc/<pid>: the process's owner and the admin read, nobody writes; /var/log: everyone reads, "
-            "nobody writes")
-
 FS_PATH = Field("path", "str", "an absolute path under /models, /data, /proc, /home or /var/log (no '..', no empty "
                 "part, no NUL; each part at most 255 bytes, the whole at most 4096 bytes)", max_len=FS_PATH_MAX)
 FS_STAT: tuple[Field, ...] = (
@@ -350,6 +409,7 @@ SYSCALLS = SYSCALLS + (
         "bigger value goes as an upload (`last` false starts or continues it, the reply's `upload` id continues "
         "it, `last` true commits it; nothing is visible before the commit). An upload belongs to the connection "
         "that began it. Who may write: " + FS_RULES + ".",
+        access=BY_PATH,
         request=(
             FS_PATH,
             Field("data", "bytes", "the bytes to write (appended to the upload when there is one)", default=b"",
@@ -370,6 +430,7 @@ SYSCALLS = SYSCALLS + (
         31, "fs_get", "Read a byte range of a file: pieces of at most 1 MiB as chunk frames, the last piece in the "
         "reply (a range of 1 MiB or less is one frame). The range is read from one snapshot of the store. Who "
         "may read: " + FS_RULES + ".",
+        access=BY_PATH,
         request=(
             FS_PATH,
             Field("offset", "int", "first byte of the range", default=0, min=0, max=2**63 - 1),
@@ -388,6 +449,7 @@ SYSCALLS = SYSCALLS + (
     Syscall(
         32, "fs_list", "List a directory: its immediate children, sorted by name (a subdirectory is one entry). "
         "'/' lists the namespaces. Who may: whoever may read the directory (" + FS_RULES + ").",
+        access=BY_PATH,
         request=(FS_PATH, Field("limit", "int", "most entries to return", default=1000, min=1,
                                 max=LOG_LINES_MAX)),
         reply=(Field("path", "str"),
@@ -399,6 +461,7 @@ SYSCALLS = SYSCALLS + (
         33, "fs_remove", "Remove a file, or with `recursive` a directory and everything under it (in one "
         "transaction). Who may: whoever may write the path (" + FS_RULES + "); in /data, a recursive remove "
         "needs every file under it to be the caller's (or the caller to be the admin).",
+        access=BY_PATH,
         request=(FS_PATH, Field("recursive", "bool", "remove everything under the path", default=False)),
         reply=(Field("path", "str"), Field("removed", "int", "files removed")),
         errors=(E.ENOENT, E.EPERM, E.EINVAL, E.ENOSPC, E.EIO),
@@ -406,6 +469,7 @@ SYSCALLS = SYSCALLS + (
     Syscall(
         34, "fs_stat", "A file's or directory's stat: kind, size, owner, mtime, extents. Who may: whoever may "
         "read the path (" + FS_RULES + ").",
+        access=BY_PATH,
         request=(FS_PATH,),
         reply=FS_STAT,
         errors=(E.ENOENT, E.EPERM, E.EINVAL, E.EIO),
@@ -414,6 +478,7 @@ SYSCALLS = SYSCALLS + (
         35, "dmesg", "The kernel's log ring (/var/log/kernel; the last 10,000 lines survive restarts): the last "
         "`n` lines, or those after `since`; with `follow`, new lines stream as chunk frames until the caller "
         "goes away. Everyone may read it.",
+        access=ANY_USER,
         request=(
             Field("n", "int", "how many of the newest lines", default=100, min=0, max=LOG_LINES_MAX),
             Field("since", "int", "return the lines with a seq after this one instead (the reply's `seq` "
@@ -439,6 +504,7 @@ SYSCALLS = SYSCALLS + (
         "every file under `src` and write `dst` (" + FS_RULES + "); in /data, replacing needs every file under "
         "`dst` to be the caller's (or the caller to be the admin). EBUSY while either path holds a loaded store "
         "model.",
+        access=BY_PATH,
         request=(
             Field("src", "str", "the file or directory to move (a path as in fs_put)", max_len=FS_PATH_MAX),
             Field("dst", "str", "where it goes: `src/a/b` becomes `dst/a/b`", max_len=FS_PATH_MAX),
@@ -461,6 +527,7 @@ SYSCALLS = SYSCALLS + (
         "context; each token is scored once, with at least half a context before it). Computed by the model's "
         "worker between generation steps, one window at a time, with the model's plain forward and a float32 "
         "log_softmax. Everyone may score.",
+        access=ANY_USER,
         request=(
             MODEL,
             Field("text", "str", "the text (exactly one of text and prompt_ids)", nullable=True, max_len=4_000_000),
@@ -484,9 +551,46 @@ SYSCALLS = SYSCALLS + (
     ),
 )
 
+# -- users (issue 10): the CURVE keys the admin authorises for tcp clients -----------------------------------
+USER_KEY = (Field("user", "str"), Field("key", "str", "the public key (Z85, 40 characters)"),
+            Field("fingerprint", "str", "the key's short name: 16 hex digits of its SHA-256"),
+            Field("added", "float", "unix time the key was authorised"))
+
+SYSCALLS = SYSCALLS + (
+    Syscall(
+        40, "user_add", "Authorise a CURVE public key for a user: a tcp client holding its secret key is that user "
+        "(keys/authorized under the kernel's home). The admin's.",
+        access=ADMIN_ONLY,
+        request=(Field("user", "str", "the user the key stands for", max_len=64, pattern=USER_PATTERN,
+                       pattern_doc="letters, digits and _ . @ + - (not first: . @ + -)"),
+                 Field("key", "str", "the public key, Z85 (40 characters)", max_len=40)),
+        reply=USER_KEY,
+        errors=(E.EPERM, E.EINVAL, E.EEXIST),
+    ),
+    Syscall(
+        41, "user_list", "The authorised CURVE keys and the users they stand for. The admin's.",
+        access=ADMIN_ONLY,
+        request=(),
+        reply=(Field("keys", "list[map]", "one per key: " + ", ".join(f.name for f in USER_KEY)),),
+        errors=(E.EPERM,),
+    ),
+    Syscall(
+        42, "user_remove", "Withdraw a user's CURVE keys (all, or the one named): the kernel refuses the next "
+        "call of a connection that used one (EPERM) and new handshakes with it. The admin's.",
+        access=ADMIN_ONLY,
+        request=(Field("user", "str", "the user", max_len=64, pattern=USER_PATTERN,
+                       pattern_doc="letters, digits and _ . @ + - (not first: . @ + -)"),
+                 Field("key", "str", "only this key (Z85 or its fingerprint); null: every key of the user",
+                       nullable=True, max_len=40)),
+        reply=(Field("user", "str"), Field("removed", "int", "keys withdrawn")),
+        errors=(E.EPERM, E.ENOENT, E.EINVAL),
+    ),
+)
+
 BY_NAME: dict[str, Syscall] = {s.name: s for s in SYSCALLS}
 BY_NR: dict[int, Syscall] = {s.nr: s for s in SYSCALLS}
 assert len(BY_NAME) == len(SYSCALLS) and len(BY_NR) == len(SYSCALLS), "duplicate syscall name or number"
+assert all(isinstance(s.access, Access) for s in SYSCALLS), "every syscall states who may call it"
 
 
 def lookup(call: object) -> Syscall:

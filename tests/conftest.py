@@ -61,10 +61,15 @@ class KernelProc:
     and removes the home (the log tail stays readable through ``logs()``).
     """
 
-    def __init__(self, max_batch: int = 16, extra: list[str] | None = None, home: Path | None = None) -> None:
+    def __init__(self, max_batch: int = 16, extra: list[str] | None = None, home: Path | None = None,
+                 tcp: bool | str = False) -> None:
         self.home = Path(home) if home is not None else Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
         self.home.mkdir(parents=True, exist_ok=True)
         self.address = f"ipc://{self.home}/run/kernel.sock"
+        # tcp: also a CURVE listener on a free loopback port (or the address given), for clients that are other
+        # users (client_as)
+        self.tcp = tcp if isinstance(tcp, str) else f"tcp://127.0.0.1:{free_port()}" if tcp else None
+        extra = [*(extra or []), *(["--listen", self.tcp] if self.tcp else [])]
         self.env = {**os.environ, "LLMOS_HOME": str(self.home), "LLMOS_ADDRESS": self.address}
         self._out = self.home / "kernel.out"
         self._saved_logs: str | None = None
@@ -95,6 +100,32 @@ class KernelProc:
 
         return Client(self.address)
 
+    def client_as(self, user: str, **kwargs):
+        """A client that the kernel knows as ``user``: over the tcp listener, with a CURVE key pair made for
+        ``user`` and authorised by the admin (this test process, the kernel's owner). Needs ``tcp=True``."""
+        from llmos.client import Client
+
+        server, secret = self._keys_of(user)
+        return Client(self.tcp, server_key=server, client_key=secret, **kwargs)
+
+    def env_as(self, user: str) -> dict[str, str]:
+        """The environment in which ``llmos`` commands are ``user`` to this kernel (over tcp, as client_as)."""
+        server, secret = self._keys_of(user)
+        return {**self.env, "LLMOS_ADDRESS": self.tcp, "LLMOS_SERVER_KEY": server, "LLMOS_CLIENT_KEY": secret}
+
+    def _keys_of(self, user: str) -> tuple[str, str]:
+        assert self.tcp, "a client as another user needs a KernelProc(tcp=True)"
+        keys = self.home / "test-keys"
+        public, secret = keys / f"{user}.key", keys / f"{user}.key_secret"
+        if not secret.exists():
+            import zmq.auth
+
+            keys.mkdir(mode=0o700, exist_ok=True)
+            zmq.auth.create_certificates(keys, user)
+            with self.client() as admin:
+                admin.user_add(user, str(public))
+        return str(self.home / "keys" / "kernel.key"), str(secret)
+
     def worker_pids(self) -> list[int]:
         with self.client() as c:
             return [m["worker_pid"] for m in c.kernel_info()["models"]]
@@ -124,9 +155,17 @@ class KernelProc:
             shutil.rmtree(self.home, ignore_errors=True)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def kernel(tiny_model: str):
-    k = KernelProc(max_batch=4)
+    k = KernelProc(max_batch=4, tcp=True)
     yield k
     try:
         workers = k.worker_pids() if k.proc.poll() is None else []

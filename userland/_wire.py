@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import getpass
 import itertools
 import os
+import time
 from pathlib import Path
 import inspect
 from typing import Any, Callable, TypeVar
@@ -39,10 +39,117 @@ def async_bus_context() -> zmq.asyncio.Context:
 
 
 def current_user() -> str:
+    """This process's account name, from its uid (what the kernel sees over ipc), not from $USER."""
+    import pwd
+
     try:
-        return getpass.getuser()
-    except Exception:
-        return str(os.getuid())
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def check_ipc(address: str) -> None:
+    """Fail early, and say why, when an ipc kernel socket is missing or closed to this user."""
+    from llmos.syscalls.address import ipc_path
+    from llmos.syscalls.errors import KernelUnavailable, NotPermitted
+
+    path = ipc_path(address)
+    if path is None:
+        return
+    try:
+        path.stat()
+    except PermissionError:
+        raise NotPermitted(f"cannot reach {path}: a directory above it is closed to you (a kernel shared with a "
+                           f"group is started with `llmos kernel start --group G`, and you must be in G)") from None
+    except OSError:
+        raise KernelUnavailable(f"no kernel at {address} (socket file does not exist)") from None
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise NotPermitted(f"cannot connect to {path}: it is not open to you (a kernel shared with a group is "
+                           f"started with `llmos kernel start --group G`, and you must be in G)")
+
+
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_monitors = itertools.count(1)
+
+
+def secure(sock: zmq.Socket, address: str, server_key: str | os.PathLike | None = None,
+           client_key: str | os.PathLike | None = None, insecure: bool | None = None) -> zmq.Socket | None:
+    """Set ``sock`` up for ``address``: nothing for ipc (the kernel reads the peer's uid); CURVE for tcp
+    (the kernel's public key and this client's key pair: syscalls/keys.py says where they are found),
+    or plain tcp when ``insecure`` (or $LLMOS_INSECURE=1) asks for it. Returns a monitor socket that
+    reports the handshake's outcome (tcp only; close it once read), or None.
+    InvalidArgument when tcp has no keys to use."""
+    if not address.startswith("tcp://"):
+        return None
+    if insecure is None:
+        insecure = os.environ.get("LLMOS_INSECURE", "") not in ("", "0")
+    if not insecure:
+        from llmos.syscalls.keys import client_key_pair, keys_dir, server_key as find_server_key
+
+        kernel_key = find_server_key(server_key)
+        if kernel_key is None:
+            raise InvalidArgument(f"{address} is tcp, encrypted with CURVE: this client needs the kernel's public key "
+                                  f"(the kernel's keys/kernel.key: pass it as server_key / --server-key or "
+                                  f"$LLMOS_SERVER_KEY; a kernel started with --insecure: insecure=True / --insecure)")
+        pair = client_key_pair(client_key)
+        if pair is None:
+            raise InvalidArgument(f"{address} is tcp, encrypted with CURVE: this client needs a key pair (none in "
+                                  f"{keys_dir() / 'client.key_secret'}): run `llmos keygen`, and have the kernel's "
+                                  f"admin authorise the public key with `llmos user add NAME --key FILE`")
+        sock.curve_serverkey = kernel_key
+        sock.curve_publickey, sock.curve_secretkey = pair
+    monitor_address = f"inproc://llmos-handshake-{os.getpid()}-{next(_monitors)}"
+    return sock.get_monitor_socket(HANDSHAKE_EVENTS, monitor_address)
+
+
+def await_handshake(monitor: zmq.Socket, address: str, timeout: float) -> None:
+    """Wait up to ``timeout`` s for the tcp handshake's outcome on ``monitor`` (sync sockets); raise what a
+    failure means. Returns quietly on success, or when nothing was heard (the hello then times out)."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if not monitor.poll(int(left * 1000) + 1):
+            return
+        msg = recv_monitor_message(monitor)
+        failure = handshake_failure(msg["event"], msg["value"], address)
+        if failure is not None:
+            raise failure
+        if msg["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            return
+
+
+async def await_handshake_async(monitor: Any, address: str, timeout: float) -> None:
+    """:func:`await_handshake` for an asyncio socket's monitor."""
+    from zmq.utils.monitor import parse_monitor_message
+
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if not await monitor.poll(int(left * 1000) + 1):
+            return
+        msg = parse_monitor_message(await monitor.recv_multipart())
+        failure = handshake_failure(msg["event"], msg["value"], address)
+        if failure is not None:
+            raise failure
+        if msg["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            return
+
+
+def handshake_failure(event: int, value: int, address: str) -> LLMOSError | None:
+    """What a handshake event means for the user: None when it succeeded, else the error to raise."""
+    from llmos.syscalls.errors import KernelUnavailable, NotPermitted
+
+    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return None
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return NotPermitted(f"the kernel at {address} refused this client's key (ZAP status {value}): have its admin "
+                            f"authorise your public key (keys/client.key) with `llmos user add NAME --key FILE`")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return KernelUnavailable(f"the handshake with {address} failed: the kernel and this client disagree on "
+                                 f"encryption (a CURVE kernel needs a CURVE client, an --insecure one a plain one)")
+    return KernelUnavailable(f"the handshake with {address} failed: the kernel's public key this client used "
+                             f"(--server-key, $LLMOS_SERVER_KEY or keys/kernel.key) is not that kernel's")
 
 
 def model_arg(model: str | os.PathLike | None) -> str | None:

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
-from llmos._wire import Calls, async_bus_context, current_user, model_arg, spawn_args, syscall_doc, text_or_raise
+from llmos._wire import (Calls, async_bus_context, await_handshake_async, check_ipc, current_user, model_arg, secure,
+                         spawn_args, syscall_doc, text_or_raise)
 from llmos.syscalls import protocol
-from llmos.syscalls.address import connect_address, ipc_path, resolve_address
+from llmos.syscalls.address import connect_address, resolve_address
 from llmos.syscalls.errors import KernelGone, KernelUnavailable, TimedOut
 from llmos.types import ProcessInfo, ProcessResult, TurnResult
 
@@ -25,9 +26,13 @@ if TYPE_CHECKING:
 
 
 class AsyncClient:
-    def __init__(self, address: str | None = None, *, user: str | None = None) -> None:
+    def __init__(self, address: str | None = None, *, user: str | None = None, server_key: str | None = None,
+                 client_key: str | None = None, insecure: bool | None = None) -> None:
+        """As Client's (identity from the transport; keys for tcp); ``await connect()`` connects."""
         self.address = resolve_address(address)  # InvalidArgument for an unusable one
         self.user = user or current_user()
+        self._asked_user = user
+        self._keys = (server_key, client_key, insecure)
         self._calls = Calls()
         self._queues: dict[int, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
@@ -36,15 +41,29 @@ class AsyncClient:
         self.kernel: dict[str, Any] = {}
 
     async def connect(self, timeout: float = 5.0) -> "AsyncClient":
-        path = ipc_path(self.address)
-        if path is not None and not path.exists():
-            raise KernelUnavailable(f"no kernel at {self.address} (socket file does not exist)")
+        check_ipc(self.address)
         self._sock = async_bus_context().socket(zmq.DEALER)  # shared: never blocks in a finaliser
         self._sock.setsockopt(zmq.LINGER, 0)
+        try:
+            monitor = secure(self._sock, self.address, *self._keys)
+        except BaseException:
+            self._sock.close()
+            raise
         self._sock.connect(connect_address(self.address))
+        if monitor is not None:
+            try:
+                try:
+                    await await_handshake_async(monitor, self.address, timeout)
+                finally:
+                    self._sock.disable_monitor()
+                    monitor.close()
+            except BaseException:
+                self._sock.close()
+                raise
         self._reader = asyncio.get_running_loop().create_task(self._read())
         try:
             self.kernel = await self.hello(timeout=timeout)
+            self.user = self.kernel.get("user", self.user)
         except (TimedOut, KernelGone) as exc:
             await self.close()
             raise KernelUnavailable(f"no kernel answers at {self.address}: {exc.message}") from None
@@ -130,7 +149,7 @@ class AsyncClient:
     @syscall_doc("hello")
     async def hello(self, client: str = "llmos.AsyncClient", timeout: float | None = 5.0) -> dict[str, Any]:
         return await self.call("hello", {"version": protocol.PROTOCOL_VERSION, "client": client,
-                                         "user": self.user}, timeout)
+                                         "user": self._asked_user}, timeout)
 
     @syscall_doc("ping")
     async def ping(self, timeout: float | None = 5.0) -> dict[str, Any]:
@@ -239,6 +258,21 @@ class AsyncClient:
         """As Client.score."""
         return await self.call("score", {"model": model_arg(model), "text": text, "prompt_ids": prompt_ids,
                                          "add_special_tokens": add_special_tokens}, timeout=timeout)
+
+    # -- users (the admin's; shapes as Client's) --------------------------------------------------
+    @syscall_doc("user_add")
+    async def user_add(self, user: str, key: str) -> dict[str, Any]:
+        from llmos.syscalls.keys import read_public_key
+
+        return await self.call("user_add", {"user": user, "key": read_public_key(key).decode("ascii")})
+
+    @syscall_doc("user_list")
+    async def user_list(self) -> list[dict[str, Any]]:
+        return (await self.call("user_list"))["keys"]
+
+    @syscall_doc("user_remove")
+    async def user_remove(self, user: str, key: str | None = None) -> int:
+        return (await self.call("user_remove", {"user": user, "key": key}))["removed"]
 
     # -- the namespace (``fs`` wraps these; shapes as Client's) -----------------------------------
     @property

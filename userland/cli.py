@@ -10,6 +10,7 @@ usage error (a bad flag, address or home); 3/4 ``kernel start`` found the addres
 
 from __future__ import annotations
 
+import contextlib
 import argparse
 import json
 import os
@@ -18,7 +19,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from llmos import embedded
 from llmos.client import Client
@@ -28,6 +29,7 @@ from llmos.syscalls.errors import InvalidArgument, KernelUnavailable, LLMOSError
 from llmos._args import add_generation_flags, positive, signal_name, syscall_arg
 from llmos.cli_fs import add_commands as add_fs_commands
 from llmos.cli_store import add_commands as add_store_commands
+from llmos.cli_users import add_commands as add_user_commands
 from llmos.top import format_ps, run_top
 from llmos.types import ProcessResult
 
@@ -432,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: ipc under --home, else $LLMOS_ADDRESS, else ipc under $LLMOS_HOME/run)")
         parser.add_argument("--home", type=home_dir, default=default,
                             help="state directory (default: $LLMOS_HOME or ~/.llmos)")
+        parser.add_argument("--server-key", default=default, metavar="FILE",
+                            help="tcp: the kernel's public key file (default: $LLMOS_SERVER_KEY, else "
+                            "HOME/keys/kernel.key)")
+        parser.add_argument("--client-key", default=default, metavar="FILE",
+                            help="tcp: your secret key file (default: $LLMOS_CLIENT_KEY, else HOME/keys/"
+                            "client.key_secret, made by llmos keygen)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     k = sub.add_parser("kernel", help="start, stop or inspect the kernel daemon")
@@ -537,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     mt.set_defaults(fn=cmd_metrics)
     add_fs_commands(sub, common)  # fs ls|cat|put|get|rm|stat, dmesg (llmos/cli_fs.py)
     add_store_commands(sub, common)  # model import|export|ls|rm, data import|ls|stat|cat|rm, eval (llmos/cli_store.py)
+    add_user_commands(sub, common)  # whoami, keygen, user add|ls|rm (llmos/cli_users.py)
     return ap
 
 
@@ -559,6 +568,36 @@ def _run_command(args: argparse.Namespace) -> int:
     except LLMOSError as exc:  # a bad --address, $LLMOS_ADDRESS or --home: a usage error, like a bad flag
         print(f"llmos: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
+    with _key_environment(args):
+        return _run_fn(args)
+
+
+@contextlib.contextmanager
+def _key_environment(args: argparse.Namespace) -> Iterator[None]:
+    """For the command's length: keys are found where the flags say, then under --home (the clients read the
+    environment); ``kernel start --insecure``'s launcher talks plain tcp to its kernel. Restored after (main()
+    may run in-process)."""
+    saved = {k: os.environ.get(k) for k in ("LLMOS_HOME", "LLMOS_SERVER_KEY", "LLMOS_CLIENT_KEY", "LLMOS_INSECURE")}
+    try:
+        if getattr(args, "home", None):
+            os.environ["LLMOS_HOME"] = str(_home(args))
+        for flag, env in (("server_key", "LLMOS_SERVER_KEY"), ("client_key", "LLMOS_CLIENT_KEY")):
+            given = getattr(args, flag, None)
+            if given:  # a file (made absolute) or, for --server-key, the key's 40 characters
+                path = Path(given).expanduser()
+                os.environ[env] = str(path.resolve()) if path.exists() else given
+        if getattr(args, "insecure", None):
+            os.environ["LLMOS_INSECURE"] = "1"
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_fn(args: argparse.Namespace) -> int:
     try:
         return args.fn(args)
     except LLMOSError as exc:

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import zmq
 
-from llmos._wire import Calls, bus_context, current_user, model_arg, spawn_args, syscall_doc
+from llmos._wire import (Calls, await_handshake, bus_context, check_ipc, current_user, model_arg, secure, spawn_args,
+                         syscall_doc)
 from llmos.syscalls.address import connect_address, resolve_address
 from llmos.syscalls import protocol
-from llmos.syscalls.address import ipc_path
 from llmos.syscalls.errors import KernelGone, KernelRestarted, KernelUnavailable, LLMOSError, TimedOut
 from llmos.types import ProcessInfo, ProcessResult, TurnResult
 
@@ -30,15 +30,40 @@ if TYPE_CHECKING:
 
 class Client:
     def __init__(self, address: str | None = None, *, connect_timeout: float = 5.0,
-                 user: str | None = None, client_name: str = "llmos.Client") -> None:
+                 user: str | None = None, client_name: str = "llmos.Client", server_key: str | None = None,
+                 client_key: str | None = None, insecure: bool | None = None) -> None:
+        """Connect to the kernel at ``address`` (default: $LLMOS_ADDRESS, else the socket under $LLMOS_HOME)
+        and say hello. Who this client is comes from the transport: over ipc this process's uid, over tcp
+        its CURVE key (``client_key``: a .key_secret file, default $LLMOS_CLIENT_KEY or
+        $LLMOS_HOME/keys/client.key_secret; ``server_key``: the kernel's public key file or Z85 text, default
+        $LLMOS_SERVER_KEY or $LLMOS_HOME/keys/kernel.key; ``insecure``: plain tcp, for a kernel started with
+        --insecure). ``user``: the user this client expects to be (NotPermitted, EPERM, when the transport
+        says otherwise); ``self.user`` is who the kernel knows it as.
+
+        Raises KernelUnavailable (no kernel answers), NotPermitted (the socket is closed to this user, or
+        the kernel refused this key), InvalidArgument (a bad address, or tcp with no keys)."""
         self.address = resolve_address(address)  # InvalidArgument for an unusable one
         self.user = user or current_user()
-        path = ipc_path(self.address)
-        if path is not None and not path.exists():
-            raise KernelUnavailable(f"no kernel at {self.address} (socket file does not exist)")
+        self._asked_user = user
+        check_ipc(self.address)
         self._sock = bus_context().socket(zmq.DEALER)  # shared: a client never blocks in a finaliser
         self._sock.setsockopt(zmq.LINGER, 0)
+        try:
+            monitor = secure(self._sock, self.address, server_key, client_key, insecure)
+        except BaseException:
+            self._sock.close()
+            raise
         self._sock.connect(connect_address(self.address))
+        if monitor is not None:
+            try:
+                try:
+                    await_handshake(monitor, self.address, connect_timeout)
+                finally:
+                    self._sock.disable_monitor()
+                    monitor.close()
+            except BaseException:
+                self._sock.close()
+                raise
         self._calls = Calls()
         self._client_name = client_name
         self._pending: dict[int, int | None] = {}  # request id -> the pid it is about (None: no pid)
@@ -46,6 +71,7 @@ class Client:
         self.kernel: dict[str, Any] = {}
         try:
             self.kernel = self.hello(client=client_name, timeout=connect_timeout)
+            self.user = self.kernel.get("user", self.user)
         except (TimedOut, KernelGone) as exc:
             self.close()
             raise KernelUnavailable(f"no kernel answers at {self.address}: {exc.message}") from None
@@ -159,7 +185,7 @@ class Client:
     @syscall_doc("hello")
     def hello(self, client: str = "llmos.Client", timeout: float | None = 5.0) -> dict[str, Any]:
         """Sent by the constructor; returns {version, kernel_version, pid, max_frame_bytes}."""
-        return self.call("hello", {"version": protocol.PROTOCOL_VERSION, "client": client, "user": self.user},
+        return self.call("hello", {"version": protocol.PROTOCOL_VERSION, "client": client, "user": self._asked_user},
                          timeout=timeout)
 
     @syscall_doc("ping")
@@ -312,6 +338,25 @@ class Client:
         windows, stride}. ``timeout``: seconds (None waits; a long text takes a forward pass per half context)."""
         return self.call("score", {"model": model_arg(model), "text": text, "prompt_ids": prompt_ids,
                                    "add_special_tokens": add_special_tokens}, timeout=timeout)
+
+    # -- users (the admin's): CURVE keys of tcp clients ------------------------------------------
+    @syscall_doc("user_add")
+    def user_add(self, user: str, key: str) -> dict[str, Any]:
+        """``key``: a public key file (as `llmos keygen` writes) or its 40 Z85 characters. Returns {user, key,
+        fingerprint, added (unix time)}."""
+        from llmos.syscalls.keys import read_public_key
+
+        return self.call("user_add", {"user": user, "key": read_public_key(key).decode("ascii")})
+
+    @syscall_doc("user_list")
+    def user_list(self) -> list[dict[str, Any]]:
+        """One {user, key, fingerprint, added} per authorised key."""
+        return self.call("user_list")["keys"]
+
+    @syscall_doc("user_remove")
+    def user_remove(self, user: str, key: str | None = None) -> int:
+        """``key``: one key (Z85 or fingerprint); None withdraws all of the user's. Returns how many were."""
+        return self.call("user_remove", {"user": user, "key": key})["removed"]
 
     @property
     def data(self) -> "DataSets":

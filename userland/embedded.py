@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 from llmos.syscalls.address import resolve_address
@@ -33,11 +34,23 @@ class KernelExited(KernelUnavailable):
         self.code = code
 
 
-def try_connect(address: str, timeout: float = 2.0) -> Client | None:
+def try_connect(address: str, timeout: float = 2.0, **keys: Any) -> Client | None:
     try:
-        return Client(address, connect_timeout=timeout)
+        return Client(address, connect_timeout=timeout, **keys)
     except KernelUnavailable:
         return None
+
+
+def own_keys(home: Path, address: str) -> dict[str, str] | None:
+    """The keys with which the kernel's owner reaches its kernel of ``home`` at a tcp ``address`` (the ones the
+    kernel made on its first start); {} for ipc or an --insecure client; None while the kernel has not made
+    them yet."""
+    if not address.startswith("tcp://") or os.environ.get("LLMOS_INSECURE", "") not in ("", "0"):
+        return {}
+    server, client = home / "keys" / "kernel.key", home / "keys" / "client.key_secret"
+    if not (server.is_file() and client.is_file()):
+        return None
+    return {"server_key": str(server), "client_key": str(client)}
 
 
 def launch(address: str | None = None, home: Path | None = None, *, embedded: bool,
@@ -64,14 +77,15 @@ def launch(address: str | None = None, home: Path | None = None, *, embedded: bo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         code = proc.poll()
+        keys = own_keys(home, address)
         if code is not None:
-            client = try_connect(address) if code == EXIT_BUSY else None
+            client = try_connect(address, **(keys or {})) if code == EXIT_BUSY else None
             if client is not None:
                 return None, client
             said = log_tail(log_path, start)
             raise KernelExited(f"kernel exited with code {code} before answering"
                                + (f": {said}" if said else "") + f" (log: {log_path})", code)
-        client = try_connect(address, timeout=1.0)
+        client = try_connect(address, timeout=1.0, **keys) if keys is not None else None
         if client is not None:
             if client.kernel.get("pid") == proc.pid:
                 return proc, client

@@ -26,7 +26,7 @@ def test_a_process_captures_tensors_read_back_as_numpy_arrays_and_its_output_is_
             assert os_.capture(pid, "hidden_states", layer).shape == (t, 32)
     with pytest.raises(NotFound):
         client.capture(pid, "attentions", 2)  # a model of 2 layers has attention layers 0 and 1
-    with Client(kernel.address, user="mallory") as other, pytest.raises(NotPermitted):
+    with kernel.client_as("mallory") as other, pytest.raises(NotPermitted):
         other.capture(pid, "hidden_states", 0)
 
 

@@ -21,9 +21,10 @@ from llmos.cli import main as cli_main
 
 @pytest.fixture
 def as_user(kernel):
-    """(the user's name, its environment: LOGNAME names the user the CLI runs as); its home is removed after."""
+    """(the user's name, its environment: the CLI is that user to the kernel, by its CURVE key); its home is
+    removed after."""
     name = f"u{uuid.uuid4().hex[:10]}"
-    env = {**kernel.env, "LOGNAME": name, "USER": name}
+    env = kernel.env_as(name)
     yield name, env
     llmos(env, "fs", "rm", "-r", f"/home/{name}")
 

@@ -102,11 +102,11 @@ def test_an_import_over_a_name_in_use_is_ebusy_unless_replace(kernel, tiny_model
 
 def test_only_the_admin_imports_and_removes_models(kernel, client, tiny_model, stored):
     name = unique()
-    env = {**kernel.env, "USER": "bob", "LOGNAME": "bob"}  # the CLI runs as bob (hello's user)
+    env = kernel.env_as("bob")  # the CLI is bob to the kernel (its CURVE key)
     r = llmos(kernel, "model", "import", tiny_model, "--name", name, env=env)
     assert r.returncode == 1 and "[EPERM]" in r.stderr and "only the admin writes /models" in r.stderr
     assert not client.fs.exists(f"/models/{name}")  # nothing of it was stored
-    with Client(kernel.address, user="bob") as bob:
+    with kernel.client_as("bob") as bob:
         with pytest.raises(NotPermitted):
             sm.remove_model(bob, stored)
         assert any(r["name"] == stored for r in sm.list_models(bob))  # everyone reads /models

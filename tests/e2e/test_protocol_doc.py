@@ -34,8 +34,9 @@ def test_a_raw_client_can_hello_spawn_stream_and_wait(kernel, tiny_model):
         s.send(msgpack.packb({"v": 1, "id": i, "call": name, "args": args}))
 
     try:
-        call(1, "hello", version=1, client="raw", user="raw-user")
-        assert msgpack.unpackb(s.recv())["result"]["version"] == 1
+        call(1, "hello", version=1, client="raw")
+        hello = msgpack.unpackb(s.recv())["result"]
+        assert hello["version"] == 1 and hello["user"] == "root" and hello["transport"] == "ipc"  # this process's uid
         call(2, 10, prompt="raw", model=tiny_model, max_new_tokens=5, temperature=0, ignore_eos=True)
         pid = msgpack.unpackb(s.recv())["result"]["pid"]
         call(3, "stream", pid=pid)

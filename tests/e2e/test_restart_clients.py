@@ -17,13 +17,13 @@ N = 120
 @pytest.mark.slow
 def test_clients_waiting_and_streaming_across_a_kernel_restart_get_the_result_and_keep_their_user(tiny_model):
     g = dict(model=tiny_model, temperature=0.0, ignore_eos=True, max_new_tokens=N)
-    k = KernelProc()
+    k = KernelProc(tcp=True)
     home, runs, clients = k.home, [], []
     try:
         with k.client() as c:
             cli_waited = c.spawn(prompt="cli wait", **g)
-        # alice: a user the kernel would not guess (a connection that said no hello runs as "anonymous")
-        waiter, streamer = Client(k.address, user="alice"), Client(k.address, user="alice")
+        # alice: another user than the kernel's owner (her CURVE key over tcp): the new kernel knows her again
+        waiter, streamer = k.client_as("alice"), k.client_as("alice")
         clients += [waiter, streamer]
         waited, streamed = waiter.spawn(prompt="waited on", **g), streamer.spawn(prompt="streamed", **g)
         got: dict[str, object] = {}
@@ -40,7 +40,7 @@ def test_clients_waiting_and_streaming_across_a_kernel_restart_get_the_result_an
         with k.client() as c:
             wait_for(lambda: len(c.ps()) == 4 and all(p.output_tokens > 3 for p in c.ps()), what="every process")
         k.crash()
-        k = KernelProc(home=home)
+        k = KernelProc(home=home, tcp=k.tcp)
         for t in threads:
             t.join(timeout=60)
         assert not any(t.is_alive() for t in threads), "a client hung across the restart"
@@ -54,7 +54,7 @@ def test_clients_waiting_and_streaming_across_a_kernel_restart_get_the_result_an
             # bytes: text mode would turn a generated "\r" into "\n"
             assert outs[0][0] == (ref["cli run"].text + "\n").encode()  # printed once: nothing repeated
             assert outs[1][0] == (ref["cli wait"].text + "\n").encode()
-            # identity kept: what the old connections spawn now is alice's, not anonymous
+            # identity kept: what the old connections spawn now is alice's
             assert c.stat(pid := waiter.spawn(prompt="after", **g)).owner == "alice"
             assert waiter.wait(pid).finish_reason == "length"
             assert waiter.kernel["pid"] == k.proc.pid

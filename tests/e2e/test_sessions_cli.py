@@ -22,8 +22,8 @@ def llmos(kernel, *args, input=None, env=None, timeout=120):
 
 
 def as_user(kernel, name):
-    """The environment of a CLI run by ``name``: the client's hello names the user getpass finds."""
-    return {**kernel.env, "LOGNAME": name, "USER": name}
+    """The environment of a CLI that is ``name`` to the kernel (its CURVE key over tcp)."""
+    return kernel.env_as(name)
 
 
 def state_of(client, pid):
@@ -111,7 +111,7 @@ def test_a_session_is_closed_when_its_block_raises(client, tiny_model):
 
 
 def test_nobody_signals_or_renices_another_users_process_and_only_root_sets_a_negative_nice(kernel, long_model):
-    with Client(kernel.address, user="alice") as alice, Client(kernel.address, user="bob") as bob:
+    with kernel.client_as("alice") as alice, kernel.client_as("bob") as bob:
         pid = alice.spawn(prompt="mine", model=long_model, max_new_tokens=100000, **GREEDY)
         try:
             for act in (lambda: bob.nice(pid, 5), lambda: bob.stop(pid), lambda: bob.cont(pid),

@@ -17,14 +17,17 @@ BAD_TEXT = {
     config._SizeIn: ["", "banana", "G", "12Q", "nan", "inf", "1e400", "-5G", "0", "0.5", "1K"],
     config._Choice: ["", "x", "STATIC", "static "],
     config._Quotas: ["x", "alice", ":procs=1", "alice:procs", "alice:procs=-1", "alice:cpu=3", "alice:tpm=1.5"],
+    config._Addresses: ["", " ", "x", "http://h:1", "tcp://h", "tcp://h:0", "ipc://relative", "tcp://h:1,"],
+    config._Group: ["", "no-such-group-llmos", "root "],
 }
+VALUED = [f for f in FLAGS if not isinstance(f.parse, config._Switch)]  # --insecure takes no value
 
 
 def parse(argv):
     return build_parser().parse_args(argv)
 
 
-@pytest.mark.parametrize("flag", FLAGS, ids=lambda f: f.option)
+@pytest.mark.parametrize("flag", VALUED, ids=lambda f: f.option)
 def test_every_flag_refuses_text_out_of_its_kind_or_range_naming_the_flag(flag, capsys):
     bad = [t for t in BAD_TEXT[type(flag.parse)] if not _accepted(flag, t)]
     assert bad, f"no bad value applies to {flag.option}"
@@ -51,13 +54,17 @@ def test_max_batch_zero_and_a_banana_memory_limit_are_refused_with_exit_code_2(c
         assert exc.value.code == 2 and f"argument {named}:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", FLAGS, ids=lambda f: f.option)
+@pytest.mark.parametrize("flag", VALUED, ids=lambda f: f.option)
 def test_every_flag_accepts_its_bounds_and_the_default_round_trips(flag):
     p = flag.parse
     if isinstance(p, config._Choice):
         values = list(p.choices)
     elif isinstance(p, config._Quotas):
         values = ["alice:procs=4,kv_blocks=800,tpm=20000;bob:tpm=0", ""]
+    elif isinstance(p, config._Addresses):
+        values = ["tcp://127.0.0.1:5556", "tcp://*:1,ipc:///tmp/k.sock,tcp://[::1]:65535"]
+    elif isinstance(p, config._Group):
+        values = ["root"]
     else:
         values = [p.lo, p.hi]
     for v in values:
@@ -84,11 +91,19 @@ def test_flags_parse_into_a_config_and_back_into_the_same_argv():
     assert config.from_args(parse(config.to_argv(ns))) == cfg
 
 
+def test_insecure_is_a_switch_that_round_trips_through_the_argv():
+    assert config.from_args(parse([])).insecure is False
+    ns = parse(["--insecure", "--listen", "tcp://127.0.0.1:5556", "--group", "root"])
+    cfg = config.from_args(ns)
+    assert (cfg.insecure, cfg.listen, cfg.group) == (True, "tcp://127.0.0.1:5556", "root")
+    assert "--insecure" in config.to_argv(ns) and config.from_args(parse(config.to_argv(ns))) == cfg
+
+
 @pytest.mark.parametrize("field, value", [
     ("max_batch", 0), ("max_batch", -3), ("max_batch", 2.0), ("max_batch", True), ("max_batch", "4"),
     ("kv_policy", "greedy"), ("memory_limit", 0), ("memory_limit", "8G"), ("zombie_ttl_s", -1.0),
     ("zombie_ttl_s", math.nan), ("max_zombies", -1), ("worker_silence_s", 0.0), ("worker_silence_s", math.inf),
-    ("client_buffer_bytes", 10),
+    ("client_buffer_bytes", 10), ("insecure", "yes"), ("group", "no-such-group-llmos"), ("listen", "tcp://h"),
 ])
 def test_a_config_made_in_code_is_held_to_the_same_ranges(field, value):
     option = next(f.option for f in FLAGS if f.field == field)

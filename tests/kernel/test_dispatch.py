@@ -65,14 +65,78 @@ def test_hello_with_another_protocol_version_is_eproto():
     assert reply["t"] == "err" and reply["error"] == "EPROTO"
 
 
-def test_hello_records_the_user_only_when_it_succeeds():
-    caller = Caller(b"id")
-    [bad] = call(codec.request(1, "hello", {"version": 1, "user": "has space"}), caller=caller)
-    assert bad["error"] == "EINVAL" and caller.user == "anonymous"
-    [wrong] = call(codec.request(2, "hello", {"version": 7, "user": "alice"}), caller=caller)
-    assert wrong["error"] == "EPROTO" and caller.user == "anonymous"
+def test_hello_cannot_choose_a_user_the_transport_did_not_prove():
+    """Regression (the identity spoof): `hello {"user": "root"}` from another user is EPERM, and the caller is
+    still who its transport says."""
+    caller = Caller(b"id", "alice", False, "ipc")
+    [spoof] = call(codec.request(1, "hello", {"version": 1, "user": "root"}), caller=caller)
+    assert spoof["error"] == "EPERM" and "alice" in spoof["message"]
+    [bad] = call(codec.request(2, "hello", {"version": 1, "user": "has space"}), caller=caller)
+    assert bad["error"] == "EINVAL"
     [good] = call(codec.request(3, "hello", {"version": 1, "user": "alice"}), caller=caller)
     assert good["t"] == "ok" and caller.user == "alice"
+    assert {k: good["result"][k] for k in ("user", "admin", "transport")} == {"user": "alice", "admin": False,
+                                                                              "transport": "ipc"}
+
+
+class Owned(Handlers):
+    """Handlers over a process table of one process, 7, owned by alice; each call records that it ran."""
+
+    def __init__(self) -> None:
+        super().__init__(kernel=None)
+        self.ran: list[str] = []
+
+    async def owner_of(self, pid):
+        from llmos.syscalls.errors import NoSuchProcess
+
+        if pid != 7:
+            raise NoSuchProcess(f"no process {pid}")
+        return "alice"
+
+    async def sys_stat(self, caller, args, emit):
+        self.ran.append("stat")
+        return {"pid": 7}
+
+    async def sys_shutdown(self, caller, args, emit):
+        self.ran.append("shutdown")
+        return {"stopping": True}
+
+    async def sys_model_load(self, caller, args, emit):
+        self.ran.append("model_load")
+        return {}
+
+
+ALICE, BOB, ROOT = Caller(b"a", "alice", False, "ipc"), Caller(b"b", "bob", False, "ipc"), Caller(b"r", "root", True,
+                                                                                                     "ipc")
+
+
+def test_the_dispatcher_enforces_the_tables_access_rule_before_the_handler_runs():
+    h = Owned()
+    [other] = call(codec.request(1, "stat", {"pid": 7}), handlers=h, caller=BOB)
+    assert other["error"] == "EPERM" and "belongs to alice" in other["message"] and h.ran == []
+    [missing] = call(codec.request(2, "stat", {"pid": 8}), handlers=h, caller=BOB)
+    assert missing["error"] == "ESRCH" and h.ran == []
+    [down] = call(codec.request(3, "shutdown", {}), handlers=h, caller=BOB)
+    assert down["error"] == "EPERM" and h.ran == []
+    [load] = call(codec.request(4, "model_load", {"kv_blocks": 100}), handlers=h, caller=BOB)
+    assert load["error"] == "EPERM" and "kv_blocks=100" in load["message"] and h.ran == []
+    for caller in (ALICE, ROOT):
+        assert call(codec.request(5, "stat", {"pid": 7}), handlers=h, caller=caller)[0]["t"] == "ok"
+    assert call(codec.request(6, "model_load", {}), handlers=h, caller=BOB)[0]["t"] == "ok"  # no options: anyone
+    assert call(codec.request(7, "model_load", {"kv_blocks": 100}), handlers=h, caller=ROOT)[0]["t"] == "ok"
+    assert call(codec.request(8, "shutdown", {}), handlers=h, caller=ROOT)[0]["t"] == "ok"
+    assert h.ran == ["stat", "stat", "model_load", "model_load", "shutdown"]
+
+
+def test_refused_calls_and_admin_actions_are_audited_with_the_user(capsys):
+    h = Owned()
+    call(codec.request(1, "shutdown", {}), handlers=h, caller=BOB)
+    call(codec.request(2, "stat", {"pid": 7}), handlers=h, caller=ROOT)  # the admin on alice's process
+    call(codec.request(3, "stat", {"pid": 7}), handlers=h, caller=ALICE)  # her own: not an admin action
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if '"audit"' in ln]
+    assert len(lines) == 2, lines
+    assert '"refused"' in lines[0] and '"bob"' in lines[0] and '"shutdown"' in lines[0]
+    assert '"admin_action"' in lines[1] and '"root"' in lines[1] and "process 7 of alice" in lines[1]
 
 
 def test_an_unknown_syscall_is_enosys():

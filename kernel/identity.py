@@ -1,0 +1,180 @@
+"""Who is calling, from the transport: the peer's uid over ipc, its CURVE key over tcp.
+
+- ipc: the kernel reads SO_PEERCRED on every unix-socket connection; libzmq puts it in each message's
+  ``Peer-Address`` property as ``localhost:UID:GID:PID`` (checked on this libzmq, 4.3). The user is the
+  uid's account name (the uid in digits when it has none).
+- tcp: CURVE (CurveZMQ, RFC 26) with a ZAP handler (pyzmq's ``zmq.auth`` authenticator on the kernel's
+  loop). A key not in the keyring is refused at the handshake; an accepted connection's messages carry
+  the key (``User-Id``), which the keyring maps to a user name on every message, so a key withdrawn
+  with ``user_remove`` stops working at once, even on a connection already open.
+- tcp with ``--insecure`` (loopback only): nothing is proven, every caller is ``anonymous``.
+
+The keyring is a directory of public-key files (``keys/authorized``, syscalls/keys.py), one per key,
+its user in the file's name; the admin manages it with ``llmos user add|ls|rm``.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import zmq
+from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils import z85
+
+from llmos.kernel.log import get_logger
+from llmos.syscalls.errors import Exists, InvalidArgument, NotFound
+from llmos.syscalls.keys import Z85_KEY, fingerprint, read_public_key, write_public_key
+
+IPC, CURVE, INSECURE = "ipc", "curve", "insecure"
+ANONYMOUS = "anonymous"
+ZAP_DOMAIN = "llmos"  # the ZAP domain of the kernel's CURVE sockets
+RELOAD_S = 1.0  # the keyring rereads its directory at most this often (an admin may edit it by hand)
+
+
+@lru_cache(maxsize=4096)
+def account_name(uid: int) -> str:
+    """The account name of ``uid``; the uid in digits when the system has no name for it."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def owner_name() -> str:
+    """The account that runs this process (from its uid, not from $USER)."""
+    return account_name(os.geteuid())
+
+
+def peer_uid(frame: zmq.Frame) -> int | None:
+    """The uid of the process that sent ``frame`` over ipc (SO_PEERCRED), None when the transport has none."""
+    try:
+        address = frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return None
+    parts = address.rsplit(":", 3) if isinstance(address, str) else []
+    if len(parts) != 4 or not parts[1].isdigit():
+        return None
+    return int(parts[1])
+
+
+def curve_key(frame: zmq.Frame) -> str | None:
+    """The CURVE public key (Z85) the ZAP handler accepted for ``frame``'s connection."""
+    try:
+        key = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return key if isinstance(key, str) and Z85_KEY.match(key) else None
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    user: str
+    key: str
+    fingerprint: str
+    added: float
+    path: Path
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"user": self.user, "key": self.key, "fingerprint": self.fingerprint, "added": self.added}
+
+
+class Keyring:
+    """The authorised CURVE keys: ``directory/USER.FINGERPRINT.key``, one public certificate per key."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._by_key: dict[str, KeyEntry] = {}
+        self._stamp: tuple[int, int] | None = None
+        self._checked = 0.0
+
+    def _reload(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked < RELOAD_S:
+            return
+        self._checked = now
+        try:
+            st = self.directory.stat()
+        except FileNotFoundError:
+            self._by_key, self._stamp = {}, None
+            return
+        stamp = (st.st_mtime_ns, st.st_ino)
+        if stamp == self._stamp and not force:
+            return
+        by_key: dict[str, KeyEntry] = {}
+        for path in sorted(self.directory.glob("*.key")):
+            user, _, _ = path.name[: -len(".key")].rpartition(".")
+            try:
+                key = read_public_key(path).decode("ascii")
+                added = path.stat().st_mtime
+            except Exception:  # a stray or broken file authorises nobody
+                get_logger("identity").warning("key_file_unreadable", path=str(path))
+                continue
+            if user:
+                by_key[key] = KeyEntry(user, key, fingerprint(key.encode()), added, path)
+        self._by_key, self._stamp = by_key, stamp
+
+    def user_of(self, key: str) -> str | None:
+        """The user ``key`` (Z85) stands for; None when it is not (or no longer) authorised."""
+        self._reload()
+        entry = self._by_key.get(key)
+        return entry.user if entry is not None else None
+
+    def entries(self) -> list[KeyEntry]:
+        self._reload(force=True)
+        return sorted(self._by_key.values(), key=lambda e: (e.user, e.added))
+
+    def add(self, user: str, key: str) -> KeyEntry:
+        """Authorise ``key`` for ``user``; EEXIST when the key already stands for someone."""
+        try:
+            raw = read_public_key(key)
+        except NotFound:
+            raise InvalidArgument("the key must be a CURVE public key in Z85 (40 characters)") from None
+        text = raw.decode("ascii")
+        self._reload(force=True)
+        if text in self._by_key:
+            raise Exists(f"key {fingerprint(raw)} already stands for user {self._by_key[text].user}")
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.directory / f"{user}.{fingerprint(raw)}.key"
+        tmp = path.with_suffix(".tmp")
+        write_public_key(tmp, raw, f"authorised for LLMOS user {user}")
+        os.replace(tmp, path)
+        self._reload(force=True)
+        return self._by_key[text]
+
+    def remove(self, user: str, key: str | None = None) -> int:
+        """Withdraw ``user``'s keys (or the one given, by Z85 or fingerprint); ENOENT when none matches."""
+        gone = [e for e in self.entries() if e.user == user and (key is None or key in (e.key, e.fingerprint))]
+        if not gone:
+            raise NotFound(f"user {user} has no authorised key" + (f" {key}" if key else ""))
+        for e in gone:
+            e.path.unlink(missing_ok=True)
+        self._reload(force=True)
+        return len(gone)
+
+
+class KeyAuthenticator(AsyncioAuthenticator):
+    """The ZAP handler: a CURVE client is let in when its key is in the keyring; its messages then carry
+    the key (User-Id), which the bus maps to the user on each one."""
+
+    def __init__(self, context: zmq.Context, keyring: Keyring, on_refused: Any = None) -> None:
+        super().__init__(context)
+        self.keyring = keyring
+        self.on_refused = on_refused
+        self.configure_curve_callback(ZAP_DOMAIN, self)
+
+    def callback(self, domain: str, key: bytes) -> bool:  # zmq.auth's credentials provider protocol
+        text = key.decode("ascii", "replace")
+        if self.keyring.user_of(text) is not None:
+            return True
+        if self.on_refused is not None:
+            self.on_refused(fingerprint(key))
+        return False
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return z85.encode(client_public_key).decode("ascii")

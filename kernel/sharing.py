@@ -1,0 +1,92 @@
+"""Sharing a kernel: what it listens on and how each address is secured, its keys, and the ipc group.
+
+- Every tcp address is served with CURVE (encrypted, each client's key checked by the ZAP handler)
+  unless the kernel was started with ``--insecure``, which is allowed for loopback addresses only.
+- On every start the kernel makes sure of its key pair (``keys/kernel.key``, ``kernel.key_secret``,
+  0600) and of its owner's client key pair (``keys/client.key_secret``), authorised for the owner, so
+  the owner's own clients on this machine reach it over tcp with no setup.
+- ``--group G``: the ipc socket becomes 0660 with group G and its directory 0750 with group G, the home
+  0710 with group G (its members may pass through it, not list it); all else stays owner-only.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import stat
+from pathlib import Path
+
+from llmos.kernel.config import KernelConfig
+from llmos.kernel.identity import CURVE, INSECURE, IPC, Keyring
+from llmos.kernel.log import get_logger
+from llmos.syscalls.address import check_address, ipc_path
+from llmos.syscalls.errors import InvalidArgument
+from llmos.syscalls.keys import authorized_dir, keys_dir, make_key_pair, read_key_pair
+
+LOOPBACK_HOSTS = ("localhost", "[::1]")
+
+
+def is_loopback(address: str) -> bool:
+    host = address[len("tcp://"):].rpartition(":")[0]
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def listen_plan(address: str, config: KernelConfig) -> list[tuple[str, str]]:
+    """(address, transport) for every address the kernel serves: ``address`` first, then --listen's.
+    InvalidArgument for a plain tcp address that is not loopback, or one given twice."""
+    addresses = [address] + [a.strip() for a in (config.listen or "").split(",") if a.strip()]
+    plan: list[tuple[str, str]] = []
+    for a in addresses:
+        check_address(a, "--listen" if plan else "--address")
+        if a in (p[0] for p in plan):
+            raise InvalidArgument(f"{a} is given twice")
+        if a.startswith("ipc://"):
+            plan.append((a, IPC))
+        elif config.insecure:
+            if not is_loopback(a):
+                raise InvalidArgument(f"--insecure serves loopback addresses only (127.0.0.1, localhost, [::1]), not "
+                                      f"{a}: anyone on the network could call the kernel unencrypted as anyone; "
+                                      f"leave --insecure out to serve it with CURVE")
+            plan.append((a, INSECURE))
+        else:
+            plan.append((a, CURVE))
+    return plan
+
+
+def ensure_keys(home: Path, owner: str) -> tuple[bytes, bytes, Keyring]:
+    """The kernel's (public, secret) keys, made on the first start, and the keyring with the owner's own
+    client key authorised (made too, when the home has none)."""
+    directory = keys_dir(home)
+    _, secret_file = make_key_pair(directory, "kernel")
+    public, secret = read_key_pair(secret_file)
+    keyring = Keyring(authorized_dir(home))
+    authorized_dir(home).mkdir(mode=0o700, exist_ok=True)
+    _, client_secret = make_key_pair(directory, "client")
+    client_public, _ = read_key_pair(client_secret)
+    if keyring.user_of(client_public.decode("ascii")) is None:
+        keyring.add(owner, client_public.decode("ascii"))
+    return public, secret, keyring
+
+
+def share_socket(address: str, group: str | None) -> None:
+    """Open the ipc socket of ``address`` (and the directories above it up to the home) to ``group``'s
+    members; warn where a directory further up keeps them out."""
+    path = ipc_path(address)
+    if path is None or group is None:
+        return
+    gid = grp.getgrnam(group).gr_gid
+    os.chown(path, -1, gid)
+    os.chmod(path, 0o660)
+    log = get_logger("kernel")
+    opened = {path.parent: 0o750, path.parent.parent: 0o710}  # the socket's directory, and the home above it
+    for parent in path.parents:
+        st = parent.stat()
+        if (st.st_gid == gid and st.st_mode & stat.S_IXGRP) or st.st_mode & stat.S_IXOTH:
+            continue
+        if parent in opened and st.st_uid == os.geteuid():
+            os.chown(parent, -1, gid)
+            os.chmod(parent, opened[parent])
+            continue
+        log.warning("group_cannot_reach_socket", group=group, directory=str(parent),
+                    fix=f"chmod o+x {parent}, or choose a --home its members can reach (e.g. under /srv)")
+        break
