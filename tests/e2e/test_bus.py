@@ -1,12 +1,15 @@
 """The bus under abuse: huge inputs, frames over the limits, slow readers, bad user names, zombies, bye.
 
 Every test talks to a real kernel through raw ZeroMQ DEALER sockets, as a client written from
-docs/protocol.md would, so what is checked is what goes over the wire.
+docs/protocol.md would, so what is checked is what goes over the wire. A raw client over ipc is whoever
+its uid is (this test process); one that must be another user is that user for real: a DEALER with
+CURVE keys on the kernel's tcp listener (``raw_as``), the key authorised by the admin.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import time
 
@@ -14,6 +17,7 @@ import msgpack
 import psutil
 import pytest
 import zmq
+import zmq.auth
 
 from llmos import Client, NoSuchProcess
 from llmos._wire import Calls
@@ -27,10 +31,16 @@ MiB = 2**20
 class RawClient:
     """A DEALER socket that speaks the protocol by hand: any bytes out, decoded frames in."""
 
-    def __init__(self, address: str, *, rcvhwm: int | None = None, rcvbuf: int | None = None) -> None:
+    def __init__(self, address: str, *, rcvhwm: int | None = None, rcvbuf: int | None = None,
+                 curve: tuple[str, str] | None = None) -> None:
+        """``curve``: (the kernel's public key file, the client's secret key file), for a CURVE tcp listener."""
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            server, _ = zmq.auth.load_certificate(curve[0])
+            public, secret = zmq.auth.load_certificate(curve[1])
+            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = server, public, secret
         if rcvhwm is not None:
             self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         if rcvbuf is not None:
@@ -80,8 +90,16 @@ def warm(k: KernelProc, model: str) -> None:
         raw.call(2, "wait", {"pid": pid["result"]["pid"]}, timeout=300)
 
 
+def raw_as(k: KernelProc, user: str, **kwargs) -> RawClient:
+    """A raw client that ``k`` knows as ``user``: CURVE on its tcp listener, with a key authorised for ``user``."""
+    return RawClient(k.tcp, curve=k._keys_of(user), **kwargs)
+
+
 def hello(raw: RawClient, user: str, rid: int = 1) -> dict:
     return raw.call(rid, "hello", {"version": 1, "client": "raw", "user": user})
+
+
+ME = pwd.getpwuid(os.getuid()).pw_name  # who a raw client over ipc is: this process's uid (root in CI)
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
@@ -129,13 +147,13 @@ def test_an_error_about_a_huge_input_quotes_a_short_prefix_and_is_answered(kerne
 # -- item 11: frames over the limit ---------------------------------------------------------------
 def test_a_frame_over_the_limit_gets_emsgsize_with_its_id_and_keeps_the_connection(kernel, tiny_model):
     warm(kernel, tiny_model)
-    with RawClient(kernel.address) as raw:
+    with raw_as(kernel, "bus-alice") as raw:
         assert hello(raw, "bus-alice")["t"] == "ok"
         for rid, size in ((7, protocol.MAX_FRAME_BYTES + 100), (8, 3 * protocol.MAX_FRAME_BYTES // 2)):
             raw.send({"v": 1, "id": rid, "call": "ping", "args": {"pad": [b"x" * (size // 4)] * 4}})
             r = raw.final(rid, timeout=30)
             assert (r["t"], r["error"], r["errno"]) == ("err", "EMSGSIZE", 90), r
-        # same connection, same identity: the user named in hello still owns what it spawns
+        # same connection, same identity: the connection's (CURVE) user still owns what it spawns
         r = raw.call(10, "spawn", {"prompt": "mine", "model": tiny_model, "max_new_tokens": 1})
         pid = r["result"]["pid"]
         assert raw.call(11, "stat", {"pid": pid})["result"]["owner"] == "bus-alice"
@@ -175,11 +193,12 @@ def test_hello_refuses_a_bad_user_name_and_records_nothing(kernel, client, tiny_
     warm(kernel, tiny_model)
     with RawClient(kernel.address) as raw:
         r = hello(raw, user)
-        assert (r["t"], r["error"]) == ("err", "EINVAL")
+        assert (r["t"], r["error"]) == ("err", "EINVAL")  # a bad name is refused as such, before any EPERM
         assert len(r["message"]) < 1000
         pids = [raw.call(2 + i, "spawn", {"prompt": "hi", "model": tiny_model, "max_new_tokens": 1})
                 ["result"]["pid"] for i in range(2)]
-        assert {raw.call(9, "stat", {"pid": p})["result"]["owner"] for p in pids} == {"anonymous"}
+        # the connection is still its uid's user: the refused name left no trace in what it owns
+        assert {raw.call(9, "stat", {"pid": p})["result"]["owner"] for p in pids} == {ME}
         assert len(client.ps()) >= 2  # ps still answers everyone
         for i, p in enumerate(pids):
             assert raw.call(20 + i, "wait", {"pid": p})["t"] == "ok"
@@ -187,8 +206,12 @@ def test_hello_refuses_a_bad_user_name_and_records_nothing(kernel, client, tiny_
 
 def test_hello_accepts_ordinary_user_names(kernel):
     for user in ("alice", "bob_2", "svc-llm", "first.last", "x@example.org", "1000"):
-        with RawClient(kernel.address) as raw:
-            assert hello(raw, user)["t"] == "ok", user
+        with raw_as(kernel, user) as raw:  # the name is valid: the kernel has a key for it
+            r = hello(raw, user)
+            assert r["t"] == "ok" and (r["result"]["user"], r["result"]["transport"]) == (user, "curve"), (user, r)
+        with RawClient(kernel.address) as raw:  # and over ipc, which proves this process's uid, it is not ours
+            r = hello(raw, user)
+            assert (r["t"], r["error"]) == ("err", "EPERM"), (user, r)
 
 
 # -- items 12 and 14: a kernel with a small client buffer and a short zombie retention ------------
@@ -204,7 +227,7 @@ class SmallKernel:
     def get(self) -> KernelProc:
         if self.k is None or self.k.proc.poll() is not None:
             self.stop()
-            self.k = KernelProc(max_batch=8, extra=self.FLAGS)
+            self.k = KernelProc(max_batch=8, extra=self.FLAGS, tcp=True)
             warm(self.k, self.model)
         return self.k
 
@@ -235,7 +258,7 @@ def test_a_slow_reader_gets_every_stream_complete_with_its_final_frame(small_ker
     before = rss(k.proc.pid)
     # RCVHWM 1 and a tiny OS buffer: the client holds almost nothing, the kernel must hold the rest
     with RawClient(k.address, rcvhwm=1, rcvbuf=4096) as raw, k.client() as watcher:
-        assert hello(raw, "slow")["t"] == "ok"
+        assert hello(raw, ME)["t"] == "ok"
         pids = [raw.call(100 + i, "spawn", {"prompt": f"slow {i}", "model": tiny_model, "max_new_tokens": TOKENS,
                                             "temperature": 0, "ignore_eos": True})["result"]["pid"]
                 for i in range(4)]
@@ -285,7 +308,7 @@ def test_a_client_over_its_buffer_gets_eagain_and_every_earlier_reply(small_kern
 
 def test_zombies_nobody_waits_for_are_reaped_past_the_count_cap_and_the_retention(small_kernel, tiny_model):
     k = small_kernel
-    with RawClient(k.address) as raw:  # spawns, then goes away without waiting
+    with raw_as(k, "forgetful") as raw:  # spawns, then goes away without waiting
         assert hello(raw, "forgetful")["t"] == "ok"
         pids = [raw.call(10 + i, "spawn", {"prompt": "z", "model": tiny_model, "max_new_tokens": 3})
                 ["result"]["pid"] for i in range(5)]
