@@ -1,0 +1,212 @@
+"""Real OS users sharing one kernel over a group's ipc socket: each is who its uid says, none may touch
+another's processes or stop the kernel, the admin may. The kernel runs as root (the admin); users
+llmos-t-a and llmos-t-b are members of group llmos-t-share, llmos-t-c is not (tests/osusers.py makes
+them and runs code as them)."""
+
+from __future__ import annotations
+
+import grp
+import json
+import stat
+
+import msgpack
+import pytest
+import zmq
+
+from llmos.client import Client
+from tests.conftest import KernelProc, wait_for
+from tests.osusers import Raised, as_user, can_make_users, make_group, make_user, remove_group, remove_user
+
+GROUP, A, B, C = "llmos-t-share", "llmos-t-a", "llmos-t-b", "llmos-t-c"
+B_PROCS = 2  # user B's quota of live processes (--user-quota): quotas follow the proven user
+
+
+@pytest.fixture(scope="module")
+def users():
+    why = can_make_users()
+    if why:
+        pytest.skip(why)
+    make_group(GROUP)
+    made = {A: make_user(A, (GROUP,)), B: make_user(B, (GROUP,)), C: make_user(C)}
+    yield made
+    for name in made:
+        remove_user(name)
+    remove_group(GROUP)
+
+
+@pytest.fixture(scope="module")
+def shared(users, tiny_model):
+    k = KernelProc(extra=["--group", GROUP, "--user-quota", f"{B}:procs={B_PROCS}"])
+    with k.client() as root:
+        root.model_load(tiny_model, keep_alive=-1)
+    yield k
+    k.stop()
+
+
+def session_of(address: str, model: str) -> int:
+    """A session that waits for its first write (BLOCKED): a process that stays put while others try it."""
+    with Client(address) as c:
+        return c.spawn(model=model, session=True)
+
+
+def test_each_user_is_who_its_uid_says_and_only_root_is_the_admin(shared, users):
+    for name in (A, B):
+        hello = as_user(users[name], lambda: Client(shared.address).kernel)
+        assert (hello["user"], hello["admin"], hello["transport"]) == (name, False, "ipc")
+    with shared.client() as root:
+        assert (root.kernel["user"], root.kernel["admin"], root.user) == ("root", True, "root")
+
+
+def test_a_user_cannot_claim_another_name_in_hello(shared, users):
+    """Regression (the identity spoof): hello {"user": "root"} from user A is EPERM."""
+    with pytest.raises(Raised) as exc:
+        as_user(users[A], lambda: Client(shared.address, user="root"))
+    assert exc.value.errno == "EPERM" and A in exc.value.message
+    assert as_user(users[A], lambda: Client(shared.address, user=A).user) == A  # naming oneself is fine
+
+
+def test_another_user_cannot_wait_stream_stat_kill_renice_write_or_close_a_users_process(shared, users, tiny_model):
+    pid = as_user(users[A], lambda: session_of(shared.address, tiny_model))
+
+    def try_everything() -> dict[str, str]:
+        out = {}
+        with Client(shared.address) as c:
+            for name, act in (("wait", lambda: c.wait(pid, timeout=5)), ("stream", lambda: list(c.stream(pid))),
+                              ("stat", lambda: c.stat(pid)), ("kill", lambda: c.kill(pid, "KILL")),
+                              ("stop", lambda: c.stop(pid)), ("nice", lambda: c.nice(pid, 5)),
+                              ("write", lambda: c.write(pid, "hello")), ("close", lambda: c.close(pid))):
+                try:
+                    act()
+                    out[name] = "done"
+                except Exception as exc:  # noqa: BLE001 - what each call answered is the point
+                    out[name] = getattr(getattr(exc, "errno", None), "name", type(exc).__name__)
+        return out
+
+    assert as_user(users[B], try_everything) == dict.fromkeys(
+        ("wait", "stream", "stat", "kill", "stop", "nice", "write", "close"), "EPERM")
+    with shared.client() as root:  # nothing of B's reached it; the admin may do all of it
+        info = root.stat(pid)
+        assert (info.owner, info.state, info.priority) == (A, "BLOCKED", 0)
+        assert root.nice(pid, 4)["priority"] == 4
+        assert root.close(pid).finish_reason in ("closed", "killed")
+
+        def audited() -> list[dict] | None:  # log lines reach the ring from the logging thread: soon, not at once
+            lines = [json.loads(ln) for ln in root.dmesg(n=500)]
+            refused = {ln["call"] for ln in lines if ln.get("event") == "refused" and ln.get("user") == B}
+            return lines if refused >= {"wait", "stream", "stat", "kill", "nice", "write", "close"} else None
+
+        lines = wait_for(audited, what="user B's refusals in dmesg")
+    admin = [ln for ln in lines if ln.get("event") == "admin_action" and ln.get("user") == "root"]
+    assert any(ln["call"] == "nice" and f"of {A}" in ln["why"] for ln in admin)
+
+
+def test_ps_lists_everyones_processes_but_not_their_text(shared, users, tiny_model):
+    pid = as_user(users[A], lambda: session_of(shared.address, tiny_model))
+    try:
+        rows = as_user(users[B], lambda: [r.__dict__ for r in Client(shared.address).ps()])
+        mine = [r for r in rows if r["pid"] == pid]
+        assert mine and mine[0]["owner"] == A and mine[0]["text"] is None
+    finally:
+        with shared.client() as root:
+            root.close(pid)
+
+
+def test_a_user_cannot_shut_the_kernel_down_even_with_no_hello_but_the_admin_can(shared, users):
+    """Regression (the anonymous shutdown): a raw socket's first frame, shutdown, is refused."""
+
+    def raw_shutdown() -> dict:
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(shared.address)
+        try:
+            s.send(msgpack.packb({"v": 1, "id": 1, "call": "shutdown", "args": {}}))
+            assert s.poll(10_000), "no reply"
+            return msgpack.unpackb(s.recv())
+        finally:
+            s.close()
+            ctx.term()
+
+    reply = as_user(users[B], raw_shutdown)
+    assert (reply["t"], reply["error"]) == ("err", "EPERM")
+    assert as_user(users[B], lambda: Client(shared.address).ping()["pid"]) == shared.proc.pid  # still serving
+
+
+def test_pipelined_hello_and_spawn_belong_to_the_connections_user(shared, users, tiny_model):
+    """Regression: hello and spawn sent back to back (no wait for hello's reply) gave a process owned by
+    "anonymous"; the user comes from the transport, so the very first frame is the user's."""
+
+    def pipelined() -> int:
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(shared.address)
+        try:
+            s.send(msgpack.packb({"v": 1, "id": 1, "call": "hello", "args": {"version": 1}}))
+            s.send(msgpack.packb({"v": 1, "id": 2, "call": "spawn", "args": {"prompt": "p", "model": tiny_model,
+                                                                           "max_new_tokens": 2}}))
+            replies = {}
+            while len(replies) < 2:
+                assert s.poll(60_000), "no reply"
+                r = msgpack.unpackb(s.recv())
+                replies[r["id"]] = r
+            return replies[2]["result"]["pid"]
+        finally:
+            s.close()
+            ctx.term()
+
+    pid = as_user(users[A], pipelined)
+    with shared.client() as root:
+        assert root.wait(pid, reap=False).finish_reason in ("length", "stop")
+        assert root.stat(pid).owner == A
+        root.wait(pid)
+
+
+def test_quotas_apply_to_the_proven_user(shared, users, tiny_model):
+    def fill() -> tuple[list[int], str]:
+        with Client(shared.address) as c:
+            pids = [c.spawn(model=tiny_model, session=True) for _ in range(B_PROCS)]
+            try:
+                c.spawn(model=tiny_model, session=True)
+                return pids, "spawned"
+            except Exception as exc:  # noqa: BLE001
+                return pids, exc.errno.name
+    pids, third = as_user(users[B], fill)
+    try:
+        assert third == "EAGAIN"  # B's own limit
+        other = as_user(users[A], lambda: session_of(shared.address, tiny_model))  # A is not limited by B's
+        pids.append(other)
+    finally:
+        with shared.client() as root:
+            for p in pids:
+                root.close(p)
+
+
+def test_the_socket_is_the_groups_and_the_rest_of_the_home_stays_the_owners(shared, users):
+    home, sock = shared.home, shared.home / "run" / "kernel.sock"
+    share_gid = grp.getgrnam(GROUP).gr_gid
+    st = sock.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, share_gid)
+    assert (stat.S_IMODE((home / "run").stat().st_mode), (home / "run").stat().st_gid) == (0o750, share_gid)
+    assert stat.S_IMODE(home.stat().st_mode) == 0o710
+    for private in ("store", "log", "keys"):
+        assert stat.S_IMODE((home / private).stat().st_mode) == 0o700, private
+    for f in (home / "run").iterdir():
+        if f.name != "kernel.sock":  # the lock, the pid file, workers' sockets: owner-only
+            assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
+
+
+def test_a_user_outside_the_group_cannot_reach_the_kernel(shared, users):
+    with pytest.raises(Raised) as exc:
+        as_user(users[C], lambda: Client(shared.address, connect_timeout=2))
+    assert exc.value.errno == "EPERM" and "--group" in exc.value.message
+
+
+def test_the_kernel_still_serves_everyone_after_all_the_refusals(shared, users, tiny_model):
+    def generate() -> str:
+        with Client(shared.address) as c:
+            return c.wait(c.spawn("still there", model=tiny_model, max_new_tokens=3, temperature=0)).finish_reason
+
+    assert as_user(users[B], generate) == "length"
+    with shared.client() as root:
+        assert root.kernel_info()["group"] == GROUP
