@@ -58,9 +58,9 @@ def read_public_key(source: str | os.PathLike) -> bytes:
                        f"40-character Z85 public key)")
     try:
         public, _ = zmq.auth.load_certificate(path)
-    except (OSError, ValueError, zmq.ZMQError) as exc:
+    except (OSError, ValueError, IndexError, zmq.ZMQError) as exc:  # IndexError: "public-key" with no "="
         raise InvalidArgument(f"{text!r} is not a ZeroMQ certificate file: {exc}") from None
-    if not public or len(public) != 40:
+    if not public or not Z85_KEY.match(public.decode("latin-1")):
         raise InvalidArgument(f"{text!r} holds no CURVE public key")
     return public
 
@@ -72,9 +72,9 @@ def read_key_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
         raise NotFound(f"no key file {str(p)!r}")
     try:
         public, secret = zmq.auth.load_certificate(p)
-    except (OSError, ValueError, zmq.ZMQError) as exc:
+    except (OSError, ValueError, IndexError, zmq.ZMQError) as exc:  # IndexError: "public-key" with no "="
         raise InvalidArgument(f"{str(p)!r} is not a ZeroMQ certificate file: {exc}") from None
-    if not secret:
+    if not secret or not all(Z85_KEY.match(k.decode("latin-1")) for k in (public, secret)):
         raise InvalidArgument(f"{str(p)!r} holds no secret key (give the .key_secret file)")
     return public, secret
 
