@@ -122,6 +122,9 @@ class Handlers:
             if fut.done():  # it finished (and maybe was reaped) just as the deadline passed
                 return fut.result()
             raise TimedOut(f"process {args['pid']} did not finish within {args['timeout']} s") from None
+        except asyncio.CancelledError:  # the caller is gone: its wait must not reap a result nobody receives
+            self.k.procman.tell(m.CancelWait(args["pid"], fut))
+            raise
 
     async def sys_kill(self, caller: Caller, args: dict, emit: Emit) -> dict:
         return await self.k.procman.ask(m.Kill(args["pid"], args["signal"], caller.user))

@@ -103,7 +103,7 @@ def secure(sock: zmq.Socket, address: str, server_key: str | os.PathLike | None 
     return sock.get_monitor_socket(HANDSHAKE_EVENTS, monitor_address)
 
 
-def await_handshake(monitor: zmq.Socket, address: str, timeout: float) -> None:
+def await_handshake(monitor: zmq.Socket, address: str, timeout: float, curve: bool) -> None:
     """Wait up to ``timeout`` s for the tcp handshake's outcome on ``monitor`` (sync sockets); raise what a
     failure means. Returns quietly on success, or when nothing was heard (the hello then times out)."""
     from zmq.utils.monitor import recv_monitor_message
@@ -113,14 +113,14 @@ def await_handshake(monitor: zmq.Socket, address: str, timeout: float) -> None:
         if not monitor.poll(int(left * 1000) + 1):
             return
         msg = recv_monitor_message(monitor)
-        failure = handshake_failure(msg["event"], msg["value"], address)
+        failure = handshake_failure(msg["event"], msg["value"], address, curve)
         if failure is not None:
             raise failure
         if msg["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             return
 
 
-async def await_handshake_async(monitor: Any, address: str, timeout: float) -> None:
+async def await_handshake_async(monitor: Any, address: str, timeout: float, curve: bool) -> None:
     """:func:`await_handshake` for an asyncio socket's monitor."""
     from zmq.utils.monitor import parse_monitor_message
 
@@ -129,15 +129,16 @@ async def await_handshake_async(monitor: Any, address: str, timeout: float) -> N
         if not await monitor.poll(int(left * 1000) + 1):
             return
         msg = parse_monitor_message(await monitor.recv_multipart())
-        failure = handshake_failure(msg["event"], msg["value"], address)
+        failure = handshake_failure(msg["event"], msg["value"], address, curve)
         if failure is not None:
             raise failure
         if msg["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             return
 
 
-def handshake_failure(event: int, value: int, address: str) -> LLMOSError | None:
-    """What a handshake event means for the user: None when it succeeded, else the error to raise."""
+def handshake_failure(event: int, value: int, address: str, curve: bool = True) -> LLMOSError | None:
+    """What a handshake event means for the user: None when it succeeded, else the error to raise.
+    ``curve``: whether this client spoke CURVE."""
     from llmos.syscalls.errors import KernelUnavailable, NotPermitted
 
     if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -145,9 +146,12 @@ def handshake_failure(event: int, value: int, address: str) -> LLMOSError | None
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return NotPermitted(f"the kernel at {address} refused this client's key (ZAP status {value}): have its admin "
                             f"authorise your public key (keys/client.key) with `llmos user add NAME --key FILE`")
+    if not curve:
+        return KernelUnavailable(f"the handshake with {address} failed: the kernel and this client disagree on "
+                                 f"encryption (this client is plain tcp, --insecure; the kernel needs CURVE keys)")
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         return KernelUnavailable(f"the handshake with {address} failed: the kernel and this client disagree on "
-                                 f"encryption (a CURVE kernel needs a CURVE client, an --insecure one a plain one)")
+                                 f"encryption (this client speaks CURVE; is the kernel's listener --insecure?)")
     return KernelUnavailable(f"the handshake with {address} failed: the kernel's public key this client used "
                              f"(--server-key, $LLMOS_SERVER_KEY or keys/kernel.key) is not that kernel's")
 

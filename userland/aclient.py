@@ -53,7 +53,8 @@ class AsyncClient:
         if monitor is not None:
             try:
                 try:
-                    await await_handshake_async(monitor, self.address, timeout)
+                    await await_handshake_async(monitor, self.address, timeout,
+                                                curve=self._sock.get(zmq.MECHANISM) == zmq.CURVE)
                 finally:
                     self._sock.disable_monitor()
                     monitor.close()

@@ -57,7 +57,8 @@ class Client:
         if monitor is not None:
             try:
                 try:
-                    await_handshake(monitor, self.address, connect_timeout)
+                    await_handshake(monitor, self.address, connect_timeout,
+                                    curve=self._sock.get(zmq.MECHANISM) == zmq.CURVE)
                 finally:
                     self._sock.disable_monitor()
                     monitor.close()
