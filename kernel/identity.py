@@ -90,33 +90,40 @@ class Keyring:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._by_key: dict[str, KeyEntry] = {}
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple | None = None
         self._checked = 0.0
 
     def _reload(self, force: bool = False) -> None:
+        """Reread the directory when a file in it changed (name, mtime or size: a file rewritten in place by
+        hand counts), at most every RELOAD_S unless ``force``."""
         now = time.monotonic()
         if not force and now - self._checked < RELOAD_S:
             return
         self._checked = now
+        files: dict[Path, tuple[int, int]] = {}
         try:
-            st = self.directory.stat()
+            for path in self.directory.glob("*.key"):
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # removed between the listing and the stat
+                    continue
+                files[path] = (st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
-            self._by_key, self._stamp = {}, None
-            return
-        stamp = (st.st_mtime_ns, st.st_ino)
+            pass
+        stamp = tuple(sorted((p.name, *v) for p, v in files.items()))
         if stamp == self._stamp and not force:
             return
         by_key: dict[str, KeyEntry] = {}
-        for path in sorted(self.directory.glob("*.key")):
+        for path in sorted(files):
             user, _, _ = path.name[: -len(".key")].rpartition(".")
             try:
                 key = read_public_key(path).decode("ascii")
-                added = path.stat().st_mtime
-            except Exception:  # a stray or broken file authorises nobody
-                get_logger("identity").warning("key_file_unreadable", path=str(path))
+            except Exception:  # a stray or broken file authorises nobody (said once per change of the file)
+                if stamp != self._stamp:
+                    get_logger("identity").warning("key_file_unreadable", path=str(path))
                 continue
             if user:
-                by_key[key] = KeyEntry(user, key, fingerprint(key.encode()), added, path)
+                by_key[key] = KeyEntry(user, key, fingerprint(key.encode()), files[path][0] / 1e9, path)
         self._by_key, self._stamp = by_key, stamp
 
     def user_of(self, key: str) -> str | None:

@@ -37,7 +37,7 @@ from llmos.syscalls.address import resolve_address
 from llmos.kernel.config import KernelConfig, add_flags, from_args, home_dir
 from llmos.kernel.kernel import Kernel
 from llmos.kernel.log import get_logger
-from llmos.kernel.sharing import listen_plan
+from llmos.kernel.sharing import check_group, listen_plan
 from llmos.syscalls.address import ipc_path, llmos_home
 from llmos.syscalls.errors import InvalidArgument
 
@@ -180,6 +180,7 @@ def _serve(args: argparse.Namespace, config: KernelConfig) -> int:
         return _refuse(exc.message)
     try:
         listen_plan(address, config)  # tcp without CURVE off the loopback, an address twice: refused here
+        check_group(config.group)
     except InvalidArgument as exc:
         return _refuse(exc.message)
     try:

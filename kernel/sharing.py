@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import stat
 from pathlib import Path
@@ -27,8 +28,14 @@ LOOPBACK_HOSTS = ("localhost", "[::1]")
 
 
 def is_loopback(address: str) -> bool:
+    """A tcp address on the loopback interface: localhost, 127.0.0.0/8 or [::1] (a name is not resolved)."""
     host = address[len("tcp://"):].rpartition(":")[0]
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def listen_plan(address: str, config: KernelConfig) -> list[tuple[str, str]]:
@@ -66,6 +73,16 @@ def ensure_keys(home: Path, owner: str) -> tuple[bytes, bytes, Keyring]:
     if keyring.user_of(client_public.decode("ascii")) is None:
         keyring.add(owner, client_public.decode("ascii"))
     return public, secret, keyring
+
+
+def check_group(group: str | None) -> None:
+    """InvalidArgument unless the kernel may give its socket to ``group`` (root may; others must be members)."""
+    if group is None or os.geteuid() == 0:
+        return
+    gid = grp.getgrnam(group).gr_gid
+    if gid not in os.getgroups() and gid != os.getegid():
+        raise InvalidArgument(f"--group {group}: you are not a member of {group}, so the kernel cannot give its "
+                              f"socket to it (usermod -aG {group} $USER, then log in again)")
 
 
 def share_socket(address: str, group: str | None) -> None:

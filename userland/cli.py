@@ -162,6 +162,12 @@ def cmd_kernel_status(args: argparse.Namespace) -> int:
         return 0
     procs = ", ".join(f"{k.lower()} {v}" for k, v in info["processes"].items() if v) or "none"
     print(f"llmos kernel {info['version']}: pid {info['pid']} at {info['address']}, up {info['uptime_s']:.0f} s")
+    print(f"  admin: {info.get('owner', '?')} (and root); you are {client.kernel.get('user')} via "
+          f"{client.kernel.get('transport')}")
+    for lst in info.get("listeners", [])[1:]:
+        print(f"  also at {lst['address']} ({lst['transport']})")
+    if info.get("group"):
+        print(f"  shared with group {info['group']} (its members reach the ipc socket)")
     print(f"  processes: {procs}")
     for mdl in info["models"]:
         print(f"  model {mdl['model']}: worker pid {mdl['worker_pid']}, {mdl['device']}, running {mdl['running']}")

@@ -207,8 +207,6 @@ def test_a_key_file_added_by_hand_works_at_the_next_reload(tmp, certs, monkeypat
     assert ring.user_of(alice) == "alice"
 
 
-@pytest.mark.xfail(strict=True, reason="bug reported to the lead: Keyring._reload skips the reread while the "
-                   "directory's (mtime, inode) is unchanged, and writing into a file does not change it")
 def test_a_key_file_rewritten_in_place_by_hand_stands_for_the_new_key_only(tmp, certs, monkeypatch):
     """An admin who replaces the key inside a file (``cat new.key > authorized/alice.FP.key``) withdraws the
     old key: writing into a file leaves the directory's mtime as it was, so a cache keyed on it alone misses it."""

@@ -51,7 +51,8 @@ def test_insecure_tcp_is_allowed_on_loopback_addresses(address):
 
 
 @pytest.mark.parametrize("address", ["tcp://0.0.0.0:5556", "tcp://*:5556", "tcp://gpu-box.lan:5556",
-                                     "tcp://192.168.1.20:5556", "tcp://[::]:5556", "tcp://localhost.evil.com:5556"])
+                                     "tcp://192.168.1.20:5556", "tcp://[::]:5556", "tcp://localhost.evil.com:5556",
+                                     "tcp://127.evil.com:5556"])
 def test_insecure_tcp_on_any_other_address_is_einval_naming_insecure(address):
     for given, config in ((address, KernelConfig(insecure=True)),
                           ("ipc:///tmp/k.sock", KernelConfig(listen=address, insecure=True))):
