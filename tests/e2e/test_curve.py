@@ -230,3 +230,25 @@ def test_insecure_is_refused_off_the_loopback(tmp_path):
                         "--listen", f"tcp://0.0.0.0:{free_port()}"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--insecure serves loopback addresses only" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_the_async_client_speaks_curve_too(kernel, tiny_model, tmp_path):
+    import asyncio
+
+    from llmos import AsyncClient
+
+    name = unique("gina")
+    server, secret = kernel._keys_of(name)
+
+    async def main() -> tuple[str, str]:
+        async with AsyncClient(kernel.tcp, server_key=server, client_key=secret) as c:
+            result = await c.wait(await c.spawn("async curve", model=tiny_model, max_new_tokens=2, temperature=0))
+            who = c.user
+        try:
+            await AsyncClient(kernel.tcp, server_key=server, client_key=stranger_key(tmp_path)).connect(timeout=10)
+            refused = "connected"
+        except NotPermitted:
+            refused = "EPERM"
+        return f"{who} {result.finish_reason}", refused
+
+    assert asyncio.run(main()) == (f"{name} length", "EPERM")
