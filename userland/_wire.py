@@ -13,6 +13,7 @@ import zmq
 import zmq.asyncio
 
 from llmos.syscalls import codec, protocol
+from llmos.syscalls.address import connect_address
 from llmos.syscalls.errors import Errno, InvalidArgument, KernelGone, LLMOSError, ProtocolError, error_from_errno
 from llmos.syscalls.table import BY_NAME
 from llmos.types import ProcessResult, TurnResult
@@ -103,37 +104,73 @@ def secure(sock: zmq.Socket, address: str, server_key: str | os.PathLike | None 
     return sock.get_monitor_socket(HANDSHAKE_EVENTS, monitor_address)
 
 
-def await_handshake(monitor: zmq.Socket, address: str, timeout: float, curve: bool) -> None:
-    """Wait up to ``timeout`` s for the tcp handshake's outcome on ``monitor`` (sync sockets); raise what a
-    failure means. Returns quietly on success, or when nothing was heard (the hello then times out)."""
+def open_dealer(ctx: Any, address: str, server_key: str | os.PathLike | None, client_key: str | os.PathLike | None,
+                insecure: bool | None) -> tuple[Any, Any]:
+    """A DEALER socket of ``ctx`` connected to ``address``, secured as :func:`secure` says, and its handshake
+    monitor (None for ipc). The socket is closed again if anything fails."""
+    sock = ctx.socket(zmq.DEALER)  # the shared context: a client never blocks in a finaliser
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        monitor = secure(sock, address, server_key, client_key, insecure)
+        sock.connect(connect_address(address))
+    except BaseException:
+        sock.close()
+        raise
+    return sock, monitor
+
+
+def await_handshake(sock: zmq.Socket, monitor: zmq.Socket, address: str, timeout: float) -> None:
+    """Wait up to ``timeout`` s for the tcp handshake's outcome on ``monitor`` (sync sockets), then stop the
+    monitor; raise what a failure means (and close ``sock``). Returns quietly on success, or when nothing was
+    heard (the hello then times out)."""
     from zmq.utils.monitor import recv_monitor_message
 
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        if not monitor.poll(int(left * 1000) + 1):
-            return
-        msg = recv_monitor_message(monitor)
-        failure = handshake_failure(msg["event"], msg["value"], address, curve)
-        if failure is not None:
-            raise failure
-        if msg["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            return
+    curve = sock.get(zmq.MECHANISM) == zmq.CURVE
+    try:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and monitor.poll(int(left * 1000) + 1):
+            msg = recv_monitor_message(monitor)
+            if _handshake_done(msg, address, curve):
+                return
+    except BaseException:
+        _end_monitor(sock, monitor)
+        sock.close()
+        raise
+    finally:
+        _end_monitor(sock, monitor)
 
 
-async def await_handshake_async(monitor: Any, address: str, timeout: float, curve: bool) -> None:
-    """:func:`await_handshake` for an asyncio socket's monitor."""
+async def await_handshake_async(sock: Any, monitor: Any, address: str, timeout: float) -> None:
+    """:func:`await_handshake` for an asyncio socket."""
     from zmq.utils.monitor import parse_monitor_message
 
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        if not await monitor.poll(int(left * 1000) + 1):
-            return
-        msg = parse_monitor_message(await monitor.recv_multipart())
-        failure = handshake_failure(msg["event"], msg["value"], address, curve)
-        if failure is not None:
-            raise failure
-        if msg["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            return
+    curve = sock.get(zmq.MECHANISM) == zmq.CURVE
+    try:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and await monitor.poll(int(left * 1000) + 1):
+            msg = parse_monitor_message(await monitor.recv_multipart())
+            if _handshake_done(msg, address, curve):
+                return
+    except BaseException:
+        _end_monitor(sock, monitor)
+        sock.close()
+        raise
+    finally:
+        _end_monitor(sock, monitor)
+
+
+def _handshake_done(msg: dict, address: str, curve: bool) -> bool:
+    failure = handshake_failure(msg["event"], msg["value"], address, curve)
+    if failure is not None:
+        raise failure
+    return msg["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+
+def _end_monitor(sock: Any, monitor: Any) -> None:
+    if not monitor.closed:
+        if not sock.closed:
+            sock.disable_monitor()
+        monitor.close()
 
 
 def handshake_failure(event: int, value: int, address: str, curve: bool = True) -> LLMOSError | None:

@@ -11,12 +11,11 @@ import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import zmq
-import zmq.asyncio
 
-from llmos._wire import (Calls, async_bus_context, await_handshake_async, check_ipc, current_user, model_arg, secure,
-                         spawn_args, syscall_doc, text_or_raise)
+from llmos._wire import (Calls, async_bus_context, await_handshake_async, check_ipc, current_user, model_arg,
+                         open_dealer, spawn_args, syscall_doc, text_or_raise)
 from llmos.syscalls import protocol
-from llmos.syscalls.address import connect_address, resolve_address
+from llmos.syscalls.address import resolve_address
 from llmos.syscalls.errors import KernelGone, KernelUnavailable, TimedOut
 from llmos.types import ProcessInfo, ProcessResult, TurnResult
 
@@ -42,25 +41,9 @@ class AsyncClient:
 
     async def connect(self, timeout: float = 5.0) -> "AsyncClient":
         check_ipc(self.address)
-        self._sock = async_bus_context().socket(zmq.DEALER)  # shared: never blocks in a finaliser
-        self._sock.setsockopt(zmq.LINGER, 0)
-        try:
-            monitor = secure(self._sock, self.address, *self._keys)
-        except BaseException:
-            self._sock.close()
-            raise
-        self._sock.connect(connect_address(self.address))
+        self._sock, monitor = open_dealer(async_bus_context(), self.address, *self._keys)
         if monitor is not None:
-            try:
-                try:
-                    await await_handshake_async(monitor, self.address, timeout,
-                                                curve=self._sock.get(zmq.MECHANISM) == zmq.CURVE)
-                finally:
-                    self._sock.disable_monitor()
-                    monitor.close()
-            except BaseException:
-                self._sock.close()
-                raise
+            await await_handshake_async(self._sock, monitor, self.address, timeout)
         self._reader = asyncio.get_running_loop().create_task(self._read())
         try:
             self.kernel = await self.hello(timeout=timeout)

@@ -13,11 +13,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Iterator
 
-import zmq
 
-from llmos._wire import (Calls, await_handshake, bus_context, check_ipc, current_user, model_arg, secure, spawn_args,
-                         syscall_doc)
-from llmos.syscalls.address import connect_address, resolve_address
+from llmos._wire import (Calls, await_handshake, bus_context, check_ipc, current_user, model_arg, open_dealer,
+                         spawn_args, syscall_doc)
+from llmos.syscalls.address import resolve_address
 from llmos.syscalls import protocol
 from llmos.syscalls.errors import KernelGone, KernelRestarted, KernelUnavailable, LLMOSError, TimedOut
 from llmos.types import ProcessInfo, ProcessResult, TurnResult
@@ -46,25 +45,9 @@ class Client:
         self.user = user or current_user()
         self._asked_user = user
         check_ipc(self.address)
-        self._sock = bus_context().socket(zmq.DEALER)  # shared: a client never blocks in a finaliser
-        self._sock.setsockopt(zmq.LINGER, 0)
-        try:
-            monitor = secure(self._sock, self.address, server_key, client_key, insecure)
-        except BaseException:
-            self._sock.close()
-            raise
-        self._sock.connect(connect_address(self.address))
+        self._sock, monitor = open_dealer(bus_context(), self.address, server_key, client_key, insecure)
         if monitor is not None:
-            try:
-                try:
-                    await_handshake(monitor, self.address, connect_timeout,
-                                    curve=self._sock.get(zmq.MECHANISM) == zmq.CURVE)
-                finally:
-                    self._sock.disable_monitor()
-                    monitor.close()
-            except BaseException:
-                self._sock.close()
-                raise
+            await_handshake(self._sock, monitor, self.address, connect_timeout)
         self._calls = Calls()
         self._client_name = client_name
         self._pending: dict[int, int | None] = {}  # request id -> the pid it is about (None: no pid)
