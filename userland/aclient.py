@@ -10,7 +10,6 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-import zmq
 
 from llmos._wire import (Calls, async_bus_context, await_handshake_async, check_ipc, current_user, model_arg,
                          open_dealer, spawn_args, syscall_doc, text_or_raise)
