@@ -5,9 +5,11 @@ them and runs code as them)."""
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import stat
+from typing import Iterator
 
 import msgpack
 import pytest
@@ -41,6 +43,20 @@ def shared(users, tiny_model):
         root.model_load(tiny_model, keep_alive=-1)
     yield k
     k.stop()
+
+
+@contextlib.contextmanager
+def raw_socket(address: str) -> Iterator[zmq.Socket]:
+    """A plain ZeroMQ DEALER on ``address``: what a client in any language is."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(address)
+    try:
+        yield s
+    finally:
+        s.close()
+        ctx.term()
 
 
 def session_of(address: str, model: str) -> int:
@@ -115,17 +131,10 @@ def test_a_user_cannot_shut_the_kernel_down_even_with_no_hello_but_the_admin_can
     """Regression (the anonymous shutdown): a raw socket's first frame, shutdown, is refused."""
 
     def raw_shutdown() -> dict:
-        ctx = zmq.Context()
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(shared.address)
-        try:
+        with raw_socket(shared.address) as s:
             s.send(msgpack.packb({"v": 1, "id": 1, "call": "shutdown", "args": {}}))
             assert s.poll(10_000), "no reply"
             return msgpack.unpackb(s.recv())
-        finally:
-            s.close()
-            ctx.term()
 
     reply = as_user(users[B], raw_shutdown)
     assert (reply["t"], reply["error"]) == ("err", "EPERM")
@@ -137,11 +146,7 @@ def test_pipelined_hello_and_spawn_belong_to_the_connections_user(shared, users,
     "anonymous"; the user comes from the transport, so the very first frame is the user's."""
 
     def pipelined() -> int:
-        ctx = zmq.Context()
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(shared.address)
-        try:
+        with raw_socket(shared.address) as s:
             s.send(msgpack.packb({"v": 1, "id": 1, "call": "hello", "args": {"version": 1}}))
             s.send(msgpack.packb({"v": 1, "id": 2, "call": "spawn", "args": {"prompt": "p", "model": tiny_model,
                                                                            "max_new_tokens": 2}}))
@@ -151,9 +156,6 @@ def test_pipelined_hello_and_spawn_belong_to_the_connections_user(shared, users,
                 r = msgpack.unpackb(s.recv())
                 replies[r["id"]] = r
             return replies[2]["result"]["pid"]
-        finally:
-            s.close()
-            ctx.term()
 
     pid = as_user(users[A], pipelined)
     with shared.client() as root:
