@@ -50,7 +50,8 @@ class Audit:
         return self._write("warning", "refused", user, call=call, reason=reason, **fields)
 
     def admin(self, user: str, call: str, **fields: Any) -> bool:
-        """An administrative action that went through."""
+        """An administrative action the access rule let through (its ``result``: ok, or the errno it failed
+        with)."""
         return self._write("info", "admin_action", user, call=call, **fields)
 
     def _write(self, level: str, event: str, user: str, **fields: Any) -> bool:

@@ -35,6 +35,7 @@ from llmos.kernel.log import get_logger
 from llmos.kernel.outbox import Outbox
 from llmos.syscalls import codec, protocol
 from llmos.syscalls.errors import Errno
+from llmos.syscalls.keys import fingerprint
 
 SNDHWM_FRAMES = 32  # frames ZeroMQ may hold for one client; the outbox holds the rest, in bytes
 RCVHWM_FRAMES = 16  # requests ZeroMQ may hold from one client before the kernel reads them
@@ -165,8 +166,10 @@ class Bus:
             client = None
         if caller is None:
             rid = codec.peek_id(frames[-1])
-            self.handlers.refused(Caller(ident, ANONYMOUS, False, CURVE), "call", "the CURVE key of this "
-                                  "connection is no longer authorised")
+            key = curve_key(zframes[-1])
+            withdrawn = fingerprint(key.encode()) if key else "?"
+            self.handlers.audit.refused("unknown", "any", f"CURVE key {withdrawn} is no longer authorised",
+                                        transport=CURVE)
             try:
                 self._send(ident, codec.error(rid, Errno.EPERM, None, "this connection's CURVE key is no longer "
                                               "authorised (withdrawn by the admin): use an authorised key"))

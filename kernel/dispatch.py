@@ -116,7 +116,7 @@ async def check_access(sc: Syscall, caller: Caller, args: dict, handlers: Handle
 async def dispatch(handlers: Handlers, caller: Caller, frame: bytes, replies: Replies) -> None:
     """Serve one request frame; ``replies`` gets its chunks, then exactly one final frame."""
     rid: int | None = None
-    name = "?"
+    name, administrative, args = "?", None, {}
     try:
         try:
             rid, call, raw_args = parse_request(frame)
@@ -135,12 +135,19 @@ async def dispatch(handlers: Handlers, caller: Caller, frame: bytes, replies: Re
         async def emit(data: Any) -> None:
             replies.chunk(request_id, data)
 
-        if administrative is not None:  # before the call: a shutdown's line must not wait for its end
-            handlers.audit.admin(caller.user, sc.name, why=administrative, pid=args.get("pid"),
-                                 target=args.get("model") or args.get("path") or args.get("user"))
         final = result_frame(rid, await fn(caller, args, emit))
+        if administrative is not None:
+            _audit_admin(handlers, caller, sc.name, administrative, args, "ok")
     except Exception as exc:  # a handler bug must not take the bus down
         if isinstance(exc, LLMOSError) and exc.errno == Errno.EPERM:
             handlers.audit.refused(caller.user, name, exc.message, transport=caller.transport)
+        elif administrative is not None:  # an administrative action that failed is said as such
+            _audit_admin(handlers, caller, name, administrative, args, getattr(getattr(exc, "errno", None), "name",
+                                                                               type(exc).__name__))
         final = error_frame(rid, exc)
     replies.final(rid, final)
+
+
+def _audit_admin(handlers: Handlers, caller: Caller, call: str, why: str, args: dict, result: str) -> None:
+    handlers.audit.admin(caller.user, call, why=why, result=result, pid=args.get("pid"),
+                         target=args.get("model") or args.get("path") or args.get("src") or args.get("user"))

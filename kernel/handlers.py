@@ -51,9 +51,6 @@ class Handlers:
         access check for calls on a process."""
         return await self.k.procman.ask(m.Owner(pid))
 
-    def refused(self, caller: Caller, call: str, reason: str) -> None:
-        self.audit.refused(caller.user, call, reason, transport=caller.transport)
-
     async def sys_hello(self, caller: Caller, args: dict, emit: Emit) -> dict:
         if args["version"] != protocol.PROTOCOL_VERSION:
             raise ProtocolError(f"client speaks protocol {args['version']}, kernel speaks "

@@ -82,14 +82,14 @@ def read_key_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
 def make_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
     """Create ``directory/NAME.key`` and the 0600 ``NAME.key_secret`` (the directory 0700) unless the
     secret file exists; return (public file, secret file)."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
-    if not secret.exists():
-        old = os.umask(0o077)
-        try:
+    old = os.umask(0o077)  # the directories made on the way ($LLMOS_HOME itself, maybe) are owner-only too
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not secret.exists():
             zmq.auth.create_certificates(directory, name)
-        finally:
-            os.umask(old)
+    finally:
+        os.umask(old)
     os.chmod(secret, 0o600)
     return public, secret
 

@@ -205,7 +205,7 @@ SYSCALLS: tuple[Syscall, ...] = (
     ),
     Syscall(
         10, "spawn", "Create an LLM process: a generation on one model from a prompt or chat messages.",
-        access=Access(ANY, admin_below_zero=("priority",)),
+        access=Access(ANY, admin_args=("keep_alive",), admin_below_zero=("priority",)),
         request=(
             Field("model", "str", DEFAULT_MODEL_DOC, nullable=True, max_len=4096),
             Field("prompt", "str", "plain text prompt (exactly one of prompt, messages, prompt_ids)", nullable=True,
@@ -216,7 +216,8 @@ SYSCALLS: tuple[Syscall, ...] = (
             Field("prompt_ids", "list[int]", "the prompt as token ids (exactly one of prompt, messages, prompt_ids)",
                   nullable=True, max_len=1_000_000),
             Field("keep_alive", "float", "seconds the model stays loaded once idle (0 unloads after use, -1 pins); "
-                  "null keeps the model's setting", nullable=True, min=-1.0),
+                  "null keeps the model's setting. It changes the model's setting for everyone: the admin's",
+                  nullable=True, min=-1.0),
             Field("priority", "int", "nice value: lower runs first; below 0 only for the admin", default=0,
                   min=PRIORITY_MIN, max=PRIORITY_MAX),
             Field("session", "bool", "a session: after each reply it blocks until a `write` brings the next turn, "

@@ -92,7 +92,7 @@ def secure(sock: zmq.Socket, address: str, server_key: str | os.PathLike | None 
         if kernel_key is None:
             raise InvalidArgument(f"{address} is tcp, encrypted with CURVE: this client needs the kernel's public key "
                                   f"(the kernel's keys/kernel.key: pass it as server_key / --server-key or "
-                                  f"$LLMOS_SERVER_KEY; a kernel started with --insecure: insecure=True / --insecure)")
+                                  f"$LLMOS_SERVER_KEY; for a kernel started with --insecure: insecure=True or LLMOS_INSECURE=1)")
         pair = client_key_pair(client_key)
         if pair is None:
             raise InvalidArgument(f"{address} is tcp, encrypted with CURVE: this client needs a key pair (none in "
@@ -176,7 +176,7 @@ def _end_monitor(sock: Any, monitor: Any) -> None:
 def handshake_failure(event: int, value: int, address: str, curve: bool = True) -> LLMOSError | None:
     """What a handshake event means for the user: None when it succeeded, else the error to raise.
     ``curve``: whether this client spoke CURVE."""
-    from llmos.syscalls.errors import KernelUnavailable, NotPermitted
+    from llmos.syscalls.errors import NotPermitted, ProtocolError
 
     if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
         return None
@@ -184,13 +184,14 @@ def handshake_failure(event: int, value: int, address: str, curve: bool = True) 
         return NotPermitted(f"the kernel at {address} refused this client's key (ZAP status {value}): have its admin "
                             f"authorise your public key (keys/client.key) with `llmos user add NAME --key FILE`")
     if not curve:
-        return KernelUnavailable(f"the handshake with {address} failed: the kernel and this client disagree on "
-                                 f"encryption (this client is plain tcp, --insecure; the kernel needs CURVE keys)")
+        return ProtocolError(f"the handshake with {address} failed: the kernel and this client disagree on "
+                             f"encryption (this client is plain tcp, LLMOS_INSECURE=1; the kernel needs CURVE keys)")
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-        return KernelUnavailable(f"the handshake with {address} failed: the kernel and this client disagree on "
-                                 f"encryption (this client speaks CURVE; is the kernel's listener --insecure?)")
-    return KernelUnavailable(f"the handshake with {address} failed: the kernel's public key this client used "
-                             f"(--server-key, $LLMOS_SERVER_KEY or keys/kernel.key) is not that kernel's")
+        return ProtocolError(f"the handshake with {address} failed: the kernel and this client disagree on "
+                             f"encryption (this client speaks CURVE; is the kernel's listener --insecure?)")
+    return ProtocolError(f"the handshake with {address} failed: the kernel's public key this client used "
+                         f"(--server-key, $LLMOS_SERVER_KEY or keys/kernel.key) is not that kernel's, or the kernel's "
+                         f"listener is --insecure")
 
 
 def model_arg(model: str | os.PathLike | None) -> str | None:

@@ -40,7 +40,8 @@ class Client:
         says otherwise); ``self.user`` is who the kernel knows it as.
 
         Raises KernelUnavailable (no kernel answers), NotPermitted (the socket is closed to this user, or
-        the kernel refused this key), InvalidArgument (a bad address, or tcp with no keys)."""
+        the kernel refused this key), ProtocolError (EPROTO: the tcp handshake failed: a wrong kernel key, or
+        CURVE on one side only), InvalidArgument (a bad address, or tcp with no keys)."""
         self.address = resolve_address(address)  # InvalidArgument for an unusable one
         self.user = user or current_user()
         self._asked_user = user

@@ -18,7 +18,7 @@ from pathlib import Path
 from llmos.syscalls.address import resolve_address
 from llmos.client import Client
 from llmos.syscalls.address import llmos_home
-from llmos.syscalls.errors import KernelUnavailable, LLMOSError
+from llmos.syscalls.errors import KernelUnavailable, LLMOSError, NotPermitted
 
 EXIT_BUSY = 3  # the kernel found another kernel on the address (llmos.kernel.main.EXIT_BUSY)
 LOG_TAIL_LINES = 5
@@ -135,10 +135,18 @@ def log_tail(path: Path, start: int = 0, lines: int = LOG_TAIL_LINES, limit: int
 
 
 def stop(client: Client, proc: subprocess.Popen | None, pid: int | None = None, timeout: float = 30.0) -> None:
-    """Ask the kernel to shut down, wait for it to exit, and make sure it did."""
+    """Ask the kernel to shut down, wait for it to exit, and make sure it did.
+
+    NotPermitted (EPERM) when the caller is not the kernel's admin: nothing is stopped. A kernel on this
+    machine (our child ``proc``, or an ipc kernel whose ``pid`` is a kernel process) that does not exit within
+    ``timeout`` s is killed; a kernel reached over tcp is only waited for (its pid means nothing here)."""
+    address = client.address
+    local = proc is not None or address.startswith("ipc://")
     pid = pid or (proc.pid if proc else client.kernel.get("pid"))
     try:
         client.shutdown()
+    except NotPermitted:
+        raise
     except LLMOSError:
         pass
     finally:
@@ -148,16 +156,27 @@ def stop(client: Client, proc: subprocess.Popen | None, pid: int | None = None, 
         if proc is not None:
             if proc.poll() is not None:
                 return
+        elif not local:
+            if try_connect(address, timeout=1.0) is None:
+                return
         elif pid is None or not _alive(pid):
             return
         time.sleep(0.05)
-    if pid:
+    if pid and local and (proc is not None or _is_kernel(pid)):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     if proc is not None:
         proc.wait()
+
+
+def _is_kernel(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"llmos.kernel.main" in f.read()
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:

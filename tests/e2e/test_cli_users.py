@@ -161,3 +161,23 @@ def test_whoami_over_ipc_is_the_processs_account_and_the_owner_is_the_admin(kern
     assert r.stdout.decode().strip() == f"{me} (admin) via ipc at {kernel.address}"
     assert json.loads(llmos(kernel.env, "whoami", "--json").stdout) == {
         "user": me, "admin": True, "transport": "ipc", "address": kernel.address}
+
+
+def test_kernel_stop_by_a_user_who_is_not_the_admin_is_one_eperm_line_and_the_kernel_runs_on(kernel, name):
+    """Regression: the refused shutdown was swallowed, then the CLI waited 30 s for the kernel to exit (and
+    would have killed it, or on a tcp kernel whatever local process had its pid)."""
+    import time
+
+    started = time.monotonic()
+    r = llmos(kernel.env_as(name), "kernel", "stop")
+    assert r.returncode == 1 and "[EPERM]" in r.stderr and "shutdown is the admin's" in r.stderr, r.stderr
+    assert time.monotonic() - started < 15 and "Traceback" not in r.stderr
+    with kernel.client() as c:
+        assert c.ping()["pid"] == kernel.proc.pid and kernel.proc.poll() is None
+
+
+def test_keygen_makes_a_missing_home_owner_only(tmp_path):
+    home = tmp_path / "fresh-home"
+    r = llmos(no_kernel(home), "keygen")
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700 and stat.S_IMODE((home / "keys").stat().st_mode) == 0o700

@@ -17,7 +17,7 @@ import zmq
 import zmq.auth
 
 from llmos.client import Client
-from llmos.syscalls.errors import KernelUnavailable, NotPermitted
+from llmos.syscalls.errors import NotPermitted, ProtocolError
 from tests.conftest import KernelProc, free_port, wait_for
 
 
@@ -74,12 +74,12 @@ def test_an_unknown_key_is_refused_at_the_handshake(kernel, tmp_path):
 def test_a_client_with_the_wrong_kernel_key_is_refused(kernel, tmp_path):
     _, secret = kernel._keys_of(unique("dora"))
     other_kernel, _ = zmq.auth.create_certificates(tmp_path, "impostor")
-    with pytest.raises(KernelUnavailable, match="not that kernel's"):
+    with pytest.raises(ProtocolError, match="not that kernel's"):
         Client(kernel.tcp, server_key=str(other_kernel), client_key=secret, connect_timeout=10)
 
 
 def test_a_plain_client_is_refused_and_gets_nothing(kernel):
-    with pytest.raises(KernelUnavailable, match="disagree on encryption"):
+    with pytest.raises(ProtocolError, match="disagree on encryption"):
         Client(kernel.tcp, insecure=True, connect_timeout=10)
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
