@@ -10,7 +10,6 @@ import uuid
 import pytest
 
 from llmos import Busy, InvalidArgument, NotFound, NotPermitted
-from llmos.client import Client
 
 BIN = [sys.executable, "-m", "llmos"]
 
@@ -100,8 +99,8 @@ def test_anyone_creates_only_the_owner_or_the_admin_removes(kernel, client, name
     src.write_text("a\nb\n")
     name = unique()
     names.append(name)
-    with Client(kernel.address, user=f"u{uuid.uuid4().hex[:8]}") as alice, \
-            Client(kernel.address, user=f"u{uuid.uuid4().hex[:8]}") as bob:
+    # two users other than the admin, each with its own CURVE key over tcp
+    with kernel.client_as(f"u{uuid.uuid4().hex[:8]}") as alice, kernel.client_as(f"u{uuid.uuid4().hex[:8]}") as bob:
         alice.data.import_file(src, name)
         assert bob.data.records(name) == ["a", "b"] and bob.data.stat(name)["owner"] == alice.user
         with pytest.raises(NotPermitted):

@@ -22,7 +22,7 @@ def user() -> str:
 @pytest.fixture
 def alice(kernel):
     name = user()
-    c = Client(kernel.address, user=name)
+    c = kernel.client_as(name)  # really another user than the admin: its own CURVE key over tcp
     yield c
     try:
         c.fs.rm(f"/home/{name}", recursive=True)
@@ -64,7 +64,7 @@ def test_a_20_mib_value_is_streamed_in_frames_and_read_back_byte_exact(alice):
 
 
 def test_a_user_writes_only_its_own_home_and_only_the_admin_writes_models(kernel, alice):
-    bob = Client(kernel.address, user=user())
+    bob = kernel.client_as(user())
     try:
         bob.fs.put(f"{home(bob)}/mine", b"bob's")
         with pytest.raises(NotPermitted) as err:
@@ -87,7 +87,7 @@ def test_a_user_writes_only_its_own_home_and_only_the_admin_writes_models(kernel
 def test_an_upload_is_continued_only_by_the_connection_that_began_it(kernel, alice):
     path = f"{home(alice)}/up.bin"
     upload = alice.fs_put(path, b"first,", last=False)["upload"]
-    with Client(kernel.address, user=alice.user) as same_user_other_connection:
+    with kernel.client_as(alice.user) as same_user_other_connection:  # her key, a new connection
         with pytest.raises(NotPermitted, match="belongs to another connection"):
             same_user_other_connection.fs_put(path, b"stolen", upload=upload)
     assert not alice.fs.exists(path)  # nothing is visible before the commit

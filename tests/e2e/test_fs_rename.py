@@ -10,7 +10,6 @@ import uuid
 
 import pytest
 
-from llmos.client import Client
 from llmos.syscalls.errors import Exists, InvalidArgument, NotFound, NotPermitted
 
 BIN = [sys.executable, "-m", "llmos"]
@@ -46,7 +45,8 @@ def test_fs_mv_moves_a_tree_and_replaces_only_when_told(kernel, client):
 def test_fs_rename_checks_who_may_remove_the_source_and_write_the_destination(kernel, client):
     base = f"/data/mv{uuid.uuid4().hex[:10]}"
     alice_name, bob_name = f"u{uuid.uuid4().hex[:10]}", f"u{uuid.uuid4().hex[:10]}"
-    with Client(kernel.address, user=alice_name) as alice, Client(kernel.address, user=bob_name) as bob:
+    # two users other than the admin, each with its own CURVE key over tcp
+    with kernel.client_as(alice_name) as alice, kernel.client_as(bob_name) as bob:
         try:
             alice.fs.put(f"{base}/alice/x", b"alice's")
             bob.fs.put(f"{base}/bob/y", b"bob's")

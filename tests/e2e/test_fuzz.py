@@ -6,6 +6,11 @@ names, multipart messages. Checked: every well-formed request (a map with an int
 exactly one final frame, no id gets two, the kernel stays alive and its RSS grows by less than
 50 MB, and the well-behaved client's greedy generations stay exactly what they were.
 
+The fuzzing connections use both transports: CURVE on the kernel's tcp listener as the ordinary user
+"fuzzer" (its calls on the reference user's processes are refused, EPERM, as any other user's would be),
+and ipc, where this process's uid makes them the admin; those send no call that acts on another user's
+process or is the admin's alone (an admin may kill or reap the reference's processes, as root may on Unix).
+
 ``run_fuzz`` is shared with the soak (tests/soak/test_fuzz_soak.py: 100k frames).
 """
 
@@ -15,14 +20,16 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgpack
 import psutil
 import zmq
+import zmq.auth
 
 from llmos import Client
 from llmos.syscalls import protocol
-from llmos.syscalls.table import SYSCALLS
+from llmos.syscalls.table import ADMIN, OWNER, SYSCALLS
 from tests.conftest import KernelProc
 from tests.e2e.test_bus import warm
 
@@ -30,7 +37,11 @@ from tests.e2e.test_bus import warm
 UNSAFE = {"shutdown", "model_load", "model_unload"}
 SAFE_NAMES = [s.name for s in SYSCALLS if s.name not in UNSAFE]
 UNSAFE_NRS = {s.nr for s in SYSCALLS if s.name in UNSAFE}
+# what an admin connection does not send: calls on a process (its owner's or the admin's) and the admin's own
+NOT_AS_ADMIN = {s.name for s in SYSCALLS if s.access.who in (OWNER, ADMIN)} | UNSAFE
+NOT_AS_ADMIN_NRS = {s.nr for s in SYSCALLS if s.name in NOT_AS_ADMIN}
 REFERENCE_USER = "fuzz-reference"
+FUZZ_USER = "fuzzer"
 PIPELINE = 32  # most requests one fuzzing connection leaves unanswered before it reads
 PROMPTS = ("The kernel", "once upon", "x = 1\n")
 GREEDY = {"temperature": 0.0, "ignore_eos": True, "max_new_tokens": 12}
@@ -38,11 +49,20 @@ EXTREME_INTS = [0, 1, -1, 2**31 - 1, -2**31, 2**32, 2**53 + 1, 2**63 - 1, -2**63
 EXTREME_FLOATS = [0.0, -0.0, 1e-308, 5e-324, 1e308, -1e308, float("inf"), float("-inf"), float("nan"), 1e-38]
 
 
+class Endpoint(NamedTuple):
+    """Where a fuzzing connection goes and who the kernel will know it as."""
+
+    address: str
+    curve: tuple[str, str] | None = None  # (the kernel's public key file, the client's secret key file)
+    admin: bool = False  # the kernel knows it as the admin: it keeps away from NOT_AS_ADMIN
+
+
 @dataclass
 class Peer:
     """One fuzzing connection and the ids it expects answers for."""
 
     sock: zmq.Socket
+    admin: bool = False
     next_id: int = 1
     expected: dict[int, str] = field(default_factory=dict)  # id of a request not yet answered -> what it was
     used: set[int] = field(default_factory=set)
@@ -63,23 +83,27 @@ class Report:
 
 
 class Fuzzer:
-    def __init__(self, address: str, model: str, seed: int) -> None:
-        self.address, self.model = address, model
+    def __init__(self, endpoints: list[Endpoint], model: str, seed: int) -> None:
+        self.endpoints, self.model = endpoints, model
         self.rng = random.Random(seed)
         self.ctx = zmq.Context()
         self.peers: list[Peer] = []
         self.retired: list[Peer] = []
         self.report = Report()
-        for _ in range(3):
-            self.new_peer()
+        for i in range(3):
+            self.new_peer(endpoints[i % len(endpoints)])  # every transport from the start
 
     # -- connections -------------------------------------------------------------------------
-    def new_peer(self) -> Peer:
+    def new_peer(self, endpoint: Endpoint | None = None) -> Peer:
+        endpoint = endpoint or self.rng.choice(self.endpoints)
         s = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, -1)
-        s.connect(self.address)
-        peer = Peer(s)
+        if endpoint.curve is not None:
+            s.curve_serverkey = zmq.auth.load_certificate(endpoint.curve[0])[0]
+            s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(endpoint.curve[1])
+        s.connect(endpoint.address)
+        peer = Peer(s, admin=endpoint.admin)
         self.peers.append(peer)
         if len(self.peers) > 6:  # keep a few; an old one sends no more and is closed once answered
             self.retired.append(self.peers.pop(0))
@@ -136,14 +160,15 @@ class Fuzzer:
             return [self.value(depth + 1) for _ in range(r.randrange(5))]
         return {self.text(r.choice([1, 5])): self.value(depth + 1) for _ in range(r.randrange(4))}
 
-    def call_name(self):
+    def call_name(self, admin: bool = False):
         r = self.rng
         c = r.randrange(10)
         if c < 6:
-            return r.choice(SAFE_NAMES)
+            name = r.choice(SAFE_NAMES)
+            return "ping" if admin and name in NOT_AS_ADMIN else name
         if c < 8:
             n = r.choice([r.randrange(-3, 30), r.choice(EXTREME_INTS)])
-            return 1 if n in UNSAFE_NRS else n
+            return 1 if n in (NOT_AS_ADMIN_NRS if admin else UNSAFE_NRS) else n
         return r.choice([self.text(), None, 1.5, True, [1], {"a": 1}, b"spawn"])
 
     def args_for(self, name) -> dict:
@@ -163,9 +188,7 @@ class Fuzzer:
                 args["priority"] = 0
         if name == "dmesg" and args.get("follow") is True:  # a follow streams until its client goes: no final frame
             args["follow"] = False
-        if name == "hello" and args.get("user") in ("root", REFERENCE_USER):
-            args["user"] = "fuzzer"
-        return args
+        return args  # a hello naming anyone but the connection's own user is EPERM: fuzzed, not avoided
 
     def plausible(self, f):
         r = self.rng
@@ -182,7 +205,8 @@ class Fuzzer:
             return r.random() < 0.5
         if t == "str":
             if f.name == "user":
-                return r.choice(["alice", "bob_2", "x@y", "bad name", "", "-x", "u" * 65, "f" + self.text(3)])
+                return r.choice(["alice", "bob_2", "x@y", "bad name", "", "-x", "u" * 65, "f" + self.text(3), "root",
+                                 REFERENCE_USER, FUZZ_USER])
             return self.text()
         if t == "list[int]":
             return [r.randrange(300) for _ in range(r.choice([0, 1, 3, 20]))]
@@ -214,8 +238,8 @@ class Fuzzer:
         if k < 6:  # random bytes
             return [bytes(r.randrange(256) for _ in range(r.randrange(300)))], None
         if k < 14:  # truncated request: the id may still be readable, but no answer is owed
-            whole = msgpack.packb({"id": rid, "v": 1, "call": self.call_name(), "args": self.args_for("ping")},
-                                  use_bin_type=True)
+            whole = msgpack.packb({"id": rid, "v": 1, "call": self.call_name(peer.admin),
+                                   "args": self.args_for("ping")}, use_bin_type=True)
             return [whole[: r.randrange(max(1, len(whole)))]], None
         if k < 18:  # nested deeper than the unpacker goes, or just within
             depth = r.choice([10, 500, 1023, 1100, 5000])
@@ -226,7 +250,7 @@ class Fuzzer:
         if k < 22:  # near a bound: just within or just over
             return [self.near_bound(rid)], rid
         envelope: dict = {"v": 1, "id": rid}
-        name = self.call_name()
+        name = self.call_name(peer.admin)
         envelope["call"] = name
         envelope["args"] = self.args_for(name) if r.random() < 0.9 else self.value()
         if r.random() < 0.05:
@@ -317,12 +341,14 @@ def reference(client: Client, model: str) -> list[list[int]]:
 
 
 def run_fuzz(kernel: KernelProc, model: str, frames: int, seed: int, progress: bool = False) -> Report:
-    """Fuzz ``kernel`` with ``frames`` messages while a well-behaved client checks its generations."""
+    """Fuzz ``kernel`` (a KernelProc(tcp=True)) with ``frames`` messages while a well-behaved client, another
+    user than the fuzzer, checks its generations."""
     proc = psutil.Process(kernel.proc.pid)
     warm(kernel, model)
-    with Client(kernel.address, user=REFERENCE_USER) as good:
+    with kernel.client_as(REFERENCE_USER) as good:
         expected = reference(good, model)
-        fuzzer = Fuzzer(kernel.address, model, seed)
+        endpoints = [Endpoint(kernel.tcp, kernel._keys_of(FUZZ_USER)), Endpoint(kernel.address, admin=True)]
+        fuzzer = Fuzzer(endpoints, model, seed)
         stop = threading.Event()
         runs: list[bool] = []
 
@@ -330,7 +356,7 @@ def run_fuzz(kernel: KernelProc, model: str, frames: int, seed: int, progress: b
 
         def behave() -> None:
             try:
-                with Client(kernel.address, user=REFERENCE_USER) as c:
+                with kernel.client_as(REFERENCE_USER) as c:
                     while not stop.is_set():
                         runs.append(reference(c, model) == expected)
             except Exception as exc:  # reported, not lost in the thread
@@ -369,7 +395,7 @@ def run_fuzz(kernel: KernelProc, model: str, frames: int, seed: int, progress: b
 
 
 def test_the_bus_survives_a_seeded_fuzz_and_answers_every_well_formed_request_once(tiny_model):
-    k = KernelProc(extra=["--zombie-ttl", "30", "--max-zombies", "8"])
+    k = KernelProc(extra=["--zombie-ttl", "30", "--max-zombies", "8"], tcp=True)
     try:
         report = run_fuzz(k, tiny_model, frames=2500, seed=7)
     finally:

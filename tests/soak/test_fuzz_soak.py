@@ -17,7 +17,7 @@ FRAMES = int(os.environ.get("LLMOS_SOAK_FRAMES", "100000"))
 @pytest.mark.soak
 @pytest.mark.timeout(3600)
 def test_the_bus_survives_a_long_seeded_fuzz_without_growing(tiny_model):
-    k = KernelProc(extra=["--zombie-ttl", "30", "--max-zombies", "8"])
+    k = KernelProc(extra=["--zombie-ttl", "30", "--max-zombies", "8"], tcp=True)
     try:
         report = run_fuzz(k, tiny_model, frames=FRAMES, seed=2024, progress=True)
     finally:
