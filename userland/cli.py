@@ -117,7 +117,8 @@ def cmd_kernel_start(args: argparse.Namespace) -> int:
         from llmos.kernel.main import main as kernel_main
 
         return kernel_main(["--home", str(home), "--address", address, *_kernel_flags(args)])
-    client = embedded.try_connect(address)
+    keys = embedded.own_keys(home, address)  # None: a tcp kernel that never ran in this home (no keys yet)
+    client = embedded.try_connect(address, **keys) if keys is not None else None
     if client is not None:
         print(f"llmos kernel already running: pid {client.kernel['pid']} at {address}")
         client.close()

@@ -181,3 +181,22 @@ def test_keygen_makes_a_missing_home_owner_only(tmp_path):
     r = llmos(no_kernel(home), "keygen")
     assert r.returncode == 0, r.stderr
     assert stat.S_IMODE(home.stat().st_mode) == 0o700 and stat.S_IMODE((home / "keys").stat().st_mode) == 0o700
+
+
+def test_a_kernel_started_on_a_tcp_address_serves_its_owner_over_curve_with_no_setup(home):
+    """Regression: `llmos --address tcp://... kernel start` in a home with no keys yet probed for a running kernel
+    with keys that did not exist, and exited 1 without starting one."""
+    from tests.conftest import free_port
+
+    env, address = no_kernel(home), f"tcp://127.0.0.1:{free_port()}"
+    started = llmos(env, "--address", address, "kernel", "start")
+    try:
+        assert started.returncode == 0 and b"started" in started.stdout, started.stderr
+        assert stat.S_IMODE((home / "keys" / "kernel.key_secret").stat().st_mode) == 0o600
+        who = llmos(env, "--address", address, "whoami", "--json")
+        assert who.returncode == 0, who.stderr
+        assert json.loads(who.stdout) | {"address": None} == {"user": "root", "admin": True, "transport": "curve",
+                                                               "address": None}
+    finally:
+        stopped = llmos(env, "--address", address, "kernel", "stop")
+    assert stopped.returncode == 0 and b"stopped" in stopped.stdout, stopped.stderr
