@@ -14,8 +14,11 @@ import grp
 import os
 import pickle
 import pwd
+import select
 import shutil
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -75,9 +78,13 @@ class Raised(Exception):
         self.kind, self.errno, self.message = kind, errno, message
 
 
-def as_user(user: OSUser, fn: Callable[[], Any]) -> Any:
+def as_user(user: OSUser, fn: Callable[[], Any], timeout: float = 120.0) -> Any:
     """Run ``fn()`` in a child process that is ``user`` (uid, gid, groups); return its result, or raise
-    Raised with what it raised."""
+    Raised with what it raised. A child still running after ``timeout`` s is killed (AssertionError).
+
+    Import what ``fn`` needs before calling this: the child is a fork of a threaded process (a module that
+    another thread was importing at the fork stays locked in the child), and the user may not be able to
+    read the interpreter's own files."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: become the user, run, report, and leave without running the parent's cleanup
@@ -88,6 +95,9 @@ def as_user(user: OSUser, fn: Callable[[], Any]) -> Any:
             os.setgid(user.gid)
             os.setuid(user.uid)
             assert os.getuid() == user.uid and os.geteuid() == user.uid
+            home = pwd.getpwuid(user.uid).pw_dir  # the environment runuser gives: the user's HOME, USER, LOGNAME
+            os.environ.update(HOME=home, USER=user.name, LOGNAME=user.name)
+            os.environ.pop("LLMOS_HOME", None)
             try:
                 out: Any = ("ok", fn())
             except Exception as exc:  # noqa: BLE001 - reported to the parent
@@ -100,8 +110,18 @@ def as_user(user: OSUser, fn: Callable[[], Any]) -> Any:
         finally:
             os._exit(code)
     os.close(write)
-    with os.fdopen(read, "rb") as f:
-        data = f.read()
+    data, deadline = b"", time.monotonic() + timeout
+    with os.fdopen(read, "rb", buffering=0) as f:
+        while True:
+            ready, _, _ = select.select([f], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError(f"the child running as {user.name} did not finish within {timeout} s")
+            piece = f.read(65536)
+            if not piece:
+                break
+            data += piece
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0 and data, f"the child running as {user.name} failed"
     out = pickle.loads(data)

@@ -570,7 +570,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(args: argparse.Namespace) -> int:
     try:
         _address(args)
-        if _home(args).exists() and not _home(args).is_dir():
+        try:
+            bad_home = _home(args).exists() and not _home(args).is_dir()
+        except PermissionError:  # a home this user may not look at: only defaults come from it
+            bad_home = False
+        if bad_home:
             raise InvalidArgument(f"the home {_home(args)} is not a directory")
     except LLMOSError as exc:  # a bad --address, $LLMOS_ADDRESS or --home: a usage error, like a bad flag
         print(f"llmos: {exc.message}", file=sys.stderr)

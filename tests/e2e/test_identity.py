@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import io
 import json
 import stat
 from typing import Iterator
@@ -15,6 +16,7 @@ import msgpack
 import pytest
 import zmq
 
+from llmos.cli import main as cli_main  # imported here: the forked children must not import (osusers.as_user)
 from llmos.client import Client
 from tests.conftest import KernelProc, wait_for
 from tests.osusers import Raised, as_user, can_make_users, make_group, make_user, remove_group, remove_user
@@ -212,3 +214,24 @@ def test_the_kernel_still_serves_everyone_after_all_the_refusals(shared, users, 
     assert as_user(users[B], generate) == "length"
     with shared.client() as root:
         assert root.kernel_info()["group"] == GROUP
+
+
+def test_the_cli_run_by_each_user_says_who_it_is_and_refuses_another_users_kill(shared, users, tiny_model):
+    pid = as_user(users[A], lambda: session_of(shared.address, tiny_model))
+
+    def cli(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli_main(["--address", shared.address, *argv])
+        return code, out.getvalue(), err.getvalue()
+
+    try:
+        code, out, _ = as_user(users[A], lambda: cli("whoami"))
+        assert code == 0 and out.startswith(f"{A} via ipc")
+        code, _, err = as_user(users[B], lambda: cli("kill", str(pid)))
+        assert code == 1 and "[EPERM]" in err and err.count("\n") == 1 and "Traceback" not in err
+        code, out, _ = as_user(users[A], lambda: cli("kill", str(pid)))
+        assert code == 0, out
+    finally:
+        with shared.client() as root:
+            root.close(pid)
