@@ -29,8 +29,7 @@ from llmos.kernel.config import KernelConfig
 from llmos.kernel.dispatch import dispatch
 from llmos.kernel.handlers import Caller, Handlers
 from llmos.kernel.heap import BIG_REQUEST_BYTES, CycleCollector
-from llmos.kernel.identity import (ANONYMOUS, CURVE, INSECURE, IPC, ZAP_DOMAIN, Keyring, account_name, curve_key,
-                                   peer_uid)
+from llmos.kernel.identity import ANONYMOUS, CURVE, INSECURE, IPC, ZAP_DOMAIN, Keyring, account_name, uid_in
 from llmos.kernel.log import get_logger
 from llmos.kernel.outbox import Outbox
 from llmos.syscalls import codec, protocol
@@ -41,6 +40,7 @@ SNDHWM_FRAMES = 32  # frames ZeroMQ may hold for one client; the outbox holds th
 RCVHWM_FRAMES = 16  # requests ZeroMQ may hold from one client before the kernel reads them
 RETRY_MIN_S, RETRY_MAX_S = 0.001, 0.05  # retry a refused send after this long, doubling while stuck
 CLOSE_FLUSH_S = 0.5  # on shutdown, how long the last frames (bye) may take to leave
+IDLE_CLIENTS = 4096  # connections remembered before the idle ones are forgotten
 
 
 class _Gone(Exception):
@@ -64,6 +64,7 @@ class _Client:
 
     bus: "Bus"
     caller: Caller
+    proof: str = ""  # what the transport said of it (Bus.proof): a message saying otherwise is another connection
     outbox: Outbox = field(default_factory=Outbox)
     tasks: set[asyncio.Task] = field(default_factory=set)
     dropped: int = 0  # requests left unanswered past twice the budget
@@ -93,6 +94,7 @@ class Bus:
         self.log = get_logger("bus")
         self.socks = [self._socket(ctx, lst) for lst in listeners]
         self.clients: dict[bytes, _Client] = {}  # key: the listener's index byte, then the routing id
+        self._prune_at = IDLE_CLIENTS
         self._blocked: set[bytes] = set()  # clients whose socket refused a frame: retried by _retry
         self._wake: asyncio.Event | None = None
         self.collector: CycleCollector | None = None
@@ -137,37 +139,51 @@ class Bus:
             # frame is read, so a burst of big frames is not all held at once
             await asyncio.sleep(0)
 
-    def identify(self, index: int, ident: bytes, frame: zmq.Frame) -> Caller | None:
-        """The Caller a message's transport proves; None for a CURVE key no longer authorised."""
+    def proof(self, index: int, frame: zmq.Frame) -> str:
+        """What a message's transport says of its sender: the Peer-Address over ipc (with the uid), the CURVE key
+        (User-Id) over tcp, nothing on an --insecure listener."""
+        transport = self.listeners[index].transport
+        if transport == INSECURE:
+            return ""
+        try:
+            return frame.get("Peer-Address" if transport == IPC else "User-Id")
+        except zmq.ZMQError:
+            return ""
+
+    def identify(self, index: int, ident: bytes, proof: str) -> Caller | None:
+        """The Caller a message's ``proof`` stands for; None for a CURVE key that is not (or no longer) authorised."""
         transport = self.listeners[index].transport
         if transport == IPC:
-            uid = peer_uid(frame)
+            uid = uid_in(proof)
             user = account_name(uid) if uid is not None else ANONYMOUS
         elif transport == CURVE:
-            key = curve_key(frame)
-            user = self.keyring.user_of(key) if key is not None and self.keyring is not None else None
+            user = self.keyring.user_of(proof) if proof and self.keyring is not None else None
             if user is None:
                 return None
         else:
             user = ANONYMOUS
-        return Caller(bytes([index]) + ident, user, user in self.admins, transport)
+        return Caller(ident, user, user in self.admins, transport)
 
     def _receive(self, index: int, zframes: list[zmq.Frame]) -> None:
-        caller = self.identify(index, zframes[0].bytes, zframes[-1])
         frames = [f.bytes for f in zframes]
         ident = bytes([index]) + frames[0]
+        proof = self.proof(index, zframes[-1])
         if self.collector is not None and sum(map(len, frames)) >= BIG_REQUEST_BYTES:
             self.collector.big_request()  # whatever cycles its request leaves, collect them soon
         client = self.clients.get(ident)
-        if client is not None and (caller is None or client.caller != caller):
-            # another connection under a routing id the bus knew (a client may choose its own): nothing of
-            # the old one's (its replies, its calls in flight) goes to it
-            self._forget(client)
-            client = None
+        if client is not None and client.proof == proof and (
+                client.caller.transport != CURVE or self.keyring.user_of(proof) == client.caller.user):
+            caller: Caller | None = client.caller  # the same connection, its key still authorised
+        else:
+            caller = self.identify(index, ident, proof)
+            if client is not None:
+                # another connection under a routing id the bus knew (a client may choose its own), or a key
+                # withdrawn: nothing of the old one's (its replies, its calls in flight) goes to it
+                self._forget(client)
+                client = None
         if caller is None:
             rid = codec.peek_id(frames[-1])
-            key = curve_key(zframes[-1])
-            withdrawn = fingerprint(key.encode()) if key else "?"
+            withdrawn = fingerprint(proof.encode()) if proof else "?"
             self.handlers.audit.refused("unknown", "any", f"CURVE key {withdrawn} is no longer authorised",
                                         transport=CURVE)
             try:
@@ -177,7 +193,9 @@ class Bus:
                 pass
             return
         if client is None:
-            client = self.clients[ident] = _Client(self, caller)
+            if len(self.clients) >= self._prune_at:
+                self._prune()
+            client = self.clients[ident] = _Client(self, caller, proof)
         if len(frames) != 2:
             rid = codec.peek_id(frames[1]) if len(frames) > 1 else None
             client.final(rid, codec.error(rid, Errno.EPROTO, None,
@@ -208,13 +226,14 @@ class Bus:
 
     def _done(self, client: _Client, task: asyncio.Task) -> None:
         client.tasks.discard(task)
-        self._maybe_forget(client)
 
-    def _maybe_forget(self, client: _Client) -> None:
-        # an idle connection has nothing worth remembering: its next message brings its identity again
-        if not client.tasks and not client.outbox:
-            if self.clients.get(client.caller.identity) is client:
-                del self.clients[client.caller.identity]
+    def _prune(self) -> None:
+        """Idle connections are kept (their next call skips identifying them again) until there are IDLE_CLIENTS:
+        then every idle one is forgotten at once, so the table stays bounded by the connections in use."""
+        for ident, client in list(self.clients.items()):
+            if not client.tasks and not client.outbox:
+                del self.clients[ident]
+        self._prune_at = max(IDLE_CLIENTS, 2 * len(self.clients))
 
     # -- replies ---------------------------------------------------------------------------
     def flush(self, client: _Client) -> None:
@@ -232,7 +251,6 @@ class Bus:
                     self._wake.set()
         else:
             self._blocked.discard(ident)
-            self._maybe_forget(client)
 
     def _send(self, ident: bytes, data: bytes) -> bool:
         """True when the socket took the frame, False when it is full for this client (EAGAIN)."""

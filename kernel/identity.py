@@ -54,10 +54,14 @@ def owner_name() -> str:
 def peer_uid(frame: zmq.Frame) -> int | None:
     """The uid of the process that sent ``frame`` over ipc (SO_PEERCRED), None when the transport has none."""
     try:
-        address = frame.get("Peer-Address")
+        return uid_in(frame.get("Peer-Address"))
     except zmq.ZMQError:
         return None
-    parts = address.rsplit(":", 3) if isinstance(address, str) else []
+
+
+def uid_in(peer_address: str) -> int | None:
+    """The uid in an ipc message's Peer-Address (``localhost:UID:GID:PID``); None when it holds none."""
+    parts = peer_address.rsplit(":", 3) if isinstance(peer_address, str) else []
     if len(parts) != 4 or not parts[1].isdigit():
         return None
     return int(parts[1])
