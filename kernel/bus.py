@@ -41,6 +41,7 @@ RCVHWM_FRAMES = 16  # requests ZeroMQ may hold from one client before the kernel
 RETRY_MIN_S, RETRY_MAX_S = 0.001, 0.05  # retry a refused send after this long, doubling while stuck
 CLOSE_FLUSH_S = 0.5  # on shutdown, how long the last frames (bye) may take to leave
 IDLE_CLIENTS = 4096  # connections remembered before the idle ones are forgotten
+HANDSHAKE_MS = 5000  # a CURVE handshake must be done within this long
 
 
 class _Gone(Exception):
@@ -116,6 +117,9 @@ class Bus:
             sock.curve_publickey = listener.public_key
             sock.curve_server = True
             sock.zap_domain = ZAP_DOMAIN.encode()
+            # a connection that does not finish its handshake is dropped after this long (libzmq's default,
+            # 30 s, lets anyone hold file descriptors with half-open connections)
+            sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
         return sock
 
     def bind(self) -> None:
@@ -153,6 +157,7 @@ class Bus:
     def identify(self, index: int, ident: bytes, proof: str) -> Caller | None:
         """The Caller a message's ``proof`` stands for; None for a CURVE key that is not (or no longer) authorised."""
         transport = self.listeners[index].transport
+        uid = None
         if transport == IPC:
             uid = uid_in(proof)
             user = account_name(uid) if uid is not None else ANONYMOUS
@@ -162,35 +167,39 @@ class Bus:
                 return None
         else:
             user = ANONYMOUS
-        return Caller(ident, user, user in self.admins, transport)
+        return Caller(ident, user, user in self.admins, transport, uid)
 
     def _receive(self, index: int, zframes: list[zmq.Frame]) -> None:
         frames = [f.bytes for f in zframes]
         ident = bytes([index]) + frames[0]
+        if len(frames[0]) != 5 or frames[0][0] != 0:
+            # a routing id the client chose (ZMQ_ROUTING_ID): a later connection could choose it too and receive
+            # this one's replies, so only the ids ZeroMQ assigns (a zero byte, then 4 bytes) are served
+            self._refuse(ident, frames[-1], Errno.EPROTO, "this connection chose its own routing id "
+                         "(ZMQ_ROUTING_ID): the kernel serves only the ids ZeroMQ assigns; do not set it")
+            return
         proof = self.proof(index, zframes[-1])
         if self.collector is not None and sum(map(len, frames)) >= BIG_REQUEST_BYTES:
             self.collector.big_request()  # whatever cycles its request leaves, collect them soon
         client = self.clients.get(ident)
-        if client is not None and client.proof == proof and (
-                client.caller.transport != CURVE or self.keyring.user_of(proof) == client.caller.user):
-            caller: Caller | None = client.caller  # the same connection, its key still authorised
+        was = client.caller.user if client is not None else "unknown"
+        if client is not None and client.proof == proof:
+            # the same connection: its identity is fixed; a key withdrawn, or given to another user since, no
+            # longer stands for anyone on it
+            same = client.caller.transport != CURVE or self.keyring.user_of(proof) == client.caller.user
+            caller: Caller | None = client.caller if same else None
         else:
             caller = self.identify(index, ident, proof)
-            if client is not None:
-                # another connection under a routing id the bus knew (a client may choose its own), or a key
-                # withdrawn: nothing of the old one's (its replies, its calls in flight) goes to it
-                self._forget(client)
-                client = None
+        if client is not None and caller is not client.caller:
+            # another connection under a routing id the bus knew, or a key withdrawn: nothing of the old one's
+            # (its replies, its calls in flight) goes to it
+            self._forget(client)
+            client = None
         if caller is None:
-            rid = codec.peek_id(frames[-1])
-            withdrawn = fingerprint(proof.encode()) if proof else "?"
-            self.handlers.audit.refused("unknown", "any", f"CURVE key {withdrawn} is no longer authorised",
-                                        transport=CURVE)
-            try:
-                self._send(ident, codec.error(rid, Errno.EPERM, None, "this connection's CURVE key is no longer "
-                                              "authorised (withdrawn by the admin): use an authorised key"))
-            except _Gone:
-                pass
+            self.handlers.audit.refused(was, "any", f"CURVE key {fingerprint(proof.encode()) if proof else '?'} no "
+                                        f"longer stands for this connection's user", transport=CURVE)
+            self._refuse(ident, frames[-1], Errno.EPERM, "this connection's CURVE key is no longer authorised for "
+                         "its user (withdrawn by the admin): use an authorised key")
             return
         if client is None:
             if len(self.clients) >= self._prune_at:
@@ -218,11 +227,25 @@ class Bus:
         client.tasks.add(task)
         task.add_done_callback(lambda t, c=client: self._done(c, t))
 
+    def _refuse(self, ident: bytes, frame: bytes, errno: Errno, message: str) -> None:
+        """Answer a request the bus will not serve (nothing of it reaches the dispatcher)."""
+        rid = codec.peek_id(frame)
+        try:
+            self._send(ident, codec.error(rid, errno, None, message))
+        except _Gone:
+            pass
+
     async def _serve(self, client: _Client, frame: bytes) -> None:
         try:
             await dispatch(self.handlers, client.caller, frame, client)
         except asyncio.CancelledError:
-            pass  # the client is gone or the kernel is stopping
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                return  # the client is gone or the kernel is stopping: it gets nothing
+            # something the call awaited was cancelled under it (a bug): the caller still gets its final frame
+            self.log.error("call_cancelled", user=client.caller.user)
+            rid = codec.peek_id(frame)
+            client.final(rid, codec.error(rid, Errno.EIO, None, "internal kernel error: the call was cancelled"))
 
     def _done(self, client: _Client, task: asyncio.Task) -> None:
         client.tasks.discard(task)

@@ -96,7 +96,7 @@ class Files:
                 self.k.writer.submit(ops.Abort(uid))
                 raise
             return {"upload": uid}
-        up = self._upload(upload, identity, path)
+        up = self._upload(upload, identity, user, path)
         up.last_used = self.clock()
         try:
             if data or args["new_extent"]:
@@ -115,12 +115,12 @@ class Files:
         self.uploads.pop(upload, None)
         return {"upload": None, **wire_stat(stat)}
 
-    def _upload(self, upload: int, identity: bytes, path: str) -> Upload:
+    def _upload(self, upload: int, identity: bytes, user: str, path: str) -> Upload:
         up = self.uploads.get(upload)
         if up is None:
             raise NotFound(f"no such upload: {upload} (committed, aborted after {UPLOAD_IDLE_S:.0f} s idle, or "
                            f"never begun): start again with upload null")
-        if up.identity != identity:
+        if up.identity != identity or up.user != user:
             raise NotPermitted(f"upload {upload} belongs to another connection: an upload is continued only by "
                                f"the connection that began it")
         if up.path != path:
@@ -222,7 +222,8 @@ class Files:
         pid = _proc_pid(path)
         journal = self._journal()
         if pid is not None and path == f"/proc/{pid}" and journal is not None:
-            may(user, "read", path, self.admins, None)  # a directory: its names are everyone's, as on Linux
+            # the owner's and the admin's: its files' sizes would tell others how long a prompt or an output is
+            may(user, "read", path, self.admins, self._proc_owner(pid))
             stored = self._stored_listing(path, limit, missing_ok=True)
             seen = {s.path for s in stored}
             synth = [self._stat_of_proc(pid, n) for n in journal.proc_list(pid) or () if f"{path}/{n}" not in seen]

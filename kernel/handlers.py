@@ -17,6 +17,7 @@ from llmos.kernel import __version__
 from llmos.kernel import messages as m
 from llmos.kernel.audit import Audit
 from llmos.kernel.files import Files
+from llmos.kernel.model_access import check_model_access, is_model_dir
 from llmos.syscalls import protocol
 from llmos.syscalls.errors import InvalidArgument, NotPermitted, ProtocolError, TimedOut
 
@@ -38,6 +39,7 @@ class Caller:
     user: str = "anonymous"
     admin: bool = False
     transport: str = "insecure"
+    uid: int | None = None  # the peer's uid over ipc (None over tcp): whose rights a model directory is read with
 
 
 class Handlers:
@@ -45,6 +47,15 @@ class Handlers:
         self.k = kernel  # the Kernel: its actors and identity; handlers only read it
         self.files = Files(kernel)  # the fs calls' open uploads live there
         self.audit = Audit()  # refused calls and administrative actions, to the kernel log (dmesg)
+
+    async def may_use_model(self, caller: Caller, model: str | None) -> None:
+        """NotPermitted (EPERM) when ``caller`` may not have the kernel read the model directory ``model``
+        (kernel/model_access.py: the kernel reads with its own rights, so a user names only what it could read)."""
+        if caller.admin or is_model_dir(model) is None:
+            return
+        loaded = {d["model"] for d in await self.k.models.ask(m.ListModels())}
+        await asyncio.to_thread(check_model_access, model, caller.admin, caller.uid, caller.transport, self.k.home,
+                                loaded)
 
     async def owner_of(self, pid: int) -> str:
         """The owner of process ``pid`` (NoSuchProcess, ESRCH, when there is none): the dispatcher's
@@ -89,9 +100,10 @@ class Handlers:
             raise InvalidArgument("a session takes 'prompt' or 'messages' (its turns are text), not 'prompt_ids'")
         model, priority, keep_alive = args.pop("model"), args.pop("priority"), args.pop("keep_alive")
         capture, ticket = self.k.capture.request(args), None  # the capture fields leave args (EINVAL for bad ones)
+        await self.may_use_model(caller, model)
         path, ready, token = await self.k.models.ask(m.Acquire(model, keep_alive))
         try:
-            executors = await asyncio.gather(*ready)
+            executors = await ready_executors(ready)
             if capture is not None:  # checked against the model; its spec travels in the params to the worker
                 ticket = await self.k.capture.admit(caller.user, capture, executors[0].info, session)
                 if ticket.params is not None:
@@ -189,19 +201,21 @@ class Handlers:
 
     async def sys_model_load(self, caller: Caller, args: dict, emit: Emit) -> dict:
         model = args.pop("model")
+        await self.may_use_model(caller, model)
         opts = {"device": args["device"], "instances": args["instances"], "kv_policy": args["kv_policy"],
                 "num_blocks": args["kv_blocks"] + 1 if args["kv_blocks"] else None,
                 "max_blocks": args["kv_max_blocks"] + 1 if args["kv_max_blocks"] else None,
                 "user_cap_blocks": args["user_cap_blocks"], "max_batch": args["max_batch"],
                 "keep_alive": args["keep_alive"], "engine": args["engine"], "spill_bytes": args["spill_bytes"],
                 "spill_below_bytes": args["spill_below_bytes"]}
-        await asyncio.gather(*await self.k.models.ask(m.Load(model, opts)))
+        await ready_executors(await self.k.models.ask(m.Load(model, opts)))
         return await self.k.models.ask(m.Describe(model))
 
     async def sys_model_unload(self, caller: Caller, args: dict, emit: Emit) -> dict:
         return await self.k.models.ask(m.Unload(args["model"], args["force"]))
 
     async def sys_model_info(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        await self.may_use_model(caller, args["model"])
         return await self.k.models.ask(m.Describe(args["model"]))
 
     async def sys_devices(self, caller: Caller, args: dict, emit: Emit) -> dict:
@@ -215,9 +229,10 @@ class Handlers:
     async def sys_score(self, caller: Caller, args: dict, emit: Emit) -> dict:
         if (args["text"] is None) == (args["prompt_ids"] is None):
             raise InvalidArgument("give exactly one of 'text' and 'prompt_ids'")
+        await self.may_use_model(caller, args["model"])
         path, ready, token = await self.k.models.ask(m.Acquire(args["model"], None))
         try:  # held until the reply: a model in use is not unloaded under its score
-            executors = await asyncio.gather(*ready)
+            executors = await ready_executors(ready)
             out = await (await executors[0].ask(wp.Score(0, args["text"], args["prompt_ids"],
                                                          args["add_special_tokens"])))
         finally:
@@ -226,6 +241,9 @@ class Handlers:
 
     # -- users: the CURVE keys of tcp clients (kernel/identity.py) --------------------------------
     async def sys_user_add(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        if args["key"].encode() == self.k.public_key:
+            raise InvalidArgument("that is the kernel's own public key, not a client's (a client's is the "
+                                  "keys/client.key that `llmos keygen` made on the user's machine)")
         return self.k.keyring.add(args["user"], args["key"]).to_wire()
 
     async def sys_user_list(self, caller: Caller, args: dict, emit: Emit) -> dict:
@@ -263,6 +281,13 @@ class Handlers:
             return client.outbox.bytes if client else 0
 
         return held
+
+
+async def ready_executors(ready: list[asyncio.Future]) -> list:
+    """The executors of a model once it is loaded. ``ready`` are the model's own futures, shared by every call
+    waiting for the load: each is shielded, so a caller that goes away (its call cancelled) cancels only its
+    own wait, never the load that the others wait for."""
+    return await asyncio.gather(*(asyncio.shield(f) for f in ready))
 
 
 def handler_for(handlers: Handlers, name: str) -> Callable | None:

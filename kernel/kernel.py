@@ -21,7 +21,7 @@ from llmos.kernel import messages as m
 from llmos.kernel.bus import Bus, Listener
 from llmos.kernel.capture import Captures
 from llmos.kernel.config import KernelConfig
-from llmos.kernel.handlers import Handlers
+from llmos.kernel.handlers import Handlers, ready_executors
 from llmos.kernel.heap import return_big_buffers_to_the_os
 from llmos.kernel.identity import CURVE, KeyAuthenticator, owner_name
 from llmos.kernel.journal import Journal
@@ -77,7 +77,7 @@ class Kernel:
         self.bus = Bus(self.ctx, listeners, self.handlers, self.config, admins=self.admins, keyring=self.keyring)
         self.bus.bind()
         for a, _ in self.plan:
-            share_socket(a, self.config.group)
+            share_socket(a, self.config.group, self.home)
         self.bus.start()
         self._recovery = asyncio.get_running_loop().create_task(self._load_for_recovery(waiting_for))
         gc.collect()
@@ -94,7 +94,7 @@ class Kernel:
         for model in models:
             try:
                 ready = await self.models.ask(m.Load(model, {}))
-                await asyncio.gather(*ready)
+                await ready_executors(ready)
             except Exception as exc:  # the model's files are gone, or it no longer fits
                 message = getattr(exc, "message", None) or repr(exc)
                 self.log.error("recovery_load_failed", model=model, error=message)

@@ -61,17 +61,18 @@ def listen_plan(address: str, config: KernelConfig) -> list[tuple[str, str]]:
 
 
 def ensure_keys(home: Path, owner: str) -> tuple[bytes, bytes, Keyring]:
-    """The kernel's (public, secret) keys, made on the first start, and the keyring with the owner's own
-    client key authorised (made too, when the home has none)."""
+    """The kernel's (public, secret) keys, made on the first start, and the keyring. The owner's own client key
+    pair is made and authorised for the owner once, when this home has none: a key the admin withdrew later
+    stays withdrawn (to rotate it, delete keys/client.key* and restart)."""
     directory = keys_dir(home)
     _, secret_file = make_key_pair(directory, "kernel")
     public, secret = read_key_pair(secret_file)
     keyring = Keyring(authorized_dir(home))
     authorized_dir(home).mkdir(mode=0o700, exist_ok=True)
+    fresh = not (directory / "client.key_secret").exists()
     _, client_secret = make_key_pair(directory, "client")
-    client_public, _ = read_key_pair(client_secret)
-    if keyring.user_of(client_public.decode("ascii")) is None:
-        keyring.add(owner, client_public.decode("ascii"))
+    if fresh:
+        keyring.add(owner, read_key_pair(client_secret)[0].decode("ascii"))
     return public, secret, keyring
 
 
@@ -85,9 +86,10 @@ def check_group(group: str | None) -> None:
                               f"socket to it (usermod -aG {group} $USER, then log in again)")
 
 
-def share_socket(address: str, group: str | None) -> None:
-    """Open the ipc socket of ``address`` (and the directories above it up to the home) to ``group``'s
-    members; warn where a directory further up keeps them out."""
+def share_socket(address: str, group: str | None, home: Path) -> None:
+    """Open the ipc socket of ``address`` to ``group``'s members: the socket 0660, HOME/run 0750 and HOME 0710,
+    all with that group. No other directory is changed: a socket elsewhere, or a directory further up that
+    keeps the members out, is logged as a warning (group_cannot_reach_socket) with the fix."""
     path = ipc_path(address)
     if path is None or group is None:
         return
@@ -95,15 +97,16 @@ def share_socket(address: str, group: str | None) -> None:
     os.chown(path, -1, gid)
     os.chmod(path, 0o660)
     log = get_logger("kernel")
-    opened = {path.parent: 0o750, path.parent.parent: 0o710}  # the socket's directory, and the home above it
+    opened = {home / "run": 0o750, home: 0o710}  # the kernel's own directories, and only those
     for parent in path.parents:
         st = parent.stat()
-        if (st.st_gid == gid and st.st_mode & stat.S_IXGRP) or st.st_mode & stat.S_IXOTH:
-            continue
         if parent in opened and st.st_uid == os.geteuid():
             os.chown(parent, -1, gid)
             os.chmod(parent, opened[parent])
             continue
+        if (st.st_gid == gid and st.st_mode & stat.S_IXGRP) or st.st_mode & stat.S_IXOTH:
+            continue
         log.warning("group_cannot_reach_socket", group=group, directory=str(parent),
-                    fix=f"chmod o+x {parent}, or choose a --home its members can reach (e.g. under /srv)")
+                    fix=f"chmod o+x {parent}, or choose a --home its members can reach (e.g. under /srv) and the "
+                        f"default socket in it")
         break

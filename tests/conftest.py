@@ -166,6 +166,8 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def kernel(tiny_model: str):
     k = KernelProc(max_batch=4, tcp=True)
+    with k.client() as admin:  # loaded by the admin: users over tcp may run it (kernel/model_access.py)
+        admin.model_load(tiny_model, keep_alive=-1)
     yield k
     try:
         workers = k.worker_pids() if k.proc.poll() is None else []

@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import grp
 import io
+import os
 import json
 import stat
+from pathlib import Path
 from typing import Iterator
 
 import msgpack
@@ -18,6 +20,7 @@ import zmq
 
 from llmos.cli import main as cli_main  # imported here: the forked children must not import (osusers.as_user)
 from llmos.client import Client
+from llmos.syscalls.errors import LLMOSError, NotPermitted
 from tests.conftest import KernelProc, wait_for
 from tests.osusers import Raised, as_user, can_make_users, make_group, make_user, remove_group, remove_user
 
@@ -235,3 +238,54 @@ def test_the_cli_run_by_each_user_says_who_it_is_and_refuses_another_users_kill(
     finally:
         with shared.client() as root:
             root.close(pid)
+
+
+@pytest.fixture
+def open_copy(tiny_model):
+    """A copy of the tiny model in a directory every user may read (0755 dirs, 0644 files), not loaded yet."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="llmos-t-model-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    shutil.copytree(tiny_model, root / "m")
+    for p in [root / "m", *(root / "m").rglob("*")]:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    yield root / "m"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def spawn_on(address: str, model: str) -> str:
+    """Spawn one short greedy process on ``model``; 'ok', or the errno name it was refused with."""
+    try:
+        with Client(address) as c:
+            c.wait(c.spawn("x", model=model, max_new_tokens=1, temperature=0))
+        return "ok"
+    except LLMOSError as exc:
+        return exc.errno.name
+
+
+def test_a_user_may_not_have_the_kernel_read_a_file_the_user_could_not(shared, users, open_copy):
+    """Regression (reported): a model directory is read with the kernel's rights, so a symlinked tokenizer or chat
+    template gave any user the bytes of the kernel's secret key back (through its process's prompt_ids)."""
+    secret = shared.home / "keys" / "kernel.key_secret"
+    (open_copy / "chat_template.jinja").unlink(missing_ok=True)
+    (open_copy / "chat_template.jinja").symlink_to(secret)
+    assert as_user(users[B], lambda: spawn_on(shared.address, str(open_copy))) == "EPERM"
+    (open_copy / "chat_template.jinja").unlink()
+    (open_copy / "tokenizer_config.json").chmod(0o600)  # root's, and closed to others
+    assert as_user(users[B], lambda: spawn_on(shared.address, str(open_copy))) == "EPERM"
+    (open_copy / "tokenizer_config.json").chmod(0o644)
+    assert as_user(users[B], lambda: spawn_on(shared.address, str(open_copy))) == "ok"  # all hers to read: fine
+    inside = shared.home / "run"
+    assert as_user(users[B], lambda: spawn_on(shared.address, str(inside))) == "EPERM"  # the kernel's home
+
+
+def test_a_tcp_user_may_use_loaded_and_store_models_but_not_load_a_directory(kernel, open_copy, tiny_model):
+    with kernel.client() as root:
+        root.model_load(tiny_model, keep_alive=-1)
+    with kernel.client_as("llmos-t-remote") as remote:
+        for model in (None, tiny_model):  # the default model, one the admin loaded
+            remote.wait(remote.spawn("x", model=model, max_new_tokens=1, temperature=0))
+        with pytest.raises(NotPermitted, match="only by the admin"):
+            remote.spawn("x", model=str(open_copy), max_new_tokens=1)

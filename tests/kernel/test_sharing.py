@@ -99,9 +99,14 @@ def test_a_second_start_keeps_the_keys_and_authorises_nothing_more(home):
     assert sorted(p.name for p in authorized_dir(home).iterdir()) == files and len(keyring.entries()) == 1
 
 
-def test_a_start_after_the_owners_key_was_withdrawn_authorises_it_again(home):
+def test_the_owners_key_withdrawn_by_the_admin_stays_withdrawn_after_a_restart(home):
+    """Regression: every start authorised the owner's key again, so withdrawing a leaked key did not hold."""
     _, _, keyring = ensure_keys(home, "alice")
     keyring.remove("alice")
+    _, _, keyring = ensure_keys(home, "alice")
+    assert keyring.entries() == []
+    for f in keys_dir(home).glob("client.key*"):  # the documented rotation: a new pair, authorised at the start
+        f.unlink()
     _, _, keyring = ensure_keys(home, "alice")
     assert [e.user for e in keyring.entries()] == ["alice"]
 
@@ -149,7 +154,7 @@ def test_group_opens_the_socket_its_directory_and_the_home_to_the_group_and_noth
     (home / "keys" / "kernel.key_secret").write_text("secret")
     os.chmod(home / "keys" / "kernel.key_secret", 0o600)
     address = bound_socket(home)
-    share_socket(address, name)
+    share_socket(address, name, home)
     sock = home / "run" / "kernel.sock"
     assert stat.S_ISSOCK(sock.stat().st_mode)
     assert (mode(sock), sock.stat().st_gid) == (0o660, gid)
@@ -167,16 +172,38 @@ def test_group_warns_naming_a_directory_above_the_home_that_keeps_the_members_ou
     inner = home / "h"
     inner.mkdir(mode=0o700)
     address = bound_socket(inner)
-    share_socket(address, name)
+    share_socket(address, name, inner)
     assert (mode(inner / "run" / "kernel.sock"), mode(inner / "run"), mode(inner)) == (0o660, 0o750, 0o710)
     assert mode(home) == 0o700 and home.stat().st_gid != gid  # not the kernel's to open
     err = capsys.readouterr().err
     assert "group_cannot_reach_socket" in err and str(home) in err and name in err
 
 
+def test_group_opens_no_directory_but_the_homes_own_for_a_socket_elsewhere(home, group, capsys):
+    """Regression: with --address ipc:///home/alice/k.sock, --group opened alice's login home to the group."""
+    import zmq
+
+    name, gid = group
+    elsewhere = home / "alice-login-home"
+    elsewhere.mkdir(mode=0o700)
+    kernel_home = home / "kernel-home"
+    (kernel_home / "run").mkdir(mode=0o700, parents=True)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.bind(address := f"ipc://{elsewhere}/k.sock")
+    try:
+        os.chmod(home, 0o755)
+        share_socket(address, name, kernel_home)
+        assert mode(elsewhere / "k.sock") == 0o660 and mode(elsewhere) == 0o700 and elsewhere.stat().st_gid != gid
+        assert "group_cannot_reach_socket" in capsys.readouterr().err
+    finally:
+        s.close(0)
+        ctx.term()
+
+
 def test_without_a_group_or_for_a_tcp_address_nothing_is_opened(home, bound_socket):
     address = bound_socket(home)
     before = {p: (mode(p), p.stat().st_gid) for p in (home, home / "run", home / "run" / "kernel.sock")}
-    share_socket(address, None)
-    share_socket("tcp://127.0.0.1:5556", "root")
+    share_socket(address, None, home)
+    share_socket("tcp://127.0.0.1:5556", "root", home)
     assert {p: (mode(p), p.stat().st_gid) for p in before} == before
