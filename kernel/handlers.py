@@ -212,6 +212,7 @@ class Handlers:
         return await self.k.models.ask(m.Describe(model))
 
     async def sys_model_unload(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        await self.may_use_model(caller, args["model"])  # resolving a path reads its config.json
         return await self.k.models.ask(m.Unload(args["model"], args["force"]))
 
     async def sys_model_info(self, caller: Caller, args: dict, emit: Emit) -> dict:
