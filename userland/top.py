@@ -27,12 +27,17 @@ class Sample:
     metrics: dict[str, Any]
 
 
+OWNER_MAX = 32  # widest OWNER column; a longer name is cut with a '+'
+
+
 def format_ps(procs: list[ProcessInfo]) -> str:
     """The process table of ``ps`` and ``top``: NI is the nice value, IN/OUT tokens, KV the blocks held on
     the device, PRE the preemptions, S a ``*`` for a session."""
-    lines = [f"{'PID':>6}  {'STATE':<8} {'NI':>3} {'OWNER':<10} {'IN':>6} {'OUT':>6} {'KV':>5} {'PRE':>3} S  MODEL"]
+    w = min(OWNER_MAX, max([10, *(len(p.owner) for p in procs)]))  # as wide as the names, up to OWNER_MAX
+    lines = [f"{'PID':>6}  {'STATE':<8} {'NI':>3} {'OWNER':<{w}} {'IN':>6} {'OUT':>6} {'KV':>5} {'PRE':>3} S  MODEL"]
     for p in procs:
-        lines.append(f"{p.pid:>6}  {p.state:<8} {p.priority:>3} {p.owner[:10]:<10} {p.prompt_tokens:>6} "
+        owner = p.owner if len(p.owner) <= w else p.owner[:w - 1] + "+"  # cut as ps(1) cuts: a '+' says so
+        lines.append(f"{p.pid:>6}  {p.state:<8} {p.priority:>3} {owner:<{w}} {p.prompt_tokens:>6} "
                      f"{p.output_tokens:>6} {p.kv_blocks:>5} {p.preemptions:>3} {'*' if p.session else ' '}  "
                      f"{p.model}")
     return "\n".join(lines)

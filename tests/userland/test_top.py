@@ -70,3 +70,16 @@ def test_top_without_a_terminal_prints_the_asked_number_of_frames_one_after_anot
 def test_an_empty_kernel_still_draws_a_frame():
     text = frame(Sample(0.0, {"processes": [], "models": [], "counts": {}, "finished": {}}), clock=lambda: 0.0)
     assert "processes: none" in text and "(no model loaded)" in text and rows(text) == []
+
+
+def test_ps_shows_a_long_owner_whole_and_cuts_only_past_the_widest_column_with_a_plus():
+    """Real account names (llmos-x-alice) were cut to 10 characters, so two users could look alike."""
+    from llmos.top import OWNER_MAX, format_ps
+    from llmos.types import ProcessInfo
+
+    rows = [ProcessInfo(pid=1, state="READY", priority=0, model="m", owner="llmos-x-alice"),
+            ProcessInfo(pid=2, state="READY", priority=0, model="m", owner="x" * (OWNER_MAX + 8))]
+    table = format_ps(rows).splitlines()
+    assert "llmos-x-alice " in table[1]
+    assert "x" * (OWNER_MAX - 1) + "+" in table[2] and "x" * OWNER_MAX not in table[2]
+    assert len({len(line.split(" m")[0]) for line in table[1:]}) == 1  # the columns line up
