@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -129,9 +130,28 @@ def cmd_kernel_start(args: argparse.Namespace) -> int:
         print(f"llmos: {exc.message}", file=sys.stderr)
         return exc.code if exc.code in (2, 3, 4) else 1  # the kernel's own refusal codes pass through
     pid = client.kernel["pid"]
-    client.close()
+    try:
+        warnings = _start_warnings(client) if proc and getattr(args, "group", None) else []
+    finally:
+        client.close()
     print(f"llmos kernel {'started' if proc else 'already running'}: pid {pid} at {address}")
+    for w in warnings:
+        print(f"llmos: warning: {w}", file=sys.stderr)
     return 0
+
+
+def _start_warnings(client: Client, wait_s: float = 2.0) -> list[str]:
+    """What the new kernel warned about at its start that its owner must act on: a directory that keeps
+    --group's members from the socket. Read from its log once its kernel_started line is there (lines reach
+    the log in order)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        lines = [json.loads(line) for line in client.dmesg(n=200)]
+        if any(ln.get("event") == "kernel_started" for ln in lines) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return [f"members of group {ln.get('group')} cannot reach the kernel's socket: {ln.get('directory')} is closed "
+            f"to them ({ln.get('fix')})" for ln in lines if ln.get("event") == "group_cannot_reach_socket"]
 
 
 def cmd_kernel_stop(args: argparse.Namespace) -> int:

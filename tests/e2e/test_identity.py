@@ -289,3 +289,32 @@ def test_a_tcp_user_may_use_loaded_and_store_models_but_not_load_a_directory(ker
             remote.wait(remote.spawn("x", model=model, max_new_tokens=1, temperature=0))
         with pytest.raises(NotPermitted, match="only by the admin"):
             remote.spawn("x", model=str(open_copy), max_new_tokens=1)
+
+
+def test_kernel_start_with_a_group_says_which_directory_keeps_the_members_out(users):
+    """The warning was only in the kernel's log: `kernel start` printed 'started' and the members then could
+    not connect, with no hint why."""
+    import shutil
+    import tempfile
+
+    from tests.e2e.test_cli_fs import llmos
+
+    closed = Path(tempfile.mkdtemp(prefix="llmos-t-closed-", dir="/tmp"))  # 0700: the members cannot pass
+    home = closed / "home"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LLMOS_")}, "LLMOS_HOME": str(home)}
+    try:
+        r = llmos(env, "kernel", "start", "--group", GROUP)
+        assert r.returncode == 0 and b"started" in r.stdout, r.stderr
+        assert "warning: members of group llmos-t-share cannot reach" in r.stderr and str(closed) in r.stderr
+        assert as_user(users[A], lambda: _reach(home)) == "EPERM"  # as the warning says
+    finally:
+        llmos(env, "kernel", "stop")
+        shutil.rmtree(closed, ignore_errors=True)
+
+
+def _reach(home: Path) -> str:
+    try:
+        Client(f"ipc://{home}/run/kernel.sock", connect_timeout=2).close()
+        return "ok"
+    except LLMOSError as exc:
+        return exc.errno.name
