@@ -65,7 +65,7 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=syscall_arg("spawn", "max_new_tokens"), default=128,
                         help="most tokens to generate (default 128; per turn in chat)")
     parser.add_argument("-p", "--priority", type=syscall_arg("spawn", "priority"), default=0,
-                        help="nice value -20..19, lower runs first (below 0 only root)")
+                        help="nice value -20..19, lower runs first (below 0 only the admin)")
     parser.add_argument("--temperature", type=syscall_arg("spawn", "temperature"), default=None,
                         help="sampling temperature (default 0.8: every run differs; --temperature 0 repeats a run)")
     parser.add_argument("--top-p", type=syscall_arg("spawn", "top_p"), default=None, help="nucleus sampling mass")

@@ -211,6 +211,17 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
+def cmd_spawn(args: argparse.Namespace) -> int:
+    """Start a process in the background and print its pid (``llmos wait PID`` collects it). Needs a running
+    kernel: an embedded one would end, and the process with it, when this command exits."""
+    with _connect(args) as c:
+        kwargs: dict[str, Any] = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat \
+            else {"prompt": args.prompt}
+        pid = c.spawn(model=args.model, priority=args.priority, **kwargs, **_params(args))
+    print(json.dumps({"pid": pid}) if args.json else pid)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from llmos.llmos import LLMOS
 
@@ -491,6 +502,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-v", "--verbose", action="store_true",
                    help="print the pid once spawned, then the finish reason and timings, to stderr")
     r.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("spawn", parents=[common], help="start a process in the background and print its pid",
+                        description="Start a process from PROMPT (the same flags as run) and print its pid at once; "
+                        "`llmos wait PID` prints its text, `llmos ps` shows it, `llmos kill PID` ends it. Needs a "
+                        "running kernel (llmos kernel start).")
+    sp.add_argument("prompt", help="the prompt text (a user chat message with --chat)")
+    add_generation_flags(sp)
+    sp.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    sp.add_argument("--json", action="store_true", help='print {"pid": N}')
+    sp.set_defaults(fn=cmd_spawn)
 
     ch = sub.add_parser("chat", parents=[common], help="a conversation: each line of stdin is a turn, each reply "
                         "is printed", description="Start a session (a process that keeps its context between "

@@ -266,9 +266,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_stat)
 
-    dm = sub.add_parser("dmesg", parents=[common], help="the kernel's log ring (/var/log/kernel): the last lines, "
-                        "-f to follow", description="Print the kernel's recent log lines, oldest first (the ring "
-                        "keeps the last 10,000, across restarts).")
+    dm = sub.add_parser("dmesg", aliases=["logs"], parents=[common], help="the kernel's log ring (/var/log/kernel): "
+                        "the last lines, -f to follow (also: llmos logs)", description="Print the kernel's recent "
+                        "log lines, oldest first (the ring keeps the last 10,000, across restarts).")
     dm.add_argument("-n", "--lines", type=syscall_arg("dmesg", "n"), default=100, metavar="N",
                     help="how many of the newest lines (default 100)")
     dm.add_argument("-f", "--follow", action="store_true", help="then print new lines as they are logged (Ctrl-C "
