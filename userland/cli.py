@@ -568,14 +568,22 @@ def build_parser() -> argparse.ArgumentParser:
     ld = sub.add_parser("load", parents=[common], help="load a model: device, instances, KV memory policy, keep-alive")
     ld.add_argument("model", nargs="?", default=None, help="model directory (default: the default model)")
     ld.add_argument("--device", default=None, help="cpu, cuda:N or auto")
-    ld.add_argument("--instances", type=syscall_arg("model_load", "instances"), default=None)
-    ld.add_argument("--kv-policy", choices=("static", "dynamic", "isolated"), default=None)
-    ld.add_argument("--kv-blocks", type=syscall_arg("model_load", "kv_blocks"), default=None)
-    ld.add_argument("--kv-max-blocks", type=syscall_arg("model_load", "kv_max_blocks"), default=None)
-    ld.add_argument("--user-cap-blocks", type=syscall_arg("model_load", "user_cap_blocks"), default=None)
-    ld.add_argument("--max-batch", type=syscall_arg("model_load", "max_batch"), default=None)
+    ld.add_argument("--instances", type=syscall_arg("model_load", "instances"), default=None,
+                    help="model instances, each a worker process (default 1)")
+    ld.add_argument("--kv-policy", choices=("static", "dynamic", "isolated"), default=None,
+                    help="KV memory: static (a fixed pool), dynamic (grows with demand, shrinks when idle), isolated "
+                    "(fixed, with a cap per user) (default: the kernel's --kv-policy)")
+    ld.add_argument("--kv-blocks", type=syscall_arg("model_load", "kv_blocks"), default=None,
+                    help="KV pool size in blocks (the initial size under dynamic; default: sized to memory)")
+    ld.add_argument("--kv-max-blocks", type=syscall_arg("model_load", "kv_max_blocks"), default=None,
+                    help="the dynamic policy's largest pool, in blocks")
+    ld.add_argument("--user-cap-blocks", type=syscall_arg("model_load", "user_cap_blocks"), default=None,
+                    help="the isolated policy's cap per user, in blocks")
+    ld.add_argument("--max-batch", type=syscall_arg("model_load", "max_batch"), default=None,
+                    help="most processes in one step (default: as many as the KV pool allows)")
     ld.add_argument("--keep-alive", type=syscall_arg("model_load", "keep_alive"), default=None, help="seconds once idle; -1 pins, 0 unloads after use")
-    ld.add_argument("--engine", choices=("auto", "paged", "sequential"), default=None)
+    ld.add_argument("--engine", choices=("auto", "paged", "sequential"), default=None,
+                    help="the engine: paged (continuous batching, paged KV), sequential, or auto (default)")
     ld.add_argument("--json", action="store_true")
     ld.set_defaults(fn=cmd_load)
     ul = sub.add_parser("unload", parents=[common], help="unload a model")
@@ -594,7 +602,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_fs_commands(sub, common)  # fs ls|cat|put|get|rm|stat, dmesg (llmos/cli_fs.py)
     add_store_commands(sub, common)  # model import|export|ls|rm, data import|ls|stat|cat|rm, eval (llmos/cli_store.py)
     add_user_commands(sub, common)  # whoami, keygen, user add|ls|rm (llmos/cli_users.py)
+    fill_help(ap)
     return ap
+
+
+# help for the arguments that many commands share, where a command did not give its own
+SHARED_HELP = {"json": "print the result as JSON (for programs) instead of a table for people",
+               "path": "a path in the store's namespace (/models, /data, /proc, /home/<user>, /var/log)",
+               "name": "the name in the store (/models/<name> or /data/<name>)",
+               "model": "a model directory, a model in the store by name, or 'default'",
+               "recursive": "also everything under the path (a directory)",
+               "src": "the path to move", "dst": "where it goes",
+               "local": "a file on this machine (- for stdin or stdout)",
+               "file": "the local file to import",
+               "format": "how the file is read: text, jsonl or csv (default text)"}
+
+
+def fill_help(parser: argparse.ArgumentParser) -> None:
+    """Give every argument of every subcommand that has no help text the shared one for its name."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                fill_help(sub)
+        elif not action.help and action.dest in SHARED_HELP:
+            action.help = SHARED_HELP[action.dest]
 
 
 def main(argv: list[str] | None = None) -> int:

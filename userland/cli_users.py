@@ -115,6 +115,6 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ls.add_argument("--json", action="store_true", help="one JSON list of {user, key, fingerprint, added}")
     ls.set_defaults(fn=cmd_user_ls)
     rm = usub.add_parser("rm", parents=[common], help="withdraw a user's keys (open connections lose them too)")
-    rm.add_argument("name", metavar="NAME")
+    rm.add_argument("name", metavar="NAME", help="the user whose keys are withdrawn")
     rm.add_argument("--key", default=None, metavar="KEY", help="only this key (Z85 or fingerprint; default: all)")
     rm.set_defaults(fn=cmd_user_rm)

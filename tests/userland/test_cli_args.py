@@ -95,3 +95,25 @@ def test_every_pid_and_timeout_argument_takes_its_type_from_the_syscall_table():
         for action in sub._actions:
             if action.dest in ("pid", "timeout"):
                 assert action.type is not int and action.type is not float, f"llmos {name} {action.dest}"
+
+
+def test_every_argument_of_every_command_has_help_text():
+    """`llmos X --help` explains every flag and argument (issue 11: most flags had none)."""
+    import argparse
+
+    from llmos.cli import build_parser
+
+    missing, seen = [], set()
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    if id(sub) not in seen:
+                        seen.add(id(sub))
+                        walk(sub, [*path, name])
+            elif not action.help and action.dest != "help":
+                missing.append(f"{' '.join(path)} {action.option_strings or action.dest}")
+
+    walk(build_parser(), ["llmos"])
+    assert missing == [] and len(seen) > 30
