@@ -1,10 +1,9 @@
 """The Bus: the kernel's ROUTER sockets. Reads frames, runs one dispatch task per request, delivers replies.
 
 One ROUTER per listening address (a Listener): ipc, tcp with CURVE, or tcp --insecure (loopback). Each
-client connection has a Caller, the user its transport proves (kernel/identity.py), taken from every
-message's properties, so nothing a client sends can change it: a connection whose user differs from
-the one the bus knew for that routing id (a client that chose another's routing id) starts afresh,
-with nothing of the old one's. And an Outbox (kernel/outbox.py):
+client connection has a Caller, the user its transport proves (kernel/identity.py: each message's
+proof is compared with the connection's, so nothing a client sends can change it; routing ids a client
+chose are refused), and an Outbox (kernel/outbox.py):
 every reply goes through the outbox, which hands frames to the socket without blocking and keeps
 what the socket refuses (the client reads slowly) for a retry, merging stream chunks meanwhile.
 ZeroMQ itself holds at most SNDHWM frames per client; the outbox is bounded in bytes by the
@@ -29,7 +28,8 @@ from llmos.kernel.config import KernelConfig
 from llmos.kernel.dispatch import dispatch
 from llmos.kernel.handlers import Caller, Handlers
 from llmos.kernel.heap import BIG_REQUEST_BYTES, CycleCollector
-from llmos.kernel.identity import ANONYMOUS, CURVE, INSECURE, IPC, ZAP_DOMAIN, Keyring, account_name, uid_in
+from llmos.kernel.identity import ANONYMOUS, CURVE, IPC, ZAP_DOMAIN, Keyring, account_name, uid_in
+from llmos.kernel.identity import proof as transport_proof
 from llmos.kernel.log import get_logger
 from llmos.kernel.outbox import Outbox
 from llmos.syscalls import codec, protocol
@@ -65,7 +65,7 @@ class _Client:
 
     bus: "Bus"
     caller: Caller
-    proof: str = ""  # what the transport said of it (Bus.proof): a message saying otherwise is another connection
+    proof: str = ""  # what the transport said of it (identity.proof): a message saying otherwise is another one
     outbox: Outbox = field(default_factory=Outbox)
     tasks: set[asyncio.Task] = field(default_factory=set)
     dropped: int = 0  # requests left unanswered past twice the budget
@@ -81,11 +81,9 @@ class _Client:
 
 
 class Bus:
-    def __init__(self, ctx: zmq.asyncio.Context, listeners: str | list[Listener], handlers: Handlers,
+    def __init__(self, ctx: zmq.asyncio.Context, listeners: list[Listener], handlers: Handlers,
                  config: KernelConfig | None = None, admins: frozenset[str] = frozenset(),
                  keyring: Keyring | None = None) -> None:
-        if isinstance(listeners, str):  # one ipc or insecure address (tests of the bus alone)
-            listeners = [Listener(listeners, IPC if listeners.startswith("ipc://") else INSECURE)]
         self.listeners = listeners
         self.address = listeners[0].address
         self.config = config or KernelConfig()
@@ -143,17 +141,6 @@ class Bus:
             # frame is read, so a burst of big frames is not all held at once
             await asyncio.sleep(0)
 
-    def proof(self, index: int, frame: zmq.Frame) -> str:
-        """What a message's transport says of its sender: the Peer-Address over ipc (with the uid), the CURVE key
-        (User-Id) over tcp, nothing on an --insecure listener."""
-        transport = self.listeners[index].transport
-        if transport == INSECURE:
-            return ""
-        try:
-            return frame.get("Peer-Address" if transport == IPC else "User-Id")
-        except zmq.ZMQError:
-            return ""
-
     def identify(self, index: int, ident: bytes, proof: str) -> Caller | None:
         """The Caller a message's ``proof`` stands for; None for a CURVE key that is not (or no longer) authorised."""
         transport = self.listeners[index].transport
@@ -178,7 +165,7 @@ class Bus:
             self._refuse(ident, frames[-1], Errno.EPROTO, "this connection chose its own routing id "
                          "(ZMQ_ROUTING_ID): the kernel serves only the ids ZeroMQ assigns; do not set it")
             return
-        proof = self.proof(index, zframes[-1])
+        proof = transport_proof(zframes[-1], self.listeners[index].transport)
         if self.collector is not None and sum(map(len, frames)) >= BIG_REQUEST_BYTES:
             self.collector.big_request()  # whatever cycles its request leaves, collect them soon
         client = self.clients.get(ident)

@@ -51,12 +51,15 @@ def owner_name() -> str:
     return account_name(os.geteuid())
 
 
-def peer_uid(frame: zmq.Frame) -> int | None:
-    """The uid of the process that sent ``frame`` over ipc (SO_PEERCRED), None when the transport has none."""
+def proof(frame: zmq.Frame, transport: str) -> str:
+    """What a message's transport says of its sender: the Peer-Address over ipc (with the uid: ``uid_in``),
+    the CURVE key the ZAP handler accepted (User-Id) over tcp, nothing on an --insecure listener."""
+    if transport == INSECURE:
+        return ""
     try:
-        return uid_in(frame.get("Peer-Address"))
+        return frame.get("Peer-Address" if transport == IPC else "User-Id") or ""
     except zmq.ZMQError:
-        return None
+        return ""
 
 
 def uid_in(peer_address: str) -> int | None:
@@ -65,15 +68,6 @@ def uid_in(peer_address: str) -> int | None:
     if len(parts) != 4 or not parts[1].isdigit():
         return None
     return int(parts[1])
-
-
-def curve_key(frame: zmq.Frame) -> str | None:
-    """The CURVE public key (Z85) the ZAP handler accepted for ``frame``'s connection."""
-    try:
-        key = frame.get("User-Id")
-    except zmq.ZMQError:
-        return None
-    return key if isinstance(key, str) and Z85_KEY.match(key) else None
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ def check_readable(path: Path, uid: int, home: Path) -> None:
         return  # nothing there: resolving the model says so (ENOENT), as for anyone
     if real == home.resolve() or home.resolve() in real.parents:
         raise NotPermitted(f"model {quote_path(str(path))} lies in the kernel's own home: not a model directory")
-    for d in [*reversed(real.parents)]:
+    for d in reversed(real.parents):
         if not _allowed(d.stat(), uid, gids, 1):
             raise NotPermitted(f"model {quote_path(str(path))}: you cannot reach it ({quote_path(str(d))} is closed "
                                f"to you), and the kernel reads it only for those who could")

@@ -69,6 +69,7 @@ FS_RULES = ("/home/<user>: its user and the admin read and write; /models: every
 
 PID = Field("pid", "int", "process id", min=1, max=2**63 - 1)
 USER_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.@+-]*"
+USER_NAME = dict(max_len=64, pattern=USER_PATTERN, pattern_doc="letters, digits and _ . @ + - (not first: . @ + -)")
 OMITTED = Field("omitted", "int", "process records left out so that the reply fits one frame (pid order is kept; "
                 "0 unless the table is very large)")
 
@@ -166,8 +167,7 @@ SYSCALLS: tuple[Syscall, ...] = (
                   pattern_doc="no control characters"),
             Field("user", "str", "the user the client expects to be. The kernel takes a caller's identity from "
                   "the transport, never from this field: over ipc the peer's uid (SO_PEERCRED), over tcp its CURVE "
-                  "key. Another name than the transport's is EPERM", nullable=True, max_len=64, pattern=USER_PATTERN,
-                  pattern_doc="letters, digits and _ . @ + - (not first: . @ + -)"),
+                  "key. Another name than the transport's is EPERM", nullable=True, **USER_NAME),
         ),
         reply=(Field("version", "int"), Field("kernel_version", "str"), Field("pid", "int"),
                Field("started", "float", "the kernel's start, unix time: with pid, which kernel this is"),
@@ -562,8 +562,7 @@ SYSCALLS = SYSCALLS + (
         40, "user_add", "Authorise a CURVE public key for a user: a tcp client holding its secret key is that user "
         "(keys/authorized under the kernel's home). The admin's.",
         access=ADMIN_ONLY,
-        request=(Field("user", "str", "the user the key stands for", max_len=64, pattern=USER_PATTERN,
-                       pattern_doc="letters, digits and _ . @ + - (not first: . @ + -)"),
+        request=(Field("user", "str", "the user the key stands for", **USER_NAME),
                  Field("key", "str", "the public key, Z85 (40 characters)", max_len=40)),
         reply=USER_KEY,
         errors=(E.EPERM, E.EINVAL, E.EEXIST),
@@ -579,8 +578,7 @@ SYSCALLS = SYSCALLS + (
         42, "user_remove", "Withdraw a user's CURVE keys (all, or the one named): the kernel refuses the next "
         "call of a connection that used one (EPERM) and new handshakes with it. The admin's.",
         access=ADMIN_ONLY,
-        request=(Field("user", "str", "the user", max_len=64, pattern=USER_PATTERN,
-                       pattern_doc="letters, digits and _ . @ + - (not first: . @ + -)"),
+        request=(Field("user", "str", "the user", **USER_NAME),
                  Field("key", "str", "only this key (Z85 or its fingerprint); null: every key of the user",
                        nullable=True, max_len=40)),
         reply=(Field("user", "str"), Field("removed", "int", "keys withdrawn")),

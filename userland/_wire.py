@@ -133,8 +133,7 @@ def await_handshake(sock: zmq.Socket, monitor: zmq.Socket, address: str, timeout
             if _handshake_done(msg, address, curve):
                 return
     except BaseException:
-        _end_monitor(sock, monitor)
-        sock.close()
+        sock.close()  # its monitor is closed below (a closed socket's is not disabled first)
         raise
     finally:
         _end_monitor(sock, monitor)
@@ -152,8 +151,7 @@ async def await_handshake_async(sock: Any, monitor: Any, address: str, timeout: 
             if _handshake_done(msg, address, curve):
                 return
     except BaseException:
-        _end_monitor(sock, monitor)
-        sock.close()
+        sock.close()  # its monitor is closed below (a closed socket's is not disabled first)
         raise
     finally:
         _end_monitor(sock, monitor)

@@ -4,12 +4,13 @@ routing id reused by another user starts afresh, and idle connections are forgot
 import asyncio
 
 import pytest
+import zmq
 import zmq.asyncio
 
 from llmos.kernel import bus as busmod
 from llmos.kernel.bus import Bus, Listener, _Client
 from llmos.kernel.handlers import Caller
-from llmos.kernel.identity import CURVE, IPC
+from llmos.kernel.identity import CURVE, IPC, Keyring
 
 
 class Handlers:
@@ -58,11 +59,12 @@ def test_idle_connections_are_forgotten_in_bulk_and_busy_ones_kept(make_bus, mon
     assert list(b.clients) == [b"\x00busy"] and b._prune_at == 8
 
 
-def test_a_curve_connection_whose_key_is_withdrawn_is_no_one(make_bus):
-    class Ring:
-        def user_of(self, key):
-            return {"k" * 40: "carol"}.get(key)
-
-    b = make_bus(Listener("tcp://127.0.0.1:1", CURVE, b"p" * 40, b"s" * 40), keyring=Ring())
-    assert b.identify(0, b"\x00id", "k" * 40).user == "carol"
-    assert b.identify(0, b"\x00id", "x" * 40) is None and b.identify(0, b"\x00id", "") is None
+def test_a_curve_connection_whose_key_is_withdrawn_is_no_one(make_bus, tmp_path):
+    carol, other = (zmq.curve_keypair()[0].decode() for _ in range(2))
+    ring = Keyring(tmp_path / "authorized")
+    ring.add("carol", carol)
+    b = make_bus(Listener("tcp://127.0.0.1:1", CURVE, b"p" * 40, b"s" * 40), keyring=ring)
+    assert b.identify(0, b"\x00id", carol).user == "carol"
+    assert b.identify(0, b"\x00id", other) is None and b.identify(0, b"\x00id", "") is None
+    ring.remove("carol")
+    assert b.identify(0, b"\x00id", carol) is None

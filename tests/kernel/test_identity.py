@@ -16,7 +16,7 @@ import zmq.asyncio
 import zmq.auth
 
 from llmos.kernel import identity
-from llmos.kernel.identity import ZAP_DOMAIN, KeyAuthenticator, Keyring, account_name, curve_key, peer_uid
+from llmos.kernel.identity import CURVE, IPC, ZAP_DOMAIN, KeyAuthenticator, Keyring, account_name, proof, uid_in
 from llmos.syscalls.errors import Errno, Exists, InvalidArgument, NotFound
 from llmos.syscalls.keys import fingerprint, read_key_pair, read_public_key, write_public_key
 
@@ -45,27 +45,27 @@ def _first_message(router: zmq.Socket, dealer: zmq.Socket) -> list[zmq.Frame]:
 
 
 # -- the transport --------------------------------------------------------------------------------------
-def test_peer_uid_over_ipc_is_the_sending_processs_uid_and_curve_key_is_none(tmp):
+def test_the_ipc_proof_holds_the_sending_processs_uid_and_no_curve_key(tmp):
     ctx = zmq.Context()
     router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
     try:
         router.bind(f"ipc://{tmp}/s.sock")
         dealer.connect(f"ipc://{tmp}/s.sock")
         frames = _first_message(router, dealer)
-        assert [peer_uid(f) for f in frames] == [os.getuid()] * len(frames)
-        assert curve_key(frames[-1]) is None  # no CURVE on ipc: no key claimed
+        assert [uid_in(proof(f, IPC)) for f in frames] == [os.getuid()] * len(frames)
+        assert not proof(frames[-1], CURVE)  # no CURVE on ipc: no key claimed
     finally:
         dealer.close(0), router.close(0), ctx.term()
 
 
-def test_a_plain_tcp_frame_has_neither_a_uid_nor_a_curve_key():
+def test_a_plain_tcp_frame_proves_neither_a_uid_nor_a_curve_key():
     ctx = zmq.Context()
     router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
     try:
         port = router.bind_to_random_port("tcp://127.0.0.1")
         dealer.connect(f"tcp://127.0.0.1:{port}")
         frames = _first_message(router, dealer)
-        assert [(peer_uid(f), curve_key(f)) for f in frames] == [(None, None)] * len(frames)
+        assert [(uid_in(proof(f, IPC)), proof(f, CURVE)) for f in frames] == [(None, "")] * len(frames)
     finally:
         dealer.close(0), router.close(0), ctx.term()
 
@@ -108,8 +108,8 @@ def test_over_curve_the_zap_handler_lets_in_an_authorised_key_whose_frames_carry
 
     frames, more = asyncio.run(scenario())
     assert not more
-    assert curve_key(frames[-1]) == alice and keyring.user_of(curve_key(frames[-1])) == "alice"
-    assert peer_uid(frames[-1]) is None  # tcp: no uid to trust
+    assert proof(frames[-1], CURVE) == alice and keyring.user_of(proof(frames[-1], CURVE)) == "alice"
+    assert uid_in(proof(frames[-1], IPC)) is None  # tcp: no uid to trust
     assert refused and set(refused) == {fingerprint(eve.encode())}
 
 
