@@ -31,6 +31,9 @@ from llmos._args import add_generation_flags, positive, signal_name, syscall_arg
 from llmos.cli_fs import add_commands as add_fs_commands
 from llmos.cli_store import add_commands as add_store_commands
 from llmos.cli_users import add_commands as add_user_commands
+from llmos.cli_serve import add_commands as add_serve_commands
+from llmos.cli_apps import add_commands as add_app_commands
+from llmos.cli_bench import add_commands as add_bench_commands
 from llmos.top import format_ps, run_top
 from llmos.types import ProcessResult
 
@@ -602,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_fs_commands(sub, common)  # fs ls|cat|put|get|rm|stat, dmesg (llmos/cli_fs.py)
     add_store_commands(sub, common)  # model import|export|ls|rm, data import|ls|stat|cat|rm, eval (llmos/cli_store.py)
     add_user_commands(sub, common)  # whoami, keygen, user add|ls|rm (llmos/cli_users.py)
+    add_serve_commands(sub, common)  # serve: the OpenAI-compatible gateway (llmos/cli_serve.py)
+    add_app_commands(sub, common)  # app translate|summarize|qa|chat|generate (llmos/cli_apps.py)
+    add_bench_commands(sub, common)  # bench: a serving workload against a running kernel (llmos/cli_bench.py)
     fill_help(ap)
     return ap
 
