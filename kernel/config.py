@@ -45,6 +45,7 @@ class KernelConfig:
     listen: str | None = None  # more addresses to listen on, comma-separated (tcp ones with CURVE)
     insecure: bool = False  # tcp without CURVE (loopback only): every tcp caller is "anonymous"
     group: str | None = None  # the OS group whose members may reach the ipc socket
+    delegate: str | None = None  # accounts that may act for other users: "gateway;svc=alice,bob" (kernel/delegation.py)
 
     def __post_init__(self) -> None:
         for f in FLAGS:
@@ -57,7 +58,7 @@ class KernelConfig:
                 raise ValueError(f"{f.option}: {exc}") from None
 
 
-NULLABLE = {"listen", "group", "memory_limit", "max_batch", "max_procs_per_user", "max_kv_blocks_per_user", "max_tokens_per_minute",
+NULLABLE = {"listen", "group", "delegate", "memory_limit", "max_batch", "max_procs_per_user", "max_kv_blocks_per_user", "max_tokens_per_minute",
             "user_quotas"}
 QUOTA_KEYS = {"procs": "max_procs", "kv_blocks": "max_kv_blocks", "tpm": "tokens_per_minute"}
 
@@ -204,6 +205,20 @@ class _Group(_Parser):
         return value
 
 
+class _Delegates(_Parser):
+    def convert(self, text: str) -> str:
+        return text
+
+    def check(self, value: Any) -> str:
+        from llmos.kernel.delegation import parse_delegates
+
+        try:
+            parse_delegates(value)
+        except (ValueError, AttributeError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+
 class _Switch(_Parser):
     """An on/off flag that takes no value (``--insecure``)."""
 
@@ -308,6 +323,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("group", _Group(), "GROUP", "share the kernel with the members of this OS group: the ipc socket "
          "becomes 0660 and its directory 0750 with that group (the home 0710); the rest of the home stays "
          "owner-only"),
+    Flag("delegate", _Delegates(), "NAME[=USER,USER][;NAME...]", "accounts that may act for other users, e.g. "
+         "the account running the gateway (llmos serve): 'gateway' acts for any user but the admin, "
+         "'svc=alice,bob' only for those; the admin always may (kernel/delegation.py)"),
     Flag("max_capture_bytes_per_user", _SizeIn(0, 2**48), "SIZE", "bytes of captured intermediates one user's "
          "processes may keep in the store, in all (stored, plus what captures under way may still write); "
          "beyond it a capture stops, or captures nothing, with a warning (default 256M)"),

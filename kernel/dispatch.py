@@ -1,7 +1,8 @@
 """Turn one request frame into its replies: any chunks, then exactly one final frame.
 
 Decode, check the envelope and version, find the syscall, validate its args against the
-table's schema, check the table's access rule for the caller (EPERM, audited), call the handler,
+table's schema, make the call for the user the envelope's ``for`` names when the caller may act for it
+(kernel/delegation.py), check the table's access rule for the caller (EPERM, audited), call the handler,
 encode its result. Every fault becomes an error frame to that
 caller, with the request's id whenever it can be read; a result too big for a frame becomes
 EMSGSIZE. Nothing here can raise into the bus (cancellation aside: a client that is gone gets
@@ -38,8 +39,9 @@ class _WithId(Exception):
         self.rid, self.error = rid, error
 
 
-def parse_request(frame: bytes) -> tuple[int, Any, Any]:
-    """Return (request id, call, args); raise _WithId(id or None, error) for a bad frame."""
+def parse_request(frame: bytes) -> tuple[int, Any, Any, Any]:
+    """Return (request id, call, args, the user it is made for or None); raise _WithId(id or None, error) for a
+    bad frame."""
     try:
         msg = codec.decode(frame)
     except LLMOSError as exc:  # over a bound (EMSGSIZE) or not MessagePack (EPROTO): find the id anyway
@@ -54,7 +56,7 @@ def parse_request(frame: bytes) -> tuple[int, Any, Any]:
                                          f"this kernel speaks {protocol.PROTOCOL_VERSION}"))
     if "call" not in msg:
         raise _WithId(rid, ProtocolError("a request needs a 'call' (syscall name or number)"))
-    return rid, msg["call"], msg.get("args")
+    return rid, msg["call"], msg.get("args"), msg.get("for")
 
 
 def error_frame(rid: int | None, exc: BaseException) -> bytes:
@@ -126,12 +128,14 @@ async def dispatch(handlers: Handlers, caller: Caller, frame: bytes, replies: Re
     name, administrative, args = "?", None, {}
     try:
         try:
-            rid, call, raw_args = parse_request(frame)
+            rid, call, raw_args, act_for = parse_request(frame)
         except _WithId as w:
             rid = w.rid
             raise w.error from None
         sc = lookup(call)
         name = sc.name
+        if act_for is not None:
+            caller = caller.acting_for(act_for, handlers.k.delegation)
         fn = handler_for(handlers, sc.name)
         if fn is None:
             raise NoSuchSyscall(f"syscall {sc.name} has no handler in this kernel")
@@ -147,7 +151,8 @@ async def dispatch(handlers: Handlers, caller: Caller, frame: bytes, replies: Re
             _audit_admin(handlers, caller, sc.name, administrative, args, "ok")
     except Exception as exc:  # a handler bug must not take the bus down
         if isinstance(exc, LLMOSError) and exc.errno == Errno.EPERM:
-            handlers.audit.refused(caller.user, name, exc.message, transport=caller.transport)
+            handlers.audit.refused(caller.user, name, exc.message, transport=caller.transport,
+                                   **({"by": caller.by} if caller.by else {}))
         elif administrative is not None:  # an administrative action that failed is said as such
             _audit_admin(handlers, caller, name, administrative, args, getattr(getattr(exc, "errno", None), "name",
                                                                                type(exc).__name__))
@@ -157,4 +162,5 @@ async def dispatch(handlers: Handlers, caller: Caller, frame: bytes, replies: Re
 
 def _audit_admin(handlers: Handlers, caller: Caller, call: str, why: str, args: dict, result: str) -> None:
     handlers.audit.admin(caller.user, call, why=why, result=result, pid=args.get("pid"),
-                         target=args.get("model") or args.get("path") or args.get("src") or args.get("user"))
+                         target=args.get("model") or args.get("path") or args.get("src") or args.get("user"),
+                         **({"by": caller.by} if caller.by else {}))

@@ -17,6 +17,7 @@ from llmos.kernel import __version__
 from llmos.kernel import messages as m
 from llmos.kernel.audit import Audit
 from llmos.kernel.files import Files
+from llmos.kernel.delegation import DELEGATED, Delegation
 from llmos.kernel.model_access import check_model_access, is_model_dir
 from llmos.syscalls import protocol
 from llmos.syscalls.errors import InvalidArgument, NotPermitted, ProtocolError, TimedOut
@@ -32,7 +33,7 @@ class Caller:
     The Bus makes one Caller per connection from the transport (kernel/identity.py: the peer's uid
     over ipc, its CURVE key over tcp) and hands it to every request of that connection; nothing a
     client sends changes it. ``admin``: the user is the kernel's owner or root. ``transport``: ipc,
-    curve or insecure.
+    curve or insecure; "delegated" for a call made for ``user`` by ``by``, a delegate (kernel/delegation.py).
     """
 
     identity: bytes
@@ -40,6 +41,15 @@ class Caller:
     admin: bool = False
     transport: str = "insecure"
     uid: int | None = None  # the peer's uid over ipc (None over tcp): whose rights a model directory is read with
+    by: str | None = None  # the delegate that made this call for ``user`` (None: the user itself)
+
+    def acting_for(self, target: str, delegation: Delegation) -> "Caller":
+        """This connection's call made for ``target``: itself when it is the same user; EPERM (NotPermitted)
+        when the delegation rules do not allow it, EINVAL for a bad name."""
+        user = delegation.check(self.user, self.admin, target)
+        if user == self.user:
+            return self
+        return Caller(self.identity, user, self.admin and user in delegation.admins, DELEGATED, None, self.user)
 
 
 class Handlers:
@@ -71,7 +81,7 @@ class Handlers:
                                f"transport), not {args['user']}: a client cannot choose who it is")
         return {"version": protocol.PROTOCOL_VERSION, "kernel_version": __version__, "pid": os.getpid(),
                 "started": self.k.started, "max_frame_bytes": protocol.MAX_FRAME_BYTES, "user": caller.user,
-                "admin": caller.admin, "transport": caller.transport}
+                "admin": caller.admin, "transport": caller.transport, "by": caller.by}
 
     async def sys_ping(self, caller: Caller, args: dict, emit: Emit) -> dict:
         # pid and start time: a client connected across a restart on the same address tells kernels apart
@@ -83,7 +93,7 @@ class Handlers:
         return {"pid": os.getpid(), "address": self.k.address, "uptime_s": time.time() - self.k.started,
                 "version": __version__, "home": str(self.k.home), "processes": counts, "models": models,
                 "listeners": [{"address": a, "transport": t} for a, t in self.k.plan], "owner": self.k.owner,
-                "group": self.k.config.group}
+                "group": self.k.config.group, "delegates": self.k.config.delegate}
 
     async def sys_shutdown(self, caller: Caller, args: dict, emit: Emit) -> dict:
         self.k.request_shutdown(f"shutdown syscall from {caller.user}")

@@ -23,6 +23,7 @@ from llmos.kernel.capture import Captures
 from llmos.kernel.config import KernelConfig
 from llmos.kernel.handlers import Handlers, ready_executors
 from llmos.kernel.heap import return_big_buffers_to_the_os
+from llmos.kernel.delegation import Delegation, parse_delegates
 from llmos.kernel.identity import CURVE, KeyAuthenticator, owner_name
 from llmos.kernel.journal import Journal
 from llmos.kernel.log import LogRing, get_logger
@@ -41,6 +42,7 @@ class Kernel:
         self.started = time.time()
         self.owner = owner_name()  # the admin, with root
         self.admins = frozenset({"root", self.owner})
+        self.delegation = Delegation(parse_delegates(self.config.delegate), self.admins)  # who may act for whom
         self.plan = listen_plan(address, self.config)  # [(address, transport)]; InvalidArgument for a bad one
         self.auth: KeyAuthenticator | None = None
         self.log = get_logger("kernel")
@@ -83,7 +85,8 @@ class Kernel:
         gc.collect()
         gc.freeze()  # what start-up made lives as long as the kernel: later collections skip it
         self.log.info("kernel_started", pid=os.getpid(), address=self.address, home=str(self.home),
-                      listeners=[f"{t} {a}" for a, t in self.plan], owner=self.owner, group=self.config.group)
+                      listeners=[f"{t} {a}" for a, t in self.plan], owner=self.owner, group=self.config.group,
+                      delegates=self.config.delegate)
 
     def _key_refused(self, fingerprint: str) -> None:
         self.handlers.audit.refused("unknown", "handshake", f"CURVE key {fingerprint} is not authorised",

@@ -1,6 +1,7 @@
 """MessagePack frame codec with bounded sizes; both sides of the bus use it.
 
-A request frame is a map ``{"v": version, "id": request_id, "call": name_or_number, "args": map}``.
+A request frame is a map ``{"v": version, "id": request_id, "call": name_or_number, "args": map}``, with
+``"for": user`` when a delegate makes the call for another user.
 A reply frame is a map ``{"id": request_id, "t": "ok" | "err" | "chunk", ...}``.
 Only plain MessagePack types cross the bus: no pickle, no extension types.
 
@@ -85,11 +86,15 @@ def _is_int_header(byte: int) -> bool:
     return byte <= 0x7F or byte >= 0xE0 or 0xCC <= byte <= 0xD3
 
 
-def request(request_id: int, call: str | int, args: dict) -> bytes:
-    """A request frame. Arguments MessagePack cannot carry (an integer beyond 64 bits, an object) are the
+def request(request_id: int, call: str | int, args: dict, act_for: str | None = None) -> bytes:
+    """A request frame (``act_for``: the user the call is made for, by a delegate: the envelope's ``for``,
+    kernel/delegation.py). Arguments MessagePack cannot carry (an integer beyond 64 bits, an object) are the
     caller's fault: InvalidArgument (EINVAL), not a protocol error; FrameTooLarge for one over the bounds."""
     try:
-        return encode({"v": protocol.PROTOCOL_VERSION, "id": request_id, "call": call, "args": args})
+        msg = {"v": protocol.PROTOCOL_VERSION, "id": request_id, "call": call, "args": args}
+        if act_for is not None:
+            msg["for"] = act_for
+        return encode(msg)
     except FrameTooLarge:
         raise
     except ProtocolError as exc:

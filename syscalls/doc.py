@@ -5,7 +5,7 @@ from __future__ import annotations
 from llmos.syscalls import protocol
 from llmos.syscalls.errors import MEANING, Errno
 from llmos.syscalls.schema import Field
-from llmos.syscalls.table import SYSCALLS
+from llmos.syscalls.table import DELEGATION, SYSCALLS
 
 HEADER = """# Syscalls
 
@@ -20,6 +20,8 @@ keys (protocol.md); a field's own bounds are in its notes. Float fields accept i
 Who may call: the caller is the user the transport proves (protocol.md, Identity); the kernel's
 dispatcher checks the column below before the call runs and answers EPERM otherwise. "The admin" is
 the kernel's owner and root.
+
+Acting for another user: {delegation}.
 
 | nr | name | streams | who may call | what it does |
 |---:|---|---|---|---|
@@ -50,7 +52,8 @@ def _mib(n: int) -> str:
 
 def render() -> str:
     lines = [HEADER.rstrip("\n").format(frame=_mib(protocol.MAX_FRAME_BYTES), string=_mib(protocol.MAX_STR_BYTES),
-                                          array=protocol.MAX_ARRAY_LEN, map=protocol.MAX_MAP_LEN)]
+                                          array=protocol.MAX_ARRAY_LEN, map=protocol.MAX_MAP_LEN,
+                                          delegation=DELEGATION)]
     for s in SYSCALLS:
         who = s.access.describe() if s.access.who != "path" else "by path (see the call)"
         lines.append(f"| {s.nr} | [`{s.name}`](#{s.nr}-{s.name}) | {'yes' if s.streams else ''} | {who} | {s.doc} |")

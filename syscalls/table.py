@@ -59,6 +59,13 @@ class Access:
 
 
 ANY_USER, TARGET_OWNER, ADMIN_ONLY, BY_PATH = Access(ANY), Access(OWNER), Access(ADMIN), Access(PATH)
+# Acting for another user (kernel/delegation.py enforces it, before the call's own rule)
+DELEGATION = ("A request whose envelope says `\"for\": USER` is made as USER, checked by the rules below as "
+              "USER's own call: USER owns what it spawns and its quotas count it. Who may ask: the admin, for "
+              "any user; an account the admin named with `llmos kernel start --delegate NAME[=USER,USER]` "
+              "(a gateway), for the users listed or, with none listed, for any user but an admin; anyone else "
+              "gets EPERM (audited). For a delegated call, model directories are as for a tcp caller: models "
+              "in the store, `default`, or what the admin loaded")
 LOAD_OPTIONS = ("device", "instances", "kv_policy", "kv_blocks", "kv_max_blocks", "user_cap_blocks", "max_batch",
                 "keep_alive", "engine", "spill_bytes", "spill_below_bytes")
 FS_RULES = ("/home/<user>: its user and the admin read and write; /models: everyone reads, the admin writes; "
@@ -174,8 +181,11 @@ SYSCALLS: tuple[Syscall, ...] = (
                Field("max_frame_bytes", "int"),
                Field("user", "str", "who the kernel knows this connection as: it owns what the connection spawns"),
                Field("admin", "bool", "whether that user is the admin (the kernel's owner or root)"),
-               Field("transport", "str", "how the identity was proven: ipc (the peer's uid), curve (its key), or "
-                     "insecure (a tcp listener started with --insecure: every caller is 'anonymous')")),
+               Field("transport", "str", "how the identity was proven: ipc (the peer's uid), curve (its key), "
+                     "insecure (a tcp listener started with --insecure: every caller is 'anonymous'), or "
+                     "delegated (the envelope's 'for': a delegate acts for this user)"),
+               Field("by", "str", "the delegate acting for `user` (this connection's own user), when delegated",
+                     nullable=True)),
         errors=(E.EPROTO, E.EINVAL, E.EPERM),
     ),
     Syscall(
@@ -195,7 +205,9 @@ SYSCALLS: tuple[Syscall, ...] = (
                Field("listeners", "list[map]", "every address the kernel serves: {address, transport} (ipc, curve "
                      "or insecure)"),
                Field("owner", "str", "the account the kernel runs as: the admin, with root"),
-               Field("group", "str", "the OS group that shares the ipc socket (--group)", nullable=True)),
+               Field("group", "str", "the OS group that shares the ipc socket (--group)", nullable=True),
+               Field("delegates", "str", "who may act for other users (--delegate), besides the admin",
+                     nullable=True)),
         errors=(),
     ),
     Syscall(

@@ -165,7 +165,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def kernel(tiny_model: str):
-    k = KernelProc(max_batch=4, tcp=True)
+    # llmos-gw may act for dl-alice and dl-bob (tests/e2e/test_delegation.py)
+    k = KernelProc(max_batch=4, tcp=True, extra=["--delegate", "llmos-gw=dl-alice,dl-bob"])
     with k.client() as admin:  # loaded by the admin: users over tcp may run it (kernel/model_access.py)
         admin.model_load(tiny_model, keep_alive=-1)
     yield k

@@ -254,12 +254,13 @@ def syscall_doc(name: str) -> Callable[[F], F]:
 class Calls:
     """Request ids and frame interpretation; the transport lives in the client classes."""
 
-    def __init__(self) -> None:
+    def __init__(self, act_for: str | None = None) -> None:
         self._ids = itertools.count(1)
+        self.act_for = act_for  # every call is made for this user (the kernel checks we may: delegation)
 
     def request(self, call: str, args: dict[str, Any]) -> tuple[int, bytes]:
         rid = next(self._ids)
-        return rid, codec.request(rid, call, args)
+        return rid, codec.request(rid, call, args, self.act_for)
 
     @staticmethod
     def interpret(raw: bytes) -> tuple[Any, str, Any]:

@@ -25,13 +25,14 @@ if TYPE_CHECKING:
 
 class AsyncClient:
     def __init__(self, address: str | None = None, *, user: str | None = None, server_key: str | None = None,
-                 client_key: str | None = None, insecure: bool | None = None) -> None:
-        """As Client's (identity from the transport; keys for tcp); ``await connect()`` connects."""
+                 client_key: str | None = None, insecure: bool | None = None, act_for: str | None = None) -> None:
+        """As Client's (identity from the transport; keys for tcp; ``act_for``: every call made for that user,
+        by a delegate); ``await connect()`` connects."""
         self.address = resolve_address(address)  # InvalidArgument for an unusable one
         self.user = user or current_user()
         self._asked_user = user
         self._keys = (server_key, client_key, insecure)
-        self._calls = Calls()
+        self._calls = Calls(act_for)
         self._queues: dict[int, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
         self._sock: Any = None

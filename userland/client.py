@@ -30,14 +30,17 @@ if TYPE_CHECKING:
 class Client:
     def __init__(self, address: str | None = None, *, connect_timeout: float = 5.0,
                  user: str | None = None, client_name: str = "llmos.Client", server_key: str | None = None,
-                 client_key: str | None = None, insecure: bool | None = None) -> None:
+                 client_key: str | None = None, insecure: bool | None = None, act_for: str | None = None) -> None:
         """Connect to the kernel at ``address`` (default: $LLMOS_ADDRESS, else the socket under $LLMOS_HOME)
         and say hello. Who this client is comes from the transport: over ipc this process's uid, over tcp
         its CURVE key (``client_key``: a .key_secret file, default $LLMOS_CLIENT_KEY or
         $LLMOS_HOME/keys/client.key_secret; ``server_key``: the kernel's public key file or Z85 text, default
         $LLMOS_SERVER_KEY or $LLMOS_HOME/keys/kernel.key; ``insecure``: plain tcp, for a kernel started with
         --insecure). ``user``: the user this client expects to be (NotPermitted, EPERM, when the transport
-        says otherwise); ``self.user`` is who the kernel knows it as.
+        says otherwise); ``self.user`` is who the kernel knows it as. ``act_for``: make every call for this user
+        (it owns what is spawned, its quotas and permissions apply), when this client's own user may: the
+        admin, or an account the admin named with ``llmos kernel start --delegate`` (a gateway); NotPermitted
+        otherwise, at connect. ``self.user`` is then that user and ``self.kernel["by"]`` this client's own.
 
         Raises KernelUnavailable (no kernel answers), NotPermitted (the socket is closed to this user, or
         the kernel refused this key), ProtocolError (EPROTO: the tcp handshake failed: a wrong kernel key, or
@@ -49,7 +52,7 @@ class Client:
         self._sock, monitor = open_dealer(bus_context(), self.address, server_key, client_key, insecure)
         if monitor is not None:
             await_handshake(self._sock, monitor, self.address, connect_timeout)
-        self._calls = Calls()
+        self._calls = Calls(act_for)
         self._client_name = client_name
         self._pending: dict[int, int | None] = {}  # request id -> the pid it is about (None: no pid)
         self._restarted: set[int] = set()  # pending requests the kernel that knew them took down with it

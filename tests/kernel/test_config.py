@@ -19,6 +19,7 @@ BAD_TEXT = {
     config._Quotas: ["x", "alice", ":procs=1", "alice:procs", "alice:procs=-1", "alice:cpu=3", "alice:tpm=1.5"],
     config._Addresses: ["", " ", "x", "http://h:1", "tcp://h", "tcp://h:0", "ipc://relative", "tcp://h:1,"],
     config._Group: ["", "no-such-group-llmos", "root "],
+    config._Delegates: ["=alice", "gw=", "g w", "gw=al ice", ".gw"],
 }
 VALUED = [f for f in FLAGS if not isinstance(f.parse, config._Switch)]  # --insecure takes no value
 
@@ -65,6 +66,8 @@ def test_every_flag_accepts_its_bounds_and_the_default_round_trips(flag):
         values = ["tcp://127.0.0.1:5556", "tcp://*:1,ipc:///tmp/k.sock,tcp://[::1]:65535"]
     elif isinstance(p, config._Group):
         values = ["root"]
+    elif isinstance(p, config._Delegates):
+        values = ["gateway", "gateway;svc=alice,bob"]
     else:
         values = [p.lo, p.hi]
     for v in values:

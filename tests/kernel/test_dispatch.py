@@ -228,3 +228,39 @@ def test_a_frame_over_a_bound_or_cut_short_is_answered_with_its_id_when_readable
 
 def test_protocol_version_is_one():
     assert protocol.PROTOCOL_VERSION == 1
+
+
+def _delegating() -> Owned:
+    from llmos.kernel.delegation import Delegation, parse_delegates
+
+    h = Owned()
+    h.k = SimpleNamespace(started=1.0, delegation=Delegation(parse_delegates("gw=alice"), frozenset({"root"})))
+    return h
+
+
+GW = Caller(b"g", "gw", False, "curve")
+
+
+def test_a_delegate_s_call_for_a_user_is_checked_as_that_users_own_call():
+    h = _delegating()
+    [mine] = call(codec.request(1, "stat", {"pid": 7}, act_for="alice"), handlers=h, caller=GW)
+    assert mine["t"] == "ok" and h.ran == ["stat"]
+    [own] = call(codec.request(2, "stat", {"pid": 7}), handlers=h, caller=GW)  # as itself: not alice's process
+    assert own["error"] == "EPERM" and "belongs to alice, not gw" in own["message"]
+    [hello] = call(codec.request(3, "hello", {"version": protocol.PROTOCOL_VERSION}, act_for="alice"), handlers=h,
+                   caller=GW)
+    assert (hello["result"]["user"], hello["result"]["by"], hello["result"]["transport"]) == ("alice", "gw",
+                                                                                              "delegated")
+
+
+def test_acting_for_a_user_one_may_not_is_eperm_audited_and_runs_nothing(capsys):
+    h = _delegating()
+    [bob] = call(codec.request(1, "stat", {"pid": 7}, act_for="bob"), handlers=h, caller=GW)
+    assert bob["error"] == "EPERM" and "only for alice, not bob" in bob["message"]
+    [alice] = call(codec.request(2, "stat", {"pid": 7}, act_for="bob"), handlers=h, caller=ALICE)
+    assert alice["error"] == "EPERM" and "--delegate alice" in alice["message"]
+    [bad] = call(codec.request(3, "ping", {}, act_for=["x"]), handlers=h, caller=GW)
+    assert bad["error"] == "EINVAL" and bad["id"] == 3
+    assert h.ran == []
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if '"refused"' in ln]
+    assert len(lines) == 2 and '"gw"' in lines[0] and '"alice"' in lines[1]
