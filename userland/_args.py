@@ -59,23 +59,61 @@ def positive(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _token_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a token id (an integer), got {text!r}") from None
+    if not 0 <= value <= WIRE_INT[1]:
+        raise argparse.ArgumentTypeError(f"must be a token id >= 0, got {text!r}")
+    return value
+
+
+# spawn's sampling fields (syscalls/table.py SAMPLING) as their flags: one place names them all, and a test checks
+# that every field of the table has one
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop",
+                  "stop_token_ids", "ignore_eos")
+
+
+def sampling_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The spawn fields the flags of ``add_generation_flags`` set: the given ones only (the kernel's defaults
+    stand for the rest), plus ``deadline``/``queue_timeout`` when given."""
+    params: dict[str, Any] = {}
+    for name in (*SAMPLING_FLAGS, "deadline", "queue_timeout"):
+        value = getattr(args, name, None)
+        if value is not None and value is not False and value != []:  # 0 is a value (greedy), not "unset"
+            params[name] = value
+    return params
+
+
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     """The spawn flags ``run`` and ``chat`` share; types and ranges from the syscall table."""
-    parser.add_argument("--model", default=None, help="model directory (default: the shipped default model)")
+    parser.add_argument("--model", default=None, help="model directory or a store name (default: the shipped default model)")
     parser.add_argument("--max-new-tokens", type=syscall_arg("spawn", "max_new_tokens"), default=128,
                         help="most tokens to generate (default 128; per turn in chat)")
     parser.add_argument("-p", "--priority", type=syscall_arg("spawn", "priority"), default=0,
-                        help="nice value -20..19, lower runs first (below 0 only the admin)")
+                        help="nice value -20..19, lower runs first (below 0 only the admin; default 0)")
     parser.add_argument("--temperature", type=syscall_arg("spawn", "temperature"), default=None,
                         help="sampling temperature (default 0.8: every run differs; --temperature 0 repeats a run)")
-    parser.add_argument("--top-p", type=syscall_arg("spawn", "top_p"), default=None, help="nucleus sampling mass")
+    parser.add_argument("--top-p", type=syscall_arg("spawn", "top_p"), default=None,
+                        help="nucleus sampling: keep the most likely tokens whose probabilities sum to P, 0..1 "
+                             "(default 0.95)")
     parser.add_argument("--top-k", type=syscall_arg("spawn", "top_k"), default=None,
-                        help="keep the k most likely tokens (0: off)")
-    parser.add_argument("--seed", type=syscall_arg("spawn", "seed"), default=None, help="sampling seed")
-    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+                        help="keep the k most likely tokens (default 0: off)")
+    parser.add_argument("--repetition-penalty", type=syscall_arg("spawn", "repetition_penalty"), default=None,
+                        help="divide the odds of tokens already in the context by this, 0.01..100 (default 1: off)")
+    parser.add_argument("--seed", type=syscall_arg("spawn", "seed"), default=None,
+                        help="sampling seed, an integer >= 0 (default: a random one each run)")
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="end the output before this text (repeatable, up to 16; default: none)")
+    parser.add_argument("--stop-token-id", dest="stop_token_ids", action="append", default=None, metavar="ID",
+                        type=_token_id, help="end the output at this token id (repeatable, up to 64; default: "
+                        "only the end-of-sequence token)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="keep generating past the end-of-sequence token (default: stop there)")
     parser.add_argument("--deadline", type=syscall_arg("spawn", "deadline"), default=None,
                         help="seconds: past them the process ends with ETIMEDOUT, keeping its output (in chat: "
-                             "each turn's, from its line)")
+                             "each turn's, from its line; default: none)")
     parser.add_argument("--queue-timeout", type=syscall_arg("spawn", "queue_timeout"), default=None,
-                        help="seconds it may wait in the run queue before it first runs (then ETIMEDOUT)")
+                        help="seconds it may wait in the run queue before it first runs (then ETIMEDOUT; default: "
+                             "no limit)")

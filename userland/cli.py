@@ -27,15 +27,16 @@ from llmos.client import Client
 from llmos.kernel.config import add_flags as add_kernel_flags, home_dir
 from llmos.syscalls.address import llmos_home, resolve_address
 from llmos.syscalls.errors import InvalidArgument, KernelUnavailable, LLMOSError, NoSuchProcess
-from llmos._args import add_generation_flags, positive, signal_name, syscall_arg
+from llmos._args import add_generation_flags, positive, sampling_params, signal_name, syscall_arg
 from llmos.cli_fs import add_commands as add_fs_commands
 from llmos.cli_store import add_commands as add_store_commands
 from llmos.cli_users import add_commands as add_user_commands
 from llmos.cli_serve import add_commands as add_serve_commands
 from llmos.cli_apps import add_commands as add_app_commands
 from llmos.cli_bench import add_commands as add_bench_commands
-from llmos.top import format_ps, run_top
-from llmos.types import ProcessResult
+from llmos.progress import Spinner, Stages, model_name
+from llmos.top import Sample, format_ps, frame, run_top
+from llmos.types import ProcessInfo, ProcessResult
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70  # EX_SOFTWARE
@@ -124,8 +125,9 @@ def cmd_kernel_start(args: argparse.Namespace) -> int:
     keys = embedded.own_keys(home, address)  # None: a tcp kernel that never ran in this home (no keys yet)
     client = embedded.try_connect(address, **keys) if keys is not None else None
     if client is not None:
-        print(f"llmos kernel already running: pid {client.kernel['pid']} at {address}")
+        said = {"pid": client.kernel["pid"], "address": address, "started": False, "warnings": []}
         client.close()
+        print(json.dumps(said) if args.json else f"llmos kernel already running: pid {said['pid']} at {address}")
         return 0
     try:
         proc, client = embedded.launch(address, home, embedded=False, extra=_kernel_flags(args))
@@ -137,7 +139,10 @@ def cmd_kernel_start(args: argparse.Namespace) -> int:
         warnings = _start_warnings(client) if proc and getattr(args, "group", None) else []
     finally:
         client.close()
-    print(f"llmos kernel {'started' if proc else 'already running'}: pid {pid} at {address}")
+    if args.json:
+        print(json.dumps({"pid": pid, "address": address, "started": proc is not None, "warnings": warnings}))
+    else:
+        print(f"llmos kernel {'started' if proc else 'already running'}: pid {pid} at {address}")
     for w in warnings:
         print(f"llmos: warning: {w}", file=sys.stderr)
     return 0
@@ -161,11 +166,13 @@ def cmd_kernel_stop(args: argparse.Namespace) -> int:
     address = _address(args)
     client = embedded.try_connect(address)
     if client is None:
-        print(f"no kernel running at {address}")
+        print(json.dumps({"address": address, "stopped": False, "pid": None}) if args.json
+              else f"no kernel running at {address}")
         return 0
     pid = client.kernel["pid"]
     embedded.stop(client, None, pid)
-    print(f"llmos kernel stopped: pid {pid}")
+    print(json.dumps({"address": address, "stopped": True, "pid": pid}) if args.json
+          else f"llmos kernel stopped: pid {pid}")
     return 0
 
 
@@ -199,28 +206,13 @@ def cmd_kernel_status(args: argparse.Namespace) -> int:
 
 
 # -- processes -----------------------------------------------------------------------------
-def _params(args: argparse.Namespace) -> dict[str, Any]:
-    params: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
-    for name in ("temperature", "top_p", "top_k", "seed"):
-        if getattr(args, name) is not None:
-            params[name] = getattr(args, name)
-    if args.stop:
-        params["stop"] = args.stop
-    if args.ignore_eos:
-        params["ignore_eos"] = True
-    for name in ("deadline", "queue_timeout"):
-        if getattr(args, name, None) is not None:
-            params[name] = getattr(args, name)
-    return params
-
-
 def cmd_spawn(args: argparse.Namespace) -> int:
     """Start a process in the background and print its pid (``llmos wait PID`` collects it). Needs a running
     kernel: an embedded one would end, and the process with it, when this command exits."""
     with _connect(args) as c:
         kwargs: dict[str, Any] = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat \
             else {"prompt": args.prompt}
-        pid = c.spawn(model=args.model, priority=args.priority, **kwargs, **_params(args))
+        pid = c.spawn(model=args.model, priority=args.priority, **kwargs, **sampling_params(args))
     print(json.dumps({"pid": pid}) if args.json else pid)
     return 0
 
@@ -228,19 +220,34 @@ def cmd_spawn(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from llmos.llmos import LLMOS
 
-    os_ = LLMOS(model_path=args.model, address=_address(args), home=args.home)
+    address = _address(args)
+    # until the first token, a spinner on a terminal's stderr says what the run waits for (gone before the text)
+    stages = Stages(lambda: Client(address), args.model)
+    spinner = Spinner("connecting to the kernel", poll=stages).start()
+    try:
+        os_ = LLMOS(model_path=args.model, address=address, home=args.home)
+    except BaseException:
+        spinner.stop()
+        raise
     try:
         kwargs: dict[str, Any] = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat \
             else {"prompt": args.prompt}
-        pid = os_.spawn(priority=args.priority, **kwargs, **_params(args))
+        spinner.stage("starting the process")  # the spinner's look says "loading model" when the spawn waits for it
+        stages.spawning = True
+        pid = os_.spawn(priority=args.priority, **kwargs, **sampling_params(args))
+        stages.pid = pid
+        spinner.stage("waiting in queue")
         if args.verbose:
-            print(f"[pid {pid}]", file=sys.stderr, flush=True)
+            spinner.print(f"[pid {pid}]")
         stream = os_.stream(pid)
         try:
             for text in stream:
-                sys.stdout.write(text)
-                sys.stdout.flush()
+                spinner.stop()  # the first token: the line is erased before it prints
+                if not args.json:
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
         except (KeyboardInterrupt, Terminated) as exc:
+            spinner.stop()
             stream.close()
             end(os_.client, pid)  # ours to stop and to reap: nobody else waits for it
             by = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
@@ -250,10 +257,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             stream.close()
             end(os_.client, pid)
             raise
-        sys.stdout.write("\n")
+        spinner.stop()  # a run with no output at all
         result = stream.result  # the stream's final frame: the result, whoever reaps the process
         assert result is not None, "a stream ends with its final frame"
         reap(os_.client, pid)
+        if args.json:
+            print(json.dumps(result_json(result)))
+            return exit_status(result)
+        sys.stdout.write("\n")
         said = outcome(result)
         if said:
             print(said, file=sys.stderr)
@@ -263,6 +274,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         return exit_status(result)
     finally:
+        spinner.stop()
+        stages.close()
         os_.close()
 
 
@@ -305,34 +318,40 @@ def kill_message(pid: int, sig: str, state: str, before: str | None = None) -> s
     return f"sent TERM to pid {pid}: it stops after its current step, keeping its output; {collect}"
 
 
-def send_signal(client: Any, pid: int, sig: str) -> tuple[str, int]:
-    """Signal ``pid`` and return (what to tell the user, exit status): 1 when STOP/CONT found it ended.
-
-    The reply carries only the state after delivery, so the state before is read first (a ``stat``): it is
-    what tells a CONT that resumed a process from one that found it running. Raises as ``kill``."""
+def signal_states(client: Any, pid: int, sig: str) -> tuple[str, str]:
+    """Signal ``pid``; (its state before, its state after). The reply carries only the state after delivery, so
+    the state before is read first (a ``stat``): it is what tells a CONT that resumed a process from one that
+    found it running. Raises as ``kill``."""
     before = client.stat(pid).state
-    state = client.kill(pid, sig)
+    return before, client.kill(pid, sig)
+
+
+def send_signal(client: Any, pid: int, sig: str) -> tuple[str, int]:
+    """Signal ``pid`` and return (what to tell the user, exit status): 1 when STOP/CONT found it ended."""
+    before, state = signal_states(client, pid, sig)
     ended = state == "ZOMBIE" and sig in ("STOP", "CONT")
     return kill_message(pid, sig, state, before), 1 if ended else 0
 
 
-def cmd_kill(args: argparse.Namespace) -> int:
-    sig = args.sig or args.signal or "TERM"
+def _signal(args: argparse.Namespace, sig: str) -> int:
     with _connect(args) as c:
-        said, status = send_signal(c, args.pid, sig)
-    print(said, file=sys.stderr if status else sys.stdout)
+        before, state = signal_states(c, args.pid, sig)
+    said = kill_message(args.pid, sig, state, before)
+    status = 1 if state == "ZOMBIE" and sig in ("STOP", "CONT") else 0
+    if args.json:  # the same status; the message rides along for a program that shows it
+        print(json.dumps({"pid": args.pid, "signal": sig, "before": before, "state": state, "message": said}))
+    else:
+        print(said, file=sys.stderr if status else sys.stdout)
     return status
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    return _signal(args, args.sig or args.signal or "TERM")
 
 
 def cmd_signal(sig: str) -> Callable[[argparse.Namespace], int]:
     """``llmos stop PID`` and ``llmos cont PID``: kill with STOP or CONT."""
-    def run(args: argparse.Namespace) -> int:
-        with _connect(args) as c:
-            said, status = send_signal(c, args.pid, sig)
-        print(said, file=sys.stderr if status else sys.stdout)
-        return status
-
-    return run
+    return lambda args: _signal(args, sig)
 
 
 def nice_message(pid: int, reply: dict[str, Any]) -> str:
@@ -341,7 +360,8 @@ def nice_message(pid: int, reply: dict[str, Any]) -> str:
 
 def cmd_nice(args: argparse.Namespace) -> int:
     with _connect(args) as c:
-        print(nice_message(args.pid, c.nice(args.pid, args.priority)))
+        reply = c.nice(args.pid, args.priority)
+    print(json.dumps({"pid": args.pid, **reply}) if args.json else nice_message(args.pid, reply))
     return 0
 
 
@@ -368,28 +388,67 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    params = _params(args)
-    with _connect(args) as c, c.session(args.model, args.system, priority=args.priority, **params) as s:
-        if args.verbose:
-            print(f"[session pid {s.pid}]", file=sys.stderr, flush=True)
-        chat_loop(s, read, write, empty_ends=False, as_json=args.json)
+    params = sampling_params(args)
+    address = _address(args)
+    stages = Stages(lambda: Client(address), args.model, spawning=True, ready="starting the session")
+    with _connect(args) as c:
+        try:  # a spinner while the session starts (its model may load) on a terminal's stderr, gone before "you>"
+            with Spinner("starting the session", poll=stages):
+                session = c.session(args.model, args.system, priority=args.priority, **params)
+        finally:
+            stages.close()
+        with session as s:
+            if args.verbose:
+                print(f"[session pid {s.pid}]", file=sys.stderr, flush=True)
+            chat_loop(s, read, write, empty_ends=False, as_json=args.json)
     return 0
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
     with _connect(args) as c:
         r = c.wait(args.pid, timeout=args.timeout)
-    print(json.dumps({"pid": r.pid, "finish_reason": r.finish_reason, "signal": r.signal, "text": r.text,
-                      "stats": r.stats.__dict__, "sched": r.sched, "error": r.error}) if args.json else r.text)
+    print(json.dumps(result_json(r)) if args.json else r.text)
     said = outcome(r)
     if said and not args.json:
         print(said, file=sys.stderr)
     return exit_status(r)
 
 
+def result_json(r: ProcessResult) -> dict[str, Any]:
+    """A finished process as ``wait --json`` and ``run --json`` print it."""
+    return {"pid": r.pid, "finish_reason": r.finish_reason, "signal": r.signal, "text": r.text,
+            "token_ids": r.token_ids, "stats": r.stats.__dict__, "sched": r.sched, "error": r.error,
+            "warnings": r.warnings}
+
+
+def format_stat(p: ProcessInfo) -> str:
+    """``llmos stat`` for people: the record, then its stats and scheduler counters (times in seconds), then the
+    text so far."""
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.created)) if p.created else "-"
+    rows = [("pid", p.pid), ("state", p.state + (f" ({p.finish_reason})" if p.finish_reason else "")),
+            ("owner", p.owner), ("model", p.model), ("nice", p.priority), ("session", "yes" if p.session else "no"),
+            ("created", created), ("tokens", f"{p.prompt_tokens} in, {p.output_tokens} out"),
+            ("kv blocks", p.kv_blocks), ("preemptions", p.preemptions)]
+    rows += [(k.replace("_", " "), _num(v)) for k, v in p.stats.items() if v is not None and k not in
+             ("prompt_tokens", "output_tokens")]
+    rows += [(k.replace("_", " "), _num(v)) for k, v in p.sched.items() if not isinstance(v, dict)]
+    times = (p.sched or {}).get("time_in_state") or {}
+    if times:
+        rows.append(("time in state", ", ".join(f"{k} {_num(v)} s" for k, v in times.items())))
+    lines = [f"{k:>20}: {v}" for k, v in rows]
+    if p.text:
+        lines += ["", p.text]
+    return "\n".join(lines)
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4f}".rstrip("0").rstrip(".") if isinstance(v, float) else str(v)
+
+
 def cmd_stat(args: argparse.Namespace) -> int:
     with _connect(args) as c:
-        print(json.dumps(c.stat(args.pid).__dict__, indent=2))
+        info = c.stat(args.pid)
+    print(json.dumps(info.__dict__) if args.json else format_stat(info))
     return 0
 
 
@@ -423,8 +482,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     opts = {k: getattr(args, k) for k in ("device", "instances", "kv_policy", "kv_blocks", "kv_max_blocks",
                                           "user_cap_blocks", "max_batch", "keep_alive", "engine")}
-    with _connect(args) as c:
-        d = c.model_load(args.model, **{k: v for k, v in opts.items() if v is not None})
+    address = _address(args)
+    stages = Stages(lambda: Client(address), args.model, spawning=True, ready="ready")
+    try:
+        with _connect(args) as c, Spinner(f"loading model {model_name(args.model)}", poll=stages):
+            d = c.model_load(args.model, **{k: v for k, v in opts.items() if v is not None})
+    finally:
+        stages.close()
     print(json.dumps(d) if args.json else format_models([d]))
     return 0
 
@@ -432,13 +496,34 @@ def cmd_load(args: argparse.Namespace) -> int:
 def cmd_unload(args: argparse.Namespace) -> int:
     with _connect(args) as c:
         d = c.model_unload(args.model, force=args.force)
-    print(f"unloaded {d['model']}")
+    print(json.dumps(d) if args.json else f"unloaded {d['model']}")
     return 0
+
+
+def format_model_info(d: dict[str, Any]) -> str:
+    """``llmos model-info`` for people: a loaded model's table row and instances, or an unloaded one's estimate."""
+    est = d.get("estimate") or {}
+    sizes = ", ".join(f"{k.removesuffix('_bytes')} {_mib(v)}" for k, v in est.items()
+                      if k.endswith("_bytes") and k != "total_bytes" and isinstance(v, (int, float)))
+    lines = [f"model {d['model']}: {'loaded' if d.get('loaded') else 'not loaded'}",
+             f"  memory per instance: {_mib(est.get('total_bytes'))}" + (f" ({sizes})" if sizes else "")]
+    if est.get("kv_tokens"):
+        lines.append(f"  KV pool: {est['kv_tokens']} tokens")
+    if d.get("loaded"):
+        keep = "pinned" if d.get("keep_alive") == -1 else f"{d.get('keep_alive', 0):.0f} s once idle"
+        lines.append(f"  device {d.get('device')}, kv policy {d.get('kv_policy')}, keep-alive {keep}")
+        for ex in d.get("executors") or []:
+            state = "ready" if ex.get("ready") else f"loading{': ' + ex['stage'] if ex.get('stage') else ''}"
+            lines.append(f"  instance {ex.get('executor')}: worker pid {ex.get('worker_pid')}, {state}, engine "
+                         f"{ex.get('engine')}, context {ex.get('context_len')} tokens, KV {ex.get('kv_used', 0)}/"
+                         f"{ex.get('kv_total', 0)} blocks, running {ex.get('running', 0)}")
+    return "\n".join(lines)
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
     with _connect(args) as c:
-        print(json.dumps(c.model_info(args.model), indent=2))
+        d = c.model_info(args.model)
+    print(json.dumps(d) if args.json else format_model_info(d))
     return 0
 
 
@@ -462,7 +547,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     with _connect(args) as c:
-        print(json.dumps(c.metrics(), indent=None if args.json else 2))
+        m = c.metrics()
+    # one frame of top for people (tok/s: the running processes' decoding speed, there is no earlier sample)
+    print(json.dumps(m) if args.json else frame(Sample(time.monotonic(), m)))
     return 0
 
 
@@ -486,10 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kernel", help="start, stop or inspect the kernel daemon")
     ksub = k.add_subparsers(dest="action", required=True)
     ks = ksub.add_parser("start", parents=[common], help="start the kernel as a daemon")
-    ks.add_argument("--foreground", action="store_true", help="stay attached to the terminal")
+    ks.add_argument("--foreground", action="store_true", help="stay attached to the terminal (default: a daemon)")
+    ks.add_argument("--json", action="store_true", help="print {pid, address, started, warnings}")
     add_kernel_flags(ks)
     ks.set_defaults(fn=cmd_kernel_start)
-    ksub.add_parser("stop", parents=[common], help="stop the kernel and its model workers").set_defaults(fn=cmd_kernel_stop)
+    kp = ksub.add_parser("stop", parents=[common], help="stop the kernel and its model workers")
+    kp.add_argument("--json", action="store_true", help="print {address, stopped, pid}")
+    kp.set_defaults(fn=cmd_kernel_stop)
     kst = ksub.add_parser("status", parents=[common], help="is a kernel running; its pid, address, uptime")
     kst.add_argument("--json", action="store_true")
     kst.set_defaults(fn=cmd_kernel_status)
@@ -504,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     r.add_argument("-v", "--verbose", action="store_true",
                    help="print the pid once spawned, then the finish reason and timings, to stderr")
+    r.add_argument("--json", action="store_true", help="print the result once it ends, as one JSON object (as "
+                   "wait --json: pid, text, token_ids, finish_reason, stats, sched, error, warnings), instead of "
+                   "streaming the text")
     r.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("spawn", parents=[common], help="start a process in the background and print its pid",
@@ -522,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "then a newline (a reply may itself hold newlines: --json keeps turns apart). Ends at end "
                         "of input or /exit; the session is closed. Empty lines are skipped.")
     ch.add_argument("--system", default=None, help="system prompt (a system message, for a model with a chat "
-                    "template; ignored by a model without one)")
+                    "template; ignored by a model without one; default: none)")
     add_generation_flags(ch)
     ch.add_argument("-v", "--verbose", action="store_true", help="print the session's pid to stderr")
     ch.add_argument("--json", action="store_true", help="print each turn, once it ends, as one line of JSON: "
@@ -542,18 +635,21 @@ def build_parser() -> argparse.ArgumentParser:
     kl.add_argument("pid", type=syscall_arg("kill", "pid"), help="process id")
     kl.add_argument("signal", nargs="?", default=None, type=signal_name, help="TERM (default), KILL, STOP or CONT")
     kl.add_argument("-s", "--signal", dest="sig", default=None, type=signal_name, metavar="SIGNAL",
-                    help="the signal, as an option (kill -s STOP PID)")
+                    help="the signal, as an option (kill -s STOP PID; default TERM)")
+    kl.add_argument("--json", action="store_true", help=SIGNAL_JSON)
     kl.set_defaults(fn=cmd_kill)
     for name, sig, what in (("stop", "STOP", "suspend a process: it leaves the batch, its context kept (kill -s STOP)"),
                             ("cont", "CONT", "resume a stopped process where it was (kill -s CONT)")):
         sp = sub.add_parser(name, parents=[common], help=what)
         sp.add_argument("pid", type=syscall_arg("kill", "pid"), help="process id")
+        sp.add_argument("--json", action="store_true", help=SIGNAL_JSON)
         sp.set_defaults(fn=cmd_signal(sig))
     nc = sub.add_parser("nice", parents=[common], help="change a live process's priority (renice)",
                         description="Set PID's nice value to N (-20..19, lower runs first). Only the owner or "
                                     "root may; below 0 only root.")
     nc.add_argument("pid", type=syscall_arg("nice", "pid"), help="process id")
     nc.add_argument("priority", type=syscall_arg("nice", "priority"), metavar="N", help="new nice value, -20..19")
+    nc.add_argument("--json", action="store_true", help="print {pid, priority, state}")
     nc.set_defaults(fn=cmd_nice)
     w = sub.add_parser("wait", parents=[common], help="wait for a process and print its output")
     w.add_argument("pid", type=syscall_arg("wait", "pid"), help="process id")
@@ -563,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(fn=cmd_wait)
     st = sub.add_parser("stat", parents=[common], help="one process's record and stats")
     st.add_argument("pid", type=syscall_arg("stat", "pid"), help="process id")
+    st.add_argument("--json", action="store_true", help="the record as one JSON object (stats, sched, text)")
     st.set_defaults(fn=cmd_stat)
 
     ms = sub.add_parser("models", parents=[common], help="list loaded models")
@@ -570,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     ms.set_defaults(fn=cmd_models)
     ld = sub.add_parser("load", parents=[common], help="load a model: device, instances, KV memory policy, keep-alive")
     ld.add_argument("model", nargs="?", default=None, help="model directory (default: the default model)")
-    ld.add_argument("--device", default=None, help="cpu, cuda:N or auto")
+    ld.add_argument("--device", default=None, help="cpu, cuda:N or auto: the device with room, GPUs first (default "
+                    "auto)")
     ld.add_argument("--instances", type=syscall_arg("model_load", "instances"), default=None,
                     help="model instances, each a worker process (default 1)")
     ld.add_argument("--kv-policy", choices=("static", "dynamic", "isolated"), default=None,
@@ -579,28 +677,34 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--kv-blocks", type=syscall_arg("model_load", "kv_blocks"), default=None,
                     help="KV pool size in blocks (the initial size under dynamic; default: sized to memory)")
     ld.add_argument("--kv-max-blocks", type=syscall_arg("model_load", "kv_max_blocks"), default=None,
-                    help="the dynamic policy's largest pool, in blocks")
+                    help="the dynamic policy's largest pool, in blocks (default: the initial size, --kv-blocks)")
     ld.add_argument("--user-cap-blocks", type=syscall_arg("model_load", "user_cap_blocks"), default=None,
-                    help="the isolated policy's cap per user, in blocks")
+                    help="the isolated policy's cap per user, in blocks (default: no cap)")
     ld.add_argument("--max-batch", type=syscall_arg("model_load", "max_batch"), default=None,
                     help="most processes in one step (default: as many as the KV pool allows)")
-    ld.add_argument("--keep-alive", type=syscall_arg("model_load", "keep_alive"), default=None, help="seconds once idle; -1 pins, 0 unloads after use")
+    ld.add_argument("--keep-alive", type=syscall_arg("model_load", "keep_alive"), default=None, help="seconds it stays loaded once idle; -1 pins, 0 unloads after use (default 300)")
     ld.add_argument("--engine", choices=("auto", "paged", "sequential"), default=None,
                     help="the engine: paged (continuous batching, paged KV), sequential, or auto (default)")
     ld.add_argument("--json", action="store_true")
     ld.set_defaults(fn=cmd_load)
     ul = sub.add_parser("unload", parents=[common], help="unload a model")
-    ul.add_argument("model", nargs="?", default=None)
-    ul.add_argument("--force", action="store_true", help="also end its live processes")
+    ul.add_argument("model", nargs="?", default=None, help="a loaded model's directory or store name (default: "
+                    "the default model)")
+    ul.add_argument("--force", action="store_true", help="also end its live processes (default: EBUSY while it "
+                    "has any)")
+    ul.add_argument("--json", action="store_true", help="print what was unloaded as JSON")
     ul.set_defaults(fn=cmd_unload)
     mi = sub.add_parser("model-info", parents=[common], help="describe a model: memory estimate, instances, KV pool")
-    mi.add_argument("model", nargs="?", default=None)
+    mi.add_argument("model", nargs="?", default=None, help="a model directory or store name (default: the default "
+                    "model)")
+    mi.add_argument("--json", action="store_true", help="the kernel's description as one JSON object")
     mi.set_defaults(fn=cmd_model_info)
     dv = sub.add_parser("devices", parents=[common], help="cpu and gpus, with what models hold")
     dv.add_argument("--json", action="store_true")
     dv.set_defaults(fn=cmd_devices)
     mt = sub.add_parser("metrics", parents=[common], help="process and model metrics")
-    mt.add_argument("--json", action="store_true")
+    mt.add_argument("--json", action="store_true", help="the kernel's metrics reply as one JSON object (default: "
+                    "one frame of top)")
     mt.set_defaults(fn=cmd_metrics)
     add_fs_commands(sub, common)  # fs ls|cat|put|get|rm|stat, dmesg (llmos/cli_fs.py)
     add_store_commands(sub, common)  # model import|export|ls|rm, data import|ls|stat|cat|rm, eval (llmos/cli_store.py)
@@ -611,6 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
     fill_help(ap)
     return ap
 
+
+SIGNAL_JSON = "print {pid, signal, before, state, message} (the states before and after the signal)"
 
 # help for the arguments that many commands share, where a command did not give its own
 SHARED_HELP = {"json": "print the result as JSON (for programs) instead of a table for people",

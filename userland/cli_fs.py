@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from llmos.fs import FileStat
+from llmos.progress import progress_bar
 from llmos.syscalls.errors import InvalidArgument
 
 LOG_FIELDS = ("seq", "ts", "level", "component", "event")  # a log line's fixed fields; the rest are shown as k=v
@@ -67,33 +68,6 @@ def format_log_line(line: str) -> str:
                     for k, v in rec.items() if k not in LOG_FIELDS)
     return f"[{ts}] {rec.get('level', ''):<7} {rec.get('component', '')}: {rec.get('event', '')}" + \
         (f" {rest}" if rest else "")
-
-
-class Bar:
-    """A progress bar on stderr when it is a terminal (nothing otherwise): ``bar(done, total)``."""
-
-    def __init__(self, label: str, stream: Any = None) -> None:
-        self.label, self.stream = label, stream or sys.stderr
-        self.on = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.drawn = False
-
-    def __call__(self, done: int, total: int | None) -> None:
-        if not self.on:
-            return
-        if total:
-            filled = int(30 * done / total)
-            text = f"\r{self.label} [{'#' * filled}{' ' * (30 - filled)}] {100 * done // total:3d}% " \
-                   f"{_size(done)}/{_size(total)}"
-        else:
-            text = f"\r{self.label} {_size(done)}"
-        self.stream.write(text)
-        self.stream.flush()
-        self.drawn = True
-
-    def done(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def _write_out(pieces: Iterable[bytes], out: Any) -> int:
@@ -151,17 +125,15 @@ def cmd_get(args: argparse.Namespace) -> int:
         if target.is_dir():
             target = target / (os.path.basename(args.path.rstrip("/")) or "out")
         part = target.with_name(target.name + ".part")  # a failed copy never leaves a half file under the name
-        bar = Bar(f"get {args.path}")
         done = 0
         try:
-            with c.fs.open(args.path) as reader, open(part, "wb") as out:
+            with progress_bar(f"get {args.path}") as bar, c.fs.open(args.path) as reader, open(part, "wb") as out:
                 for piece in reader:
                     out.write(piece)
                     done += len(piece)
                     bar(done, total)
             os.replace(part, target)
         finally:
-            bar.done()
             if part.exists():
                 part.unlink()
     if not args.json:
@@ -172,16 +144,12 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_put(args: argparse.Namespace) -> int:
-    bar = Bar(f"put {args.path}")
-    with _connect(args) as c:
-        try:
-            if args.local == "-":
-                s = c.fs.put(args.path, sys.stdin.buffer, progress=bar)
-            else:
-                with open(args.local, "rb") as f:
-                    s = c.fs.put(args.path, f, progress=bar)
-        finally:
-            bar.done()
+    with _connect(args) as c, progress_bar(f"put {args.path}") as bar:
+        if args.local == "-":
+            s = c.fs.put(args.path, sys.stdin.buffer, progress=bar)
+        else:
+            with open(args.local, "rb") as f:
+                s = c.fs.put(args.path, f, progress=bar)
     print(json.dumps(s.__dict__) if args.json else f"{args.local} -> {s.path} ({s.size} bytes)")
     return 0
 
@@ -226,7 +194,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                         "(writes to /models are the admin's, /data files their owner's).")
     fsub = fs.add_subparsers(dest="action", required=True)
     ls = fsub.add_parser("ls", parents=[common], help="list a directory (default /)")
-    ls.add_argument("path", nargs="?", default="/")
+    ls.add_argument("path", nargs="?", default="/", help="the directory to list (default /)")
     ls.add_argument("--json", action="store_true", help="one JSON list of stats")
     ls.add_argument("--limit", type=syscall_arg("fs_list", "limit"), default=1000,
                     help="most entries to list (default 1000)")
@@ -246,7 +214,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     get = fsub.add_parser("get", parents=[common], help="copy PATH to a local file (default: its name here; - for "
                           "stdout)")
     get.add_argument("path", metavar="PATH")
-    get.add_argument("local", metavar="LOCAL", nargs="?", default=None)
+    get.add_argument("local", metavar="LOCAL", nargs="?", default=None, help="the local file, or - for stdout "
+                     "(default: the path's last name, here)")
     get.add_argument("--json", action="store_true")
     get.set_defaults(fn=cmd_get)
     rm = fsub.add_parser("rm", parents=[common], help="remove a file (-r: a directory and everything under it)")

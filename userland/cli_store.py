@@ -11,12 +11,12 @@ import argparse
 import datetime
 import json
 import sys
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from llmos import evaluate as ev
 from llmos import store_models as sm
 from llmos.cli_fs import _connect
+from llmos.progress import progress_bar
 
 
 def _size(n: int) -> str:
@@ -28,25 +28,6 @@ def _size(n: int) -> str:
 
 def _when(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
-
-
-@contextmanager
-def progress_bar(what: str, unit: str = "bytes") -> Iterator[Any]:
-    """A rich progress bar on stderr (nothing when stderr is not a terminal); yields ``update(done, total)``."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
-
-    console = Console(stderr=True)
-    counts = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
-    with Progress(TextColumn("{task.description}"), BarColumn(), *counts, TimeRemainingColumn(),
-                  console=console, disable=not console.is_terminal, transient=False) as bar:
-        task = bar.add_task(what, total=None)
-
-        def update(done: int, total: int | None, *_: Any) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
 
 
 # -- models -------------------------------------------------------------------------------------------------
@@ -82,7 +63,8 @@ def cmd_model_import(args: argparse.Namespace) -> int:
 def cmd_model_export(args: argparse.Namespace) -> int:
     with _connect(args) as c, progress_bar(f"export {args.name}") as update:
         paths = sm.export_model(c, args.name, args.dir, overwrite=args.force, progress=update)
-    print(f"exported {args.name}: {len(paths)} files to {args.dir}")
+    print(json.dumps({"name": args.name, "dir": str(args.dir), "files": [str(p) for p in paths]}) if args.json
+          else f"exported {args.name}: {len(paths)} files to {args.dir}")
     return 0
 
 
@@ -96,7 +78,7 @@ def cmd_model_ls(args: argparse.Namespace) -> int:
 def cmd_model_rm(args: argparse.Namespace) -> int:
     with _connect(args) as c:
         n = sm.remove_model(c, args.name)
-    print(f"removed {args.name} ({n} files)")
+    print(json.dumps({"name": args.name, "removed": n}) if args.json else f"removed {args.name} ({n} files)")
     return 0
 
 
@@ -155,7 +137,7 @@ def cmd_data_cat(args: argparse.Namespace) -> int:
 def cmd_data_rm(args: argparse.Namespace) -> int:
     with _connect(args) as c:
         n = c.data.rm(args.name)
-    print(f"removed {args.name} ({n} files)")
+    print(json.dumps({"name": args.name, "removed": n}) if args.json else f"removed {args.name} ({n} files)")
     return 0
 
 
@@ -199,7 +181,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                          "safetensors header), then copy its files to /models/NAME, each tensor in an extent of "
                          "its own (loaded zero-copy from the store's map). Run it by name afterwards: llmos run "
                          "--model NAME.")
-    mi.add_argument("dir", nargs="?", default=None, help="the model directory (config.json, tokenizer, *.safetensors)")
+    mi.add_argument("dir", nargs="?", default=None, help="the model directory (config.json, tokenizer, *.safetensors; "
+                    "default: none, give it or --default)")
     mi.add_argument("--name", default=None, help="the name in the store (default: the directory's name)")
     mi.add_argument("--default", action="store_true", help="import the model shipped with LLMOS as 'default' "
                     "(then reachable as /models/default; 'default' itself stays the shipped directory)")
@@ -209,13 +192,15 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     me = msub.add_parser("export", parents=[common], help="write a stored model's files back into a directory")
     me.add_argument("name")
     me.add_argument("dir", help="target directory (created if missing)")
-    me.add_argument("--force", action="store_true", help="overwrite files already there")
+    me.add_argument("--force", action="store_true", help="overwrite files already there (default: EEXIST)")
+    me.add_argument("--json", action="store_true", help="print {name, dir, files}")
     me.set_defaults(fn=cmd_model_export)
     ml = msub.add_parser("ls", parents=[common], help="list the models in the store")
     ml.add_argument("--json", action="store_true")
     ml.set_defaults(fn=cmd_model_ls)
     mr = msub.add_parser("rm", parents=[common], help="remove a model from the store (the admin only)")
     mr.add_argument("name")
+    mr.add_argument("--json", action="store_true", help="print {name, removed}: removed is the files removed")
     mr.set_defaults(fn=cmd_model_rm)
 
     dt = sub.add_parser("data", help="data sets in the store (/data): import, ls, stat, cat, rm")
@@ -227,7 +212,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     di.add_argument("file")
     di.add_argument("--name", required=True, help="the data set's name (/data/NAME)")
     di.add_argument("--format", choices=("text", "jsonl", "csv"), default="text")
-    di.add_argument("--field", default=None, help="the JSON field or CSV column holding the text")
+    di.add_argument("--field", default=None, help="the JSON field or CSV column holding the text (default: "
+                    "'text', or a CSV's only column)")
     di.add_argument("--paragraphs", action="store_true", help="text: a record per paragraph, not per line")
     di.add_argument("--skip-bad", action="store_true", help="skip bad rows (invalid JSON, a missing field) "
                     "instead of stopping at the first")
@@ -243,13 +229,14 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ds.set_defaults(fn=cmd_data_stat)
     dc = dsub.add_parser("cat", parents=[common], help="print a slice of a data set's records, one per line")
     dc.add_argument("name")
-    dc.add_argument("--start", type=_count, default=0, help="first record (from 0)")
+    dc.add_argument("--start", type=_count, default=0, help="first record, counted from 0 (default 0)")
     dc.add_argument("--count", type=_count, default=None, help="records to print (default: to the end)")
     dc.add_argument("--json", action="store_true", help="one JSON object per record: {i, text} (records may hold "
                     "newlines)")
     dc.set_defaults(fn=cmd_data_cat)
     dr = dsub.add_parser("rm", parents=[common], help="remove a data set (yours; any, as the admin)")
     dr.add_argument("name")
+    dr.add_argument("--json", action="store_true", help="print {name, removed}: removed is the files removed")
     dr.set_defaults(fn=cmd_data_rm)
 
     e = sub.add_parser("eval", parents=[common], help="perplexity of a model over a stored data set",
@@ -258,6 +245,6 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                        "/home/<you>/eval/.")
     e.add_argument("model")
     e.add_argument("--data", required=True, help="the data set's name")
-    e.add_argument("--limit", type=_positive, default=None, help="score only the first K records")
+    e.add_argument("--limit", type=_positive, default=None, help="score only the first K records (default: all)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)

@@ -86,6 +86,9 @@ def cmd_user_ls(args: argparse.Namespace) -> int:
 def cmd_user_rm(args: argparse.Namespace) -> int:
     with _connect(args) as c:
         removed = c.user_remove(args.name, args.key)
+    if args.json:
+        print(json.dumps({"user": args.name, "removed": removed}))
+        return 0
     print(f"user {args.name}: {removed} key{'s' if removed != 1 else ''} withdrawn")
     return 0
 
@@ -117,4 +120,5 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     rm = usub.add_parser("rm", parents=[common], help="withdraw a user's keys (open connections lose them too)")
     rm.add_argument("name", metavar="NAME", help="the user whose keys are withdrawn")
     rm.add_argument("--key", default=None, metavar="KEY", help="only this key (Z85 or fingerprint; default: all)")
+    rm.add_argument("--json", action="store_true", help="print {user, removed}: removed is the keys withdrawn")
     rm.set_defaults(fn=cmd_user_rm)
