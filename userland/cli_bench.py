@@ -1,9 +1,225 @@
-"""The `llmos bench` command (issue 11): being built; its module registers its subcommands here."""
+"""The ``llmos bench`` command (issue 11): a serving benchmark against a running kernel.
+
+A seeded workload (llmos.bench_workload) is offered at each load point of a sweep (llmos.bench_run) while the
+kernel's and its workers' resources are sampled (llmos.bench_sample); the report (llmos.bench_report) is a
+table, or JSON with ``--json``, and ``--plot`` draws latency percentiles against load.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from llmos._args import positive, syscall_arg
+from llmos.bench_workload import DISTRIBUTIONS, Lengths, requests, token_pool
+from llmos.syscalls.errors import InvalidArgument, LLMOSError, NoSuchProcess
+
+WARMUP_TOKENS = 4
+
+
+def _list_of(convert: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
+    """An argparse type: a comma-separated list of values each > 0 ("1,2,4")."""
+    def parse(text: str) -> list[Any]:
+        out = []
+        for part in text.split(","):
+            try:
+                v = convert(part.strip())
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be {what} separated by commas, got {text!r}") from None
+            if not v > 0 or (isinstance(v, float) and math.isnan(v)):
+                raise argparse.ArgumentTypeError(f"each value must be more than 0, got {part.strip()!r}")
+            out.append(v)
+        return out
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number 0..1, got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be 0..1 (a fraction of the mean), got {text!r}")
+    return v
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add this module's subcommands to ``llmos``."""
+    """Add ``llmos bench`` to ``llmos``."""
+    b = sub.add_parser(
+        "bench", parents=[common], help="a serving benchmark: throughput, TTFT/TPOT percentiles, resource use",
+        description="Offer a seeded workload to the running kernel and report throughput (requests/s, tokens/s), "
+        "TTFT, TPOT and end-to-end latency percentiles, errors, and the CPU, memory (RSS of the kernel and its "
+        "workers) and GPU use sampled during the run. Load is a request rate (Poisson arrivals) or a "
+        "concurrency (closed loop); give several values for a sweep, and --plot to draw it. Outputs ignore EOS, "
+        "so every request generates exactly its output length. Accuracy is `llmos eval` (perplexity).")
+    load = b.add_mutually_exclusive_group()
+    load.add_argument("--rate", "--rates", dest="rates", type=_list_of(float, "requests/s"), default=None,
+                      metavar="R[,R...]", help="requests per second, Poisson arrivals; 'inf' sends them all at "
+                      "once; several (1,2,4) make a sweep (default: inf)")
+    load.add_argument("--concurrency", type=_list_of(int, "whole numbers"), default=None, metavar="C[,C...]",
+                      help="closed loop: C requests in flight, the next sent as one ends; several (1,2,4) make a "
+                      "sweep")
+    size = b.add_mutually_exclusive_group()
+    size.add_argument("-n", "--requests", type=positive(int), default=None,
+                      help="requests per load point (default 32)")
+    size.add_argument("--duration", type=positive(float), default=None,
+                      help="seconds each load point sends requests for (those in flight are then waited for)")
+    b.add_argument("--prompt-len", type=positive(int), default=128, help="mean prompt length, tokens (default 128)")
+    b.add_argument("--prompt-len-spread", type=_fraction, default=0.0,
+                   help="prompt length spread, a fraction of the mean (default 0: fixed length)")
+    b.add_argument("--output-len", type=syscall_arg("spawn", "max_new_tokens"), default=128,
+                   help="mean output length, tokens: max_new_tokens with EOS ignored (default 128)")
+    b.add_argument("--output-len-spread", type=_fraction, default=0.0,
+                   help="output length spread, a fraction of the mean (default 0: fixed length)")
+    b.add_argument("--len-dist", choices=DISTRIBUTIONS, default="uniform",
+                   help="length distribution with a spread: uniform over mean*(1 +- spread), or normal with "
+                   "standard deviation mean*spread clipped to 1..2*mean (default uniform)")
+    b.add_argument("--data", default=None, metavar="NAME",
+                   help="cut the prompts from stored data set NAME (llmos data import) instead of seeded random "
+                   "English text")
+    b.add_argument("--seed", type=syscall_arg("spawn", "seed"), default=0,
+                   help="workload seed: the same seed, the same prompts, lengths and arrivals (default 0)")
+    b.add_argument("--model", default=None, help="model directory or store name (default: the default model)")
+    b.add_argument("-p", "--priority", type=syscall_arg("spawn", "priority"), default=0,
+                   help="nice value of every request, -20..19 (default 0; below 0 only the admin)")
+    b.add_argument("--temperature", type=syscall_arg("spawn", "temperature"), default=0.0,
+                   help="sampling temperature (default 0: greedy)")
+    b.add_argument("--sample-interval", type=positive(float), default=0.5,
+                   help="seconds between resource samples (default 0.5)")
+    b.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="write a PNG of TTFT and TPOT p50/p99 and output tok/s against load")
+    b.add_argument("--json", action="store_true", help="print the report as JSON (for programs) instead of a table")
+    b.set_defaults(fn=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llmos.bench_report import TIMING_NOTE, format_table, plot
+    from llmos.cli import _connect
+
+    if args.plot and not Path(args.plot).expanduser().resolve().parent.is_dir():
+        raise InvalidArgument(f"--plot: no directory to write {args.plot} in")
+    prompt = Lengths(args.prompt_len, args.prompt_len_spread, args.len_dist)
+    output = Lengths(args.output_len, args.output_len_spread, args.len_dist)
+    loads = _loads(args)
+    with _connect(args) as client:
+        model, context, pids = _prepare(client, args)
+        if prompt.max + output.max > context:
+            raise InvalidArgument(f"prompts up to {prompt.max} tokens and outputs up to {output.max} do not fit "
+                                  f"the model's context of {context} tokens: shorten --prompt-len/--output-len or "
+                                  f"their spread")
+        records = client.data.iter(args.data) if args.data else None
+        pool = token_pool(lambda text: client.score(text, args.model, add_special_tokens=False)["token_ids"],
+                          max(2 * prompt.max, 1024), args.seed, records)
+        params = {"model": args.model, "priority": args.priority, "temperature": args.temperature}
+        points = []
+        for load in loads:
+            points.append(_run(client, load, pool, prompt, output, params, args, pids))
+    report = {"model": model, "workload": {
+        "requests_per_point": None if args.duration else (args.requests or 32), "duration_s": args.duration,
+        "prompt_len": prompt.describe(), "output_len": output.describe(),
+        "prompts": f"data set {args.data}" if args.data else "seeded random English text",
+        "temperature": args.temperature, "priority": args.priority, "seed": args.seed,
+        "ignore_eos": True}, "points": points, "timing": TIMING_NOTE}
+    if args.plot:
+        plot(report, Path(args.plot).expanduser())
+        report["plot"] = str(Path(args.plot).expanduser().resolve())
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_table(report))
+        if args.plot:
+            print(f"plot: {report['plot']}")
+    return 0
+
+
+def _loads(args: argparse.Namespace) -> list[Any]:
+    from llmos.bench_run import Load
+
+    if args.concurrency:
+        return [Load("concurrency", c) for c in args.concurrency]
+    return [Load("rate", r) for r in (args.rates or [math.inf])]
+
+
+def _prepare(client: Any, args: argparse.Namespace) -> tuple[str, int, list[int] | None]:
+    """Load and warm the model (one short request, untimed: a worker's first steps build what later ones reuse).
+    Returns (the model as the kernel names it, its context in tokens, the pids to sample: the kernel's and the
+    model's workers', None when the kernel is not on this machine)."""
+    pid = client.spawn(prompt="Warm up", model=args.model, max_new_tokens=WARMUP_TOKENS, temperature=0.0,
+                       ignore_eos=True)
+    client.wait(pid, timeout=600)
+    info = client.model_info(args.model)
+    executors = info.get("executors") or []
+    context = min((ex.get("context_len") or math.inf for ex in executors), default=math.inf)
+    host = client.address.split("://", 1)[-1]
+    local = client.address.startswith("ipc://") or host.startswith(("127.", "localhost", "[::1]"))
+    pids = [client.kernel["pid"], *(ex["worker_pid"] for ex in executors if ex.get("worker_pid"))] if local else None
+    return info["model"], context, pids
+
+
+def _run(client: Any, load: Any, pool: list[int], prompt: Lengths, output: Lengths, params: dict[str, Any],
+         args: argparse.Namespace, pids: list[int] | None) -> dict[str, Any]:
+    """One load point: the same seeded requests as every other point, the resources sampled meanwhile."""
+    from llmos.aclient import AsyncClient
+    from llmos.bench_report import summarise
+    from llmos.bench_run import run_point
+    from llmos.bench_sample import Sampler
+
+    n = None if args.duration else (args.requests or 32)
+    live: set[int] = set()
+
+    async def go(progress: Callable[..., None]) -> tuple[list, float]:
+        async with AsyncClient(client.address) as ac:
+            return await run_point(ac, requests(pool, prompt, output, args.seed), load, params, requests=n,
+                                   duration=args.duration, seed=args.seed, on_done=progress, live=live)
+
+    sampler = Sampler(pids, args.sample_interval).start()
+    try:
+        with _progress(load.describe(), n, args.duration) as progress:
+            records, wall = asyncio.run(go(progress))
+    except BaseException:
+        sampler.stop()
+        _end(client, live)  # Ctrl-C: the requests in flight are ours to end
+        raise
+    return summarise(records, wall, load, sampler.stop())
+
+
+def _end(client: Any, pids: set[int]) -> None:
+    for pid in list(pids):
+        try:
+            client.kill(pid, "TERM")
+            client.wait(pid, timeout=30)
+        except (NoSuchProcess, LLMOSError):
+            pass
+
+
+class _progress:
+    """A rich progress bar on stderr while a point runs (requests done of n, or seconds of --duration); nothing
+    when stderr is not a terminal. Used as ``with _progress(...) as done: done(record)``."""
+
+    def __init__(self, label: str, n: int | None, duration: float | None) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[errors]} errors"), TimeElapsedColumn(), console=console,
+                            transient=True, disable=not console.is_terminal)
+        self.task = self.bar.add_task(label, total=n, errors=0)
+        self.errors = 0
+        self.label = label
+
+    def __enter__(self) -> Callable[..., None]:
+        self.bar.start()
+        return self.done
+
+    def done(self, record: Any) -> None:
+        self.errors += record.error is not None
+        self.bar.update(self.task, advance=1, errors=self.errors)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.stop()
