@@ -117,3 +117,80 @@ def test_every_argument_of_every_command_has_help_text():
 
     walk(build_parser(), ["llmos"])
     assert missing == [] and len(seen) > 30
+
+
+def _walk(parser, path=("llmos",), seen=None):
+    """(command path, parser) for every parser under ``parser``, each once."""
+    seen = set() if seen is None else seen
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if id(sub) not in seen:
+                    seen.add(id(sub))
+                    yield from _walk(sub, (*path, name), seen)
+
+
+def test_run_spawn_and_chat_take_every_sampling_field_of_spawn_and_send_what_was_given():
+    from llmos._args import sampling_params
+    from llmos.syscalls.table import SAMPLING
+
+    argv = ["--max-new-tokens", "7", "--temperature", "0", "--top-p", "0.5", "--top-k", "3",
+            "--repetition-penalty", "1.3", "--seed", "9", "--stop", "a", "--stop", "b", "--stop-token-id", "5",
+            "--stop-token-id", "6", "--ignore-eos"]
+    want = {"max_new_tokens": 7, "temperature": 0.0, "top_p": 0.5, "top_k": 3, "repetition_penalty": 1.3, "seed": 9,
+            "stop": ["a", "b"], "stop_token_ids": [5, 6], "ignore_eos": True}
+    assert set(want) == {f.name for f in SAMPLING}  # a field added to the table needs its flag here too
+    p = build_parser()
+    for cmd, tail in (("run", ["hi"]), ("spawn", ["hi"]), ("chat", [])):
+        assert sampling_params(p.parse_args([cmd, *argv, *tail])) == want, cmd
+    # what was not given is not sent: the kernel's defaults stand (max_new_tokens has the CLI's default, 128)
+    assert sampling_params(p.parse_args(["run", "hi"])) == {"max_new_tokens": 128}
+
+
+@pytest.mark.parametrize("argv", [["run", "--repetition-penalty", "0", "hi"], ["run", "--stop-token-id", "-1", "hi"],
+                                  ["run", "--stop-token-id", "x", "hi"], ["spawn", "--top-p", "1.5", "hi"]])
+def test_a_sampling_value_the_kernel_would_refuse_is_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2 and "argument --" in capsys.readouterr().err
+
+
+# commands that print no data of their own: a file's bytes, screens
+NO_JSON = {"fs cat", "top"}
+
+
+def test_every_command_that_prints_data_has_json():
+    missing = []
+    for path, parser in _walk(build_parser()):
+        leaf = not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+        name = " ".join(path[1:])
+        if leaf and parser.get_default("fn") is not None and name not in NO_JSON and not others(path):
+            if not any(a.dest == "json" for a in parser._actions):
+                missing.append(name)
+    assert missing == []
+
+
+# kernel start's flags are the kernel's own (kernel/config.py), described there; serve, app and bench are checked by
+# their own tests (tests/userland/test_cli_args.py covers the commands of cli.py, cli_fs, cli_store and cli_users)
+NO_DEFAULT_SAID = {("kernel start", "--listen"), ("kernel start", "--group"), ("kernel start", "--delegate")}
+OTHERS = ("app", "bench", "serve")
+
+
+def others(path):
+    return path[1:2] in [(name,) for name in OTHERS]
+
+
+def test_every_optional_value_says_its_default_in_its_help():
+    """`--help` shows each flag's default (issue 11): an option or optional argument that takes a value says
+    "default" in its help text (a flag that is off unless given says nothing)."""
+    missing = []
+    for path, parser in _walk(build_parser()):
+        for a in parser._actions:
+            takes_value = a.nargs != 0 and not isinstance(a, (argparse._StoreTrueAction, argparse._HelpAction))
+            optional = (a.option_strings and not a.required) or a.nargs in ("?", "*")
+            flag = a.option_strings[-1] if a.option_strings else a.dest
+            if takes_value and optional and "default" not in (a.help or "") and not others(path) and \
+                    (" ".join(path[1:]), flag) not in NO_DEFAULT_SAID:
+                missing.append(f"{' '.join(path)} {flag}")
+    assert missing == []
