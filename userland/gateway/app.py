@@ -1,0 +1,339 @@
+"""The gateway's FastAPI application: OpenAI's routes over the kernel's syscalls, /health and /metrics.
+
+``create_app(GatewayConfig(...))`` builds it; ``llmos serve`` runs it with uvicorn. Every error reaches the
+HTTP client in OpenAI's shape (llmos.gateway.errors), never as a traceback. A client that goes away ends
+its processes: a stream's with the stream, a non-streamed request's as soon as the server notices the
+connection closed (it watches for the disconnect while the processes run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmos.gateway import errors
+from llmos.gateway.apikeys import KeyRing
+from llmos.gateway.errors import HTTPError
+from llmos.gateway.link import KernelLink
+from llmos.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from llmos.gateway.responses import DONE, Shape, sse
+from llmos.gateway.runs import Failed, Outcome, Run
+from llmos.gateway.schema import (ChatRequest, CompletionRequest, completion_prompts, refuse_unsupported,
+                                  spawn_params, wants_logprobs)
+from llmos.syscalls.errors import KernelGone, LLMOSError, NotPermitted
+
+log = logging.getLogger("llmos.gateway")
+CLIENT_CLOSED = 499  # the status nginx logs for a request whose client went away
+
+
+@dataclass
+class GatewayConfig:
+    """``address``: the kernel's bus address (None: the default). ``keys_file``: the API keys (see
+    llmos.gateway.apikeys). ``default_max_tokens``: the output limit of a request that gives none (None:
+    the kernel's default, 128)."""
+
+    address: str | None
+    keys_file: Path
+    default_max_tokens: int | None = None
+
+
+class EventStream(StreamingResponse):
+    """A server-sent event stream whose generator is always closed when the response ends, the client gone
+    or not: its ``finally`` ends the run's processes."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[union-attr]
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body was read already: the next message is
+    the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Gateway:
+    """The state of a running gateway: its kernel connections, its keys, its metrics, and the tasks that
+    end the processes of clients that went away."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.link = KernelLink(config.address)
+        self.keys = KeyRing(config.keys_file)
+        self.metrics = GatewayMetrics()
+        self.enders: set[asyncio.Task] = set()
+        self.session_owner: dict[int, str | None] = {}  # who opened each session here (see _check_session)
+
+    # -- who is asking ---------------------------------------------------------------------------
+    def caller(self, request: Request) -> str | None:
+        """The user a request acts for: its API key's, or None (the gateway's own user) when no keys are
+        configured. 401 for a missing or unknown key."""
+        if not self.keys.configured():
+            return None
+        auth = request.headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise HTTPError(401, "no API key: send it as 'Authorization: Bearer KEY' (the admin makes one with "
+                            "`llmos api-key add USER`)", "invalid_request_error", None, "invalid_api_key")
+        user = self.keys.user_of(key.strip())
+        if user is None:
+            raise HTTPError(401, "unknown API key", "invalid_request_error", None, "invalid_api_key")
+        return user
+
+    def _check_session(self, pid: int, user: str | None) -> None:
+        # A gateway that cannot act for its users makes every call as itself: the kernel cannot tell whose a
+        # session is, so the gateway keeps to the sessions each key opened here.
+        if not self.link.delegates and self.keys.configured() and self.session_owner.get(pid, user) != user:
+            raise errors.from_llmos(NotPermitted(f"session {pid} is not yours"), "session")
+
+    async def client_for(self, user: str | None) -> Any:
+        try:
+            return await self.link.client(user)
+        except LLMOSError as exc:
+            raise errors.from_llmos(exc) from None
+
+    def end_later(self, run: Run) -> asyncio.Task:
+        """End a run's processes in a task of its own: it completes even when the request's task is being
+        cancelled (the client went away)."""
+        task = asyncio.get_running_loop().create_task(self._end(run))
+        self.enders.add(task)
+        task.add_done_callback(self.enders.discard)
+        return task
+
+    async def _end(self, run: Run) -> None:
+        try:
+            await run.end()
+        except LLMOSError as exc:
+            log.warning("could not end the processes %s of a request: %s", sorted(run.live), exc)
+
+    # -- generation --------------------------------------------------------------------------------
+    async def generate(self, request: Request, req: CompletionRequest | ChatRequest, user: str | None) -> Response:
+        chat = isinstance(req, ChatRequest)
+        refuse_unsupported(req)
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        started = time.monotonic()
+        client = await self.client_for(user)
+        run = Run(client, req.model, lambda: self.metrics.ttft.labels(endpoint).observe(time.monotonic() - started))
+        run.want_logprobs = wants_logprobs(req)
+        try:
+            await self._start(run, req, user)
+        except LLMOSError as exc:
+            self._gone(client, exc)
+            raise errors.from_llmos(exc, "session" if req.session_pid() and exc.errno.name == "ESRCH" else None)
+        shape = Shape(chat, req.model, req.include_usage())
+        if req.stream:
+            return EventStream(self._events(run, shape, req.n), headers={"Cache-Control": "no-cache"})
+        return await self._until_disconnect(request, self._collect(run, shape, req.n), run)
+
+    async def _start(self, run: Run, req: CompletionRequest | ChatRequest, user: str | None) -> None:
+        params = spawn_params(req, self.config.default_max_tokens)
+        messages = req.chat_messages() if isinstance(req, ChatRequest) else None
+        pid = req.session_pid()
+        if pid is None and not req.opens_session():
+            inputs = [{"messages": messages}] if messages is not None else completion_prompts(req)
+            await run.spawn(inputs, req.n, params, req.priority)
+            return
+        if messages is not None:
+            content, role, before = messages[-1]["content"], messages[-1]["role"], messages[:-1]
+        else:
+            assert isinstance(req.prompt, str)  # refuse_unsupported: a session's turn is text
+            content, role, before = req.prompt, "user", []
+        if pid is None:
+            await run.open_session(before, params, req.priority)
+            pid = run.session
+            assert pid is not None
+            self.session_owner[pid] = user
+        else:
+            self._check_session(pid, user)
+        run.turn(pid, content, role)
+
+    def _gone(self, client: Any, exc: LLMOSError) -> None:
+        if isinstance(exc, KernelGone):
+            self.link.forget(client)
+
+    def _failure(self, run: Run, exc: Failed) -> HTTPError:
+        self._gone(run.client, exc.error)
+        return errors.from_llmos(exc.error)
+
+    async def _collect(self, run: Run, shape: Shape, n: int) -> Response:
+        try:
+            async for _ in run.deltas():
+                pass
+            outcomes = [o for o in run.outcomes if o is not None]
+            failed = next((o for o in outcomes if o.finish_reason == "error" and o.error), None)
+            if failed is not None:
+                raise errors.from_wire(failed.error or {})
+            if run.want_logprobs:
+                await run.add_logprobs()
+        except Failed as exc:
+            raise self._failure(run, exc) from None
+        except LLMOSError as exc:
+            raise errors.from_llmos(exc) from None
+        finally:
+            await run.end()
+        return JSONResponse(shape.response(outcomes, n, run.session))
+
+    async def _until_disconnect(self, request: Request, work: Awaitable[Response], run: Run) -> Response:
+        """Run ``work`` unless the client goes away first: then its processes get TERM and are reaped."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.shield(self.end_later(run))
+        return Response(status_code=CLIENT_CLOSED)
+
+    async def _events(self, run: Run, shape: Shape, n: int) -> AsyncIterator[str]:
+        try:
+            async for item in run.deltas():
+                if isinstance(item, Outcome):
+                    if item.finish_reason == "error" and item.error:
+                        yield sse(errors.from_wire(item.error).body())
+                        break
+                    yield sse(shape.finish(item))
+                elif item.text:
+                    yield sse(shape.delta(item.index, item.text))
+            else:
+                if shape.include_usage:
+                    yield sse(shape.usage_chunk([o for o in run.outcomes if o is not None], n))
+        except Failed as exc:
+            yield sse(self._failure(run, exc).body())
+        finally:
+            ender = self.end_later(run)
+            with anyio.CancelScope(shield=True):
+                await ender
+        yield DONE
+
+    async def close(self) -> None:
+        if self.enders:
+            await asyncio.wait(list(self.enders), timeout=30.0)
+        await self.link.close()
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    """The gateway as an ASGI application (see the module's docstring)."""
+    gw = Gateway(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await gw.close()
+
+    app = FastAPI(title="LLMOS gateway", version="1", lifespan=lifespan)
+    app.state.gateway = gw
+    app.add_middleware(MetricsMiddleware, metrics=gw.metrics)
+
+    def error_response(e: HTTPError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPError)
+    async def on_http_error(request: Request, exc: HTTPError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(errors.validation(list(exc.errors())))
+
+    @app.exception_handler(LLMOSError)
+    async def on_llmos(request: Request, exc: LLMOSError) -> JSONResponse:
+        return error_response(errors.from_llmos(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_starlette(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(HTTPError(exc.status_code, str(exc.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error answering %s %s", request.method, request.url.path)
+        return error_response(HTTPError(500, f"internal error in the gateway ({type(exc).__name__}); its log has "
+                                        f"the details", "server_error", None, "internal_error"))
+
+    caller: Callable[[Request], str | None] = gw.caller
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            ping = await gw.link.reachable()
+        except LLMOSError as exc:
+            return error_response(HTTPError(503, exc.message, "server_error", None, exc.errno.name))
+        return JSONResponse({"status": "ok", "kernel": {"pid": ping.get("pid"), "started": ping.get("started")}})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        text = gw.metrics.text()
+        try:
+            client = await gw.link.client()
+            if hasattr(client, "prometheus"):  # the kernel's registry, once its clients offer it
+                text += await client.prometheus()
+        except LLMOSError as exc:
+            log.warning("the kernel's metrics are not available: %s", exc)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def model_list(user: str | None) -> list[dict[str, Any]]:
+        client = await gw.client_for(user)
+        ids: dict[str, None] = {}
+        for m in await client.models():
+            ids[m["model"]] = None
+        try:  # the store's models too (loaded on first use); a kernel without a store has none
+            listing = await client.fs_list("/models")
+            for e in listing["entries"]:
+                ids.setdefault("store:" + e["path"], None)
+        except LLMOSError:
+            pass
+        return [{"id": i, "object": "model", "created": 0, "owned_by": "llmos"} for i in ids]
+
+    @app.get("/v1/models")
+    async def list_models(user: str | None = Depends(caller)) -> dict[str, Any]:
+        return {"object": "list", "data": await model_list(user)}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, user: str | None = Depends(caller)) -> dict[str, Any]:
+        for m in await model_list(user):
+            if m["id"] == model_id:
+                return m
+        raise HTTPError(404, f"no model {model_id!r} is loaded or in the store", "invalid_request_error", "model",
+                        "model_not_found")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request, user: str | None = Depends(caller)) -> Response:
+        return await gw.generate(request, body, user)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request, user: str | None = Depends(caller)) -> Response:
+        return await gw.generate(request, body, user)
+
+    @app.delete("/v1/sessions/{pid}")
+    async def close_session(pid: int, user: str | None = Depends(caller)) -> dict[str, Any]:
+        gw._check_session(pid, user)
+        client = await gw.client_for(user)
+        try:
+            result = await client.close(pid)
+        except LLMOSError as exc:
+            raise errors.from_llmos(exc, "session") from None
+        gw.session_owner.pop(pid, None)
+        return {"id": pid, "object": "session", "deleted": True,
+                "llmos_finish_reason": result.finish_reason if result else None}
+
+    return app

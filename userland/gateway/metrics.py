@@ -1,0 +1,76 @@
+"""The gateway's own Prometheus metrics (a registry per app, names prefixed ``llmos_gateway_``) and the ASGI
+middleware that counts every request: by endpoint and HTTP status, its latency to the response's last
+byte (a stream's end), and the requests in flight. The time to first token is observed by the runs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Awaitable, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/sessions", "/health", "/metrics")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def endpoint_of(path: str) -> str:
+    """The label for a path: one of ENDPOINTS (a model or session id under it counts as it), else "other"
+    (a label per unknown path would let any client grow the registry without bound)."""
+    for e in ENDPOINTS:
+        if path == e or path.startswith(e + "/"):
+            return e
+    return "other"
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("llmos_gateway_requests", "HTTP requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("llmos_gateway_request_duration_seconds", "time from a request's arrival to the "
+                                 "last byte of its response (a stream's end)", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("llmos_gateway_time_to_first_token_seconds", "time from a generation request's "
+                              "arrival to its first output from the kernel, as the gateway sees it", ["endpoint"],
+                              buckets=TTFT_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge("llmos_gateway_requests_in_flight", "requests being answered now", ["endpoint"],
+                               registry=self.registry)
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode("utf-8")
+
+
+Scope = dict[str, Any]
+ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
+
+
+class MetricsMiddleware:
+    """Counts each HTTP request once its response ended (or its client went away: status 499, as nginx
+    names a request closed by the client)."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = endpoint_of(scope.get("path", ""))
+        status = {"code": 499}
+        started = time.monotonic()
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.labels(endpoint).inc()
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:  # answered 500 by the server-error middleware outside this one, unless under way
+            status["code"] = 500 if status["code"] == 499 else status["code"]
+            raise
+        finally:
+            self.metrics.in_flight.labels(endpoint).dec()
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
