@@ -546,6 +546,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
+    if args.prometheus:
+        with _connect(args) as c:
+            sys.stdout.write(c.prometheus())
+        return 0
     with _connect(args) as c:
         m = c.metrics()
     # one frame of top for people (tok/s: the running processes' decoding speed, there is no earlier sample)
@@ -705,6 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     mt = sub.add_parser("metrics", parents=[common], help="process and model metrics")
     mt.add_argument("--json", action="store_true", help="the kernel's metrics reply as one JSON object (default: "
                     "one frame of top)")
+    mt.add_argument("--prometheus", action="store_true", help="the Prometheus text format, as kernel start "
+                    "--metrics-port serves it (counters, gauges, TTFT/TPOT histograms in seconds)")
     mt.set_defaults(fn=cmd_metrics)
     add_fs_commands(sub, common)  # fs ls|cat|put|get|rm|stat, dmesg (llmos/cli_fs.py)
     add_store_commands(sub, common)  # model import|export|ls|rm, data import|ls|stat|cat|rm, eval (llmos/cli_store.py)
