@@ -2,13 +2,58 @@
 
 from __future__ import annotations
 
+import bisect
+
 import msgpack
 
 from llmos.syscalls import protocol
 
 
+# Histogram bucket upper bounds, seconds (Prometheus style: cumulative counts, +Inf implied); chosen for CPU and
+# GPU serving alike, as vLLM's and TGI's exporters do
+BUCKETS: dict[str, tuple[float, ...]] = {
+    "queue_time_s": (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+    "ttft_s": (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    "tpot_s": (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5),
+    "total_time_s": (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0),
+}
+SCHED_COUNTERS = ("preemptions", "swaps_out", "swaps_in", "recomputed_tokens", "prefill_tokens")
+
+
+class Totals:
+    """One model's counts since the kernel started, over its finished processes: processes by finish reason,
+    tokens in and out, scheduling events, and a histogram of each timing in BUCKETS (counts per bucket, not
+    cumulative; sum; count). Memory is bounded by the buckets, whatever the number of processes."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, int] = {}
+        self.tokens_in = self.tokens_out = 0
+        self.sched = dict.fromkeys(SCHED_COUNTERS, 0)
+        self.hist = {k: {"counts": [0] * (len(b) + 1), "sum": 0.0, "count": 0} for k, b in BUCKETS.items()}
+
+    def add(self, stats: dict, reason: str, sched: dict) -> None:
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.tokens_in += stats["prompt_tokens"]
+        self.tokens_out += stats["output_tokens"]
+        for k in SCHED_COUNTERS:
+            self.sched[k] += int(sched.get(k) or 0)
+        for key, bounds in BUCKETS.items():
+            value = stats.get(key)
+            if value is None:
+                continue
+            h = self.hist[key]
+            h["counts"][bisect.bisect_left(bounds, value)] += 1
+            h["sum"] += value
+            h["count"] += 1
+
+    def to_wire(self) -> dict:
+        return {"finish_reasons": dict(self.reasons), "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
+                **self.sched, "histograms": {k: {"buckets": list(BUCKETS[k]), **v} for k, v in self.hist.items()}}
+
+
 class FinishedStats:
-    """Timings of the last N finished processes, for the metrics syscall (bounded memory)."""
+    """Timings of the last N finished processes, for the metrics syscall (bounded memory), and each model's
+    Totals since the kernel started (the Prometheus exporter's counters and histograms: kernel/prometheus.py)."""
 
     KEYS = ("queue_time_s", "ttft_s", "tpot_s", "total_time_s")
 
@@ -19,15 +64,21 @@ class FinishedStats:
         self.tokens_in = 0
         self.tokens_out = 0
         self.reasons: dict[str, int] = {}
+        self.models: dict[str, Totals] = {}
 
-    def add(self, stats: dict, reason: str) -> None:
+    def add(self, stats: dict, reason: str, model: str = "", sched: dict | None = None) -> None:
         self.count += 1
         self.tokens_in += stats["prompt_tokens"]
         self.tokens_out += stats["output_tokens"]
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.models.setdefault(model, Totals()).add(stats, reason, sched or {})
         self.rows.append(stats)
         if len(self.rows) > self.keep:
             del self.rows[: len(self.rows) - self.keep]
+
+    def totals(self) -> dict[str, dict]:
+        """Each model's Totals, on the wire."""
+        return {model: t.to_wire() for model, t in self.models.items()}
 
     def summary(self) -> dict:
         out: dict = {"count": self.count, "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,

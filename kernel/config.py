@@ -46,6 +46,8 @@ class KernelConfig:
     insecure: bool = False  # tcp without CURVE (loopback only): every tcp caller is "anonymous"
     group: str | None = None  # the OS group whose members may reach the ipc socket
     delegate: str | None = None  # accounts that may act for other users: "gateway;svc=alice,bob" (kernel/delegation.py)
+    metrics_port: int | None = None  # serve Prometheus metrics over HTTP on this port (0: any free one)
+    metrics_host: str = "127.0.0.1"  # the interface the metrics port listens on
 
     def __post_init__(self) -> None:
         for f in FLAGS:
@@ -58,7 +60,7 @@ class KernelConfig:
                 raise ValueError(f"{f.option}: {exc}") from None
 
 
-NULLABLE = {"listen", "group", "delegate", "memory_limit", "max_batch", "max_procs_per_user", "max_kv_blocks_per_user", "max_tokens_per_minute",
+NULLABLE = {"listen", "group", "delegate", "metrics_port", "memory_limit", "max_batch", "max_procs_per_user", "max_kv_blocks_per_user", "max_tokens_per_minute",
             "user_quotas"}
 QUOTA_KEYS = {"procs": "max_procs", "kv_blocks": "max_kv_blocks", "tpm": "tokens_per_minute"}
 
@@ -219,6 +221,29 @@ class _Delegates(_Parser):
         return value
 
 
+class _Host(_Parser):
+    """A host name or IP address to listen on (no port, no scheme)."""
+
+    def convert(self, text: str) -> str:
+        return text
+
+    def check(self, value: Any) -> str:
+        import ipaddress
+        import re
+
+        if not isinstance(value, str) or not value:
+            raise argparse.ArgumentTypeError("must be a host name or an IP address")
+        try:
+            ipaddress.ip_address(value)
+            return value
+        except ValueError:
+            pass
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*",
+                            value):
+            raise argparse.ArgumentTypeError(f"must be a host name or an IP address, got {value!r}")
+        return value
+
+
 class _Switch(_Parser):
     """An on/off flag that takes no value (``--insecure``)."""
 
@@ -326,6 +351,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("delegate", _Delegates(), "NAME[=USER,USER][;NAME...]", "accounts that may act for other users, e.g. "
          "the account running the gateway (llmos serve): 'gateway' acts for any user but the admin, "
          "'svc=alice,bob' only for those; the admin always may (kernel/delegation.py)"),
+    Flag("metrics_port", _IntIn(0, 65535), "PORT", "serve the Prometheus metrics (the prometheus syscall's "
+         "text) on http://HOST:PORT/metrics; 0 picks a free port, said in the log (default: off)"),
+    Flag("metrics_host", _Host(), "HOST", "the interface --metrics-port listens on; the metrics hold no "
+         "process text or user names (default 127.0.0.1; 0.0.0.0 for every interface)"),
     Flag("max_capture_bytes_per_user", _SizeIn(0, 2**48), "SIZE", "bytes of captured intermediates one user's "
          "processes may keep in the store, in all (stored, plus what captures under way may still write); "
          "beyond it a capture stops, or captures nothing, with a warning (default 256M)"),

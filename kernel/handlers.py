@@ -233,9 +233,16 @@ class Handlers:
         return await self.k.models.ask(m.Devices())
 
     async def sys_metrics(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return await self.metrics()
+
+    async def metrics(self) -> dict:
+        """The metrics syscall's reply: the process table's metrics and every model instance's."""
         procs = await self.k.procman.ask(m.Metrics())
         models = await self.k.models.ask(m.ListModels())
         return {**procs, "models": [ex for d in models for ex in d["executors"]]}
+
+    async def sys_prometheus(self, caller: Caller, args: dict, emit: Emit) -> dict:
+        return {"text": await self.k.exporter.text()}
 
     async def sys_score(self, caller: Caller, args: dict, emit: Emit) -> dict:
         if (args["text"] is None) == (args["prompt_ids"] is None):

@@ -25,6 +25,8 @@ from llmos.kernel.handlers import Handlers, ready_executors
 from llmos.kernel.heap import return_big_buffers_to_the_os
 from llmos.kernel.delegation import Delegation, parse_delegates
 from llmos.kernel.identity import CURVE, KeyAuthenticator, owner_name
+from llmos.kernel.prometheus import Exporter, Snapshot
+from llmos.syscalls.errors import Busy
 from llmos.kernel.journal import Journal
 from llmos.kernel.log import LogRing, get_logger
 from llmos.kernel.models import ModelManager
@@ -72,6 +74,14 @@ class Kernel:
         self.models = ModelManager(self.ctx, self.run_dir, self.log_dir, self.procman, self.devices,
                                    self.config).start()
         self.handlers = Handlers(self)
+        self.exporter = Exporter(self._metrics_snapshot, asyncio.get_running_loop())
+        if self.config.metrics_port is not None:  # before the bus: a port in use ends the start, said plainly
+            try:
+                port = self.exporter.serve(self.config.metrics_port, self.config.metrics_host)
+            except OSError as exc:
+                raise Busy(f"--metrics-port {self.config.metrics_port} on {self.config.metrics_host}: "
+                           f"{exc.strerror or exc}") from None
+            self.log.info("metrics_http", url=f"http://{self.config.metrics_host}:{port}/metrics", port=port)
         listeners = [Listener(a, t, self.public_key, secret_key) for a, t in self.plan]
         if any(t == CURVE for _, t in self.plan):  # the ZAP handler first: it checks each CURVE handshake
             self.auth = KeyAuthenticator(self.ctx, self.keyring, on_refused=self._key_refused)
@@ -87,6 +97,10 @@ class Kernel:
         self.log.info("kernel_started", pid=os.getpid(), address=self.address, home=str(self.home),
                       listeners=[f"{t} {a}" for a, t in self.plan], owner=self.owner, group=self.config.group,
                       delegates=self.config.delegate)
+
+    async def _metrics_snapshot(self) -> Snapshot:
+        devices = await self.models.ask(m.Devices())
+        return Snapshot(await self.handlers.metrics(), devices["devices"], self.started)
 
     def _key_refused(self, fingerprint: str) -> None:
         self.handlers.audit.refused("unknown", "handshake", f"CURVE key {fingerprint} is not authorised",
@@ -118,6 +132,7 @@ class Kernel:
 
     async def shutdown(self) -> None:
         self.log.info("kernel_stopping", reason=self._stop_reason)
+        await asyncio.to_thread(self.exporter.close)
         await self.bus.close(self._stop_reason or "kernel stopping")
         self._recovery.cancel()
         await self.procman.ask(m.Suspend())  # unfinished processes stay journaled, to resume at the next start

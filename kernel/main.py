@@ -39,7 +39,7 @@ from llmos.kernel.kernel import Kernel
 from llmos.kernel.log import get_logger
 from llmos.kernel.sharing import check_group, listen_plan
 from llmos.syscalls.address import ipc_path, llmos_home
-from llmos.syscalls.errors import InvalidArgument
+from llmos.syscalls.errors import Busy, InvalidArgument
 
 EXIT_INTERNAL = 1
 EXIT_CONFIG = 2
@@ -211,6 +211,8 @@ def _serve(args: argparse.Namespace, config: KernelConfig) -> int:
     kernel = Kernel(home, address, config)
     try:
         uvloop.run(_run(kernel, args.parent_pid))
+    except Busy as exc:  # the metrics port is taken
+        return _refuse(exc.message, EXIT_ADDRINUSE)
     except zmq.ZMQError as exc:
         if exc.errno == zmq.EADDRINUSE:
             return _refuse(f"{' or '.join(a for a, _ in listen_plan(address, config))} is in use by another "

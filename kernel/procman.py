@@ -148,7 +148,7 @@ class ProcessManager(SessionsMixin, RecoveryMixin, Actor):
                         for p in self.table if p.state is not State.ZOMBIE]
                 kept, omitted = fit_records(live)
                 return {"processes": kept, "omitted": omitted, "finished": self.finished.summary(),
-                        "counts": self.table.counts()}
+                        "counts": self.table.counts(), "totals": self.finished.totals()}
             case m.Tick():
                 return self.tick()
             case m.Subscribe():
@@ -576,7 +576,7 @@ class ProcessManager(SessionsMixin, RecoveryMixin, Actor):
             inst.parked.discard(proc.pid)
             inst.placed.discard(proc.pid)
         result = proc.result()
-        self.finished.add(result["stats"], reason)
+        self.finished.add(result["stats"], reason, proc.model, proc.sched.to_wire())
         if proc.session:  # a write in flight gets its turn's counts too
             turn = self._turn_result(proc)["stats"]
             result["stats"] = {**result["stats"], "prefill_tokens": turn["prefill_tokens"],

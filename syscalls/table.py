@@ -353,7 +353,11 @@ SYSCALLS: tuple[Syscall, ...] = (
                      "ttft_s, tpot_s, total_time_s over the last 1000"),
                Field("models", "list[map]", "per model instance: batch size per step (last, mean, max), steps, "
                      "tokens_out, KV blocks used/free/total, preemptions, step time"),
-               Field("counts", "map", "processes per state"), OMITTED),
+               Field("counts", "map", "processes per state"), OMITTED,
+               Field("totals", "map", "per model since the kernel started, over finished processes: "
+                     "finish_reasons, tokens_in, tokens_out, preemptions, swaps_out, swaps_in, recomputed_tokens, "
+                     "prefill_tokens, histograms {queue_time_s, ttft_s, tpot_s, total_time_s: {buckets (upper "
+                     "bounds, seconds), counts (one per bucket, then +Inf), sum, count}}")),
         errors=(),
     ),
 )
@@ -595,6 +599,16 @@ SYSCALLS = SYSCALLS + (
                        nullable=True, max_len=40)),
         reply=(Field("user", "str"), Field("removed", "int", "keys withdrawn")),
         errors=(E.EPERM, E.ENOENT, E.EINVAL),
+    ),
+    Syscall(
+        43, "prometheus", "The kernel's metrics in the Prometheus text exposition format (0.0.4): process counts "
+        "by state, KV blocks, batch sizes, device memory, counters of tokens, preemptions and swaps, histograms "
+        "of TTFT, TPOT, queue time and latency, per model (docs/operations.md, Metrics). What `kernel start "
+        "--metrics-port` serves over HTTP; no process text, no user names.",
+        access=ANY_USER,
+        request=(),
+        reply=(Field("text", "str", "the exposition text"),),
+        errors=(),
     ),
 )
 

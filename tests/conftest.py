@@ -165,8 +165,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def kernel(tiny_model: str):
-    # llmos-gw may act for dl-alice and dl-bob (tests/e2e/test_delegation.py)
-    k = KernelProc(max_batch=4, tcp=True, extra=["--delegate", "llmos-gw=dl-alice,dl-bob"])
+    # llmos-gw may act for dl-alice and dl-bob (tests/e2e/test_delegation.py); Prometheus on a port of its own
+    # (tests/e2e/test_prometheus.py)
+    port = free_port()
+    k = KernelProc(max_batch=4, tcp=True, extra=["--delegate", "llmos-gw=dl-alice,dl-bob", "--metrics-port", str(port)])
+    k.metrics_url = f"http://127.0.0.1:{port}/metrics"
     with k.client() as admin:  # loaded by the admin: users over tcp may run it (kernel/model_access.py)
         admin.model_load(tiny_model, keep_alive=-1)
     yield k

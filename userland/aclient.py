@@ -236,6 +236,11 @@ class AsyncClient:
     async def metrics(self) -> dict[str, Any]:
         return await self.call("metrics", timeout=30.0)
 
+    @syscall_doc("prometheus")
+    async def prometheus(self) -> str:
+        """Returns the exposition text (parse it with prometheus_client.parser.text_string_to_metric_families)."""
+        return (await self.call("prometheus", timeout=30.0))["text"]
+
     @syscall_doc("score")
     async def score(self, text: str | None = None, model: str | None = None, *, prompt_ids: list[int] | None = None,
                     add_special_tokens: bool = True, timeout: float | None = None) -> dict[str, Any]:

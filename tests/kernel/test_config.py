@@ -20,6 +20,7 @@ BAD_TEXT = {
     config._Addresses: ["", " ", "x", "http://h:1", "tcp://h", "tcp://h:0", "ipc://relative", "tcp://h:1,"],
     config._Group: ["", "no-such-group-llmos", "root "],
     config._Delegates: ["=alice", "gw=", "g w", "gw=al ice", ".gw"],
+    config._Host: ["", "http://h", "h:80", "-h", "a b", "h..x"],
 }
 VALUED = [f for f in FLAGS if not isinstance(f.parse, config._Switch)]  # --insecure takes no value
 
@@ -66,6 +67,8 @@ def test_every_flag_accepts_its_bounds_and_the_default_round_trips(flag):
         values = ["tcp://127.0.0.1:5556", "tcp://*:1,ipc:///tmp/k.sock,tcp://[::1]:65535"]
     elif isinstance(p, config._Group):
         values = ["root"]
+    elif isinstance(p, config._Host):
+        values = ["127.0.0.1", "::1", "0.0.0.0", "metrics.example.org", "localhost"]
     elif isinstance(p, config._Delegates):
         values = ["gateway", "gateway;svc=alice,bob"]
     else:
