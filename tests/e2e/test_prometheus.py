@@ -49,3 +49,16 @@ def test_the_prometheus_syscall_and_the_cli_give_the_same_families_as_the_port(k
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert {fam.name for fam in text_string_to_metric_families(out.stdout)} >= names - {"process_cpu_seconds"}
+
+
+def test_a_metrics_port_in_use_stops_the_kernel_start_with_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "llmos.kernel.main", "--home", str(tmp_path / "h"),
+                              "--metrics-port", str(port)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 4, out.stderr  # as for a bus address in use
+    assert f"--metrics-port {port}" in out.stderr and "Traceback" not in out.stderr
