@@ -93,7 +93,8 @@ class Handlers:
         return {"pid": os.getpid(), "address": self.k.address, "uptime_s": time.time() - self.k.started,
                 "version": __version__, "home": str(self.k.home), "processes": counts, "models": models,
                 "listeners": [{"address": a, "transport": t} for a, t in self.k.plan], "owner": self.k.owner,
-                "group": self.k.config.group, "delegates": self.k.config.delegate}
+                "group": self.k.config.group, "delegates": self.k.config.delegate,
+                "metrics_url": self.k.metrics_url}
 
     async def sys_shutdown(self, caller: Caller, args: dict, emit: Emit) -> dict:
         self.k.request_shutdown(f"shutdown syscall from {caller.user}")

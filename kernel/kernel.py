@@ -75,13 +75,15 @@ class Kernel:
                                    self.config).start()
         self.handlers = Handlers(self)
         self.exporter = Exporter(self._metrics_snapshot, asyncio.get_running_loop())
+        self.metrics_url: str | None = None
         if self.config.metrics_port is not None:  # before the bus: a port in use ends the start, said plainly
             try:
                 port = self.exporter.serve(self.config.metrics_port, self.config.metrics_host)
             except OSError as exc:
                 raise Busy(f"--metrics-port {self.config.metrics_port} on {self.config.metrics_host}: "
                            f"{exc.strerror or exc}") from None
-            self.log.info("metrics_http", url=f"http://{self.config.metrics_host}:{port}/metrics", port=port)
+            self.metrics_url = f"http://{self.config.metrics_host}:{port}/metrics"
+            self.log.info("metrics_http", url=self.metrics_url, port=port)
         listeners = [Listener(a, t, self.public_key, secret_key) for a, t in self.plan]
         if any(t == CURVE for _, t in self.plan):  # the ZAP handler first: it checks each CURVE handshake
             self.auth = KeyAuthenticator(self.ctx, self.keyring, on_refused=self._key_refused)

@@ -207,6 +207,8 @@ SYSCALLS: tuple[Syscall, ...] = (
                Field("owner", "str", "the account the kernel runs as: the admin, with root"),
                Field("group", "str", "the OS group that shares the ipc socket (--group)", nullable=True),
                Field("delegates", "str", "who may act for other users (--delegate), besides the admin",
+                     nullable=True),
+               Field("metrics_url", "str", "where the Prometheus metrics are served (--metrics-port)",
                      nullable=True)),
         errors=(),
     ),

@@ -25,6 +25,7 @@ def _model_value(samples: dict, name: str, model: str) -> float:
 
 
 def test_a_scrape_counts_a_finished_process_in_the_ttft_histogram_and_token_counters(kernel, client, tiny_model):
+    assert client.kernel_info()["metrics_url"] == kernel.metrics_url
     before = _scrape(kernel.metrics_url)
     pid = client.spawn(prompt="Hello", model=tiny_model, max_new_tokens=4, temperature=0, ignore_eos=True)
     assert client.wait(pid, timeout=60).finish_reason == "length"
