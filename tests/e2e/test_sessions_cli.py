@@ -192,7 +192,7 @@ def test_the_shell_renices_stops_continues_shows_top_and_chats(kernel, client, l
     pid = client.spawn(prompt="shell", model=long_model, max_new_tokens=100000, **GREEDY)
     try:
         script = "\n".join([f"nice {pid} 6", f"stop {pid}", "ps", f"cont {pid}", "top", f"chat {tiny_model} -n 8 --temperature 0",
-                            "hello", "", "nice 987654 1", "exit"]) + "\n"
+                            "hello", "", "/bye", "nice 987654 1", "exit"]) + "\n"
         r = subprocess.run([sys.executable, "-m", "llmos.shell"], env=kernel.env, input=script,
                            capture_output=True, text=True, timeout=120)
         out = r.stdout
