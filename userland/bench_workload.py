@@ -107,8 +107,10 @@ def token_pool(tokenize: Callable[[str], list[int]], need: int, seed: int,
     (a data set's records, joined by blank lines); None: seeded_text. Raises InvalidArgument when the
     records give no token at all."""
     if records is None:
-        words = max(need, 64)
-        while True:  # a word is one token or more for any tokenizer this is meant for; grow if not
+        # a word is one token (a word-level BPE) to several (a byte-level one): start short, double until enough,
+        # since tokenising costs the kernel a forward pass over the text
+        words = max(need // 4, 16)
+        while True:
             ids = tokenize(seeded_text(seed, words))
             if len(ids) >= need or words > 64 * need:
                 return ids

@@ -48,6 +48,13 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _png_path(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no directory to write {text} in")
+    return path
+
+
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add ``llmos bench`` to ``llmos``."""
     b = sub.add_parser(
@@ -65,16 +72,16 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                       help="closed loop: C requests in flight, the next sent as one ends; several (1,2,4) make a "
                       "sweep")
     size = b.add_mutually_exclusive_group()
-    size.add_argument("-n", "--requests", type=positive(int), default=None,
+    size.add_argument("-n", "--requests", type=positive(int), metavar="N", default=None,
                       help="requests per load point (default 32)")
-    size.add_argument("--duration", type=positive(float), default=None,
+    size.add_argument("--duration", type=positive(float), metavar="S", default=None,
                       help="seconds each load point sends requests for (those in flight are then waited for)")
-    b.add_argument("--prompt-len", type=positive(int), default=128, help="mean prompt length, tokens (default 128)")
-    b.add_argument("--prompt-len-spread", type=_fraction, default=0.0,
+    b.add_argument("--prompt-len", type=positive(int), metavar="TOKENS", default=128, help="mean prompt length, tokens (default 128)")
+    b.add_argument("--prompt-len-spread", type=_fraction, metavar="FRACTION", default=0.0,
                    help="prompt length spread, a fraction of the mean (default 0: fixed length)")
-    b.add_argument("--output-len", type=syscall_arg("spawn", "max_new_tokens"), default=128,
+    b.add_argument("--output-len", type=syscall_arg("spawn", "max_new_tokens"), metavar="TOKENS", default=128,
                    help="mean output length, tokens: max_new_tokens with EOS ignored (default 128)")
-    b.add_argument("--output-len-spread", type=_fraction, default=0.0,
+    b.add_argument("--output-len-spread", type=_fraction, metavar="FRACTION", default=0.0,
                    help="output length spread, a fraction of the mean (default 0: fixed length)")
     b.add_argument("--len-dist", choices=DISTRIBUTIONS, default="uniform",
                    help="length distribution with a spread: uniform over mean*(1 +- spread), or normal with "
@@ -82,16 +89,16 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     b.add_argument("--data", default=None, metavar="NAME",
                    help="cut the prompts from stored data set NAME (llmos data import) instead of seeded random "
                    "English text")
-    b.add_argument("--seed", type=syscall_arg("spawn", "seed"), default=0,
+    b.add_argument("--seed", type=syscall_arg("spawn", "seed"), metavar="N", default=0,
                    help="workload seed: the same seed, the same prompts, lengths and arrivals (default 0)")
     b.add_argument("--model", default=None, help="model directory or store name (default: the default model)")
-    b.add_argument("-p", "--priority", type=syscall_arg("spawn", "priority"), default=0,
+    b.add_argument("-p", "--priority", type=syscall_arg("spawn", "priority"), metavar="NICE", default=0,
                    help="nice value of every request, -20..19 (default 0; below 0 only the admin)")
-    b.add_argument("--temperature", type=syscall_arg("spawn", "temperature"), default=0.0,
+    b.add_argument("--temperature", type=syscall_arg("spawn", "temperature"), metavar="T", default=0.0,
                    help="sampling temperature (default 0: greedy)")
-    b.add_argument("--sample-interval", type=positive(float), default=0.5,
+    b.add_argument("--sample-interval", type=positive(float), metavar="S", default=0.5,
                    help="seconds between resource samples (default 0.5)")
-    b.add_argument("--plot", default=None, metavar="FILE.png",
+    b.add_argument("--plot", type=_png_path, default=None, metavar="FILE.png",
                    help="write a PNG of TTFT and TPOT p50/p99 and output tok/s against load")
     b.add_argument("--json", action="store_true", help="print the report as JSON (for programs) instead of a table")
     b.set_defaults(fn=cmd_bench)
@@ -101,8 +108,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from llmos.bench_report import TIMING_NOTE, format_table, plot
     from llmos.cli import _connect
 
-    if args.plot and not Path(args.plot).expanduser().resolve().parent.is_dir():
-        raise InvalidArgument(f"--plot: no directory to write {args.plot} in")
     prompt = Lengths(args.prompt_len, args.prompt_len_spread, args.len_dist)
     output = Lengths(args.output_len, args.output_len_spread, args.len_dist)
     loads = _loads(args)
@@ -114,7 +119,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                   f"their spread")
         records = client.data.iter(args.data) if args.data else None
         pool = token_pool(lambda text: client.score(text, args.model, add_special_tokens=False)["token_ids"],
-                          max(2 * prompt.max, 1024), args.seed, records)
+                          max(4 * prompt.max, 256), args.seed, records)
         params = {"model": args.model, "priority": args.priority, "temperature": args.temperature}
         points = []
         for load in loads:
@@ -126,8 +131,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "temperature": args.temperature, "priority": args.priority, "seed": args.seed,
         "ignore_eos": True}, "points": points, "timing": TIMING_NOTE}
     if args.plot:
-        plot(report, Path(args.plot).expanduser())
-        report["plot"] = str(Path(args.plot).expanduser().resolve())
+        plot(report, args.plot)
+        report["plot"] = str(args.plot.resolve())
     if args.json:
         print(json.dumps(report))
     else:
@@ -149,7 +154,8 @@ def _prepare(client: Any, args: argparse.Namespace) -> tuple[str, int, list[int]
     """Load and warm the model (one short request, untimed: a worker's first steps build what later ones reuse).
     Returns (the model as the kernel names it, its context in tokens, the pids to sample: the kernel's and the
     model's workers', None when the kernel is not on this machine)."""
-    pid = client.spawn(prompt="Warm up", model=args.model, max_new_tokens=WARMUP_TOKENS, temperature=0.0,
+    pid = client.spawn(prompt="Warm up", model=args.model, priority=args.priority, max_new_tokens=WARMUP_TOKENS,
+                       temperature=0.0,
                        ignore_eos=True)
     client.wait(pid, timeout=600)
     info = client.model_info(args.model)
