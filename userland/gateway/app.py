@@ -31,7 +31,7 @@ from llmos.gateway.responses import DONE, Shape, sse
 from llmos.gateway.runs import Failed, Outcome, Run
 from llmos.gateway.schema import (ChatRequest, CompletionRequest, completion_prompts, refuse_unsupported,
                                   spawn_params, wants_logprobs)
-from llmos.syscalls.errors import KernelGone, LLMOSError, NotPermitted
+from llmos.syscalls.errors import Errno, KernelGone, LLMOSError, NotPermitted
 
 log = logging.getLogger("llmos.gateway")
 CLIENT_CLOSED = 499  # the status nginx logs for a request whose client went away
@@ -136,7 +136,7 @@ class Gateway:
             await self._start(run, req, user)
         except LLMOSError as exc:
             self._gone(client, exc)
-            raise errors.from_llmos(exc, "session" if req.session_pid() and exc.errno.name == "ESRCH" else None)
+            raise errors.from_llmos(exc, "session" if req.session_pid() and exc.errno is Errno.ESRCH else None)
         shape = Shape(chat, req.model, req.include_usage())
         if req.stream:
             return EventStream(self._events(run, shape, req.n), headers={"Cache-Control": "no-cache"})
@@ -170,7 +170,7 @@ class Gateway:
 
     def _failure(self, run: Run, exc: Failed) -> HTTPError:
         self._gone(run.client, exc.error)
-        return errors.from_llmos(exc.error)
+        return errors.from_llmos(exc.error, "session" if run.session and exc.error.errno is Errno.ESRCH else None)
 
     async def _collect(self, run: Run, shape: Shape, n: int) -> Response:
         try:
