@@ -257,12 +257,12 @@ def test_every_subcommand_honours_home_and_address(kernel, client, long_model, t
         assert cli(how, "run", "--model", tiny_model, "--temperature", "0", "--max-new-tokens", "5", "home") \
             == reference + "\n"
         assert str(pid) in cli(how, "ps")
-        assert json.loads(cli(how, "stat", str(pid)))["pid"] == pid
+        assert json.loads(cli(how, "stat", str(pid), "--json"))["pid"] == pid
         assert any(d["kind"] == "cpu" for d in json.loads(cli(how, "devices", "--json")))
         assert "finished" in json.loads(cli(how, "metrics", "--json"))
         assert json.loads(cli(how, "load", tiny_model, "--json"))["loaded"] is True  # loaded already, same options
         assert tiny_model[-48:] in cli(how, "models")
-        assert json.loads(cli(how, "model-info", tiny_model))["loaded"] is True
+        assert json.loads(cli(how, "model-info", tiny_model, "--json"))["loaded"] is True
         assert "is not loaded" in cli(how, "unload", spare, code=1)  # the kernel's answer, not "no kernel"
         monkeypatch.setattr(sys, "stdin", io.StringIO("status\nexit\n"))
         assert shell_main(by[how]) == 0 and f"pid {kernel.proc.pid}" in capsys.readouterr().out
