@@ -99,15 +99,17 @@ def _run(args: argparse.Namespace, name: str, work: Callable[["AppModel", Callab
         extra = work(app, None if args.json else _write)
         last = app.last
         if args.json:
-            out = {"app": name, "model": args.model, "text": last.text if last else "",
+            out = {"app": name, "model": args.model or "default", "text": last.text if last else "",
                    "finish_reason": last.finish_reason if last else None,
                    "calls": [c.to_json() for c in app.calls], "warnings": app.warnings, **(extra or {})}
             print(json.dumps(out, ensure_ascii=False))
         else:
             _write("\n")
             for w in app.warnings:
-                print(f"[warning: {w}]", file=sys.stderr)
-            if last is not None and last.finish_reason == "length" and not args.ignore_eos:
+                print(f"[{w}]", file=sys.stderr)
+            if last is not None and last.finish_reason == "killed":
+                print(f"[pid {last.pid} killed by SIG{last.signal or 'TERM'}]", file=sys.stderr)
+            elif last is not None and last.finish_reason == "length" and not args.ignore_eos:
                 print(f"[pid {last.pid}: the output stopped at --max-new-tokens ({last.stats.output_tokens} tokens)]",
                       file=sys.stderr)
         return exit_status(last) if last is not None else 0
@@ -134,12 +136,8 @@ def cmd_summarize(args: argparse.Namespace) -> int:
 
     text = read_text(args.files)
 
-    def progress(line: str) -> None:
-        if args.verbose:
-            print(f"[{line}]", file=sys.stderr, flush=True)
-
     def work(app: "AppModel", write: Callable[[str], None] | None) -> dict[str, Any]:
-        _, plan = summarize(app, text, write, progress)
+        _, plan = summarize(app, text, write)
         return {"plan": plan.to_json()}
 
     return _run(args, "summarize", work)

@@ -110,7 +110,7 @@ class AppModel:
         _reap(self.client, pid)
         self.calls.append(Call(pid, purpose, result.stats.prompt_tokens, result.stats.output_tokens,
                                result.finish_reason))
-        self.warnings.extend(f"pid {pid}: {w}" for w in result.warnings)
+        self.warnings.extend(f"pid {pid}: warning: {w}" for w in result.warnings)
         self.last = result
         if result.finish_reason == "error":
             text_or_raise(result)

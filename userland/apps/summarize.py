@@ -75,11 +75,11 @@ def overhead(app: AppModel, build: Callable[[str], Prompt]) -> int:
     return app.run(build(""), purpose="probe", max_new_tokens=1, ignore_eos=True).stats.prompt_tokens
 
 
-def summarize(app: AppModel, text: str, write: Write | None = None,
-              progress: Callable[[str], None] | None = None) -> tuple[str, Plan]:
+def summarize(app: AppModel, text: str, write: Write | None = None) -> tuple[str, Plan]:
     """Summarise ``text`` on ``app``'s model; the final summary's text streams to ``write``. Returns (the summary,
-    the Plan). ``progress(line)`` is told of each part and round. Raises InvalidArgument (EINVAL) for an empty
-    text, or a context too small for parts that hold two summaries; the kernel's errors as AppModel.run."""
+    the Plan); each process's purpose (probe, summary, part I/N, round R group I/N, combine) goes to
+    ``app.on_pid``. Raises InvalidArgument (EINVAL) for an empty text, or a context too small for parts that
+    hold two summaries; the kernel's errors as AppModel.run."""
     if not text.strip():
         raise InvalidArgument("nothing to summarize: the input is empty")
     room = int(app.params.get("max_new_tokens") or 128)
@@ -93,27 +93,39 @@ def summarize(app: AppModel, text: str, write: Write | None = None,
     if least < 2 * (room + MARGIN):  # a part must hold two summaries, or combining them would never end
         raise InvalidArgument(f"the text is {whole} tokens, more than the model's context ({context} tokens) holds "
                               f"with the prompt and a summary of {room} tokens; to summarise it in parts, each part "
-                              f"must hold two summaries: use --max-new-tokens {max(1, (least + room - 2 * MARGIN) // 3)} "
-                              "or less")
+                              f"must hold two summaries: use --max-new-tokens "
+                              f"{max(1, (least + room - 2 * MARGIN) // 3)} or less")
     parts = chunking.split(text, plan.part_budget, app.count, chunking.ratio_estimate(text, whole))
     plan.parts = len(parts)
     summaries = []
     for i, part in enumerate(parts, 1):
-        if progress is not None:
-            progress(f"part {i}/{len(parts)}")
-        summaries.append(app.run(summarize_prompt(part), purpose=f"part {i}/{len(parts)}").text.strip())
+        summaries.append(app.run(summarize_prompt(part), purpose=f"part {i}/{len(parts)}").text)
+
+    def combine(summaries_text: str, label: str) -> str:
+        return app.run(combine_prompt(summaries_text), write if label == "combine" else None, purpose=label).text
+
+    final, plan.rounds = combine_all(summaries, plan.combine_budget, app.count, combine)
+    return final, plan
+
+
+def combine_all(summaries: list[str], budget: int, count: Callable[[str], int],
+                combine: Callable[[str, str], str]) -> tuple[str, int]:
+    """Combine ``summaries`` (in order) into one: while they do not fit ``budget`` tokens together (blank lines
+    between them), pack them into groups that do and combine each group (``combine(text, label)`` returns
+    the combined summary; ``label`` is "round R group I/N"); then one last ``combine(text, "combine")``.
+    Each summary is first cut to half the budget less MARGIN, so that a group holds two and each round at least
+    halves them. Returns (the last combine's text, the rounds: 1 when the summaries fit at once)."""
+    rounds = 0
     while True:
-        plan.rounds += 1
-        items = [_unit(s, plan.combine_budget // 2 - MARGIN, app.count) for s in summaries if s]
-        groups = chunking.pack(items, plan.combine_budget, app.count) if items else [""]
+        rounds += 1
+        items = [_unit(s.strip(), budget // 2 - MARGIN, count) for s in summaries if s.strip()]
+        groups = chunking.pack(items, budget, count) if items else [""]
         if len(groups) == 1:
-            if progress is not None:
-                progress(f"combining {len(summaries)} summaries")
-            return app.run(combine_prompt(groups[0]), write, purpose="combine").text, plan
-        if progress is not None:
-            progress(f"round {plan.rounds}: {len(summaries)} summaries in {len(groups)} groups")
-        summaries = [app.run(combine_prompt(g), purpose=f"round {plan.rounds} group {i}/{len(groups)}").text.strip()
-                     for i, g in enumerate(groups, 1)]
+            return combine(groups[0], "combine"), rounds
+        if len(groups) >= len(items):  # cannot be while two cut summaries fit a group; never loop on it
+            raise InvalidArgument(f"{len(items)} summaries do not fit fewer groups of {budget} tokens: lower "
+                                  "--max-new-tokens")
+        summaries = [combine(g, f"round {rounds} group {i}/{len(groups)}") for i, g in enumerate(groups, 1)]
 
 
 def _unit(summary: str, limit: int, count: Callable[[str], int]) -> chunking.Unit:
