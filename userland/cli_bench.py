@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 from llmos._args import positive, syscall_arg
 from llmos.bench_workload import DISTRIBUTIONS, Lengths, requests, token_pool
-from llmos.syscalls.errors import InvalidArgument, LLMOSError, NoSuchProcess
+from llmos.syscalls.errors import InvalidArgument, LLMOSError
 
 WARMUP_TOKENS = 4
 
@@ -112,14 +113,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     output = Lengths(args.output_len, args.output_len_spread, args.len_dist)
     loads = _loads(args)
     with _connect(args) as client:
-        model, context, pids = _prepare(client, args)
+        with _status("loading the model and warming it up"):
+            model, context, pids = _prepare(client, args)
         if prompt.max + output.max > context:
             raise InvalidArgument(f"prompts up to {prompt.max} tokens and outputs up to {output.max} do not fit "
                                   f"the model's context of {context} tokens: shorten --prompt-len/--output-len or "
                                   f"their spread")
         records = client.data.iter(args.data) if args.data else None
-        pool = token_pool(lambda text: client.score(text, args.model, add_special_tokens=False)["token_ids"],
-                          max(4 * prompt.max, 256), args.seed, records)
+        with _status("making the prompts (the kernel tokenises their text)"):
+            pool = token_pool(lambda text: client.score(text, args.model, add_special_tokens=False)["token_ids"],
+                              max(4 * prompt.max, 256), args.seed, records)
         params = {"model": args.model, "priority": args.priority, "temperature": args.temperature}
         points = []
         for load in loads:
@@ -195,12 +198,27 @@ def _run(client: Any, load: Any, pool: list[int], prompt: Lengths, output: Lengt
 
 
 def _end(client: Any, pids: set[int]) -> None:
+    """TERM every process of ours still in flight, then reap them: all signalled first, so they end together at
+    the next step rather than one step each."""
     for pid in list(pids):
         try:
             client.kill(pid, "TERM")
+        except LLMOSError:  # ended and reaped meanwhile (ESRCH), or the kernel is gone
+            pids.discard(pid)
+    for pid in list(pids):
+        try:
             client.wait(pid, timeout=30)
-        except (NoSuchProcess, LLMOSError):
+        except LLMOSError:
             pass
+
+
+def _status(text: str) -> Any:
+    """A rich spinner with ``text`` on stderr while a setup step runs (a model load takes seconds); nothing when
+    stderr is not a terminal."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return console.status(text) if console.is_terminal else contextlib.nullcontext()
 
 
 class _progress:

@@ -4,6 +4,9 @@ bad flags are usage errors; and its pure parts (the seeded workload, percentiles
 import json
 import math
 import random
+import signal
+import subprocess
+import sys
 import uuid
 from types import SimpleNamespace
 
@@ -13,6 +16,7 @@ from llmos.bench_report import percentile
 from llmos.bench_sample import Gpu, Sampler
 from llmos.bench_workload import Lengths, arrival_gaps, requests, seeded_text, token_pool
 from llmos.cli import main as cli_main
+from tests.conftest import wait_for
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -167,3 +171,28 @@ def test_what_the_kernel_or_the_model_refuses_is_one_errno_line(argv, errno, ker
     code, out, err = bench(kernel, tiny_model, capsys, "--requests", "1", *argv)
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith(f"llmos: [{errno}]"), err
+
+
+def _as_in_a_terminal():
+    # a background child starts with SIGINT ignored: give it the default a terminal's Ctrl-C meets
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_ends_every_request_in_flight_and_exits_130(kernel, tiny_model, client):
+    proc = subprocess.Popen([sys.executable, "-m", "llmos", "bench", "--address", kernel.address, "--model", tiny_model,
+                             "--requests", "3", "--rate", "inf", "--prompt-len", "8", "--output-len", "900"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_as_in_a_terminal)
+    try:
+        def running():  # its three requests, once each has a token (not the warm-up: its prompt is not 8 tokens)
+            pids = [p.pid for p in client.ps() if p.prompt_tokens == 8 and p.output_tokens > 0]
+            return pids if len(pids) == 3 else None
+
+        ours = wait_for(running, timeout=60, what="the bench's 3 requests running")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert not {p.pid for p in client.ps()} & set(ours)  # ended and reaped: nothing left behind
