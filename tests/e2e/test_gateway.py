@@ -6,15 +6,15 @@ One gateway for the module (its own home, so its API keys are its own), started 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
+import io
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,8 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmos import NoSuchProcess
-from llmos._wire import current_user
-from llmos.gateway.link import can_act_for
+from llmos.cli import main as cli_main
 from tests.conftest import free_port, wait_for
 
 BIN = [sys.executable, "-m", "llmos"]
@@ -67,8 +66,7 @@ class Gateway:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
     def llmos(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*BIN, *args, "--home", str(self.home)], env=self.env, capture_output=True, text=True,
-                              timeout=60)
+        return llmos_here(*args, "--home", str(self.home))
 
     def get(self, path: str) -> tuple[int, bytes]:
         try:
@@ -93,6 +91,14 @@ def gateway(kernel):
     g = Gateway(kernel)
     yield g
     assert g.stop() == 0
+
+
+def llmos_here(*argv: str) -> subprocess.CompletedProcess:
+    """An `llmos` command run in this process (these need no kernel: a subprocess would only add its start-up)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(list(argv))
+    return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
 
 
 def greedy(client, model: str, n: int, **kw) -> str:
@@ -292,8 +298,8 @@ def test_api_keys_pick_the_user_and_a_missing_or_unknown_key_is_401(gateway, ker
         r = oc.chat.completions.create(model=tiny_model, messages=[{"role": "user", "content": "k"}], max_tokens=2,
                                        extra_body={"session": True})
         pid = r.model_extra["session"]
-        # the key's user owns it once the client can act for users (AsyncClient act_for); until then the gateway's
-        assert client.stat(pid).owner == ("alice" if can_act_for() else current_user())
+        assert client.stat(pid).owner == "alice"  # the gateway (the admin here) acts for the key's user
+        assert [p.owner for p in client.ps() if p.pid == pid] == ["alice"]
         with pytest.raises(openai.PermissionDeniedError):  # alice's session, not bob's
             bob.chat.completions.create(model=tiny_model, messages=[{"role": "user", "content": "k"}],
                                         extra_body={"session": pid})
@@ -322,6 +328,9 @@ def test_health_and_metrics_in_the_prometheus_text_format(gateway, tiny_model):
     ttft = [s for s in families["llmos_gateway_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
     assert sum(s.value for s in ttft) >= 1
     assert "llmos_gateway_requests_in_flight" in families and "llmos_gateway_request_duration_seconds" in families
+    assert "llmos_processes" in families  # the kernel's own registry follows the gateway's
+    types = [line.split()[2] for line in text.decode().splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types))  # no metric name twice
 
 
 def test_without_a_kernel_health_is_503_and_requests_are_503(kernel, tiny_model):
@@ -338,14 +347,12 @@ def test_without_a_kernel_health_is_503_and_requests_are_503(kernel, tiny_model)
 def test_serving_beyond_loopback_needs_api_keys_and_bad_api_key_commands_are_one_line(kernel):
     home = tempfile.mkdtemp(prefix="llmos-gw-", dir="/tmp")
     try:
-        r = subprocess.run([*BIN, "serve", "--host", "0.0.0.0", "--port", str(free_port()), "--home", home],
-                           env=kernel.env, capture_output=True, text=True, timeout=60)
+        r = llmos_here("serve", "--host", "0.0.0.0", "--port", str(free_port()), "--home", home)
         assert r.returncode == 2 and "loopback" in r.stderr and "llmos api-key add" in r.stderr
-        rm = subprocess.run([*BIN, "api-key", "rm", "nobody", "--home", home], env=kernel.env, capture_output=True,
-                            text=True, timeout=60)
+        rm = llmos_here("api-key", "rm", "nobody", "--home", home)
         assert rm.returncode == 1 and rm.stderr.startswith("llmos: [ENOENT]") and "Traceback" not in rm.stderr
-        bad = subprocess.run([*BIN, "api-key", "add", "no/slash", "--home", home], env=kernel.env,
-                             capture_output=True, text=True, timeout=60)
+        bad = llmos_here("api-key", "add", "no/slash", "--home", home)
         assert bad.returncode == 1 and "[EINVAL]" in bad.stderr
+        assert llmos_here("api-key", "ls", "--home", home).stdout.startswith("no API keys")
     finally:
         shutil.rmtree(home, ignore_errors=True)

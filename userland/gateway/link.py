@@ -2,25 +2,19 @@
 
 With API keys, each request acts for the key's user: a connection made with ``AsyncClient(act_for=USER)``,
 which the kernel allows when the gateway's account is the admin or was named with ``kernel start
---delegate``. A client without ``act_for`` (an older LLMOS) leaves every call the gateway's own.
-A connection the kernel dropped (KernelGone) is forgotten and made again at the next request.
+--delegate`` (else every call of it is EPERM). A connection the kernel dropped (KernelGone) is forgotten
+and made again at the next request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 from typing import Any
 
 from llmos.aclient import AsyncClient
 from llmos.syscalls.errors import KernelGone, KernelUnavailable, LLMOSError
 
 CONNECT_TIMEOUT_S = 5.0
-
-
-def can_act_for() -> bool:
-    """Whether this LLMOS's AsyncClient takes ``act_for`` (per-call delegation)."""
-    return "act_for" in inspect.signature(AsyncClient.__init__).parameters
 
 
 class KernelLink:
@@ -31,20 +25,16 @@ class KernelLink:
         self.address = address
         self._clients: dict[str | None, AsyncClient] = {}
         self._lock = asyncio.Lock()
-        self.delegates = can_act_for()
 
     async def client(self, user: str | None = None) -> AsyncClient:
         """The connection for ``user`` (made on first use). KernelUnavailable when no kernel answers."""
-        if not self.delegates:
-            user = None
         c = self._clients.get(user)
         if c is not None:
             return c
         async with self._lock:
             c = self._clients.get(user)
             if c is None:
-                kwargs: dict[str, Any] = {"act_for": user} if user is not None else {}
-                c = await AsyncClient(self.address, **kwargs).connect(timeout=CONNECT_TIMEOUT_S)
+                c = await AsyncClient(self.address, act_for=user).connect(timeout=CONNECT_TIMEOUT_S)
                 self._clients[user] = c
             return c
 

@@ -7,7 +7,7 @@ refused with a 400 that says so (:func:`refuse_unsupported`), never silently dro
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -194,6 +194,3 @@ def completion_prompts(req: CompletionRequest) -> list[dict[str, Any]]:
     if all(isinstance(x, int) for x in p):
         return [{"prompt_ids": list(p)}]
     return [{"prompt": x} if isinstance(x, str) else {"prompt_ids": list(x)} for x in p]
-
-
-Endpoint = Literal["completions", "chat"]
