@@ -192,6 +192,13 @@ class AsyncClient:
             if kind == protocol.CHUNK and payload.get("text"):
                 yield payload["text"]
 
+    async def stream_frames(self, pid: int) -> AsyncIterator[tuple[str, Any]]:
+        """The ``stream`` syscall's frames as they come, for programs that need more than the text (the
+        gateway: token ids for logprobs, the result): ("chunk", {text, token_ids}) for each piece, then
+        ("ok", the result map: pid, text, token_ids, finish_reason, error, signal, stats)."""
+        async for kind, payload in self._frames("stream", {"pid": pid}, None):
+            yield kind, payload
+
     @syscall_doc("write")
     async def write(self, pid: int, content: str, role: str = "user") -> TurnResult:
         """Waits for the whole reply and returns the TurnResult (as Client.write)."""

@@ -78,11 +78,9 @@ def align(chunks: list[tuple[str, list[int]]], total: int) -> list[str]:
 
 
 async def process_frames(client: AsyncClient, pid: int) -> AsyncIterator[tuple[str, Any]]:
-    """The ``stream`` syscall's frames: (CHUNK, {text, token_ids}) then (OK, the result map).
-
-    AsyncClient.stream yields text only; the gateway needs each chunk's token ids (logprobs) and the final
-    result, which this reads from the client's frame iterator."""
-    async for kind, payload in client._frames("stream", {"pid": pid}, None):
+    """The ``stream`` syscall's frames: (CHUNK, {text, token_ids}) then (OK, the result map): the gateway needs
+    each chunk's token ids (logprobs) and the final result, not only the text."""
+    async for kind, payload in client.stream_frames(pid):
         yield kind, payload
 
 
