@@ -18,15 +18,17 @@ Prompts (one user message, rendered by the model's chat template; the plain text
 
   plain: the same instruction, then ``\\n\\nSummaries:\\n{summaries}\\n\\nSummary:\\n``
 
-Long inputs: the part budget is the model's context (``model_info``'s context_len) less the prompt's own
-tokens (a probe: the prompt with an empty text, spawned for one token, whose prompt_tokens the kernel
-reports), less the summary's room (``--max-new-tokens``), less a margin of MARGIN tokens for what a tokenizer
-does at the joins. Tokens are counted by the kernel (``score``). A text within the budget is summarised in
-one call, streamed. A longer one is split (llmos.apps.chunking: paragraphs, then sentences, then words),
-each part summarised, and the summaries combined; summaries that together are still over the combine
-prompt's budget are packed into groups, each group combined, and so on until one call takes them all: that
-last call is the one streamed. Each round at least halves the summaries, because a part must hold two
-summaries (else EINVAL: lower --max-new-tokens).
+Long inputs: a text fits at once when its tokens are at most the model's context (``model_info``'s
+context_len) less the prompt's own tokens (a probe: the prompt with an empty text, spawned for one token,
+whose prompt_tokens the kernel reports), less the summary's room (``--max-new-tokens``), less a margin of
+MARGIN tokens for what a tokenizer does at the joins; it is then summarised in one call, streamed. Tokens are
+counted by the kernel (``score``). A longer text is split (llmos.apps.chunking: paragraphs, then sentences,
+then words), each part summarised, and the summaries combined; summaries that together are still over the
+combine prompt's budget are packed into groups, each group combined, and so on until one call takes them all:
+that last call, with the full --max-new-tokens, is the one streamed. Each round at least halves the
+summaries, because two fit one combine: the parts' and intermediate summaries get at most half the combine
+budget less MARGIN (fewer tokens than --max-new-tokens on a short context; EINVAL when that leaves less than
+MIN_PART_ROOM), and the parts are sized for that room.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from llmos.apps.base import AppModel, Prompt, Write, user_prompt
 from llmos.syscalls.errors import InvalidArgument
 
 MARGIN = 8  # tokens kept free in each part: a tokenizer may merge or split differently where texts join
+MIN_PART_ROOM = 16  # tokens: a part's summary shorter than this says too little to combine
 
 SUMMARIZE = "Summarize the following text. Reply with the summary only."
 COMBINE = ("The following are summaries of consecutive parts of one document. Combine them into one summary of "
@@ -57,12 +60,15 @@ def combine_prompt(summaries: str) -> Prompt:
 
 @dataclass
 class Plan:
-    """How a text was summarised: ``parts`` (the text's parts: 1 when it fit at once), ``rounds`` (combine
-    rounds after the parts' summaries), the parts' budget and the context, in tokens."""
+    """How a text was summarised, in tokens: the model's ``context``; ``part_budget`` (a part's most) and
+    ``combine_budget`` (the summaries one combine takes, at most); ``part_room`` (the most each part's summary,
+    and each intermediate one, may have: --max-new-tokens, less if two of them would not fit a combine);
+    ``parts`` (1: the text fit at once) and ``rounds`` (combine calls' rounds; 0 when it fit at once)."""
 
     context: int
     part_budget: int
-    combine_budget: int
+    combine_budget: int = 0
+    part_room: int = 0
     parts: int = 1
     rounds: int = 0
 
@@ -78,31 +84,36 @@ def overhead(app: AppModel, build: Callable[[str], Prompt]) -> int:
 def summarize(app: AppModel, text: str, write: Write | None = None) -> tuple[str, Plan]:
     """Summarise ``text`` on ``app``'s model; the final summary's text streams to ``write``. Returns (the summary,
     the Plan); each process's purpose (probe, summary, part I/N, round R group I/N, combine) goes to
-    ``app.on_pid``. Raises InvalidArgument (EINVAL) for an empty text, or a context too small for parts that
-    hold two summaries; the kernel's errors as AppModel.run."""
+    ``app.on_pid``. Raises InvalidArgument (EINVAL) for an empty text, or a context too small to combine two
+    summaries; the kernel's errors as AppModel.run."""
     if not text.strip():
         raise InvalidArgument("nothing to summarize: the input is empty")
     room = int(app.params.get("max_new_tokens") or 128)
     context = int(app.info().get("context_len") or 0)
-    part_budget = context - overhead(app, summarize_prompt) - room - MARGIN
+    own = overhead(app, summarize_prompt)
+    part_budget = context - own - room - MARGIN
     whole = app.count(text)
     if whole <= part_budget:
-        return app.run(summarize_prompt(text.strip()), write, purpose="summary").text, Plan(context, part_budget, 0)
-    plan = Plan(context, part_budget, context - overhead(app, combine_prompt) - room - MARGIN)
-    least = min(plan.part_budget, plan.combine_budget)
-    if least < 2 * (room + MARGIN):  # a part must hold two summaries, or combining them would never end
+        return app.run(summarize_prompt(text.strip()), write, purpose="summary").text, Plan(context, part_budget)
+    combine_budget = context - overhead(app, combine_prompt) - room - MARGIN
+    # the parts' summaries may be shorter than the final one: two of them (cut to half the budget) must fit a
+    # combine, or the rounds would never end
+    part_room = min(room, combine_budget // 2 - MARGIN)
+    plan = Plan(context, context - own - part_room - MARGIN, combine_budget, part_room)
+    if part_room < min(room, MIN_PART_ROOM) or plan.part_budget < part_room:
         raise InvalidArgument(f"the text is {whole} tokens, more than the model's context ({context} tokens) holds "
-                              f"with the prompt and a summary of {room} tokens; to summarise it in parts, each part "
-                              f"must hold two summaries: use --max-new-tokens "
-                              f"{max(1, (least + room - 2 * MARGIN) // 3)} or less")
+                              f"with the prompt and a summary of {room} tokens, and the context is too small to "
+                              "summarise it in parts and combine them: lower --max-new-tokens, or use a model with "
+                              "a longer context")
     parts = chunking.split(text, plan.part_budget, app.count, chunking.ratio_estimate(text, whole))
     plan.parts = len(parts)
-    summaries = []
-    for i, part in enumerate(parts, 1):
-        summaries.append(app.run(summarize_prompt(part), purpose=f"part {i}/{len(parts)}").text)
+    summaries = [app.run(summarize_prompt(part), purpose=f"part {i}/{len(parts)}", max_new_tokens=part_room).text
+                 for i, part in enumerate(parts, 1)]
 
     def combine(summaries_text: str, label: str) -> str:
-        return app.run(combine_prompt(summaries_text), write if label == "combine" else None, purpose=label).text
+        last = label == "combine"
+        return app.run(combine_prompt(summaries_text), write if last else None, purpose=label,
+                       max_new_tokens=room if last else part_room).text
 
     final, plan.rounds = combine_all(summaries, plan.combine_budget, app.count, combine)
     return final, plan
