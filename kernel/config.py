@@ -342,15 +342,16 @@ FLAGS: tuple[Flag, ...] = (
          "captures off (default 64M)"),
     Flag("listen", _Addresses(), "ADDRESS[,ADDRESS]", "more addresses to serve besides --address, e.g. "
          "tcp://0.0.0.0:5556: tcp is encrypted and authenticated with CURVE (keys: llmos user add), or with "
-         "--insecure plain, loopback only"),
+         "--insecure plain, loopback only (default: none, only --address)"),
     Flag("insecure", _Switch(), "", "serve tcp addresses without CURVE (loopback addresses only; every tcp "
          "caller is then the one user 'anonymous'): for development, never across machines"),
     Flag("group", _Group(), "GROUP", "share the kernel with the members of this OS group: the ipc socket "
          "becomes 0660 and its directory 0750 with that group (the home 0710); the rest of the home stays "
-         "owner-only"),
+         "owner-only (default: none, the owner only)"),
     Flag("delegate", _Delegates(), "NAME[=USER,USER][;NAME...]", "accounts that may act for other users, e.g. "
          "the account running the gateway (llmos serve): 'gateway' acts for any user but the admin, "
-         "'svc=alice,bob' only for those; the admin always may (kernel/delegation.py)"),
+         "'svc=alice,bob' only for those; the admin always may (kernel/delegation.py) (default: none, the admin "
+         "only)"),
     Flag("metrics_port", _IntIn(0, 65535), "PORT", "serve the Prometheus metrics (the prometheus syscall's "
          "text) on http://HOST:PORT/metrics; 0 picks a free port, said in the log (default: off)"),
     Flag("metrics_host", _Host(), "HOST", "the interface --metrics-port listens on; the metrics hold no "
