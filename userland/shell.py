@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from llmos._args import add_generation_flags, positive, sampling_params, signal_name, syscall_arg
-from llmos.cli import EXIT_SIGPIPE, end, format_models, internal_error, nice_message, outcome, quiet_stdout, reap, \
-    send_signal
+from llmos.cli import EXIT_SIGPIPE, end, format_models, format_stat, internal_error, nice_message, outcome, \
+    quiet_stdout, reap, send_signal
 from llmos.kernel.config import home_dir
 from llmos.llmos import LLMOS
 from llmos.shell_chat import COMMANDS as CHAT_COMMANDS, SETTING_HELP, Chat, ChatSettings
@@ -311,9 +311,7 @@ class Shell:
         self.say(outcome(r) or f"[pid {r.pid}: {r.finish_reason}, {r.stats.output_tokens} tokens]")
 
     def do_stat(self, a: argparse.Namespace) -> None:
-        info = self.os.client.stat(a.pid)
-        for k, v in info.__dict__.items():
-            self.say(f"{k:>14}: {self.shown(v) if isinstance(v, str) else v}")
+        self.say(self.shown(format_stat(self.os.client.stat(a.pid))))
 
     def do_status(self, a: argparse.Namespace) -> None:
         info = self.os.client.kernel_info()

@@ -162,7 +162,7 @@ class Chat:
 
     def __init__(self, client: Client, settings: ChatSettings, read: Callable[[str], str | None],
                  write: Callable[[str], None], show: Callable[[str], str] = lambda t: t,
-                 loading: Callable[[str | None], ContextManager[None]] = lambda model: contextlib.nullcontext()) -> None:
+                 loading: Callable[[str | None], ContextManager[None]] = lambda _: contextlib.nullcontext()) -> None:
         self.client, self.settings = client, settings
         self.read, self.write, self.show, self.loading = read, write, show, loading
         self.messages: list[dict[str, str]] = []  # the turns (user, assistant), in order; the system prompt apart

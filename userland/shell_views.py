@@ -35,8 +35,9 @@ def format_devices(devices: list[dict[str, Any]]) -> str:
             util = d.get("utilization_pct")
             load = f"{d.get('model', '')}" + (f", {util:.0f}% busy" if util is not None else "")
             avail = d.get("memory_free_bytes", d.get("free_bytes"))
-        lines.append(f"{str(d.get('name', '?'))[:10]:<10} {d.get('kind', '?'):<4} {_mib(d.get('memory_total_bytes')):>12} "
-                     f"{_mib(avail):>12} {_mib(d.get('reserved_bytes')):>12} {_mib(d.get('budget_bytes')):>12}  {load}")
+        lines.append(f"{str(d.get('name', '?'))[:10]:<10} {d.get('kind', '?'):<4} "
+                     f"{_mib(d.get('memory_total_bytes')):>12} {_mib(avail):>12} {_mib(d.get('reserved_bytes')):>12} "
+                     f"{_mib(d.get('budget_bytes')):>12}  {load}")
         for holder, size in sorted((d.get("holders") or {}).items()):
             lines.append(f"  {_mib(size):>12}  {holder}")
     if not any(d.get("kind") == "gpu" for d in devices):

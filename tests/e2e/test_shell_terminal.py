@@ -87,6 +87,8 @@ def test_a_user_at_a_terminal_chats_completes_searches_history_and_looks_at_the_
         name = tiny_model[-48:]
         out = sh.do("models", "MODEL", "KV USED/TOTAL", name)
         assert re.search(rf"{re.escape(name)}\s+cpu\s+\d+\s+pinned", out), out
+        sh.do(f"load {tiny_model}", re.compile(rf"{re.escape(name)}\s+cpu\s+\d+\s+pinned"))  # loaded: at once
+        sh.do("unload /no/such/model", "error: [E")
         sh.do("metrics", "LATENCY (ms)", re.compile(r"(?m)^ttft\s+[\d.-]+"), "TOK OUT")
         sh.do("top -n 1", "llmos top - ", "TOK/S", "PID  STATE")
 
@@ -119,6 +121,7 @@ def test_a_user_at_a_terminal_chats_completes_searches_history_and_looks_at_the_
         # ...holding the conversation: the system prompt, both turns and their replies
         second_context = client.stat(second).prompt_tokens
         assert second_context > first_context + len("Be brief.first line\nsecond line")
+        sh.do("/load /no/such/model", "error: [E")  # the chat goes on, with its model
         sh.do("/clear", "Cleared session context")
         sh.do("again")
         out = sh.do("/show", "1 turns in the conversation")
