@@ -83,6 +83,41 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+class _Watch:
+    """What a person sees while an app waits: on a terminal's stderr a spinner naming the stage (loading the
+    model, the process's purpose and its state), erased before the first text of the output; with -v a line
+    per process. ``on_spawn`` is AppModel's hook; ``write`` the output's writer (None: --json)."""
+
+    def __init__(self, address: str, model: str | None, verbose: bool, streamed: bool) -> None:
+        from llmos.client import Client
+        from llmos.progress import Spinner, Stages
+
+        self.verbose, self.purpose = verbose, ""
+        # spawning from the start: the app's first call (model_info, score) may be what loads the model
+        self.stages = Stages(lambda: Client(address), model, spawning=True)
+        self.spinner = Spinner("connecting to the kernel", poll=self._poll).start()
+        self.write: Callable[[str], None] | None = self._write if streamed else None
+
+    def _poll(self) -> str | None:
+        said = self.stages()
+        return f"{self.purpose}: {said}" if said and self.purpose and self.stages.pid is not None else said
+
+    def on_spawn(self, purpose: str, pid: int | None) -> None:
+        self.purpose = purpose
+        self.stages.pid = pid
+        self.spinner.stage(f"{purpose}: {'starting the process' if pid is None else 'waiting in queue'}")
+        if pid is not None and self.verbose:
+            self.spinner.print(f"[pid {pid}: {purpose}]")
+
+    def _write(self, text: str) -> None:
+        self.spinner.stop()  # the output's first text: the spinner's line is erased before it
+        _write(text)
+
+    def close(self) -> None:
+        self.spinner.stop()
+        self.stages.close()
+
+
 def _run(args: argparse.Namespace, name: str, work: Callable[["AppModel", Callable[[str], None] | None], Any]) -> int:
     """Connect (or start a kernel, as ``run`` does), run ``work(app, write)`` and report: the streamed text and a
     newline, or ``--json``'s object; the kernel's warnings on stderr; the exit status of the last process."""
@@ -90,31 +125,32 @@ def _run(args: argparse.Namespace, name: str, work: Callable[["AppModel", Callab
     from llmos.cli import _address, exit_status
     from llmos.llmos import LLMOS
 
-    def said(pid: int, purpose: str) -> None:
-        print(f"[pid {pid}: {purpose}]", file=sys.stderr, flush=True)
-
-    os_ = LLMOS(model_path=args.model, address=_address(args), home=args.home)
+    watch = _Watch(_address(args), args.model, args.verbose, streamed=not args.json)
+    os_ = None
     try:
-        app = AppModel(os_.client, args.model, sampling_params(args), args.priority, said if args.verbose else None)
-        extra = work(app, None if args.json else _write)
-        last = app.last
-        if args.json:
-            out = {"app": name, "model": args.model or "default", "text": last.text if last else "",
-                   "finish_reason": last.finish_reason if last else None,
-                   "calls": [c.to_json() for c in app.calls], "warnings": app.warnings, **(extra or {})}
-            print(json.dumps(out, ensure_ascii=False))
-        else:
-            _write("\n")
-            for w in app.warnings:
-                print(f"[{w}]", file=sys.stderr)
-            if last is not None and last.finish_reason == "killed":
-                print(f"[pid {last.pid} killed by SIG{last.signal or 'TERM'}]", file=sys.stderr)
-            elif last is not None and last.finish_reason == "length" and not args.ignore_eos:
-                print(f"[pid {last.pid}: the output stopped at --max-new-tokens ({last.stats.output_tokens} tokens)]",
-                      file=sys.stderr)
-        return exit_status(last) if last is not None else 0
+        os_ = LLMOS(model_path=args.model, address=_address(args), home=args.home)
+        app = AppModel(os_.client, args.model, sampling_params(args), args.priority, watch.on_spawn)
+        extra = work(app, watch.write)
     finally:
-        os_.close()
+        watch.close()  # before an embedded kernel's shutdown: the spinner would show a stale stage meanwhile
+        if os_ is not None:
+            os_.close()
+    last = app.last
+    if args.json:
+        out = {"app": name, "model": args.model or "default", "text": last.text if last else "",
+               "finish_reason": last.finish_reason if last else None,
+               "calls": [c.to_json() for c in app.calls], "warnings": app.warnings, **(extra or {})}
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        _write("\n")
+        for w in app.warnings:
+            print(f"[{w}]", file=sys.stderr)
+        if last is not None and last.finish_reason == "killed":
+            print(f"[pid {last.pid} killed by SIG{last.signal or 'TERM'}]", file=sys.stderr)
+        elif last is not None and last.finish_reason == "length" and not args.ignore_eos:
+            print(f"[pid {last.pid}: the output stopped at --max-new-tokens ({last.stats.output_tokens} tokens)]",
+                  file=sys.stderr)
+    return exit_status(last) if last is not None else 0
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
@@ -182,14 +218,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from llmos.cli import _address
     from llmos.llmos import LLMOS
 
-    def said(pid: int, purpose: str) -> None:
-        print(f"[pid {pid}: {purpose}]", file=sys.stderr, flush=True)
-
     lines = read_lines(args.files)
-    os_ = LLMOS(model_path=args.model, address=_address(args), home=args.home)
+    watch = _Watch(_address(args), args.model, args.verbose, streamed=False)
     try:
-        app = AppModel(os_.client, args.model, sampling_params(args), args.priority, said if args.verbose else None)
-        with Dialogue(app, args.system) as dialogue:
+        os_ = LLMOS(model_path=args.model, address=_address(args), home=args.home)
+    except BaseException:
+        watch.close()
+        raise
+    try:
+        app = AppModel(os_.client, args.model, sampling_params(args), args.priority, watch.on_spawn)
+        try:  # the spinner until the session has started (its model may load), gone before "you>"
+            dialogue = Dialogue(app, args.system)
+        finally:
+            watch.close()
+        with dialogue:
             for line in lines:
                 if line.strip() in EXIT_WORDS:
                     break

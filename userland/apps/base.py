@@ -59,7 +59,8 @@ class AppModel:
 
     ``model``: a model directory, a store model name, or None (the kernel's default). ``params``: spawn's
     fields (max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos, deadline, queue_timeout).
-    ``on_pid(pid, purpose)``: told of each process once spawned (``-v`` prints it). ``chat_template``: whether
+    ``on_spawn(purpose, pid)``: told of each process as it starts: ``pid`` None just before the spawn (the model
+    may load meanwhile), then its pid (``-v`` prints it; a spinner shows the stage). ``chat_template``: whether
     the model has one, None until the first spawn tells. ``calls``: every process run, in order; ``warnings``
     what the kernel said about them (max_new_tokens cut to the context...); ``last`` the last one's result."""
 
@@ -67,7 +68,7 @@ class AppModel:
     model: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     priority: int = 0
-    on_pid: Callable[[int, str], None] | None = None
+    on_spawn: Callable[[str, int | None], None] | None = None
     chat_template: bool | None = None
     calls: list[Call] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -93,9 +94,11 @@ class AppModel:
         process's result (reaped). An error the process ended with is raised (TimedOut past --deadline...); a
         process killed by someone else returns with finish_reason "killed". An exception here (Ctrl-C, SIGTERM
         to the command) ends the process first (TERM) and reaps it: an app never leaves one behind."""
+        if self.on_spawn is not None:
+            self.on_spawn(purpose, None)
         pid = self.spawn(prompt, **override)
-        if self.on_pid is not None:
-            self.on_pid(pid, purpose)
+        if self.on_spawn is not None:
+            self.on_spawn(purpose, pid)
         stream = self.client.stream(pid)
         try:
             for text in stream:

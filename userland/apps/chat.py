@@ -37,11 +37,13 @@ class Dialogue:
         if not self.template:
             params["stop"] = [*(params.get("stop") or []), PLAIN_STOP]
         messages = [{"role": "system", "content": self.system}] if self.template and self.system else None
+        if app.on_spawn is not None:
+            app.on_spawn("session", None)
         self.pid: int = app.client.spawn(messages=messages, model=app.model, priority=app.priority, session=True,
                                          **params)
         app.chat_template = self.template
-        if app.on_pid is not None:
-            app.on_pid(self.pid, "session")
+        if app.on_spawn is not None:
+            app.on_spawn("session", self.pid)
         self.turns = 0
         self.last: TurnResult | None = None
         self.result: ProcessResult | None = None

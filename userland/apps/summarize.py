@@ -84,7 +84,7 @@ def overhead(app: AppModel, build: Callable[[str], Prompt]) -> int:
 def summarize(app: AppModel, text: str, write: Write | None = None) -> tuple[str, Plan]:
     """Summarise ``text`` on ``app``'s model; the final summary's text streams to ``write``. Returns (the summary,
     the Plan); each process's purpose (probe, summary, part I/N, round R group I/N, combine) goes to
-    ``app.on_pid``. Raises InvalidArgument (EINVAL) for an empty text, or a context too small to combine two
+    ``app.on_spawn``. Raises InvalidArgument (EINVAL) for an empty text, or a context too small to combine two
     summaries; the kernel's errors as AppModel.run."""
     if not text.strip():
         raise InvalidArgument("nothing to summarize: the input is empty")
