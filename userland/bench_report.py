@@ -86,7 +86,8 @@ def _rows(p: dict[str, Any]) -> list[tuple[str, str]]:
     rows += _dist_rows("kernel TTFT ms", p["kernel"]["ttft_ms"], ("p50", "p99"))
     rows += _dist_rows("kernel TPOT ms", p["kernel"]["tpot_ms"], ("p50", "p99"))
     rows += [("CPU % mean / peak", mp("cpu_percent")), ("RSS MiB mean / peak", mp("rss_mib")),
-             ("GPU util % mean / peak", mp("gpu_util_percent")), ("GPU MiB mean / peak", mp("gpu_memory_mib"))]
+             ("GPU util % mean / peak", mp("gpu_util_percent")), ("GPU MiB mean / peak", mp("gpu_memory_mib")),
+             ("machine load avg 1 min", f"{res['load_avg_1m']:.1f} / {res['cores']} cores")]
     return rows
 
 
@@ -147,7 +148,11 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
     axes[2].plot(xs, [p["output_throughput"] for p in points], "o-")
     axes[2].set_title("output tokens/s")
     axes[2].set_ylim(bottom=0)
+    wide = min(xs) > 0 and max(xs) / min(xs) >= 8  # a doubling sweep (1,2,4,8...) spaced evenly
     for ax in axes:
+        if wide:
+            ax.set_xscale("log", base=2)
+            ax.minorticks_off()
         ax.set_xlabel("request rate (req/s)" if kind == "rate" else "concurrency (requests in flight)")
         ax.set_xticks(xs)
         ax.set_xticklabels([str(v) for v in values])

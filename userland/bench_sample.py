@@ -4,6 +4,7 @@ thread every ``interval`` seconds; each reported as mean and peak over the sampl
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -56,8 +57,9 @@ class Sampler:
     every ``interval`` seconds from ``start()`` to ``stop()``, which returns the summary:
 
     {cpu_percent: {mean, peak} (100 = one core, summed over the processes), rss_mib: {mean, peak} (summed),
-    gpu_util_percent, gpu_memory_mib: {mean, peak}, samples, cores} where a value that cannot be measured
-    here is "n/a". A process that ends meanwhile (a worker restarted) just stops counting."""
+    gpu_util_percent, gpu_memory_mib: {mean, peak}, samples, cores, load_avg_1m (this machine's, at the end)}
+    where a value that cannot be measured here is "n/a". A process that ends meanwhile (a worker restarted) just
+    stops counting. GPU figures are the whole devices' (other programs' use included)."""
 
     def __init__(self, pids: list[int] | None, interval: float = 0.5, gpu: Gpu | None = None) -> None:
         self.interval = interval
@@ -103,6 +105,8 @@ class Sampler:
         return {"cpu_percent": _stats(self.cpu), "rss_mib": _stats(self.rss),
                 "gpu_util_percent": _stats(self.gpu_util), "gpu_memory_mib": _stats(self.gpu_mem),
                 "samples": max(len(self.cpu), len(self.gpu_util)), "cores": psutil.cpu_count(),
+                # other work on this machine competes for its cores: a busy one shows here
+                "load_avg_1m": os.getloadavg()[0],
                 "processes": len(self.procs) if self.local else NA}
 
 

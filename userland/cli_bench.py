@@ -71,12 +71,12 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                       "once; several (1,2,4) make a sweep (default: inf)")
     load.add_argument("--concurrency", type=_list_of(int, "whole numbers"), default=None, metavar="C[,C...]",
                       help="closed loop: C requests in flight, the next sent as one ends; several (1,2,4) make a "
-                      "sweep")
+                      "sweep (default: --rate inf)")
     size = b.add_mutually_exclusive_group()
     size.add_argument("-n", "--requests", type=positive(int), metavar="N", default=None,
                       help="requests per load point (default 32)")
     size.add_argument("--duration", type=positive(float), metavar="S", default=None,
-                      help="seconds each load point sends requests for (those in flight are then waited for)")
+                      help="seconds each load point sends requests for, those in flight then waited for (default: --requests 32)")
     b.add_argument("--prompt-len", type=positive(int), metavar="TOKENS", default=128, help="mean prompt length, tokens (default 128)")
     b.add_argument("--prompt-len-spread", type=_fraction, metavar="FRACTION", default=0.0,
                    help="prompt length spread, a fraction of the mean (default 0: fixed length)")
@@ -89,7 +89,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                    "standard deviation mean*spread clipped to 1..2*mean (default uniform)")
     b.add_argument("--data", default=None, metavar="NAME",
                    help="cut the prompts from stored data set NAME (llmos data import) instead of seeded random "
-                   "English text")
+                   "English text (default)")
     b.add_argument("--seed", type=syscall_arg("spawn", "seed"), metavar="N", default=0,
                    help="workload seed: the same seed, the same prompts, lengths and arrivals (default 0)")
     b.add_argument("--model", default=None, help="model directory or store name (default: the default model)")
@@ -100,7 +100,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     b.add_argument("--sample-interval", type=positive(float), metavar="S", default=0.5,
                    help="seconds between resource samples (default 0.5)")
     b.add_argument("--plot", type=_png_path, default=None, metavar="FILE.png",
-                   help="write a PNG of TTFT and TPOT p50/p99 and output tok/s against load")
+                   help="write a PNG of TTFT and TPOT p50/p99 and output tok/s against load (default: no plot)")
     b.add_argument("--json", action="store_true", help="print the report as JSON (for programs) instead of a table")
     b.set_defaults(fn=cmd_bench)
 

@@ -123,6 +123,7 @@ def test_a_tiny_closed_loop_run_reports_consistent_counts_percentiles_and_resour
     assert res["processes"] == 2  # the kernel and the model's one worker
     assert res["rss_mib"]["peak"] >= res["rss_mib"]["mean"] > 10
     assert res["cpu_percent"]["peak"] >= res["cpu_percent"]["mean"] >= 0
+    assert res["load_avg_1m"] >= 0 and res["cores"] >= 1
     if not Gpu().available:
         assert res["gpu_util_percent"] == res["gpu_memory_mib"] == "n/a"
 
@@ -144,7 +145,8 @@ def test_a_rate_sweep_prints_its_table_and_plots_latency_against_load(kernel, ti
     header = next(ln for ln in lines if ln.startswith("load"))
     assert "rate 50.0/s" in header and "rate inf" in header
     for row in ("requests ok / errors", "output tok/s", "TTFT ms p99", "TPOT ms p50", "E2E ms p90",
-                "kernel TTFT ms p50", "CPU % mean / peak", "RSS MiB mean / peak", "GPU util % mean / peak"):
+                "kernel TTFT ms p50", "CPU % mean / peak", "RSS MiB mean / peak", "GPU util % mean / peak",
+                "machine load avg 1 min"):
         assert any(ln.startswith(row) for ln in lines), row
     assert next(ln for ln in lines if ln.startswith("requests ok")).split()[-6:] == ["3", "/", "0", "3", "/", "0"]
     data = png.read_bytes()
