@@ -82,6 +82,7 @@ class Executor(Actor):
         self.stats: dict[str, Any] = {}
         self.batch_sum = 0
         self.batch_max = 0
+        self.stage = "starting the worker"  # the load stage the worker reported last, until Ready
         self.step_count = 0
         self.step_time = 0.0
         self.tokens_out = 0
@@ -301,6 +302,9 @@ class Executor(Actor):
             case wp.Captured() | wp.CaptureDone():  # captured intermediates: stored by kernel/capture.py
                 capture.deliver(msg)
             case wp.Heartbeat():
+                if not self.ready.done():  # loading: the worker says which stage began (drivers/model/worker.py)
+                    self.stage = (msg.stats or {}).get("stage") or self.stage
+                    return
                 self.running = msg.running
                 if msg.stats:
                     self.stats = msg.stats
@@ -370,6 +374,7 @@ class Executor(Actor):
                 "max_prompt_chars": self.info.get("max_prompt_chars"),
                 "has_chat_template": self.info.get("has_chat_template"),
                 "ready": self.ready.done() and not self.dead, "max_batch": self.max_batch,
+                "stage": None if self.ready.done() else self.stage,
                 "kernels": self.info.get("kernels"),
                 "kv_policy": self.info.get("kv_policy"), "kv_block_size": self.info.get("kv_block_size"),
                 "kv_used": s.get("kv_used", 0), "kv_free": s.get("kv_free", self.info.get("kv_blocks", 0)),

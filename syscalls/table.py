@@ -160,8 +160,9 @@ MODEL_DESCRIPTION = (
     Field("keep_alive", "float", nullable=True),
     Field("kv_policy", "str", nullable=True),
     Field("estimate", "map", "parameters, weight_bytes, kv_bytes, kv_bytes_per_token, overhead_bytes, total_bytes"),
-    Field("executors", "list[map]", "per instance: worker_pid, engine, running, kv_used/free/total, steps, "
-          "batch_mean/max, tokens_out, preemptions", nullable=True),
+    Field("executors", "list[map]", "per instance: worker_pid, engine, ready, stage (while it loads: starting "
+          "the worker, importing torch and transformers, reading weights, building the KV pool; null once "
+          "ready), running, kv_used/free/total, steps, batch_mean/max, tokens_out, preemptions", nullable=True),
 )
 
 SYSCALLS: tuple[Syscall, ...] = (

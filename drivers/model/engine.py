@@ -19,7 +19,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -639,12 +639,19 @@ def check_tokenizer(tokenizer: Any, vocab_size: int) -> None:
                               "vocab.json with merges.txt, vocab.txt...) are missing or empty")
 
 
-def load_engine(path: str | Path, device: str | None = None, engine: str = "auto", **kw: Any) -> BaseEngine:
-    """Load a model directory and wrap it in the best engine that supports its architecture."""
+def load_engine(path: str | Path, device: str | None = None, engine: str = "auto", *,
+                on_stage: Callable[[str], None] | None = None, loader: Callable[..., Any] | None = None,
+                **kw: Any) -> BaseEngine:
+    """Load a model (``loader``: a directory by default; the store's for a store model) and wrap it in the
+    best engine that supports its architecture. ``on_stage`` is told each stage as it starts ("reading
+    weights", "building the KV pool"): the worker reports them, and ``llmos run`` shows them while it waits."""
     from llmos.drivers.model.paged import PagedEngine
     from llmos.drivers.model.sequential import SequentialEngine
 
-    model, tokenizer, dev = load_model(path, device)
+    stage = on_stage or (lambda _: None)
+    stage("reading weights")
+    model, tokenizer, dev = (loader or load_model)(path, device)
+    stage("building the KV pool")
     if engine == "paged" or (engine == "auto" and PagedEngine.supports(model)):
         return PagedEngine(model, tokenizer, dev, name=str(path), **kw)
     return SequentialEngine(model, tokenizer, dev, name=str(path), **kw)

@@ -372,10 +372,6 @@ def load_model(model: str, device: str | None = None, home: Path | str | None = 
 
 def load_engine(model: str, device: str | None = None, engine: str = "auto", **kw: Any) -> Any:
     """``engine.load_engine`` for a store model: the best engine for its architecture over :func:`load_model`."""
-    from llmos.drivers.model.paged import PagedEngine
-    from llmos.drivers.model.sequential import SequentialEngine
+    from llmos.drivers.model.engine import load_engine as load_any
 
-    net, tokenizer, dev = load_model(model, device)
-    if engine == "paged" or (engine == "auto" and PagedEngine.supports(net)):
-        return PagedEngine(net, tokenizer, dev, name=model, **kw)
-    return SequentialEngine(net, tokenizer, dev, name=model, **kw)
+    return load_any(model, device, engine, loader=load_model, **kw)

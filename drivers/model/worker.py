@@ -84,8 +84,13 @@ class Worker:
         else:
             self.sock.send(frame)
 
+    def _stage(self, stage: str) -> None:
+        """Tell the kernel which load stage has begun (a heartbeat before Ready: model_info's ``stage``)."""
+        self.send(p.Heartbeat(0, {"stage": stage}))
+
     def serve(self) -> int:
         try:
+            self._stage("importing torch and transformers")
             from transformers.utils import logging as hf_logging
 
             from llmos.drivers.model import from_store
@@ -95,7 +100,8 @@ class Worker:
             t0 = time.time()
             # a model in the store (store:/models/<name>) is mapped from $LLMOS_HOME/store, opened read-only here
             load = from_store.load_engine if from_store.ref_name(self.model_path) else load_engine
-            self.engine = load(self.model_path, self.device, **{**self.options, "spill_dir": self._spill_dir()})
+            self.engine = load(self.model_path, self.device, on_stage=self._stage,
+                               **{**self.options, "spill_dir": self._spill_dir()})
             self.engine.urgent_waiting = self._urgent_waiting  # the paged engine's steps yield to urgent arrivals
             info = self.engine.info()
             info["load_s"] = time.time() - t0

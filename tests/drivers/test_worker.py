@@ -152,7 +152,8 @@ def load_failure(tmp_path, model):
     thread = threading.Thread(target=lambda: result.setdefault("rc", w.serve()), daemon=True)
     thread.start()
     try:
-        msg = codec.decode(kernel_end.recv())
+        while (msg := codec.decode(kernel_end.recv()))["op"] == "hb":  # the load stages, before the outcome
+            pass
         if msg["op"] != "failed":
             kernel_end.send(codec.encode({"op": "shutdown"}))
         thread.join(30)
@@ -241,7 +242,10 @@ def test_a_worker_process_runs_add_preempt_resume_append_and_abort_over_its_sock
                     out += [ev for ev in msg.events if ev.pid == pid]
             return out
 
-        ready = p.from_wire(codec.decode(kernel.recv()))
+        stages = []  # the load stages the worker reports before Ready (model_info's executors[].stage)
+        while isinstance(ready := p.from_wire(codec.decode(kernel.recv())), p.Heartbeat):
+            stages.append(ready.stats["stage"])
+        assert stages == ["importing torch and transformers", "reading weights", "building the KV pool"]
         assert isinstance(ready, p.Ready) and ready.info["swap_blocks"] == ready.info["kv_blocks"]
         send(p.Add(7, prompt, greedy, user="ann", session=True))
         turn = events_until(7, lambda ev: ev.token_ids)

@@ -84,12 +84,30 @@ def test_model_info_estimates_memory_before_loading(capped, two_models):
 
 
 def test_two_instances_share_the_work_and_models_shows_memory_per_instance_and_in_total(kernel, tmp_path, capsys):
+    import threading
+
     path = str(make_tiny_llama(tmp_path / "c", seed=3))
+    stages, loaded = set(), threading.Event()
+
+    def watch():  # what model_info says while the load runs: each instance's load stage
+        with kernel.client() as w:
+            while not loaded.is_set():
+                stages.update(e["stage"] for e in w.model_info(path).get("executors") or [] if e.get("stage"))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     with kernel.client() as c:
         # llmos load and unload, as a user runs them
-        assert cli_main(["--address", kernel.address, "load", path, "--instances", "2", "--kv-policy", "dynamic",
-                         "--kv-blocks", "16", "--kv-max-blocks", "512", "--json"]) == 0
+        try:
+            assert cli_main(["--address", kernel.address, "load", path, "--instances", "2", "--kv-policy", "dynamic",
+                             "--kv-blocks", "16", "--kv-max-blocks", "512", "--json"]) == 0
+        finally:
+            loaded.set()
+            watcher.join(30)
+        assert "importing torch and transformers" in stages and stages <= {
+            "starting the worker", "importing torch and transformers", "reading weights", "building the KV pool"}
         d = json.loads(capsys.readouterr().out)
+        assert all(e["stage"] is None for e in d["executors"])  # ready: no stage
         assert d["instances"] == 2 and d["kv_policy"] == "dynamic" and c.model_info(path)["loaded"] is True
         assert d["instances"] == 2 and len({e["worker_pid"] for e in d["executors"]}) == 2
         # both workers built (or found) the native CPU kernels; without a compiler they use torch's
