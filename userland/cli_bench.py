@@ -158,8 +158,7 @@ def _prepare(client: Any, args: argparse.Namespace) -> tuple[str, int, list[int]
     Returns (the model as the kernel names it, its context in tokens, the pids to sample: the kernel's and the
     model's workers', None when the kernel is not on this machine)."""
     pid = client.spawn(prompt="Warm up", model=args.model, priority=args.priority, max_new_tokens=WARMUP_TOKENS,
-                       temperature=0.0,
-                       ignore_eos=True)
+                       temperature=0.0, ignore_eos=True)
     client.wait(pid, timeout=600)
     info = client.model_info(args.model)
     executors = info.get("executors") or []
