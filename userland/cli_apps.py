@@ -263,13 +263,13 @@ def _set_help(parser: argparse.ArgumentParser, dest: str, default: Any, text: st
 def _app_flags(parser: argparse.ArgumentParser, json_help: str) -> None:
     add_generation_flags(parser)
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="print each process's pid and what it is for (and summarize's parts) to stderr")
+                        help="print each process's pid and what it is for (a summary's parts too) to stderr")
     parser.add_argument("--json", action="store_true", help=json_help)
 
 
 JSON_HELP = ("print one JSON object once done instead of streaming: {app, model, text, finish_reason, calls (pid, "
              "purpose, prompt_tokens, output_tokens, finish_reason of each process), warnings, ...}")
-FILES_HELP = "input files, joined by blank lines (- or none: stdin)"
+FILES_HELP = "input files, joined by blank lines (- is stdin; default: stdin)"
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -308,9 +308,10 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     q.add_argument("question", nargs="?", default=None, metavar="QUESTION",
                    help="the question (default: read from stdin)")
     q.add_argument("--context", action="append", default=None, metavar="FILE",
-                   help="a file of context (repeatable; - is stdin)")
+                   help="a file of context (repeatable; - is stdin; default: none)")
     q.add_argument("--context-data", default=None, metavar="NAME",
-                   help="a data set in the store (/data/NAME, `llmos data import`) whose records are the context")
+                   help="a data set in the store (/data/NAME, `llmos data import`) whose records are the context "
+                   "(default: none; give it or --context)")
     _app_flags(q, JSON_HELP + " plus question")
     q.set_defaults(fn=cmd_qa)
 
@@ -318,7 +319,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                         description="A session (its context kept between turns) with a system prompt; each line "
                         "of the files or stdin is a user turn, and its reply streams to stdout, then a newline. Ends "
                         "at end of input or /exit; empty lines are skipped.")
-    c.add_argument("files", nargs="*", metavar="FILE", help="files of turns, one a line (- or none: stdin)")
+    c.add_argument("files", nargs="*", metavar="FILE", help="files of turns, one a line (- is stdin; default: stdin)")
     from llmos.apps.chat import SYSTEM
 
     c.add_argument("--system", default=SYSTEM, help=f"the system prompt ('' for none; default: {SYSTEM!r})")

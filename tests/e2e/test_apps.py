@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import select
 import shutil
 import signal
 import subprocess
@@ -130,7 +132,8 @@ def test_translate_sends_the_documented_prompt_and_streams_its_output_before_the
         line = app.stderr.readline().decode()
         assert line.startswith("[pid ") and line.endswith(": translation]\n"), line + app.stderr.read().decode()
         pid = int(line[5:].split(":")[0])
-        assert app.stdout.read(1)  # text has arrived while the process is still generating
+        ready, _, _ = select.select([app.stdout], [], [], 60)  # a deadline, not a wait forever on a buffering app
+        assert ready and os.read(app.stdout.fileno(), 1)  # text has arrived while the process is still generating
         assert client.stat(pid).state in ("READY", "RUNNING")
         got = json.loads(client.fs.get(f"/proc/{pid}/prompt_ids"))
         expected = translate_prompt("Dear kernel,\nplease keep my context.", "French", "English")
