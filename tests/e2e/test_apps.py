@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -197,7 +196,8 @@ def test_summarize_splits_a_long_text_into_parts_that_fit_the_context_with_the_p
     probes = [c for c in calls if c["purpose"] == "probe"]
     assert [c["prompt_tokens"] for c in probes] == [blen(summarize_prompt("").plain), blen(combine_prompt("").plain)]
     assert plan["context"] == PLAIN_CONTEXT
-    assert plan["part_room"] == room and plan["part_budget"] == PLAIN_CONTEXT - probes[0]["prompt_tokens"] - room - MARGIN
+    assert plan["part_room"] == room
+    assert plan["part_budget"] == PLAIN_CONTEXT - probes[0]["prompt_tokens"] - room - MARGIN
     assert blen(text) > plan["part_budget"]
     # the parts are whole paragraphs, and each prompt the kernel counted is the documented one, within the context
     parts = chunking.split(text, plan["part_budget"], blen, chunking.ratio_estimate(text, blen(text)))
