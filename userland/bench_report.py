@@ -91,9 +91,13 @@ def _rows(p: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _value(v: Any) -> str:
+    return v if isinstance(v, str) else f"{v:g}"
+
+
 def load_label(load: dict[str, Any]) -> str:
     if load["kind"] == "rate":
-        return f"rate {load['value']}" + ("" if load["value"] == "inf" else "/s")
+        return f"rate {_value(load['value'])}" + ("" if load["value"] == "inf" else "/s")
     return f"concurrency {load['value']}"
 
 
@@ -155,7 +159,7 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
             ax.minorticks_off()
         ax.set_xlabel("request rate (req/s)" if kind == "rate" else "concurrency (requests in flight)")
         ax.set_xticks(xs)
-        ax.set_xticklabels([str(v) for v in values])
+        ax.set_xticklabels([_value(v) for v in values])
         ax.grid(alpha=0.3)
     fig.suptitle(f"llmos bench: {Path(str(report['model'])).name} ({report['workload']['prompt_len']} prompt / "
                  f"{report['workload']['output_len']} output tokens)")
