@@ -83,7 +83,6 @@ class Kernel:
                 raise Busy(f"--metrics-port {self.config.metrics_port} on {self.config.metrics_host}: "
                            f"{exc.strerror or exc}") from None
             self.metrics_url = f"http://{self.config.metrics_host}:{port}/metrics"
-            self.log.info("metrics_http", url=self.metrics_url, port=port)
         listeners = [Listener(a, t, self.public_key, secret_key) for a, t in self.plan]
         if any(t == CURVE for _, t in self.plan):  # the ZAP handler first: it checks each CURVE handshake
             self.auth = KeyAuthenticator(self.ctx, self.keyring, on_refused=self._key_refused)
@@ -99,6 +98,8 @@ class Kernel:
         self.log.info("kernel_started", pid=os.getpid(), address=self.address, home=str(self.home),
                       listeners=[f"{t} {a}" for a, t in self.plan], owner=self.owner, group=self.config.group,
                       delegates=self.config.delegate)
+        if self.metrics_url:
+            self.log.info("metrics_http", url=self.metrics_url)
 
     async def _metrics_snapshot(self) -> Snapshot:
         devices = await self.models.ask(m.Devices())

@@ -63,7 +63,7 @@ async def _stream(client: Any, pid: int) -> Any:
 
     AsyncClient.stream yields text only, and a first token may decode to no text yet (a character split over
     tokens): the bench needs the chunks' token ids, hence the frames."""
-    return client._frames("stream", {"pid": pid}, None)
+    return client.stream_frames(pid)
 
 
 async def one_request(client: Any, req: BenchRequest, params: dict[str, Any], t0: float,

@@ -341,7 +341,8 @@ def test_a_worker_spills_under_its_home_and_removes_its_area_when_it_exits(tiny_
                     if out and pred(out[-1]):
                         return out, msg.stats
 
-        ready = p.from_wire(codec.decode(kernel.recv()))
+        while isinstance(ready := p.from_wire(codec.decode(kernel.recv())), p.Heartbeat):
+            pass  # the load stages
         assert isinstance(ready, p.Ready) and ready.info["spill_bytes"] > 0 and not stale.exists()
         send(p.Add(7, prompt, {**GREEDY, "max_new_tokens": 10}, session=True))
         turn, _ = until(lambda ev: ev.finish_reason is not None)
