@@ -156,8 +156,8 @@ def test_a_sampling_value_the_kernel_would_refuse_is_a_usage_error(argv, capsys)
     assert exc.value.code == 2 and "argument --" in capsys.readouterr().err
 
 
-# commands that print no data of their own: a file's bytes, screens
-NO_JSON = {"fs cat", "top"}
+# commands that print no data of their own: a file's bytes, screens, a server's log
+NO_JSON = {"fs cat", "top", "serve"}
 
 
 def test_every_command_that_prints_data_has_json():
@@ -165,20 +165,10 @@ def test_every_command_that_prints_data_has_json():
     for path, parser in _walk(build_parser()):
         leaf = not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
         name = " ".join(path[1:])
-        if leaf and parser.get_default("fn") is not None and name not in NO_JSON and not others(path):
+        if leaf and parser.get_default("fn") is not None and name not in NO_JSON:
             if not any(a.dest == "json" for a in parser._actions):
                 missing.append(name)
     assert missing == []
-
-
-# kernel start's flags are the kernel's own (kernel/config.py), described there; serve, app and bench are checked by
-# their own tests (tests/userland/test_cli_args.py covers the commands of cli.py, cli_fs, cli_store and cli_users)
-NO_DEFAULT_SAID = {("kernel start", "--listen"), ("kernel start", "--group"), ("kernel start", "--delegate")}
-OTHERS = ("app", "bench", "serve")
-
-
-def others(path):
-    return path[1:2] in [(name,) for name in OTHERS]
 
 
 def test_every_optional_value_says_its_default_in_its_help():
@@ -190,7 +180,6 @@ def test_every_optional_value_says_its_default_in_its_help():
             takes_value = a.nargs != 0 and not isinstance(a, (argparse._StoreTrueAction, argparse._HelpAction))
             optional = (a.option_strings and not a.required) or a.nargs in ("?", "*")
             flag = a.option_strings[-1] if a.option_strings else a.dest
-            if takes_value and optional and "default" not in (a.help or "") and not others(path) and \
-                    (" ".join(path[1:]), flag) not in NO_DEFAULT_SAID:
+            if takes_value and optional and "default" not in (a.help or ""):
                 missing.append(f"{' '.join(path)} {flag}")
     assert missing == []
