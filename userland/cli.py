@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterator
 from llmos import embedded
 from llmos.client import Client
 from llmos.kernel.config import add_flags as add_kernel_flags, home_dir
-from llmos.syscalls.address import llmos_home, resolve_address
-from llmos.syscalls.errors import InvalidArgument, KernelUnavailable, LLMOSError, NoSuchProcess
+from llmos.syscalls.errors import InvalidArgument, LLMOSError, NoSuchProcess
+from llmos._command import address_of, connect, home_of
 from llmos._args import add_generation_flags, positive, sampling_params, signal_name, syscall_arg
 from llmos.cli_fs import add_commands as add_fs_commands
 from llmos.cli_store import add_commands as add_store_commands
@@ -51,25 +51,6 @@ class Terminated(Exception):
 def _on_sigterm(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second TERM ends the command at once, as Unix tools do
     raise Terminated()
-
-
-def _address(args: argparse.Namespace) -> str:
-    """The kernel address for this command: --address, else the default under --home, else
-    $LLMOS_ADDRESS, else the default under $LLMOS_HOME (checked once, in main)."""
-    return resolve_address(args.address, args.home)
-
-
-def _home(args: argparse.Namespace) -> Path:
-    return Path(args.home).expanduser().resolve() if args.home else llmos_home()
-
-
-def _connect(args: argparse.Namespace) -> Client:
-    address = _address(args)
-    client = embedded.try_connect(address)
-    if client is None:
-        raise KernelUnavailable(f"no kernel running at {address} (start one: llmos kernel start, with the same "
-                                f"--home or --address)")
-    return client
 
 
 def exit_status(result: ProcessResult) -> int:
@@ -117,7 +98,7 @@ def _kernel_flags(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_kernel_start(args: argparse.Namespace) -> int:
-    address, home = _address(args), _home(args)
+    address, home = address_of(args), home_of(args)
     if args.foreground:
         from llmos.kernel.main import main as kernel_main
 
@@ -163,7 +144,7 @@ def _start_warnings(client: Client, wait_s: float = 2.0) -> list[str]:
 
 
 def cmd_kernel_stop(args: argparse.Namespace) -> int:
-    address = _address(args)
+    address = address_of(args)
     client = embedded.try_connect(address)
     if client is None:
         print(json.dumps({"address": address, "stopped": False, "pid": None}) if args.json
@@ -177,7 +158,7 @@ def cmd_kernel_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_kernel_status(args: argparse.Namespace) -> int:
-    address = _address(args)
+    address = address_of(args)
     client = embedded.try_connect(address)
     if client is None:
         if args.json:
@@ -209,7 +190,7 @@ def cmd_kernel_status(args: argparse.Namespace) -> int:
 def cmd_spawn(args: argparse.Namespace) -> int:
     """Start a process in the background and print its pid (``llmos wait PID`` collects it). Needs a running
     kernel: an embedded one would end, and the process with it, when this command exits."""
-    with _connect(args) as c:
+    with connect(args) as c:
         kwargs: dict[str, Any] = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat \
             else {"prompt": args.prompt}
         pid = c.spawn(model=args.model, priority=args.priority, **kwargs, **sampling_params(args))
@@ -220,7 +201,7 @@ def cmd_spawn(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from llmos.llmos import LLMOS
 
-    address = _address(args)
+    address = address_of(args)
     # until the first token, a spinner on a terminal's stderr says what the run waits for (gone before the text)
     stages = Stages(lambda: Client(address), args.model)
     spinner = Spinner("connecting to the kernel", poll=stages).start()
@@ -280,7 +261,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         procs = c.ps()
     if args.json:
         print(json.dumps([p.__dict__ for p in procs]))
@@ -334,7 +315,7 @@ def send_signal(client: Any, pid: int, sig: str) -> tuple[str, int]:
 
 
 def _signal(args: argparse.Namespace, sig: str) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         before, state = signal_states(c, args.pid, sig)
     said = kill_message(args.pid, sig, state, before)
     status = 1 if state == "ZOMBIE" and sig in ("STOP", "CONT") else 0
@@ -359,14 +340,14 @@ def nice_message(pid: int, reply: dict[str, Any]) -> str:
 
 
 def cmd_nice(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         reply = c.nice(args.pid, args.priority)
     print(json.dumps({"pid": args.pid, **reply}) if args.json else nice_message(args.pid, reply))
     return 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         run_top(c.metrics, args.iterations, args.delay)
     return 0
 
@@ -389,9 +370,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     params = sampling_params(args)
-    address = _address(args)
+    address = address_of(args)
     stages = Stages(lambda: Client(address), args.model, spawning=True, ready="starting the session")
-    with _connect(args) as c:
+    with connect(args) as c:
         try:  # a spinner while the session starts (its model may load) on a terminal's stderr, gone before "you>"
             with Spinner("starting the session", poll=stages):
                 session = c.session(args.model, args.system, priority=args.priority, **params)
@@ -405,7 +386,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         r = c.wait(args.pid, timeout=args.timeout)
     print(json.dumps(result_json(r)) if args.json else r.text)
     said = outcome(r)
@@ -446,7 +427,7 @@ def _num(v: Any) -> str:
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         info = c.stat(args.pid)
     print(json.dumps(info.__dict__) if args.json else format_stat(info))
     return 0
@@ -473,7 +454,7 @@ def format_models(models: list[dict[str, Any]]) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         models = c.models()
     print(json.dumps(models) if args.json else format_models(models))
     return 0
@@ -482,10 +463,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     opts = {k: getattr(args, k) for k in ("device", "instances", "kv_policy", "kv_blocks", "kv_max_blocks",
                                           "user_cap_blocks", "max_batch", "keep_alive", "engine")}
-    address = _address(args)
+    address = address_of(args)
     stages = Stages(lambda: Client(address), args.model, spawning=True, ready="ready")
     try:
-        with _connect(args) as c, Spinner(f"loading model {model_name(args.model)}", poll=stages):
+        with connect(args) as c, Spinner(f"loading model {model_name(args.model)}", poll=stages):
             d = c.model_load(args.model, **{k: v for k, v in opts.items() if v is not None})
     finally:
         stages.close()
@@ -494,7 +475,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         d = c.model_unload(args.model, force=args.force)
     print(json.dumps(d) if args.json else f"unloaded {d['model']}")
     return 0
@@ -521,14 +502,14 @@ def format_model_info(d: dict[str, Any]) -> str:
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         d = c.model_info(args.model)
     print(json.dumps(d) if args.json else format_model_info(d))
     return 0
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         devices = c.devices()
     if args.json:
         print(json.dumps(devices))
@@ -547,10 +528,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     if args.prometheus:
-        with _connect(args) as c:
+        with connect(args) as c:
             sys.stdout.write(c.prometheus())
         return 0
-    with _connect(args) as c:
+    with connect(args) as c:
         m = c.metrics()
     # one frame of top for people (tok/s: the running processes' decoding speed, there is no earlier sample)
     print(json.dumps(m) if args.json else frame(Sample(time.monotonic(), m)))
@@ -759,13 +740,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     try:
-        _address(args)
+        address_of(args)
         try:
-            bad_home = _home(args).exists() and not _home(args).is_dir()
+            bad_home = home_of(args).exists() and not home_of(args).is_dir()
         except PermissionError:  # a home this user may not look at: only defaults come from it
             bad_home = False
         if bad_home:
-            raise InvalidArgument(f"the home {_home(args)} is not a directory")
+            raise InvalidArgument(f"the home {home_of(args)} is not a directory")
     except LLMOSError as exc:  # a bad --address, $LLMOS_ADDRESS or --home: a usage error, like a bad flag
         print(f"llmos: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
@@ -781,7 +762,7 @@ def _key_environment(args: argparse.Namespace) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in ("LLMOS_HOME", "LLMOS_SERVER_KEY", "LLMOS_CLIENT_KEY", "LLMOS_INSECURE")}
     try:
         if getattr(args, "home", None):
-            os.environ["LLMOS_HOME"] = str(_home(args))
+            os.environ["LLMOS_HOME"] = str(home_of(args))
         for flag, env in (("server_key", "LLMOS_SERVER_KEY"), ("client_key", "LLMOS_CLIENT_KEY")):
             given = getattr(args, flag, None)
             if given:  # a file (made absolute) or, for --server-key, the key's 40 characters
@@ -817,7 +798,7 @@ def _run_fn(args: argparse.Namespace) -> int:
         print(f"llmos: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 1
     except Exception as exc:
-        return internal_error("llmos", exc, _home(args))
+        return internal_error("llmos", exc, home_of(args))
 
 
 def quiet_stdout() -> None:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from llmos._command import address_of
 from llmos._args import add_generation_flags, sampling_params
 from llmos.syscalls.errors import InvalidArgument, NotFound, NotPermitted
 
@@ -122,13 +123,13 @@ def _run(args: argparse.Namespace, name: str, work: Callable[["AppModel", Callab
     """Connect (or start a kernel, as ``run`` does), run ``work(app, write)`` and report: the streamed text and a
     newline, or ``--json``'s object; the kernel's warnings on stderr; the exit status of the last process."""
     from llmos.apps.base import AppModel
-    from llmos.cli import _address, exit_status
+    from llmos.cli import exit_status
     from llmos.llmos import LLMOS
 
-    watch = _Watch(_address(args), args.model, args.verbose, streamed=not args.json)
+    watch = _Watch(address_of(args), args.model, args.verbose, streamed=not args.json)
     os_ = None
     try:
-        os_ = LLMOS(model_path=args.model, address=_address(args), home=args.home)
+        os_ = LLMOS(model_path=args.model, address=address_of(args), home=args.home)
         app = AppModel(os_.client, args.model, sampling_params(args), args.priority, watch.on_spawn)
         extra = work(app, watch.write)
     finally:
@@ -215,13 +216,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from llmos.apps.base import AppModel
     from llmos.apps.chat import Dialogue
     from llmos.chat import EXIT_WORDS, turn_json
-    from llmos.cli import _address
     from llmos.llmos import LLMOS
 
     lines = read_lines(args.files)
-    watch = _Watch(_address(args), args.model, args.verbose, streamed=False)
+    watch = _Watch(address_of(args), args.model, args.verbose, streamed=False)
     try:
-        os_ = LLMOS(model_path=args.model, address=_address(args), home=args.home)
+        os_ = LLMOS(model_path=args.model, address=address_of(args), home=args.home)
     except BaseException:
         watch.close()
         raise

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from llmos._command import connect
 from llmos._args import positive, syscall_arg
 from llmos.bench_workload import DISTRIBUTIONS, Lengths, requests, token_pool
 from llmos.syscalls.errors import InvalidArgument, LLMOSError
@@ -107,12 +108,11 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from llmos.bench_report import TIMING_NOTE, format_table, plot
-    from llmos.cli import _connect
 
     prompt = Lengths(args.prompt_len, args.prompt_len_spread, args.len_dist)
     output = Lengths(args.output_len, args.output_len_spread, args.len_dist)
     loads = _loads(args)
-    with _connect(args) as client:
+    with connect(args) as client:
         with _status("loading the model and warming it up"):
             model, context, pids = _prepare(client, args)
         if prompt.max + output.max > context:

@@ -14,17 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from llmos._command import connect
 from llmos.fs import FileStat
 from llmos.progress import progress_bar
 from llmos.syscalls.errors import InvalidArgument
 
 LOG_FIELDS = ("seq", "ts", "level", "component", "event")  # a log line's fixed fields; the rest are shown as k=v
-
-
-def _connect(args: argparse.Namespace) -> Any:
-    from llmos.cli import _connect as connect
-
-    return connect(args)
 
 
 def _size(n: int) -> str:
@@ -80,7 +75,7 @@ def _write_out(pieces: Iterable[bytes], out: Any) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         entries = c.fs.ls(args.path, args.limit)
     if args.json:
         print(json.dumps([e.__dict__ for e in entries]))
@@ -97,14 +92,14 @@ def truncated_note(shown: int) -> str:
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         s = c.fs.stat(args.path)
     print(json.dumps(s.__dict__) if args.json else format_stat(s))
     return 0
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         if args.offset or args.length is not None:
             _write_out([c.fs.get(args.path, args.offset, args.length)], sys.stdout.buffer)
         else:
@@ -115,7 +110,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 def cmd_get(args: argparse.Namespace) -> int:
     local = args.local if args.local is not None else os.path.basename(args.path.rstrip("/")) or "out"
-    with _connect(args) as c:
+    with connect(args) as c:
         total = c.fs.stat(args.path).size
         if local == "-":
             with c.fs.open(args.path) as reader:
@@ -144,7 +139,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_put(args: argparse.Namespace) -> int:
-    with _connect(args) as c, progress_bar(f"put {args.path}") as bar:
+    with connect(args) as c, progress_bar(f"put {args.path}") as bar:
         if args.local == "-":
             s = c.fs.put(args.path, sys.stdin.buffer, progress=bar)
         else:
@@ -155,7 +150,7 @@ def cmd_put(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         try:
             n = c.fs.rm(args.path, recursive=args.recursive)
         except InvalidArgument as exc:  # the kernel speaks of the syscall's argument; here it is a flag
@@ -166,7 +161,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_mv(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         n = c.fs.rename(args.src, args.dst, replace=args.replace)
     print(json.dumps({"src": args.src, "dst": args.dst, "moved": n}) if args.json
           else f"moved {args.src} to {args.dst} ({n} file{'s' if n != 1 else ''})")
@@ -174,7 +169,7 @@ def cmd_mv(args: argparse.Namespace) -> int:
 
 
 def cmd_dmesg(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         lines = c.dmesg(n=args.lines, follow=args.follow)
         try:
             for line in lines:

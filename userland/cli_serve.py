@@ -12,18 +12,12 @@ import ipaddress
 import json
 import socket
 import sys
-from pathlib import Path
 from typing import Any
 
+from llmos._command import address_of, home_of
 from llmos.gateway import apikeys
 
 EXIT_USAGE = 2
-
-
-def _home(args: argparse.Namespace) -> Path:
-    from llmos.cli import _home as home
-
-    return home(args)
 
 
 def is_loopback(host: str) -> bool:
@@ -40,7 +34,7 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    keys_file = apikeys.keys_file(_home(args))
+    keys_file = apikeys.keys_file(home_of(args))
     has_keys = bool(apikeys.load(keys_file))
     if not has_keys and not is_loopback(args.host):
         print(f"llmos serve: no API keys in {keys_file}: without them the gateway serves only a loopback host "
@@ -49,12 +43,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     import uvicorn
 
-    from llmos.cli import Terminated, _address
+    from llmos.cli import Terminated
     from llmos.gateway.app import GatewayConfig, create_app
 
-    app = create_app(GatewayConfig(_address(args), keys_file, args.max_tokens))
+    app = create_app(GatewayConfig(address_of(args), keys_file, args.max_tokens))
     who = f"API keys from {keys_file}" if has_keys else f"no API keys: loopback only, as {_whoami()}"
-    print(f"llmos serve: http://{args.host}:{args.port}/v1 ({who}); kernel at {_address(args)}", file=sys.stderr,
+    print(f"llmos serve: http://{args.host}:{args.port}/v1 ({who}); kernel at {address_of(args)}", file=sys.stderr,
           flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.grace))
@@ -72,7 +66,7 @@ def _whoami() -> str:
 
 
 def cmd_api_key_add(args: argparse.Namespace) -> int:
-    key, entry = apikeys.add(apikeys.keys_file(_home(args)), args.user)
+    key, entry = apikeys.add(apikeys.keys_file(home_of(args)), args.user)
     if args.json:
         print(json.dumps({"key": key, "user": entry.user, "id": entry.id, "created": entry.created}))
     else:
@@ -83,7 +77,7 @@ def cmd_api_key_add(args: argparse.Namespace) -> int:
 
 
 def cmd_api_key_ls(args: argparse.Namespace) -> int:
-    keys = apikeys.load(apikeys.keys_file(_home(args)))
+    keys = apikeys.load(apikeys.keys_file(home_of(args)))
     if args.json:
         print(json.dumps([{"user": k.user, "id": k.id, "created": k.created} for k in keys]))
         return 0
@@ -97,7 +91,7 @@ def cmd_api_key_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_api_key_rm(args: argparse.Namespace) -> int:
-    removed = apikeys.remove(apikeys.keys_file(_home(args)), args.user, args.id)
+    removed = apikeys.remove(apikeys.keys_file(home_of(args)), args.user, args.id)
     if args.json:
         print(json.dumps({"user": args.user, "removed": removed}))
     else:

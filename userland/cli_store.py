@@ -15,7 +15,7 @@ from typing import Any
 
 from llmos import evaluate as ev
 from llmos import store_models as sm
-from llmos.cli_fs import _connect
+from llmos._command import connect
 from llmos.progress import progress_bar
 
 
@@ -45,7 +45,7 @@ def cmd_model_import(args: argparse.Namespace) -> int:
     if args.default == (args.dir is not None):
         print("llmos model import: give a model directory, or --default for the shipped model", file=sys.stderr)
         return 2
-    with _connect(args) as c, progress_bar(f"import {args.name or args.dir or 'default'}") as update:
+    with connect(args) as c, progress_bar(f"import {args.name or args.dir or 'default'}") as update:
         if args.default:
             row = sm.import_default(c, args.name or "default", replace=args.replace, progress=update)
         else:
@@ -61,7 +61,7 @@ def cmd_model_import(args: argparse.Namespace) -> int:
 
 
 def cmd_model_export(args: argparse.Namespace) -> int:
-    with _connect(args) as c, progress_bar(f"export {args.name}") as update:
+    with connect(args) as c, progress_bar(f"export {args.name}") as update:
         paths = sm.export_model(c, args.name, args.dir, overwrite=args.force, progress=update)
     print(json.dumps({"name": args.name, "dir": str(args.dir), "files": [str(p) for p in paths]}) if args.json
           else f"exported {args.name}: {len(paths)} files to {args.dir}")
@@ -69,14 +69,14 @@ def cmd_model_export(args: argparse.Namespace) -> int:
 
 
 def cmd_model_ls(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         rows = sm.list_models(c)
     print(json.dumps(rows) if args.json else format_models(rows))
     return 0
 
 
 def cmd_model_rm(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         n = sm.remove_model(c, args.name)
     print(json.dumps({"name": args.name, "removed": n}) if args.json else f"removed {args.name} ({n} files)")
     return 0
@@ -96,7 +96,7 @@ def format_data(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_data_import(args: argparse.Namespace) -> int:
-    with _connect(args) as c, progress_bar(f"import {args.name}") as update:
+    with connect(args) as c, progress_bar(f"import {args.name}") as update:
         meta = c.data.import_file(args.file, args.name, args.format, args.field, paragraphs=args.paragraphs,
                                   skip_bad=args.skip_bad, replace=args.replace, progress=update)
     if args.json:
@@ -109,14 +109,14 @@ def cmd_data_import(args: argparse.Namespace) -> int:
 
 
 def cmd_data_ls(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         rows = c.data.ls()
     print(json.dumps(rows) if args.json else format_data(rows))
     return 0
 
 
 def cmd_data_stat(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         meta = c.data.stat(args.name)
     if args.json:
         print(json.dumps(meta))
@@ -128,14 +128,14 @@ def cmd_data_stat(args: argparse.Namespace) -> int:
 
 
 def cmd_data_cat(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         for i, text in enumerate(c.data.iter(args.name, args.start, args.count), args.start):
             sys.stdout.write(json.dumps({"i": i, "text": text}) + "\n" if args.json else text + "\n")
     return 0
 
 
 def cmd_data_rm(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         n = c.data.rm(args.name)
     print(json.dumps({"name": args.name, "removed": n}) if args.json else f"removed {args.name} ({n} files)")
     return 0
@@ -143,7 +143,7 @@ def cmd_data_rm(args: argparse.Namespace) -> int:
 
 # -- evaluation ---------------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    with _connect(args) as c, progress_bar(f"eval {args.model} on {args.data}", unit="records") as update:
+    with connect(args) as c, progress_bar(f"eval {args.model} on {args.data}", unit="records") as update:
         report = ev.evaluate(c, args.model, args.data, args.limit, progress=update)
     if args.json:
         print(json.dumps(report))

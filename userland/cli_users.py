@@ -14,18 +14,13 @@ import datetime
 import json
 from typing import Any
 
+from llmos._command import connect
 from llmos.syscalls.address import llmos_home
 from llmos.syscalls.keys import keys_dir, make_key_pair, read_key_pair
 
 
-def _connect(args: argparse.Namespace) -> Any:
-    from llmos.cli import _connect as connect
-
-    return connect(args)
-
-
 def cmd_whoami(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         k = c.kernel
         if args.json:
             print(json.dumps({"user": k.get("user"), "admin": k.get("admin"), "transport": k.get("transport"),
@@ -57,7 +52,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         entry = c.user_add(args.name, args.key)
     if args.json:
         print(json.dumps(entry))
@@ -68,7 +63,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 
 def cmd_user_ls(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         keys = c.user_list()
     if args.json:
         print(json.dumps(keys))
@@ -84,7 +79,7 @@ def cmd_user_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_user_rm(args: argparse.Namespace) -> int:
-    with _connect(args) as c:
+    with connect(args) as c:
         removed = c.user_remove(args.name, args.key)
     if args.json:
         print(json.dumps({"user": args.name, "removed": removed}))
