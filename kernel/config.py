@@ -355,7 +355,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("metrics_port", _IntIn(0, 65535), "PORT", "serve the Prometheus metrics (the prometheus syscall's "
          "text) on http://HOST:PORT/metrics; 0 picks a free port, said in the log (default: off)"),
     Flag("metrics_host", _Host(), "HOST", "the interface --metrics-port listens on; the metrics hold no "
-         "process text or user names (default 127.0.0.1; 0.0.0.0 for every interface)"),
+         "process text or owner names (default 127.0.0.1; 0.0.0.0 for every interface)"),
     Flag("max_capture_bytes_per_user", _SizeIn(0, 2**48), "SIZE", "bytes of captured intermediates one user's "
          "processes may keep in the store, in all (stored, plus what captures under way may still write); "
          "beyond it a capture stops, or captures nothing, with a warning (default 256M)"),

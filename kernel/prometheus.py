@@ -3,7 +3,7 @@
 What the ``prometheus`` syscall returns and ``llmos kernel start --metrics-port PORT`` serves on
 ``http://HOST:PORT/metrics`` (prometheus_client's own HTTP server, in a thread). Names and units follow
 Prometheus's conventions (seconds, bytes, ``_total`` for counters; see docs/operations.md, "Metrics",
-for every family); label sets are small (model, instance, device, state, finish_reason): no user names,
+for every family); label sets are small (model, executor, device, state, finish_reason): no owner names,
 no process text. Histograms are the kernel's own counts of finished processes (kernel/accounting.py
 Totals), exposed as they are; counters of engine events come from each model instance's worker and
 start again at 0 when an instance restarts (Prometheus's ``rate()`` allows for that). Idea: vLLM's
@@ -33,16 +33,17 @@ INSTANCE_COUNTERS = {  # executor description key -> (family, help)
     "swaps_out": ("llmos_swaps_out", "KV caches swapped out of device memory"),
     "swaps_in": ("llmos_swaps_in", "KV caches swapped back in"),
     "recomputed_tokens": ("llmos_recomputed_tokens", "tokens prefilled again after a preemption by recompute"),
-    "tokens_out": ("llmos_engine_generated_tokens", "tokens the engine generated"),
+    "tokens_out": ("llmos_engine_generated_tokens", "tokens the engine generated, live processes included "
+                   "(per executor; llmos_generation_tokens counts processes once they end)"),
     "steps": ("llmos_engine_steps", "engine steps (one batch forward each)"),
 }
 INSTANCE_GAUGES = {  # executor description key -> (family, help)
     "kv_used": ("llmos_kv_blocks_used", "KV cache blocks in use"),
     "kv_free": ("llmos_kv_blocks_free", "KV cache blocks free"),
-    "kv_total": ("llmos_kv_blocks_total", "KV cache blocks in the pool"),
+    "kv_total": ("llmos_kv_blocks_capacity", "KV cache blocks in the pool"),
     "swap_used": ("llmos_swap_blocks_used", "swapped-out KV blocks held in host memory"),
     "batch_last": ("llmos_batch_size", "processes in the last engine step"),
-    "running": ("llmos_instance_running_processes", "processes placed on the instance"),
+    "running": ("llmos_executor_running_processes", "processes placed on the model instance"),
 }
 DEVICE_GAUGES = {
     "budget_bytes": ("llmos_device_memory_budget_bytes", "memory the kernel may reserve on the device"),
@@ -71,6 +72,10 @@ class _Collector:
 
     def collect(self) -> Iterable[Metric]:
         return families(self.source())
+
+    def describe(self) -> Iterable[Metric]:
+        """The families without samples: the registry indexes them by name (a scrape's ``?name[]=``)."""
+        return families(Snapshot({}, [], 0.0))
 
 
 def families(snap: Snapshot) -> list[Metric]:
@@ -106,7 +111,8 @@ def _totals(totals: dict[str, dict]) -> list[Metric]:
                                    labels=["model", "finish_reason"])
     tokens_in = CounterMetricFamily("llmos_prompt_tokens", "prompt tokens of processes that ended",
                                     labels=["model"])
-    tokens_out = CounterMetricFamily("llmos_generation_tokens", "output tokens of processes that ended",
+    tokens_out = CounterMetricFamily("llmos_generation_tokens", "output tokens of processes that ended (per "
+                                     "model; llmos_engine_generated_tokens counts them as generated)",
                                      labels=["model"])
     hists = {k: HistogramMetricFamily(name, doc, labels=["model"]) for k, (name, doc) in HISTOGRAMS.items()}
     for model, t in sorted(totals.items()):
@@ -130,10 +136,10 @@ def _bound(b: float) -> str:
 
 
 def _instances(executors: list[dict]) -> list[Metric]:
-    labels = ["model", "instance", "device"]
+    labels = ["model", "executor", "device"]  # not "instance": Prometheus gives every target that label
     counters = {k: CounterMetricFamily(n, d, labels=labels) for k, (n, d) in INSTANCE_COUNTERS.items()}
     gauges = {k: GaugeMetricFamily(n, d, labels=labels) for k, (n, d) in INSTANCE_GAUGES.items()}
-    ready = GaugeMetricFamily("llmos_instance_ready", "1 when the model instance serves, 0 while it loads",
+    ready = GaugeMetricFamily("llmos_executor_ready", "1 when the model instance serves, 0 while it loads",
                               labels=labels)
     for ex in executors:
         values = [model_label(ex["model"]), str(ex["executor"]), str(ex.get("device") or "")]
@@ -166,15 +172,17 @@ class Exporter:
 
     def __init__(self, gather: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
         self.gather, self.loop = gather, loop
-        self._current: Snapshot | None = None
-        self._lock = threading.Lock()  # one render at a time: the syscall and the HTTP thread share _current
+        self._current: Snapshot | None = None  # the syscall's snapshot while it renders (see _snapshot)
+        self._lock = threading.Lock()  # one syscall render at a time
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self._snapshot))
         self.registry.register(ProcessCollector(pid=lambda: os.getpid(), registry=None))
         self.server: Any = None
 
     def _snapshot(self) -> Snapshot:
-        if self._current is not None:  # rendering for the syscall: already gathered on the loop
+        # rendering for the syscall: already gathered on the loop. (An HTTP scrape that comes meanwhile takes
+        # that same fresh snapshot, which is as good as its own.)
+        if self._current is not None:
             return self._current
         # the HTTP thread: gather on the kernel's loop, wait here
         return asyncio.run_coroutine_threadsafe(self.gather(), self.loop).result(self.SCRAPE_TIMEOUT_S)
@@ -195,22 +203,12 @@ class Exporter:
 
     def serve(self, port: int, host: str) -> int:
         """Serve ``/metrics`` on HOST:PORT in a thread (port 0: any free one); return the port."""
-        self.server, thread = start_http_server(port, addr=host, registry=_Locked(self))
+        self.server, _ = start_http_server(port, addr=host, registry=self.registry)
         return self.server.server_address[1]
 
     def close(self) -> None:
+        """Stop the HTTP server, if one runs (its thread ends)."""
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
-
-
-class _Locked:
-    """The registry as the HTTP thread sees it: one render at a time with the syscall's."""
-
-    def __init__(self, exporter: Exporter) -> None:
-        self.exporter = exporter
-
-    def collect(self) -> Iterable[Metric]:
-        with self.exporter._lock:
-            return list(self.exporter.registry.collect())

@@ -607,7 +607,7 @@ SYSCALLS = SYSCALLS + (
         43, "prometheus", "The kernel's metrics in the Prometheus text exposition format (0.0.4): process counts "
         "by state, KV blocks, batch sizes, device memory, counters of tokens, preemptions and swaps, histograms "
         "of TTFT, TPOT, queue time and latency, per model (docs/operations.md, Metrics). What `kernel start "
-        "--metrics-port` serves over HTTP; no process text, no user names.",
+        "--metrics-port` serves over HTTP; no process text, no owner names.",
         access=ANY_USER,
         request=(),
         reply=(Field("text", "str", "the exposition text"),),

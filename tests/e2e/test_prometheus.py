@@ -30,14 +30,14 @@ def test_a_scrape_counts_a_finished_process_in_the_ttft_histogram_and_token_coun
     pid = client.spawn(prompt="Hello", model=tiny_model, max_new_tokens=4, temperature=0, ignore_eos=True)
     assert client.wait(pid, timeout=60).finish_reason == "length"
     after = _scrape(kernel.metrics_url)
-    model = next(dict(labels)["model"] for (n, labels) in after if n == "llmos_kv_blocks_total")
+    model = next(dict(labels)["model"] for (n, labels) in after if n == "llmos_kv_blocks_capacity")
     assert Path(model) == Path(tiny_model)
     grown = {name: _model_value(after, name, model) - _model_value(before, name, model)
              for name in ("llmos_time_to_first_token_seconds_count", "llmos_generation_tokens_total",
                           "llmos_e2e_request_latency_seconds_count")}
     assert grown["llmos_time_to_first_token_seconds_count"] >= 1 and grown["llmos_generation_tokens_total"] >= 4
-    assert _model_value(after, "llmos_kv_blocks_total", model) > 0
-    assert _model_value(after, "llmos_instance_ready", model) >= 1
+    assert _model_value(after, "llmos_kv_blocks_capacity", model) > 0
+    assert _model_value(after, "llmos_executor_ready", model) >= 1
     assert any(n == "llmos_processes" for n, _ in after)
     assert after[("llmos_device_memory_budget_bytes", (("device", "cpu"), ("kind", "cpu")))] > 0
 

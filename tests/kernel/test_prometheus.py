@@ -56,10 +56,10 @@ def test_counters_gauges_and_devices_carry_their_labels_and_units():
     assert got[("llmos_processes_finished_total", (("finish_reason", "length"), ("model", "tiny")))] == 1
     assert got[("llmos_prompt_tokens_total", (("model", "tiny"),))] == 12
     assert got[("llmos_generation_tokens_total", (("model", "tiny"),))] == 4
-    inst = (("device", "cpu"), ("instance", "3"), ("model", "/m/a"))
-    assert got[("llmos_kv_blocks_used", inst)] == 4 and got[("llmos_kv_blocks_total", inst)] == 64
+    inst = (("device", "cpu"), ("executor", "3"), ("model", "/m/a"))
+    assert got[("llmos_kv_blocks_used", inst)] == 4 and got[("llmos_kv_blocks_capacity", inst)] == 64
     assert got[("llmos_preemptions_total", inst)] == 9 and got[("llmos_swaps_out_total", inst)] == 1
-    assert got[("llmos_instance_ready", inst)] == 1
+    assert got[("llmos_executor_ready", inst)] == 1
     assert got[("llmos_processes", (("state", "ZOMBIE"),))] == 2
     assert got[("llmos_model_processes", (("model", "/m/a"), ("state", "RUNNING")))] == 1
     assert got[("llmos_device_memory_free_bytes", (("device", "cpu"), ("kind", "cpu")))] == 600
@@ -75,15 +75,20 @@ def test_the_http_endpoint_serves_the_same_registry_gathered_on_the_kernels_loop
             return snap
         ex = Exporter(gather, asyncio.get_running_loop())
         port = ex.serve(0, "127.0.0.1")
+        url = f"http://127.0.0.1:{port}/metrics"
         try:
-            body = await asyncio.to_thread(
-                lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+            # Prometheus's ?name[]= asks for some families only
+            some = await asyncio.to_thread(lambda: urllib.request.urlopen(
+                url + "?name[]=llmos_kv_blocks_free", timeout=10).read().decode())
         finally:
             await asyncio.to_thread(ex.close)
-        return body
+        return body, some
 
-    got = _parse(asyncio.run(go()))
-    assert got[("llmos_kv_blocks_free", (("device", "cpu"), ("instance", "3"), ("model", "/m/a")))] == 60
+    body, some = asyncio.run(go())
+    got = _parse(body)
+    assert got[("llmos_kv_blocks_free", (("device", "cpu"), ("executor", "3"), ("model", "/m/a")))] == 60
+    assert {name for name, _ in _parse(some)} == {"llmos_kv_blocks_free"}
 
 
 def test_every_metric_the_grafana_dashboard_and_the_docs_name_is_one_the_kernel_exports():
