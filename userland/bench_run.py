@@ -58,12 +58,14 @@ class Record:
     warnings: list[str] = field(default_factory=list)
 
 
-async def _stream(client: Any, pid: int) -> Any:
-    """The ``stream`` syscall's frames: (kind, payload) pairs, chunks then the final result.
-
-    AsyncClient.stream yields text only, and a first token may decode to no text yet (a character split over
-    tokens): the bench needs the chunks' token ids, hence the frames."""
-    return client.stream_frames(pid)
+async def _end_one(client: Any, pid: int, live: set[int]) -> None:
+    """TERM and reap a request that failed half-way (its stream or its reap raised): a bench leaves nothing."""
+    try:
+        await client.kill(pid, "TERM")
+        await client.wait(pid, timeout=30)
+    except LLMOSError:  # ended and reaped meanwhile (ESRCH), or the kernel is gone
+        pass
+    live.discard(pid)
 
 
 async def one_request(client: Any, req: BenchRequest, params: dict[str, Any], t0: float,
@@ -80,7 +82,9 @@ async def one_request(client: Any, req: BenchRequest, params: dict[str, Any], t0
                                  **params)
         live.add(pid)
         result = None
-        async for kind, payload in await _stream(client, pid):
+        # frames, not AsyncClient.stream's text: a first token may decode to no text yet (a character split
+        # over tokens), and the result comes last
+        async for kind, payload in client.stream_frames(pid):
             now = time.perf_counter()
             if kind == protocol.OK:
                 result = ProcessResult.from_wire(payload)
@@ -95,6 +99,8 @@ async def one_request(client: Any, req: BenchRequest, params: dict[str, Any], t0
     except LLMOSError as exc:
         rec.error = exc.errno.name
         rec.finished = time.perf_counter() - t0
+        if pid is not None and pid in live:
+            await _end_one(client, pid, live)
         return rec
     rec.finished = end - t0
     rec.latency_s = end - sent

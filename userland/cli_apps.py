@@ -298,7 +298,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                         "part summarised, and the summaries combined (again, while they are too long together).")
     s.add_argument("files", nargs="*", metavar="FILE", help=FILES_HELP)
     _app_flags(s, JSON_HELP + " plus plan: {context, part_budget, combine_budget (tokens), parts, rounds}")
-    _set_help(s, "max_new_tokens", 128, "most tokens of the summary, and of each part's (default 128)")
+    _set_help(s, "max_new_tokens", 128, "most tokens of the summary (default 128); a long input's parts get as "
+              "many, or fewer on a short context (at most half of what one combining call takes)")
     s.set_defaults(fn=cmd_summarize)
 
     q = apps.add_parser("qa", parents=[common], help="answer a question from a context (files or a data set)",

@@ -107,6 +107,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``llmos bench``: build the seeded workload, run each load point against the running kernel, print the
+    table (or --json), draw --plot. Exit 0; 1 on a refusal (one errno line); 130/143 on Ctrl-C/TERM."""
     from llmos.bench_report import TIMING_NOTE, format_table, plot
 
     prompt = Lengths(args.prompt_len, args.prompt_len_spread, args.len_dist)
@@ -193,6 +195,7 @@ def _run(client: Any, load: Any, pool: list[int], prompt: Lengths, output: Lengt
         sampler.stop()
         _end(client, live)  # Ctrl-C: the requests in flight are ours to end
         raise
+    _end(client, live)  # none should be left (one_request ends its own failures); if one is, it is ours to end
     return summarise(records, wall, load, sampler.stop())
 
 
