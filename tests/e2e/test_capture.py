@@ -73,6 +73,7 @@ def capped(tiny_model):
     k.stop()
 
 
+@pytest.mark.slow  # starts, loads or kills kernels for 6-25 s: the slow step of .ci/run
 def test_the_caps_stop_a_capture_with_a_warning_and_the_generation_goes_on(capped, tiny_model):
     with capped.client() as c:
         plain = c.wait(c.spawn("x" * 10, model=tiny_model, max_new_tokens=60, **GREEDY))

@@ -254,6 +254,7 @@ def test_the_async_client_speaks_curve_too(kernel, tiny_model, tmp_path):
     assert asyncio.run(main()) == (f"{name} length", "EPERM")
 
 
+@pytest.mark.slow  # starts, loads or kills kernels for 6-25 s: the slow step of .ci/run
 def test_a_caller_that_goes_away_while_its_model_loads_does_not_hang_the_load_for_everyone(kernel, long_model,
                                                                                         tmp_path):
     """Regression (reported): a spawn cancelled while its model loaded (its client gone: the bus cancels that

@@ -397,10 +397,10 @@ def run_fuzz(kernel: KernelProc, model: str, frames: int, seed: int, progress: b
 def test_the_bus_survives_a_seeded_fuzz_and_answers_every_well_formed_request_once(tiny_model):
     k = KernelProc(extra=["--zombie-ttl", "30", "--max-zombies", "8"], tcp=True)
     try:
-        report = run_fuzz(k, tiny_model, frames=2500, seed=7)
+        report = run_fuzz(k, tiny_model, frames=1200, seed=7)  # the soak step runs 100,000
     finally:
         k.stop()
     assert report.errors == []
-    assert report.finals_checked > 1800 and report.reference_runs >= 2
+    assert report.finals_checked > 850 and report.reference_runs >= 2
     assert report.rss_after - report.rss_before < 50 * 2**20, report
     assert k.proc.returncode == 0, k.logs()

@@ -160,6 +160,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # starts, loads or kills kernels for 6-25 s: the slow step of .ci/run
 def test_an_embedded_kernel_stops_when_its_program_is_killed(home_env):
     parent, env = home_env
     prog = subprocess.Popen([sys.executable, "-c", EMBEDDER, f"{parent}/emb"], env=env, stdout=subprocess.PIPE,
@@ -175,6 +176,7 @@ def test_an_embedded_kernel_stops_when_its_program_is_killed(home_env):
             prog.kill()
 
 
+@pytest.mark.slow  # starts, loads or kills kernels for 6-25 s: the slow step of .ci/run
 def test_workers_die_with_a_killed_kernel(tiny_model):
     k = KernelProc()
     try:
@@ -237,6 +239,7 @@ def test_a_worker_that_keeps_crashing_ends_its_processes_with_eio_and_the_model_
     finally:
         k.stop()
 
+@pytest.mark.slow  # starts, loads or kills kernels for 6-25 s: the slow step of .ci/run
 def test_a_pending_wait_learns_that_the_kernel_stopped(tiny_model):
     k = KernelProc()
     try:

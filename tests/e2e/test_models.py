@@ -37,6 +37,7 @@ def loaded(c):
     return {d["model"]: d for d in c.models()}
 
 
+@pytest.mark.slow  # starts, loads or kills kernels for 6-25 s: the slow step of .ci/run
 def test_models_load_on_demand_and_the_idle_one_is_evicted_then_reloaded(capped, two_models):
     a, b = two_models
     with capped.client() as c:
@@ -63,6 +64,7 @@ def test_a_busy_model_is_not_evicted_and_the_request_gets_enomem(capped, two_mod
         assert loaded(c) == {}
 
 
+@pytest.mark.slow  # starts, loads or kills kernels for 6-25 s: the slow step of .ci/run
 def test_a_pinned_model_stays_and_keep_alive_zero_unloads_after_use(capped, two_models):
     a, b = two_models
     with capped.client() as c:

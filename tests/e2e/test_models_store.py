@@ -136,6 +136,7 @@ def test_the_shipped_default_model_is_importable(kernel, client):
         client.fs.rm(f"/models/{name}", recursive=True)
 
 
+@pytest.mark.slow  # starts, loads or kills kernels for 6-25 s: the slow step of .ci/run
 def test_an_interrupted_or_refused_replace_keeps_the_old_model_and_leaves_no_staging(kernel, client, tiny_model,
                                                                                      stored):
     before = {f.name: (f.size, f.mtime) for f in client.fs.ls(f"/models/{stored}")}

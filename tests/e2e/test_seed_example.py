@@ -103,6 +103,7 @@ with LLMOS(model_path=sys.argv[1]) as os_:
 """
 
 
+@pytest.mark.slow  # starts, loads or kills kernels for 6-25 s: the slow step of .ci/run
 def test_ctrl_c_in_the_programs_terminal_does_not_reach_its_embedded_kernel(tiny_model, fresh_home):
     import signal
 
