@@ -1,6 +1,7 @@
 """What every ``llmos`` command needs from its arguments: the kernel's address, the home, a connection.
 
-Shared by cli.py and the command modules (cli_fs, cli_store, cli_users, cli_serve, cli_apps, cli_bench).
+Shared by cli.py and the command modules (cli_kernel, cli_models, cli_fs, cli_store, cli_users, cli_serve, cli_apps,
+cli_bench).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The ``llmos`` command: kernel start/stop/status, run, chat, ps, top, kill/stop/cont, nice, wait, stat, models
-and devices.
+"""The ``llmos`` command: its parser and exit codes, and the process commands (run, spawn, chat, ps, top,
+kill/stop/cont, nice, wait, stat); the other families live in cli_kernel, cli_models, cli_fs, cli_store,
+cli_users, cli_serve, cli_apps and cli_bench.
 
 Exit codes: 0 success; 1 the kernel refused the request (the message carries its errno); 2 a
 usage error (a bad flag, address or home); 3/4 ``kernel start`` found the address taken
@@ -22,20 +23,21 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from llmos import embedded
 from llmos.client import Client
-from llmos.kernel.config import add_flags as add_kernel_flags, home_dir
+from llmos.kernel.config import home_dir
 from llmos.syscalls.errors import InvalidArgument, LLMOSError, NoSuchProcess
 from llmos._command import address_of, connect, home_of
 from llmos._args import add_generation_flags, positive, sampling_params, signal_name, syscall_arg
 from llmos.cli_fs import add_commands as add_fs_commands
+from llmos.cli_kernel import add_commands as add_kernel_commands
+from llmos.cli_models import add_commands as add_model_commands
 from llmos.cli_store import add_commands as add_store_commands
 from llmos.cli_users import add_commands as add_user_commands
 from llmos.cli_serve import add_commands as add_serve_commands
 from llmos.cli_apps import add_commands as add_app_commands
 from llmos.cli_bench import add_commands as add_bench_commands
-from llmos.progress import Spinner, Stages, model_name
-from llmos.top import Sample, format_ps, frame, run_top
+from llmos.progress import Spinner, Stages
+from llmos.top import format_ps, run_top
 from llmos.types import ProcessInfo, ProcessResult
 
 EXIT_USAGE = 2
@@ -88,102 +90,6 @@ def end(client: Any, pid: int) -> ProcessResult | None:
         return client.wait(pid, timeout=30)
     except NoSuchProcess:
         return None
-
-
-# -- kernel --------------------------------------------------------------------------------
-def _kernel_flags(args: argparse.Namespace) -> list[str]:
-    from llmos.kernel.config import to_argv
-
-    return to_argv(args)
-
-
-def cmd_kernel_start(args: argparse.Namespace) -> int:
-    address, home = address_of(args), home_of(args)
-    if args.foreground:
-        from llmos.kernel.main import main as kernel_main
-
-        return kernel_main(["--home", str(home), "--address", address, *_kernel_flags(args)])
-    keys = embedded.own_keys(home, address)  # None: a tcp kernel that never ran in this home (no keys yet)
-    client = embedded.try_connect(address, **keys) if keys is not None else None
-    if client is not None:
-        said = {"pid": client.kernel["pid"], "address": address, "started": False, "warnings": []}
-        client.close()
-        print(json.dumps(said) if args.json else f"llmos kernel already running: pid {said['pid']} at {address}")
-        return 0
-    try:
-        proc, client = embedded.launch(address, home, embedded=False, extra=_kernel_flags(args))
-    except embedded.KernelExited as exc:
-        print(f"llmos: {exc.message}", file=sys.stderr)
-        return exc.code if exc.code in (2, 3, 4) else 1  # the kernel's own refusal codes pass through
-    pid = client.kernel["pid"]
-    try:
-        warnings = _start_warnings(client) if proc and getattr(args, "group", None) else []
-    finally:
-        client.close()
-    if args.json:
-        print(json.dumps({"pid": pid, "address": address, "started": proc is not None, "warnings": warnings}))
-    else:
-        print(f"llmos kernel {'started' if proc else 'already running'}: pid {pid} at {address}")
-    for w in warnings:
-        print(f"llmos: warning: {w}", file=sys.stderr)
-    return 0
-
-
-def _start_warnings(client: Client, wait_s: float = 2.0) -> list[str]:
-    """What the new kernel warned about at its start that its owner must act on: a directory that keeps
-    --group's members from the socket. Read from its log once its kernel_started line is there (lines reach
-    the log in order)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        lines = [json.loads(line) for line in client.dmesg(n=200)]
-        if any(ln.get("event") == "kernel_started" for ln in lines) or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    return [f"members of group {ln.get('group')} cannot reach the kernel's socket: {ln.get('directory')} is closed "
-            f"to them ({ln.get('fix')})" for ln in lines if ln.get("event") == "group_cannot_reach_socket"]
-
-
-def cmd_kernel_stop(args: argparse.Namespace) -> int:
-    address = address_of(args)
-    client = embedded.try_connect(address)
-    if client is None:
-        print(json.dumps({"address": address, "stopped": False, "pid": None}) if args.json
-              else f"no kernel running at {address}")
-        return 0
-    pid = client.kernel["pid"]
-    embedded.stop(client, None, pid)
-    print(json.dumps({"address": address, "stopped": True, "pid": pid}) if args.json
-          else f"llmos kernel stopped: pid {pid}")
-    return 0
-
-
-def cmd_kernel_status(args: argparse.Namespace) -> int:
-    address = address_of(args)
-    client = embedded.try_connect(address)
-    if client is None:
-        if args.json:
-            print(json.dumps({"running": False, "address": address}))
-        else:
-            print(f"no kernel running at {address}")
-        return 1
-    with client:
-        info = client.kernel_info()
-    info["running"] = True
-    if args.json:
-        print(json.dumps(info))
-        return 0
-    procs = ", ".join(f"{k.lower()} {v}" for k, v in info["processes"].items() if v) or "none"
-    print(f"llmos kernel {info['version']}: pid {info['pid']} at {info['address']}, up {info['uptime_s']:.0f} s")
-    print(f"  admin: {info.get('owner', '?')} (and root); you are {client.kernel.get('user')} via "
-          f"{client.kernel.get('transport')}")
-    for lst in info.get("listeners", [])[1:]:
-        print(f"  also at {lst['address']} ({lst['transport']})")
-    if info.get("group"):
-        print(f"  shared with group {info['group']} (its members reach the ipc socket)")
-    print(f"  processes: {procs}")
-    for mdl in info["models"]:
-        print(f"  model {mdl['model']}: worker pid {mdl['worker_pid']}, {mdl['device']}, running {mdl['running']}")
-    return 0
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -433,111 +339,6 @@ def cmd_stat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mib(n: Any) -> str:
-    return f"{(n or 0) / 2**20:.0f} MiB"
-
-
-def format_models(models: list[dict[str, Any]]) -> str:
-    """The ``llmos models`` table; memory is the estimate per instance and, in the last column, for all of them."""
-    lines = [f"{'MODEL':<48} {'DEVICE':<7} {'INST':>4} {'KEEP':>6} {'KV USED/TOTAL':>14} {'BATCH':>6} "
-             f"{'MEM/INST':>9} {'MEM TOTAL':>10}"]
-    for d in models:
-        exs = d.get("executors") or []
-        used = sum(e.get("kv_used", 0) for e in exs)
-        total = sum(e.get("kv_total", 0) for e in exs)
-        batch = max((e.get("batch_last", 0) for e in exs), default=0)
-        keep = "pinned" if d.get("keep_alive") == -1 else f"{d.get('keep_alive', 0):.0f}s"
-        each = d["estimate"]["total_bytes"]
-        lines.append(f"{d['model'][-48:]:<48} {d.get('device', ''):<7} {len(exs):>4} {keep:>6} "
-                     f"{f'{used}/{total}':>14} {batch:>6} {_mib(each):>9} {_mib(each * len(exs)):>10}")
-    return "\n".join(lines)
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    with connect(args) as c:
-        models = c.models()
-    print(json.dumps(models) if args.json else format_models(models))
-    return 0
-
-
-def cmd_load(args: argparse.Namespace) -> int:
-    opts = {k: getattr(args, k) for k in ("device", "instances", "kv_policy", "kv_blocks", "kv_max_blocks",
-                                          "user_cap_blocks", "max_batch", "keep_alive", "engine")}
-    address = address_of(args)
-    stages = Stages(lambda: Client(address), args.model, spawning=True, ready="ready")
-    try:
-        with connect(args) as c, Spinner(f"loading model {model_name(args.model)}", poll=stages):
-            d = c.model_load(args.model, **{k: v for k, v in opts.items() if v is not None})
-    finally:
-        stages.close()
-    print(json.dumps(d) if args.json else format_models([d]))
-    return 0
-
-
-def cmd_unload(args: argparse.Namespace) -> int:
-    with connect(args) as c:
-        d = c.model_unload(args.model, force=args.force)
-    print(json.dumps(d) if args.json else f"unloaded {d['model']}")
-    return 0
-
-
-def format_model_info(d: dict[str, Any]) -> str:
-    """``llmos model-info`` for people: a loaded model's table row and instances, or an unloaded one's estimate."""
-    est = d.get("estimate") or {}
-    sizes = ", ".join(f"{k.removesuffix('_bytes')} {_mib(v)}" for k, v in est.items()
-                      if k.endswith("_bytes") and k != "total_bytes" and isinstance(v, (int, float)))
-    lines = [f"model {d['model']}: {'loaded' if d.get('loaded') else 'not loaded'}",
-             f"  memory per instance: {_mib(est.get('total_bytes'))}" + (f" ({sizes})" if sizes else "")]
-    if est.get("kv_tokens"):
-        lines.append(f"  KV pool: {est['kv_tokens']} tokens")
-    if d.get("loaded"):
-        keep = "pinned" if d.get("keep_alive") == -1 else f"{d.get('keep_alive', 0):.0f} s once idle"
-        lines.append(f"  device {d.get('device')}, kv policy {d.get('kv_policy')}, keep-alive {keep}")
-        for ex in d.get("executors") or []:
-            state = "ready" if ex.get("ready") else f"loading{': ' + ex['stage'] if ex.get('stage') else ''}"
-            lines.append(f"  instance {ex.get('executor')}: worker pid {ex.get('worker_pid')}, {state}, engine "
-                         f"{ex.get('engine')}, context {ex.get('context_len')} tokens, KV {ex.get('kv_used', 0)}/"
-                         f"{ex.get('kv_total', 0)} blocks, running {ex.get('running', 0)}")
-    return "\n".join(lines)
-
-
-def cmd_model_info(args: argparse.Namespace) -> int:
-    with connect(args) as c:
-        d = c.model_info(args.model)
-    print(json.dumps(d) if args.json else format_model_info(d))
-    return 0
-
-
-def cmd_devices(args: argparse.Namespace) -> int:
-    with connect(args) as c:
-        devices = c.devices()
-    if args.json:
-        print(json.dumps(devices))
-        return 0
-    for d in devices:
-        if d["kind"] == "cpu":
-            print(f"cpu: {d['cores_logical']} cores, load {d['load_avg'][0]:.2f}, RAM {_mib(d['memory_available_bytes'])}"
-                  f" free of {_mib(d['memory_total_bytes'])}; models hold {_mib(d['reserved_bytes'])} of a "
-                  f"{_mib(d['budget_bytes'])} budget")
-        else:
-            print(f"{d['name']}: {d['model']}, {_mib(d['memory_total_bytes'])}, models hold {_mib(d['reserved_bytes'])}")
-    if not any(d["kind"] == "gpu" for d in devices):
-        print("gpus: none")
-    return 0
-
-
-def cmd_metrics(args: argparse.Namespace) -> int:
-    if args.prometheus:
-        with connect(args) as c:
-            sys.stdout.write(c.prometheus())
-        return 0
-    with connect(args) as c:
-        m = c.metrics()
-    # one frame of top for people (tok/s: the running processes' decoding speed, there is no earlier sample)
-    print(json.dumps(m) if args.json else frame(Sample(time.monotonic(), m)))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmos", description="LLMOS: an operating-system-style kernel for LLMs")
     # --address and --home go before the subcommand or after it (llmos --home H ps, llmos ps --home H)
@@ -554,20 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="tcp: your secret key file (default: $LLMOS_CLIENT_KEY, else HOME/keys/"
                             "client.key_secret, made by llmos keygen)")
     sub = ap.add_subparsers(dest="command", required=True)
-
-    k = sub.add_parser("kernel", help="start, stop or inspect the kernel daemon")
-    ksub = k.add_subparsers(dest="action", required=True)
-    ks = ksub.add_parser("start", parents=[common], help="start the kernel as a daemon")
-    ks.add_argument("--foreground", action="store_true", help="stay attached to the terminal (default: a daemon)")
-    ks.add_argument("--json", action="store_true", help="print {pid, address, started, warnings}")
-    add_kernel_flags(ks)
-    ks.set_defaults(fn=cmd_kernel_start)
-    kp = ksub.add_parser("stop", parents=[common], help="stop the kernel and its model workers")
-    kp.add_argument("--json", action="store_true", help="print {address, stopped, pid}")
-    kp.set_defaults(fn=cmd_kernel_stop)
-    kst = ksub.add_parser("status", parents=[common], help="is a kernel running; its pid, address, uptime")
-    kst.add_argument("--json", action="store_true")
-    kst.set_defaults(fn=cmd_kernel_status)
+    add_kernel_commands(sub, common)  # kernel start|stop|status (llmos/cli_kernel.py)
 
     r = sub.add_parser("run", parents=[common], help="generate from a prompt, streaming tokens to stdout",
                        description="Generate from PROMPT, streaming the text to stdout. Sampling is at "
@@ -647,52 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="the record as one JSON object (stats, sched, text)")
     st.set_defaults(fn=cmd_stat)
 
-    ms = sub.add_parser("models", parents=[common], help="list loaded models")
-    ms.add_argument("--json", action="store_true")
-    ms.set_defaults(fn=cmd_models)
-    ld = sub.add_parser("load", parents=[common], help="load a model: device, instances, KV memory policy, keep-alive")
-    ld.add_argument("model", nargs="?", default=None, help="model directory (default: the default model)")
-    ld.add_argument("--device", default=None, help="cpu, cuda:N or auto: the device with room, GPUs first (default "
-                    "auto)")
-    ld.add_argument("--instances", type=syscall_arg("model_load", "instances"), default=None,
-                    help="model instances, each a worker process (default 1)")
-    ld.add_argument("--kv-policy", choices=("static", "dynamic", "isolated"), default=None,
-                    help="KV memory: static (a fixed pool), dynamic (grows with demand, shrinks when idle), isolated "
-                    "(fixed, with a cap per user) (default: the kernel's --kv-policy)")
-    ld.add_argument("--kv-blocks", type=syscall_arg("model_load", "kv_blocks"), default=None,
-                    help="KV pool size in blocks (the initial size under dynamic; default: sized to memory)")
-    ld.add_argument("--kv-max-blocks", type=syscall_arg("model_load", "kv_max_blocks"), default=None,
-                    help="the dynamic policy's largest pool, in blocks (default: the initial size, --kv-blocks)")
-    ld.add_argument("--user-cap-blocks", type=syscall_arg("model_load", "user_cap_blocks"), default=None,
-                    help="the isolated policy's cap per user, in blocks (default: no cap)")
-    ld.add_argument("--max-batch", type=syscall_arg("model_load", "max_batch"), default=None,
-                    help="most processes in one step (default: as many as the KV pool allows)")
-    ld.add_argument("--keep-alive", type=syscall_arg("model_load", "keep_alive"), default=None, help="seconds it stays loaded once idle; -1 pins, 0 unloads after use (default 300)")
-    ld.add_argument("--engine", choices=("auto", "paged", "sequential"), default=None,
-                    help="the engine: paged (continuous batching, paged KV), sequential, or auto (default)")
-    ld.add_argument("--json", action="store_true")
-    ld.set_defaults(fn=cmd_load)
-    ul = sub.add_parser("unload", parents=[common], help="unload a model")
-    ul.add_argument("model", nargs="?", default=None, help="a loaded model's directory or store name (default: "
-                    "the default model)")
-    ul.add_argument("--force", action="store_true", help="also end its live processes (default: EBUSY while it "
-                    "has any)")
-    ul.add_argument("--json", action="store_true", help="print what was unloaded as JSON")
-    ul.set_defaults(fn=cmd_unload)
-    mi = sub.add_parser("model-info", parents=[common], help="describe a model: memory estimate, instances, KV pool")
-    mi.add_argument("model", nargs="?", default=None, help="a model directory or store name (default: the default "
-                    "model)")
-    mi.add_argument("--json", action="store_true", help="the kernel's description as one JSON object")
-    mi.set_defaults(fn=cmd_model_info)
-    dv = sub.add_parser("devices", parents=[common], help="cpu and gpus, with what models hold")
-    dv.add_argument("--json", action="store_true")
-    dv.set_defaults(fn=cmd_devices)
-    mt = sub.add_parser("metrics", parents=[common], help="process and model metrics")
-    mt.add_argument("--json", action="store_true", help="the kernel's metrics reply as one JSON object (default: "
-                    "one frame of top)")
-    mt.add_argument("--prometheus", action="store_true", help="the Prometheus text format, as kernel start "
-                    "--metrics-port serves it (counters, gauges, TTFT/TPOT histograms in seconds)")
-    mt.set_defaults(fn=cmd_metrics)
+    add_model_commands(sub, common)  # models, load, unload, model-info, devices, metrics (llmos/cli_models.py)
     add_fs_commands(sub, common)  # fs ls|cat|put|get|rm|stat, dmesg (llmos/cli_fs.py)
     add_store_commands(sub, common)  # model import|export|ls|rm, data import|ls|stat|cat|rm, eval (llmos/cli_store.py)
     add_user_commands(sub, common)  # whoami, keygen, user add|ls|rm (llmos/cli_users.py)

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from llmos._args import add_generation_flags, positive, sampling_params, signal_name, syscall_arg
-from llmos.cli import EXIT_SIGPIPE, end, format_models, format_stat, internal_error, nice_message, outcome, \
-    quiet_stdout, reap, send_signal
+from llmos.cli import EXIT_SIGPIPE, end, format_stat, internal_error, nice_message, outcome, quiet_stdout, reap, \
+    send_signal
+from llmos.cli_models import format_models
 from llmos.kernel.config import home_dir
 from llmos.llmos import LLMOS
 from llmos.shell_chat import COMMANDS as CHAT_COMMANDS, SETTING_HELP, Chat, ChatSettings
