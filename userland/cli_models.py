@@ -6,14 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
 from llmos._args import syscall_arg
 from llmos._command import address_of, connect
 from llmos.client import Client
 from llmos.progress import Spinner, Stages, model_name
-from llmos.top import Sample, frame
+from llmos.shell_views import format_devices, format_metrics
 
 
 def _mib(n: Any) -> str:
@@ -94,18 +93,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     with connect(args) as c:
         devices = c.devices()
-    if args.json:
-        print(json.dumps(devices))
-        return 0
-    for d in devices:
-        if d["kind"] == "cpu":
-            print(f"cpu: {d['cores_logical']} cores, load {d['load_avg'][0]:.2f}, RAM {_mib(d['memory_available_bytes'])}"
-                  f" free of {_mib(d['memory_total_bytes'])}; models hold {_mib(d['reserved_bytes'])} of a "
-                  f"{_mib(d['budget_bytes'])} budget")
-        else:
-            print(f"{d['name']}: {d['model']}, {_mib(d['memory_total_bytes'])}, models hold {_mib(d['reserved_bytes'])}")
-    if not any(d["kind"] == "gpu" for d in devices):
-        print("gpus: none")
+    print(json.dumps(devices) if args.json else format_devices(devices))
     return 0
 
 
@@ -116,8 +104,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         return 0
     with connect(args) as c:
         m = c.metrics()
-    # one frame of top for people (tok/s: the running processes' decoding speed, there is no earlier sample)
-    print(json.dumps(m) if args.json else frame(Sample(time.monotonic(), m)))
+    print(json.dumps(m) if args.json else format_metrics(m))  # the shell's table (llmos top: the live view)
     return 0
 
 
@@ -165,7 +152,7 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     dv.set_defaults(fn=cmd_devices)
     mt = sub.add_parser("metrics", parents=[common], help="process and model metrics")
     mt.add_argument("--json", action="store_true", help="the kernel's metrics reply as one JSON object (default: "
-                    "one frame of top)")
+                    "tables for people: processes, latency percentiles in ms, one row per model instance)")
     mt.add_argument("--prometheus", action="store_true", help="the Prometheus text format, as kernel start "
                     "--metrics-port serves it (counters, gauges, TTFT/TPOT histograms in seconds)")
     mt.set_defaults(fn=cmd_metrics)

@@ -46,7 +46,8 @@ def test_model_and_kernel_commands_print_json_and_text(kernel, tiny_model, tmp_p
         "instance w" in human and ", ready," in human
     m = json.loads(out(llmos(env, "metrics", "--json")))
     assert "finished" in m and "models" in m
-    assert out(llmos(env, "metrics")).startswith("llmos top - ")  # for people: one frame of top
+    shown = out(llmos(env, "metrics"))  # for people: the shell's tables
+    assert shown.startswith("processes: ") and "LATENCY (ms)" in shown and "TOK OUT" in shown
     away = {**env, "LLMOS_ADDRESS": f"ipc://{tmp_path}/none.sock"}
     assert json.loads(out(llmos(away, "kernel", "stop", "--json")))["stopped"] is False
 

@@ -186,8 +186,8 @@ def test_llmos_devices_lists_the_cpu_and_exactly_the_gpus_nvml_reports(kernel):
     gpus = nvidia_gpus()
     r = subprocess.run([sys.executable, "-m", "llmos", "devices"], env=kernel.env, capture_output=True, text=True,
                        timeout=60)
-    assert r.returncode == 0 and r.stdout.startswith("cpu: ")
-    assert ("gpus: none" in r.stdout) == (not gpus)
+    assert r.returncode == 0 and r.stdout.splitlines()[1].startswith("cpu ")
+    assert ("(no GPU)" in r.stdout) == (not gpus) and all(g in r.stdout for g in gpus)
     devs = json.loads(subprocess.run([sys.executable, "-m", "llmos", "devices", "--json"], env=kernel.env,
                                      capture_output=True, text=True, timeout=60).stdout)
     assert [d["kind"] for d in devs] == ["cpu"] + ["gpu"] * len(gpus) and devs[0]["cores_logical"] >= 1
