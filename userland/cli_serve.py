@@ -1,7 +1,8 @@
 """``llmos serve`` (the OpenAI-compatible gateway, llmos.gateway) and ``llmos api-key add|ls|rm`` (its keys).
 
 With no API key configured the gateway serves a loopback host only, every request as the gateway's own
-user; with keys, each request is its key's user. docs/gateway.md says how, and what is supported.
+user (or as `anonymous` when that user is the kernel's admin); with keys at start, each request is its
+key's user, and keys stay required even if all are removed. docs/gateway.md says how, and what is supported.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from llmos._command import address_of, home_of
 from llmos.gateway import apikeys
 
 EXIT_USAGE = 2
+DEFAULT_MAX_CHOICES = 64  # as llmos.gateway.app's (not imported here: `llmos --help` stays free of FastAPI)
 
 
 def is_loopback(host: str) -> bool:
@@ -46,8 +48,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llmos.cli import Terminated
     from llmos.gateway.app import GatewayConfig, create_app
 
-    app = create_app(GatewayConfig(address_of(args), keys_file, args.max_tokens))
-    who = f"API keys from {keys_file}" if has_keys else f"no API keys: loopback only, as {_whoami()}"
+    app = create_app(GatewayConfig(address_of(args), keys_file, args.max_tokens, require_keys=has_keys or not is_loopback(args.host),
+                                   max_choices=args.max_choices))
+    who = f"API keys from {keys_file}" if has_keys else "no API keys: loopback only"
     print(f"llmos serve: http://{args.host}:{args.port}/v1 ({who}); kernel at {address_of(args)}", file=sys.stderr,
           flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -57,12 +60,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except Terminated:  # uvicorn stopped on SIGTERM and passed it on to llmos's handler: a clean stop
         return 0
     return 0 if server.started else 1
-
-
-def _whoami() -> str:
-    from llmos._wire import current_user
-
-    return current_user()
 
 
 def cmd_api_key_add(args: argparse.Namespace) -> int:
@@ -109,6 +106,16 @@ def _port(text: str) -> int:
     return port
 
 
+def _max_choices(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return n
+
+
 def _max_tokens(text: str) -> int:
     from llmos._args import syscall_arg
 
@@ -120,15 +127,19 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("serve", parents=[common], help="the OpenAI-compatible HTTP gateway (/v1/completions, "
                        "/v1/chat/completions, /v1/models, /health, /metrics)",
                        description="Serve the OpenAI API over HTTP on the running kernel. Without API keys "
-                       "(llmos api-key add USER) it serves a loopback host only, every request as your user; with "
-                       "keys each request is its key's user. Stops on Ctrl-C or SIGTERM, ending the processes of "
-                       "requests still open. docs/gateway.md has the details.")
+                       "(llmos api-key add USER) it serves a loopback host only, every request as your user (as "
+                       "'anonymous' when you are the kernel's admin); with keys each request is its key's user, and "
+                       "keys stay required. Stops on Ctrl-C or SIGTERM, ending the processes of requests still "
+                       "open. docs/gateway.md has the details.")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; another than "
                    "loopback needs API keys)")
     s.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     s.add_argument("--max-tokens", type=_max_tokens, default=None, metavar="N",
                    help="output limit in tokens of a request that sets neither max_tokens nor max_completion_tokens "
                    "(default: the kernel's, 128)")
+    s.add_argument("--max-choices", type=_max_choices, default=DEFAULT_MAX_CHOICES, metavar="N",
+                   help="most processes one request may start: its prompts x n (default "
+                   f"{DEFAULT_MAX_CHOICES}); more is a 400 that names the limit")
     s.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on stop, seconds open requests may take to finish before they are cut (default 10)")
     s.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),

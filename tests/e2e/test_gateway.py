@@ -6,10 +6,12 @@ One gateway for the module (its own home, so its API keys are its own), started 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import http.client
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -25,6 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmos import NoSuchProcess
 from llmos.cli import main as cli_main
+from llmos.gateway import apikeys, errors
+from llmos.syscalls.errors import Errno
 from tests.conftest import free_port, wait_for
 
 BIN = [sys.executable, "-m", "llmos"]
@@ -38,8 +42,8 @@ def as_in_a_terminal() -> None:
 class Gateway:
     """A `llmos serve` subprocess with its own home (API keys under HOME/gateway)."""
 
-    def __init__(self, kernel, address: str | None = None, extra: tuple[str, ...] = ()) -> None:
-        self.home = Path(tempfile.mkdtemp(prefix="llmos-gw-", dir="/tmp"))
+    def __init__(self, kernel, address: str | None = None, extra: tuple[str, ...] = (), home: Path | None = None) -> None:
+        self.home = home or Path(tempfile.mkdtemp(prefix="llmos-gw-", dir="/tmp"))  # removed by stop()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = kernel.env
@@ -76,12 +80,13 @@ class Gateway:
             return e.code, e.read()
 
     def stop(self) -> int:
+        """SIGTERM, then its exit status (its stderr is left in ``self.stderr``)."""
         self.proc.send_signal(signal.SIGTERM)
         try:
             rc = self.proc.wait(30)
         finally:
             self.proc.kill() if self.proc.poll() is None else None
-            self.proc.communicate()
+            self.stderr = self.proc.communicate()[1]
             shutil.rmtree(self.home, ignore_errors=True)
         return rc
 
@@ -91,6 +96,8 @@ def gateway(kernel):
     g = Gateway(kernel)
     yield g
     assert g.stop() == 0
+    # the kernel's admin runs it without keys: it says that its requests act for 'anonymous'
+    assert "requests act for 'anonymous'" in g.stderr and "Traceback" not in g.stderr, g.stderr
 
 
 def llmos_here(*argv: str) -> subprocess.CompletedProcess:
@@ -212,7 +219,7 @@ def test_logprobs_are_the_kernels_scores_of_the_chosen_tokens(gateway, client, t
 def test_errors_come_in_openais_shape_with_the_right_status(gateway, tiny_model):
     oc = gateway.openai()
     with pytest.raises(openai.NotFoundError) as nf:
-        oc.completions.create(model="/no/such/model", prompt="x", max_tokens=2)
+        oc.completions.create(model="no-such-model", prompt="x", max_tokens=2)  # a store name (a directory: 403)
     assert nf.value.body["code"] == "model_not_found" and nf.value.body["param"] == "model"
     with pytest.raises(openai.BadRequestError) as bad:
         oc.completions.create(model=tiny_model, prompt="x", max_tokens=2, temperature=7)
@@ -242,9 +249,11 @@ def _killed_and_reaped(client, pid: int) -> None:
     wait_for(lambda: pid not in {p.pid for p in client.ps()}, 30, f"the gateway to reap {pid}")
     with pytest.raises(NoSuchProcess):
         client.stat(pid)
-    exits = [json.loads(line) for line in client.dmesg(n=2000)]
-    [end] = [e for e in exits if e.get("event") == "exit" and e.get("pid") == pid]
+    events = [json.loads(line) for line in client.dmesg(n=2000)]
+    [end] = [e for e in events if e.get("event") == "exit" and e.get("pid") == pid]
     assert end["reason"] == "killed"  # TERM, not a natural end
+    signals = [e["signal"] for e in events if e.get("event") == "signal" and e.get("pid") == pid]
+    assert signals == ["TERM"]  # ended once (not by two clean-ups racing)
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -268,6 +277,7 @@ def test_a_session_keeps_its_context_between_requests_until_deleted(gateway, cli
                                        max_tokens=3, temperature=0, extra_body={"session": True, **LONG})
     pid = first.model_extra["session"]
     assert client.stat(pid).state == "BLOCKED" and client.stat(pid).session
+    assert client.stat(pid).owner == "anonymous"  # keyless, and the gateway's user is the admin: not the admin
     second = oc.chat.completions.create(model=tiny_model, messages=[{"role": "user", "content": "two"}],
                                         max_tokens=3, temperature=0, extra_body={"session": pid})
     assert second.model_extra["session"] == pid and second.usage.completion_tokens == 3
@@ -282,38 +292,63 @@ def test_a_session_keeps_its_context_between_requests_until_deleted(gateway, cli
     assert gone.value.body["param"] == "session"
 
 
-def test_api_keys_pick_the_user_and_a_missing_or_unknown_key_is_401(gateway, kernel, client, tiny_model):
-    add = gateway.llmos("api-key", "add", "alice", "--json")
+def test_api_keys_pick_the_user_and_removing_every_key_never_turns_authentication_off(kernel, client, tiny_model):
+    home = Path(tempfile.mkdtemp(prefix="llmos-gw-", dir="/tmp"))
+    add = llmos_here("api-key", "add", "alice", "--json", "--home", str(home))  # before the start: keys required
     assert add.returncode == 0, add.stderr
     key = json.loads(add.stdout)["key"]
-    keys_file = gateway.home / "gateway" / "api_keys.json"
+    keys_file = home / "gateway" / "api_keys.json"
     assert oct(keys_file.stat().st_mode & 0o777) == "0o600" and key not in keys_file.read_text()
+    g = Gateway(kernel, home=home)
     try:
-        status, body = gateway.get("/v1/models")  # no Authorization header at all
+        status, body = g.get("/v1/models")  # no Authorization header at all
         assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
-            gateway.openai(key="llmos-wrong").models.list()
-        oc = gateway.openai(key)
-        bob = gateway.openai(json.loads(gateway.llmos("api-key", "add", "bob", "--json").stdout)["key"])
+            g.openai(key="llmos-wrong").models.list()
+        oc = g.openai(key)
+        bob_key = json.loads(llmos_here("api-key", "add", "bob", "--json", "--home", str(home)).stdout)["key"]
+        bob = g.openai(bob_key)
         r = oc.chat.completions.create(model=tiny_model, messages=[{"role": "user", "content": "k"}], max_tokens=2,
                                        extra_body={"session": True})
         pid = r.model_extra["session"]
         assert client.stat(pid).owner == "alice"  # the gateway (the admin here) acts for the key's user
         assert [p.owner for p in client.ps() if p.pid == pid] == ["alice"]
-        with pytest.raises(openai.PermissionDeniedError):  # alice's session, not bob's
+        with pytest.raises(openai.NotFoundError) as theirs:  # alice's session is not one bob opened here
             bob.chat.completions.create(model=tiny_model, messages=[{"role": "user", "content": "k"}],
                                         extra_body={"session": pid})
+        assert theirs.value.body["param"] == "session"
+        req = urllib.request.Request(f"{g.url}/v1/sessions/{pid}", method="DELETE",
+                                     headers={"Authorization": f"Bearer {bob_key}"})
+        with pytest.raises(urllib.error.HTTPError) as not_bobs:
+            urllib.request.urlopen(req, timeout=30)
+        assert not_bobs.value.code == 404 and client.stat(pid).state == "BLOCKED"  # still there
         client.close(pid)
-        ls = json.loads(gateway.llmos("api-key", "ls", "--json").stdout)
+        ls = json.loads(llmos_here("api-key", "ls", "--json", "--home", str(home)).stdout)
         assert sorted(k["user"] for k in ls) == ["alice", "bob"]
-    finally:
-        assert gateway.llmos("api-key", "rm", "alice").returncode == 0
-    try:
+        good = keys_file.read_bytes()
+        keys_file.write_text("{not json")  # a broken file: every request refused, its path not told
+        status, body = g.get("/v1/models")
+        assert status == 503 and str(home) not in body.decode() and "api_keys" not in body.decode()
+        keys_file.write_bytes(good)
+        assert llmos_here("api-key", "rm", "alice", "--home", str(home)).returncode == 0
         with pytest.raises(openai.AuthenticationError):  # withdrawn: refused at once
-            gateway.openai(key).models.list()
+            oc.models.list()
+        assert bob.models.list()
+        assert llmos_here("api-key", "rm", "bob", "--home", str(home)).returncode == 0
+        with pytest.raises(openai.AuthenticationError):  # no key left: still required, nobody gets in
+            g.openai().models.list()
+        keys_file.unlink()
+        status, body = g.get("/v1/models")
+        assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
     finally:
-        assert gateway.llmos("api-key", "rm", "bob").returncode == 0
-    assert gateway.openai(key).models.list()  # no key left: keyless again, as the gateway's own user
+        assert g.stop() == 0
+
+
+def test_concurrent_api_key_adds_keep_every_key(tmp_path):
+    path = tmp_path / "gateway" / "api_keys.json"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        added = list(pool.map(lambda i: apikeys.add(path, f"u{i % 4}")[1].id, range(64)))
+    assert sorted(k.id for k in apikeys.load(path)) == sorted(added)
 
 
 def test_health_and_metrics_in_the_prometheus_text_format(gateway, tiny_model):
@@ -329,8 +364,156 @@ def test_health_and_metrics_in_the_prometheus_text_format(gateway, tiny_model):
     assert sum(s.value for s in ttft) >= 1
     assert "llmos_gateway_requests_in_flight" in families and "llmos_gateway_request_duration_seconds" in families
     assert "llmos_processes" in families  # the kernel's own registry follows the gateway's
+    [start] = families["process_start_time_seconds"].samples  # the gateway's own process, not the kernel's
+    assert start.value == pytest.approx(_started_at(gateway.proc.pid), abs=0.02)
     types = [line.split()[2] for line in text.decode().splitlines() if line.startswith("# TYPE ")]
     assert len(types) == len(set(types))  # no metric name twice
+
+
+def _started_at(pid: int) -> float:
+    """When process ``pid`` started (unix time), from /proc as prometheus_client's ProcessCollector reads it."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime "))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_streamed_session_says_its_pid_in_every_chunk_and_a_header(gateway, client, tiny_model):
+    conn = post(gateway, "/v1/chat/completions", {"model": tiny_model, "messages": [{"role": "user", "content": "s"}],
+                                                  "max_tokens": 3, "stream": True, "session": True, **LONG})
+    resp = conn.getresponse()
+    events = [e for e in resp.read().decode().split("\n\n") if e]
+    conn.close()
+    pid = int(resp.getheader("x-llmos-session"))
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks and all(c["session"] == pid for c in chunks) and events[-1] == "data: [DONE]"
+    assert client.stat(pid).session
+    oc = gateway.openai()  # the next turn, streamed with the openai package: the pid is in its chunks too
+    stream = oc.chat.completions.create(model=tiny_model, messages=[{"role": "user", "content": "t"}], max_tokens=2,
+                                        stream=True, extra_body={"session": pid})
+    assert {c.model_extra["session"] for c in stream} == {pid}
+    req = urllib.request.Request(f"{gateway.url}/v1/sessions/{pid}", method="DELETE")
+    assert json.loads(urllib.request.urlopen(req, timeout=30).read())["deleted"] is True
+
+
+def test_one_request_starts_at_most_max_choices_processes(gateway, client, tiny_model):
+    before = len(client.ps())
+    with pytest.raises(openai.BadRequestError) as many:  # 5 prompts x 16 = 80 processes
+        gateway.openai().completions.create(model=tiny_model, prompt=["a", "b", "c", "d", "e"], n=16, max_tokens=1)
+    assert "64" in many.value.body["message"] and many.value.body["param"] == "n"
+    assert len(client.ps()) == before  # refused before anything was spawned
+
+
+def test_keyless_admin_gateway_acts_for_anonymous_and_reaches_only_sessions_it_opened(gateway, client, tiny_model):
+    oc = gateway.openai()
+    with pytest.raises(openai.PermissionDeniedError):  # a negative priority is the admin's: not anonymous's
+        oc.completions.create(model=tiny_model, prompt="p", max_tokens=1, extra_body={"priority": -5})
+    mine = client.spawn(model=tiny_model, session=True)  # the admin's session, not opened through the gateway
+    try:
+        with pytest.raises(openai.NotFoundError):
+            oc.chat.completions.create(model=tiny_model, messages=[{"role": "user", "content": "x"}], max_tokens=1,
+                                       extra_body={"session": mine})
+        status, _ = _delete(gateway, mine)
+        assert status == 404 and client.stat(mine).state == "BLOCKED"  # untouched
+    finally:
+        client.close(mine)
+
+
+def _delete(gateway: Gateway, pid: int) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"{gateway.url}/v1/sessions/{pid}", method="DELETE")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_seed_plus_choice_wraps_within_the_kernels_seed_range(gateway, tiny_model):
+    oc = gateway.openai()
+    top = oc.completions.create(model=tiny_model, prompt="w", n=2, max_tokens=4, seed=2**63 - 1, extra_body=LONG)
+    zero = oc.completions.create(model=tiny_model, prompt="w", max_tokens=4, seed=0, extra_body=LONG)
+    assert sorted(top.choices, key=lambda c: c.index)[1].text == zero.choices[0].text  # 2**63 - 1 + 1 wraps to 0
+
+
+def test_the_developer_role_is_the_system_role(gateway, client, tiny_model):
+    r = gateway.openai().chat.completions.create(
+        model=tiny_model, messages=[{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        max_tokens=5, temperature=0, extra_body=LONG)
+    want = greedy(client, tiny_model, 5, messages=[{"role": "system", "content": "be brief"},
+                                                   {"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == want
+
+
+def test_a_choice_that_ended_in_error_fails_the_request_even_without_an_errno():
+    assert errors.of_outcome("error", None).status == 500
+    assert errors.of_outcome("error", {"errno": int(Errno.ETIMEDOUT), "message": "late"}).status == 504
+    assert all(errors.of_outcome(r, None) is None for r in ("stop", "length", "killed", "closed"))
+
+
+async def asgi(app, method: str, path: str, body: dict | None = None) -> tuple[int, bytes, dict[str, str]]:
+    """One HTTP request to an ASGI app in this process: (status, body, headers). The client never goes away."""
+    raw = json.dumps(body).encode() if body is not None else b""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"gateway"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    given = False
+    out: dict = {"status": 0, "body": b"", "headers": {}}
+
+    async def receive() -> dict:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.Event().wait()  # never a disconnect
+        return {}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            out["status"] = message["status"]
+            out["headers"] = {k.decode(): v.decode() for k, v in message.get("headers", [])}
+        elif message["type"] == "http.response.body":
+            out["body"] += message.get("body", b"")
+
+    await app(scope, receive, send)
+    return out["status"], out["body"], out["headers"]
+
+
+def test_a_dropped_kernel_connection_is_made_again_on_every_route(kernel, client, tiny_model, tmp_path):
+    from llmos.gateway.app import ANONYMOUS, GatewayConfig, create_app
+
+    app = create_app(GatewayConfig(kernel.address, tmp_path / "api_keys.json"))
+    gw = app.state.gateway
+
+    async def drop_connections() -> None:  # what a kernel that went away leaves: calls on them fail, KernelGone
+        own = await gw.link.client(None)
+        assert own.kernel["admin"]  # this test process started the kernel: keyless calls act for anonymous
+        for c in (own, await gw.link.client(ANONYMOUS)):
+            await c.close()
+
+    async def go() -> None:
+        try:
+            status, body, _ = await asgi(app, "POST", "/v1/chat/completions", {
+                "model": tiny_model, "messages": [{"role": "user", "content": "d"}], "max_tokens": 1,
+                "session": True})
+            assert status == 200, body
+            session = json.loads(body)["session"]
+            for method, path, ok in (("GET", "/v1/models", 200), ("GET", f"/v1/models/{tiny_model}", 200),
+                                     ("GET", "/metrics", 200), ("DELETE", f"/v1/sessions/{session}", 200)):
+                await drop_connections()
+                status, body, _ = await asgi(app, method, path)
+                if path == "/metrics":  # always served; the kernel's part is missing while the link is down
+                    assert status == 200 and b"llmos_processes" not in body
+                else:
+                    assert status == 503, (path, status, body)
+                status, body, _ = await asgi(app, method, path)  # the next request connects afresh
+                assert status == ok, (path, status, body)
+                assert path != "/metrics" or b"llmos_processes" in body
+        finally:
+            await gw.close()
+
+    asyncio.run(go())
+    assert not [p for p in client.ps() if p.owner == ANONYMOUS and p.session]  # the session was closed
 
 
 def test_without_a_kernel_health_is_503_and_requests_are_503(kernel, tiny_model):

@@ -1,14 +1,19 @@
 """The gateway's API keys: HOME/gateway/api_keys.json maps the SHA-256 of each key to an LLMOS user.
 
 The file holds digests only, never a key: a key is shown once, when ``llmos api-key add USER`` makes it.
-It is 0600 in a 0700 directory, written whole to a temporary file and renamed (a reader never sees half).
-The gateway re-reads it when its mtime or size changes, so added and removed keys take effect at once.
+It is 0600 in a 0700 directory, written whole to a temporary file and renamed (a reader never sees half);
+``add`` and ``remove`` hold an exclusive flock on ``.api_keys.lock`` beside it for their read-modify-write,
+so that two at once never lose a key. The gateway re-reads it when its mtime or size changes, so added
+and removed keys take effect at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -16,12 +21,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 from llmos.syscalls.errors import InvalidArgument, NotFound
 from llmos.syscalls.table import USER_NAME, USER_PATTERN
 
 KEY_PREFIX = "llmos-"  # so that a leaked key is recognisable (secret scanners, logs)
 ID_CHARS = 12  # hex digits of the digest that name a key in `api-key ls` and `api-key rm --id`
+log = logging.getLogger("llmos.gateway")
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ def digest(key: str) -> str:
 
 
 def keys_file(home: Path) -> Path:
+    """Where the gateway's keys live under LLMOS home ``home``: HOME/gateway/api_keys.json (the file need not
+    exist: no keys)."""
     return home / "gateway" / "api_keys.json"
 
 
@@ -77,25 +86,46 @@ def _save(path: Path, keys: list[ApiKey]) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock of ``path``'s read-modify-write (a lock file beside it: the keys file itself is
+    replaced by rename, so a lock on it would guard a file that is about to go away)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path.parent / ".api_keys.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def add(path: Path, user: str) -> tuple[str, ApiKey]:
-    """Make a fresh key for ``user``; returns (the key, shown once and stored nowhere, its entry)."""
+    """Make a fresh key for ``user``; returns (the key, shown once and stored nowhere, its entry).
+    InvalidArgument for a bad user name or a file that is not an API key file."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     h = digest(key)
     entry = ApiKey(check_user(user), h[:ID_CHARS], h, time.time())
-    _save(path, [*load(path), entry])
+    with _locked(path):
+        _save(path, [*load(path), entry])
     return key, entry
 
 
 def remove(path: Path, user: str, key_id: str | None = None) -> int:
     """Withdraw ``user``'s keys (all, or the one whose id is ``key_id``); returns how many. NotFound when
     none matched."""
-    keys = load(path)
-    keep = [k for k in keys if not (k.user == user and (key_id is None or k.id == key_id))]
-    gone = len(keys) - len(keep)
-    if not gone:
-        raise NotFound(f"no API key {key_id!r} of user {user!r}" if key_id else f"user {user!r} has no API keys")
-    _save(path, keep)
+    with _locked(path):
+        keys = load(path)
+        keep = [k for k in keys if not (k.user == user and (key_id is None or k.id == key_id))]
+        gone = len(keys) - len(keep)
+        if not gone:
+            raise NotFound(f"no API key {key_id!r} of user {user!r}" if key_id else f"user {user!r} has no API keys")
+        _save(path, keep)
     return gone
+
+
+class KeysUnreadable(Exception):
+    """The gateway's keys file exists but is not an API key file: every request is refused until it is fixed
+    (the gateway fails closed; the file's path goes to the gateway's log, never to an HTTP client)."""
 
 
 class KeyRing:
@@ -114,15 +144,20 @@ class KeyRing:
         except FileNotFoundError:
             seen = None
         if seen != self._seen:
-            self._users = {k.sha256: k.user for k in load(self.path)}
+            try:
+                keys = load(self.path)
+            except InvalidArgument as exc:
+                log.error("the API key file cannot be read, every request is refused (503): %s", exc.message)
+                raise KeysUnreadable() from None
+            self._users = {k.sha256: k.user for k in keys}
             self._seen = seen
 
     def configured(self) -> bool:
-        """Whether any key exists: without one the gateway serves only loopback, as its own user."""
+        """Whether any key exists now. KeysUnreadable for a file that is not an API key file."""
         self._refresh()
         return bool(self._users)
 
     def user_of(self, key: str) -> str | None:
-        """The user a presented key stands for, or None for an unknown key."""
+        """The user a presented key stands for, or None for an unknown key. KeysUnreadable as configured()."""
         self._refresh()
         return self._users.get(digest(key))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,29 +24,41 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmos.gateway import errors
-from llmos.gateway.apikeys import KeyRing
-from llmos.gateway.errors import HTTPError
+from llmos.aclient import AsyncClient
+from llmos.gateway.apikeys import KeyRing, KeysUnreadable
+from llmos.gateway.errors import HTTPError, invalid
 from llmos.gateway.link import KernelLink
-from llmos.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from llmos.gateway.metrics import GatewayMetrics, MetricsMiddleware, without_process_families
 from llmos.gateway.responses import DONE, Shape, sse
 from llmos.gateway.runs import Failed, Outcome, Run
 from llmos.gateway.schema import (ChatRequest, CompletionRequest, completion_prompts, refuse_unsupported,
                                   spawn_params, wants_logprobs)
+from llmos.gateway.sessions import SessionOwners
 from llmos.syscalls.errors import Errno, KernelGone, LLMOSError
 
 log = logging.getLogger("llmos.gateway")
 CLIENT_CLOSED = 499  # the status nginx logs for a request whose client went away
+SESSION_HEADER = "x-llmos-session"  # a session's pid, on every response of a session's turn (streamed too)
+
+
+ANONYMOUS = "anonymous"  # whom keyless requests act for when the gateway's own user is the kernel's admin
+DEFAULT_MAX_CHOICES = 64
 
 
 @dataclass
 class GatewayConfig:
     """``address``: the kernel's bus address (None: the default). ``keys_file``: the API keys (see
     llmos.gateway.apikeys). ``default_max_tokens``: the output limit of a request that gives none (None:
-    the kernel's default, 128)."""
+    the kernel's default, 128). ``require_keys``: every request needs an API key even when the file holds
+    none (decided at start: keys existed then, or the host is not loopback; a gateway that started keyless
+    requires them from the moment one is added). ``max_choices``: most processes one request may start
+    (prompts x n)."""
 
     address: str | None
     keys_file: Path
     default_max_tokens: int | None = None
+    require_keys: bool = False
+    max_choices: int = DEFAULT_MAX_CHOICES
 
 
 class EventStream(StreamingResponse):
@@ -70,54 +83,125 @@ async def _disconnected(request: Request) -> None:
 
 
 class Gateway:
-    """The state of a running gateway: its kernel connections, its keys, its metrics, and the tasks that
-    end the processes of clients that went away."""
+    """The state of a running gateway: its kernel connections, its keys, the sessions it opened, its metrics,
+    and the tasks that end the processes of clients that went away."""
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.link = KernelLink(config.address)
         self.keys = KeyRing(config.keys_file)
+        self.sessions = SessionOwners()
         self.metrics = GatewayMetrics()
         self.enders: set[asyncio.Task] = set()
+        self._keys_required = config.require_keys  # once true, never false again (removing keys never opens up)
+        self._said_who = False
 
     # -- who is asking ---------------------------------------------------------------------------
     def caller(self, request: Request) -> str | None:
-        """The user a request acts for: its API key's, or None (the gateway's own user) when no keys are
-        configured. 401 for a missing or unknown key."""
-        if not self.keys.configured():
-            return None
-        auth = request.headers.get("authorization", "")
-        scheme, _, key = auth.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise HTTPError(401, "no API key: send it as 'Authorization: Bearer KEY' (the admin makes one with "
-                            "`llmos api-key add USER`)", "invalid_request_error", None, "invalid_api_key")
-        user = self.keys.user_of(key.strip())
+        """The user a request acts for: its API key's, or None (keyless: see :meth:`client_for`) when keys are
+        not required. 401 for a missing or unknown key, and for every request when keys are required and
+        none is left; 503 when the keys file cannot be read (fails closed; its log says why)."""
+        try:
+            configured = self.keys.configured()
+            if configured:
+                self._keys_required = True
+            if not self._keys_required:
+                return None
+            auth = request.headers.get("authorization", "")
+            scheme, _, key = auth.partition(" ")
+            if not configured:
+                raise HTTPError(401, "this gateway requires an API key and none is configured (the admin makes one "
+                                "with `llmos api-key add USER`)", "invalid_request_error", None, "invalid_api_key")
+            if scheme.lower() != "bearer" or not key.strip():
+                raise HTTPError(401, "no API key: send it as 'Authorization: Bearer KEY' (the admin makes one "
+                                "with `llmos api-key add USER`)", "invalid_request_error", None, "invalid_api_key")
+            user = self.keys.user_of(key.strip())
+        except KeysUnreadable:
+            raise HTTPError(503, "the gateway's API keys cannot be read; its log says why", "server_error", None,
+                            "EIO") from None
         if user is None:
             raise HTTPError(401, "unknown API key", "invalid_request_error", None, "invalid_api_key")
         return user
 
-    async def client_for(self, user: str | None) -> Any:
+    async def client_for(self, user: str | None) -> AsyncClient:
+        """The kernel connection a request of ``user`` (an API key's user; None: keyless) makes its calls on.
+        Keyless, the gateway's own identity, except when that is the kernel's admin: then the calls act for
+        ANONYMOUS, a user with no rights of its own (a loopback port must not hand the admin's rights to
+        every local user). 503 (or the errno's status) when no kernel answers."""
         try:
+            if user is None:
+                own = await self.link.client(None)
+                user = self._keyless_user(own)
             return await self.link.client(user)
         except LLMOSError as exc:
             raise errors.from_llmos(exc) from None
 
+    def _keyless_user(self, own: AsyncClient) -> str | None:
+        admin = bool(own.kernel.get("admin"))
+        if not self._said_who and not self._keys_required:
+            self._said_who = True
+            print(f"llmos serve: no API keys: requests act for {ANONYMOUS!r} (the gateway's user {own.user} is the "
+                  f"kernel's admin)" if admin else f"llmos serve: no API keys: every request acts as {own.user}, "
+                  f"the gateway's user", file=sys.stderr, flush=True)
+        return ANONYMOUS if admin else None
+
+    async def say_who(self) -> None:
+        """At start: say whom keyless requests act for, when the kernel answers already (else the first
+        request says it)."""
+        if self._keys_required:
+            return
+        try:
+            self._keyless_user(await self.link.client(None))
+        except LLMOSError:
+            pass
+
+    @asynccontextmanager
+    async def kernel(self, user: str | None, own: bool = False) -> AsyncIterator[AsyncClient]:
+        """``async with gw.kernel(user) as client``: the connection of ``user`` (as client_for; ``own``: the
+        gateway's own instead, whoever asks); a call on it that finds the kernel gone (KernelGone,
+        KernelRestarted) drops the connection (the next request connects afresh), then the error goes on
+        (503). HTTPError when no kernel answers."""
+        if own:
+            try:
+                client = await self.link.client(None)
+            except LLMOSError as exc:
+                raise errors.from_llmos(exc) from None
+        else:
+            client = await self.client_for(user)
+        try:
+            yield client
+        except LLMOSError as exc:
+            self.link.drop_if_gone(client, exc)
+            raise
+
     def end_later(self, run: Run) -> asyncio.Task:
         """End a run's processes in a task of its own: it completes even when the request's task is being
         cancelled (the client went away)."""
-        task = asyncio.get_running_loop().create_task(self._end(run))
-        self.enders.add(task)
+        return self._track(self._end(run))
+
+    def _track(self, work: Awaitable[Any]) -> asyncio.Task:
+        task = asyncio.ensure_future(work)
+        self.enders.add(task)  # close() waits for it; a reference kept, so it is never collected unfinished
         task.add_done_callback(self.enders.discard)
         return task
 
     async def _end(self, run: Run) -> None:
+        """End what is left of ``run`` once, logging a failure; a session it ended is forgotten."""
         try:
             await run.end()
         except LLMOSError as exc:
             log.warning("could not end the processes %s of a request: %s", sorted(run.live), exc)
+        if run.session is not None and run.session_over:
+            self.sessions.ended(run.session)
 
     # -- generation --------------------------------------------------------------------------------
     async def generate(self, request: Request, req: CompletionRequest | ChatRequest, user: str | None) -> Response:
+        """Answer a completions or chat request of ``user`` (an API key's user; None: keyless): its processes
+        spawned (or a session's turn sent), then a JSON body, or an event stream when ``stream`` is set. A
+        session's pid is in every body and chunk (``session``) and in the ``x-llmos-session`` header.
+        Raises HTTPError: 400 for what the gateway refuses (more than ``max_choices`` processes, unsupported
+        fields), 404 for an unknown model or a session this caller did not open here, or the status of the
+        kernel's errno (errors.STATUS)."""
         chat = isinstance(req, ChatRequest)
         refuse_unsupported(req)
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
@@ -128,12 +212,13 @@ class Gateway:
         try:
             await self._start(run, req, user)
         except LLMOSError as exc:
-            self._gone(client, exc)
+            self.link.drop_if_gone(client, exc)
             raise errors.from_llmos(exc, "session" if req.session_pid() and exc.errno is Errno.ESRCH else None)
-        shape = Shape(chat, req.model, req.include_usage())
+        shape = Shape(chat, req.model, req.include_usage(), run.session)
+        headers = {} if run.session is None else {SESSION_HEADER: str(run.session)}
         if req.stream:
-            return EventStream(self._events(run, shape, req.n), headers={"Cache-Control": "no-cache"})
-        return await self._until_disconnect(request, self._collect(run, shape, req.n), run)
+            return EventStream(self._events(run, shape, req.n), headers={"Cache-Control": "no-cache", **headers})
+        return await self._until_disconnect(request, self._collect(run, shape, req.n, headers), run)
 
     async def _start(self, run: Run, req: CompletionRequest | ChatRequest, user: str | None) -> None:
         params = spawn_params(req, self.config.default_max_tokens)
@@ -141,6 +226,10 @@ class Gateway:
         pid = req.session_pid()
         if pid is None and not req.opens_session():
             inputs = [{"messages": messages}] if messages is not None else completion_prompts(req)
+            if len(inputs) * req.n > self.config.max_choices:
+                raise invalid(f"{len(inputs)} prompts x n={req.n} asks for {len(inputs) * req.n} choices; this "
+                              f"gateway starts at most {self.config.max_choices} per request (llmos serve "
+                              f"--max-choices)", "n")
             await run.spawn(inputs, req.n, params, req.priority)
             return
         if messages is not None:
@@ -152,54 +241,65 @@ class Gateway:
             await run.open_session(before, params, req.priority)
             pid = run.session
             assert pid is not None
+            self.sessions.opened(pid, user)
+        else:
+            self.sessions.check(pid, user)
         run.turn(pid, content, role)
 
-    def _gone(self, client: Any, exc: LLMOSError) -> None:
-        if isinstance(exc, KernelGone):
-            self.link.forget(client)
-
     def _failure(self, run: Run, exc: Failed) -> HTTPError:
-        self._gone(run.client, exc.error)
-        return errors.from_llmos(exc.error, "session" if run.session and exc.error.errno is Errno.ESRCH else None)
+        self.link.drop_if_gone(run.client, exc.error)
+        unknown_session = run.session is not None and exc.error.errno is Errno.ESRCH
+        if unknown_session:
+            self.sessions.ended(run.session)  # type: ignore[arg-type]
+        return errors.from_llmos(exc.error, "session" if unknown_session else None)
 
-    async def _collect(self, run: Run, shape: Shape, n: int) -> Response:
+    async def _collect(self, run: Run, shape: Shape, n: int, headers: dict[str, str]) -> Response:
         try:
             async for _ in run.deltas():
                 pass
             outcomes = [o for o in run.outcomes if o is not None]
-            failed = next((o for o in outcomes if o.finish_reason == "error" and o.error), None)
-            if failed is not None:
-                raise errors.from_wire(failed.error or {})
+            for o in outcomes:
+                failed = errors.of_outcome(o.finish_reason, o.error)
+                if failed is not None:
+                    raise failed
             if run.want_logprobs:
                 await run.add_logprobs()
         except Failed as exc:
             raise self._failure(run, exc) from None
         except LLMOSError as exc:
+            self.link.drop_if_gone(run.client, exc)
             raise errors.from_llmos(exc) from None
         finally:
-            await run.end()
-        return JSONResponse(shape.response(outcomes, n, run.session))
+            await self._end(run)  # the one end of a non-streamed run: done, failed or cancelled
+        return JSONResponse(shape.response(outcomes, n), headers=headers)
 
     async def _until_disconnect(self, request: Request, work: Awaitable[Response], run: Run) -> Response:
-        """Run ``work`` unless the client goes away first: then its processes get TERM and are reaped."""
+        """Run ``work`` unless the client goes away first: then it is cancelled, and its own ``finally`` ends
+        the run's processes (TERM, reaped) once; that ending is awaited shielded and tracked, so it completes
+        (and shutdown waits for it) even when this request's task is cancelled too."""
         task = asyncio.ensure_future(work)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            self._track(asyncio.gather(task, return_exceptions=True))
+            raise
         finally:
             gone.cancel()
         if task.done():
             return task.result()
         task.cancel()
-        await asyncio.shield(self.end_later(run))
+        await asyncio.shield(self._track(asyncio.gather(task, return_exceptions=True)))
         return Response(status_code=CLIENT_CLOSED)
 
     async def _events(self, run: Run, shape: Shape, n: int) -> AsyncIterator[str]:
         try:
             async for item in run.deltas():
                 if isinstance(item, Outcome):
-                    if item.finish_reason == "error" and item.error:
-                        yield sse(errors.from_wire(item.error).body())
+                    failed = errors.of_outcome(item.finish_reason, item.error)
+                    if failed is not None:
+                        yield sse(failed.body())
                         break
                     yield sse(shape.finish(item))
                 elif item.text:
@@ -216,6 +316,8 @@ class Gateway:
         yield DONE
 
     async def close(self) -> None:
+        """On stop: wait (at most 30 s) for the processes of ended requests to be ended and reaped, then close
+        every kernel connection."""
         if self.enders:
             await asyncio.wait(list(self.enders), timeout=30.0)
         await self.link.close()
@@ -227,6 +329,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.say_who()
         yield
         await gw.close()
 
@@ -274,24 +377,25 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def metrics() -> Response:
         text = gw.metrics.text()
         try:
-            client = await gw.link.client()
-            if hasattr(client, "prometheus"):  # the kernel's registry, once its clients offer it
-                text += await client.prometheus()
-        except LLMOSError as exc:
+            async with gw.kernel(None, own=True) as client:
+                text += without_process_families(await client.prometheus())
+        except (HTTPError, LLMOSError) as exc:
             log.warning("the kernel's metrics are not available: %s", exc)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def model_list(user: str | None) -> list[dict[str, Any]]:
-        client = await gw.client_for(user)
-        ids: dict[str, None] = {}
-        for m in await client.models():
-            ids[m["model"]] = None
-        try:  # the store's models too (loaded on first use); a kernel without a store has none
-            listing = await client.fs_list("/models")
-            for e in listing["entries"]:
-                ids.setdefault("store:" + e["path"], None)
-        except LLMOSError:
-            pass
+        async with gw.kernel(user) as client:
+            ids: dict[str, None] = {}
+            for m in await client.models():
+                ids[m["model"]] = None
+            try:  # the store's models too (loaded on first use); a kernel without a store has none
+                listing = await client.fs_list("/models")
+                for e in listing["entries"]:
+                    ids.setdefault("store:" + e["path"], None)
+            except KernelGone:
+                raise
+            except LLMOSError:
+                pass
         return [{"id": i, "object": "model", "created": 0, "owned_by": "llmos"} for i in ids]
 
     @app.get("/v1/models")
@@ -316,11 +420,15 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     @app.delete("/v1/sessions/{pid}")
     async def close_session(pid: int, user: str | None = Depends(caller)) -> dict[str, Any]:
-        client = await gw.client_for(user)
+        gw.sessions.check(pid, user)
         try:
-            result = await client.close(pid)
+            async with gw.kernel(user) as client:
+                result = await client.close(pid)
         except LLMOSError as exc:
+            if exc.errno is Errno.ESRCH:
+                gw.sessions.ended(pid)
             raise errors.from_llmos(exc, "session") from None
+        gw.sessions.ended(pid)
         return {"id": pid, "object": "session", "deleted": True,
                 "llmos_finish_reason": result.finish_reason if result else None}
 

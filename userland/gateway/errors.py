@@ -53,10 +53,20 @@ def from_llmos(exc: LLMOSError, param: str | None = None) -> HTTPError:
 
 
 def from_wire(error: dict[str, Any]) -> HTTPError:
-    """The HTTP error for an error a process ended with ({errno, error, message})."""
+    """The HTTP error for an error a process ended with ({errno, error, message}); an empty one is EIO (500)."""
     from llmos.syscalls.errors import error_from_errno
 
-    return from_llmos(error_from_errno(int(error.get("errno", Errno.EIO)), str(error.get("message", ""))))
+    message = str(error.get("message") or "the process ended with an error the kernel did not describe")
+    return from_llmos(error_from_errno(int(error.get("errno", Errno.EIO)), message))
+
+
+def of_outcome(finish_reason: str, error: dict[str, Any] | None) -> HTTPError | None:
+    """The HTTP error of a choice that ended with the kernel's finish reason ``error`` (the error's errno picks
+    the status; none given: 500), or None for every other finish reason. A choice that failed is never
+    answered as text, even when the kernel said nothing about why."""
+    if finish_reason != "error":
+        return None
+    return from_wire(error or {})
 
 
 def validation(errors: list[dict[str, Any]]) -> HTTPError:

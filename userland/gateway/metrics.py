@@ -1,17 +1,20 @@
 """The gateway's own Prometheus metrics (a registry per app, names prefixed ``llmos_gateway_``) and the ASGI
 middleware that counts every request: by endpoint and HTTP status, its latency to the response's last
-byte (a stream's end), and the requests in flight. The time to first token is observed by the runs."""
+byte (a stream's end), and the requests in flight; the gateway process's own ``process_*``. The time to
+first token is observed by the runs."""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Awaitable, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/sessions", "/health", "/metrics")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_PROCESS_LINE = re.compile(r"(# (HELP|TYPE) )?process_")
 
 
 def endpoint_of(path: str) -> str:
@@ -24,8 +27,13 @@ def endpoint_of(path: str) -> str:
 
 
 class GatewayMetrics:
+    """The gateway's own registry: requests by endpoint and status, request latency and time to first token
+    (histograms, seconds), requests in flight, and the gateway process's own ``process_*`` (CPU seconds,
+    memory bytes, open files, start time: prometheus_client's ProcessCollector)."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
         self.requests = Counter("llmos_gateway_requests", "HTTP requests answered, by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram("llmos_gateway_request_duration_seconds", "time from a request's arrival to the "
@@ -38,7 +46,14 @@ class GatewayMetrics:
                                registry=self.registry)
 
     def text(self) -> str:
+        """The registry in the Prometheus text format (version 0.0.4), as /metrics serves it first."""
         return generate_latest(self.registry).decode("utf-8")
+
+
+def without_process_families(text: str) -> str:
+    """Prometheus text without its ``process_*`` families (HELP, TYPE and samples): the kernel's, relayed
+    after the gateway's own, would otherwise read as the gateway process's (or repeat its names)."""
+    return "".join(line for line in text.splitlines(keepends=True) if not _PROCESS_LINE.match(line))
 
 
 Scope = dict[str, Any]

@@ -19,6 +19,8 @@ FINISH: dict[str, str] = {"stop": "stop", "length": "length", "killed": "stop", 
 
 
 def finish_reason(kernel_reason: str) -> str:
+    """OpenAI's finish reason ("stop" or "length") for the kernel's (stop, length, killed, closed). ``error``
+    never reaches here: such a choice fails the request (errors.of_outcome)."""
     return FINISH.get(kernel_reason, "stop")
 
 
@@ -41,17 +43,22 @@ DONE = sse("[DONE]")
 
 
 class Shape:
-    """The bodies of one endpoint's response: ``chat`` (chat.completion) or not (text_completion)."""
+    """The bodies of one endpoint's response: ``chat`` (chat.completion) or not (text_completion).
+    ``session``: the session pid the reply belongs to; every body and stream chunk then says it
+    (``"session": pid``), so that a streaming client learns the pid of the session it opened."""
 
-    def __init__(self, chat: bool, model: str, include_usage: bool = False) -> None:
-        self.chat, self.model, self.include_usage = chat, model, include_usage
+    def __init__(self, chat: bool, model: str, include_usage: bool = False, session: int | None = None) -> None:
+        self.chat, self.model, self.include_usage, self.session = chat, model, include_usage, session
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self._started: set[int] = set()
 
     def _head(self, stream: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        head: dict[str, Any] = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        if self.session is not None:
+            head["session"] = self.session
+        return head
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         body = {**self._head(True), "choices": [choice]}
@@ -81,8 +88,8 @@ class Shape:
         """stream_options.include_usage's last chunk: no choices, the usage."""
         return {**self._head(True), "choices": [], "usage": usage(outcomes, n)}
 
-    def response(self, outcomes: list[Outcome], n: int, session: int | None = None) -> dict[str, Any]:
-        """The whole (non-streamed) response."""
+    def response(self, outcomes: list[Outcome], n: int) -> dict[str, Any]:
+        """The whole (non-streamed) response (with ``session`` when it is a session's turn)."""
         choices = []
         for o in outcomes:
             c: dict[str, Any] = {"index": o.index}
@@ -94,10 +101,7 @@ class Shape:
                 c["logprobs"] = completion_logprobs(o) if o.logprobs is not None else None
             c.update(finish_reason=finish_reason(o.finish_reason), llmos_finish_reason=o.finish_reason)
             choices.append(c)
-        body = {**self._head(False), "choices": choices, "usage": usage(outcomes, n)}
-        if session is not None:
-            body["session"] = session
-        return body
+        return {**self._head(False), "choices": choices, "usage": usage(outcomes, n)}
 
 
 def completion_logprobs(o: Outcome) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from llmos.syscalls import protocol
 from llmos.syscalls.errors import Errno, LLMOSError, NoSuchProcess
 from llmos.types import TurnResult
 
+SEED_RANGE = 2**63  # the kernel's seeds are 0..2**63-1 (syscalls/table.py): seed + j wraps within it
+
 
 @dataclass
 class Outcome:
@@ -77,13 +79,6 @@ def align(chunks: list[tuple[str, list[int]]], total: int) -> list[str]:
     return texts[:total] if total else texts
 
 
-async def process_frames(client: AsyncClient, pid: int) -> AsyncIterator[tuple[str, Any]]:
-    """The ``stream`` syscall's frames: (CHUNK, {text, token_ids}) then (OK, the result map): the gateway needs
-    each chunk's token ids (logprobs) and the final result, not only the text."""
-    async for kind, payload in client.stream_frames(pid):
-        yield kind, payload
-
-
 class Run:
     """The processes of one request, on one client (the requesting user's connection).
 
@@ -96,6 +91,7 @@ class Run:
         self.live: set[int] = set()  # spawned and not reaped (a session: not yet replied)
         self.outcomes: list[Outcome | None] = []
         self.session: int | None = None  # the session pid this run's reply belongs to
+        self.session_over = False  # the session ended with this run (a turn ended it, or end() did)
         self._turn: tuple[str, str] | None = None
         self._first = on_first_token
         self._tasks: list[asyncio.Task] = []
@@ -103,15 +99,15 @@ class Run:
         self._prompt_ids: dict[int, list[int]] = {}
 
     async def spawn(self, inputs: list[dict[str, Any]], n: int, params: dict[str, Any], priority: int) -> None:
-        """n processes per input (a choice each, input-major); choice j of an input gets seed + j, so that
-        the n choices differ and the same seed repeats them all. On a refusal, what was spawned is ended
-        and reaped, then the error is raised."""
+        """n processes per input (a choice each, input-major); choice j of an input gets seed + j (modulo
+        2**63, the kernel's seed range), so that the n choices differ and the same seed repeats them all. On
+        a refusal, what was spawned is ended and reaped, then the error is raised."""
         try:
             for inp in inputs:
                 for j in range(n):
                     p = dict(params)
                     if "seed" in p:
-                        p["seed"] = p["seed"] + j
+                        p["seed"] = (p["seed"] + j) % SEED_RANGE
                     pid = await self.client.spawn(model=self.model, priority=priority, **inp, **p)
                     self.pids.append(pid)
                     self.live.add(pid)
@@ -164,7 +160,7 @@ class Run:
         chunks: list[tuple[str, list[int]]] = []
         try:
             result: dict[str, Any] = {}
-            async for kind, payload in process_frames(self.client, pid):
+            async for kind, payload in self.client.stream_frames(pid):  # token ids too (logprobs)
                 if kind == protocol.OK:
                     result = payload
                     break
@@ -198,6 +194,7 @@ class Run:
             self.outcomes[0] = Outcome(0, pid, r.text, list(r.token_ids), r.finish_reason, r.error, prompt,
                                        r.stats.output_tokens, cached_tokens=max(prompt - r.stats.prefill_tokens, 0))
             if r.state == "ZOMBIE":  # the turn ended the session (a deadline, an error): reap it
+                self.session_over = True
                 await self._reap(pid)
             self.live.discard(pid)
             q.put_nowait(self.outcomes[0])
@@ -229,6 +226,8 @@ class Run:
         for t in self._tasks:
             t.cancel()
         for pid in sorted(self.live):
+            if pid == self.session:
+                self.session_over = True
             try:
                 await self.client.kill(pid, "TERM")
                 await self.client.wait(pid, timeout=30.0)

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmos.gateway.errors import invalid
 from llmos.syscalls.table import PRIORITY_MAX, PRIORITY_MIN
 
-MAX_N = 16  # most choices (processes) one request may ask for
+MAX_N = 16  # most choices (processes) per prompt; a request's total is bounded by llmos serve --max-choices
+ROLES = {"developer": "system"}  # OpenAI's role names that chat templates know by another
 OPENAI_TEMPERATURE, OPENAI_TOP_P = 1.0, 1.0  # OpenAI's defaults (the kernel's own are 0.8 and 0.95)
 
 
@@ -111,7 +112,9 @@ class ChatRequest(_Request):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def chat_messages(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
+        """The messages as spawn takes them: [{role, content (text)}]; OpenAI's ``developer`` role (what newer
+        clients send for the instructions) is the chat templates' ``system``. 400 for a non-text part."""
+        return [{"role": ROLES.get(m.role, m.role), "content": m.text(i)} for i, m in enumerate(self.messages)]
 
 
 # fields whose presence asks for something LLMOS does not do; a request carrying one is refused
@@ -161,10 +164,13 @@ def refuse_unsupported(req: CompletionRequest | ChatRequest) -> None:
 
 
 def wants_logprobs(req: CompletionRequest | ChatRequest) -> bool:
+    """Whether the request asks for the chosen tokens' log-probabilities (completions: ``logprobs: 0``; chat:
+    ``logprobs: true``); larger asks are refused by :func:`refuse_unsupported` first."""
     return req.logprobs is not None and req.logprobs is not False
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
+    """OpenAI's ``stop`` (a string, a list, or none) as the kernel's list of stop strings ([] for none)."""
     if stop is None:
         return []
     return [stop] if isinstance(stop, str) else list(stop)
