@@ -59,14 +59,22 @@ def positive(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _token_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a token id (an integer), got {text!r}") from None
-    if not 0 <= value <= WIRE_INT[1]:
-        raise argparse.ArgumentTypeError(f"must be a token id >= 0, got {text!r}")
-    return value
+def int_in(lo: int, hi: int = WIRE_INT[1], what: str = "a whole number") -> Callable[[str], int]:
+    """An argparse type for an integer in lo..hi, named ``what`` in its error (exit 2 naming the option)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not lo <= value <= hi:
+            bound = f">= {lo}" if hi == WIRE_INT[1] else f"in {lo}..{hi}"
+            raise argparse.ArgumentTypeError(f"must be {what} {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+_token_id = int_in(0, what="a token id")
 
 
 # spawn's sampling fields (syscalls/table.py SAMPLING) as their flags: one place names them all, and a test checks

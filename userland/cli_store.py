@@ -15,6 +15,7 @@ from typing import Any
 
 from llmos import evaluate as ev
 from llmos import store_models as sm
+from llmos._args import int_in
 from llmos._command import connect
 from llmos.progress import progress_bar
 
@@ -155,21 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = _count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
+_count, _positive = int_in(0), int_in(1)
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
