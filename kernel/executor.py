@@ -201,7 +201,8 @@ class Executor(Actor):
                                                     int(self.info["context_len"])))
                     return fut
                 # a prompt that cannot fit is refused before it costs the worker seconds of tokenising
-                check_prompt_chars(msg.prompt, msg.messages, int(self.info.get("max_prompt_chars") or 0))
+                check_prompt_chars(msg.prompt, msg.messages, int(self.info.get("max_prompt_chars") or 0),
+                                   self.info.get("context_len"))
             except LLMOSError as exc:
                 # without its traceback: it would hold this frame, which holds the future and the
                 # request (a million ids), in a cycle only the cyclic collector frees

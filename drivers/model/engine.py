@@ -27,7 +27,7 @@ from llmos.drivers.memory import KVBlockPool
 from llmos.drivers.model.capture import start_capture
 from llmos.drivers.model.memory_contract import MemoryContract
 from llmos.drivers.model.protocol import BLOCK_SIZE, PREEMPT_MODES, StepEvent, blocks_for
-from llmos.drivers.model.prompt import check_length, check_prompt_chars, check_prompt_ids
+from llmos.drivers.model.prompt import chars_cap, check_length, check_prompt_chars, check_prompt_ids
 from llmos.drivers.model.sampling import SamplingParams
 from llmos.drivers.model.shape import model_shape
 from llmos.drivers.model.text import TextTracker, silent_tokens, split_stops
@@ -306,7 +306,7 @@ class BaseEngine(MemoryContract):
             raise InvalidArgument("give exactly one of 'prompt', 'messages' and 'prompt_ids'")
         if prompt_ids is not None:
             return check_prompt_ids(prompt_ids, int(self.model.config.vocab_size), self.context_len)
-        check_prompt_chars(prompt, messages, self.max_prompt_chars)
+        check_prompt_chars(prompt, messages, self.max_prompt_chars, self.context_len)
         if messages is not None:
             ids = self._encode_messages(messages)
         else:
@@ -329,8 +329,8 @@ class BaseEngine(MemoryContract):
                 raise InvalidArgument(f"message {i} must be a map with string 'role' and 'content'")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         if self.max_prompt_chars and len(text) > self.max_prompt_chars:  # a template may repeat what it is given
-            raise TooBig(f"the chat template renders the messages as {len(text)} characters; the model's "
-                         f"context holds at most {self.max_prompt_chars}")
+            raise TooBig(f"the chat template renders the messages as {len(text)} characters; "
+                         f"{chars_cap(self.max_prompt_chars, self.context_len)}")
         return self.tokenize(text, add_special_tokens=False, what="the rendered chat template")
 
     def tokenize(self, text: str, add_special_tokens: bool, what: str = "prompt") -> list[int]:

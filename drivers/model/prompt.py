@@ -46,17 +46,26 @@ def text_chars(value: Any) -> int:
     return total
 
 
-def check_prompt_chars(prompt: str | None, messages: list | None, max_chars: int) -> None:
+def chars_cap(max_chars: int, context_len: int | None) -> str:
+    """How a character cap reads in an error: in tokens, which is what the user knows of the model."""
+    if not context_len:
+        return f"at most {max_chars} characters fit the model's context"
+    return (f"the model's context is {context_len} tokens, so at most {max_chars} characters ({context_len} tokens "
+            f"of at most {max_chars // context_len} characters) could fit")
+
+
+def check_prompt_chars(prompt: str | None, messages: list | None, max_chars: int,
+                       context_len: int | None = None) -> None:
     """TooBig when a text prompt, or every string of the chat messages together (roles, contents and
     any other field a template may render), has more characters than ``max_chars`` (the model's
-    context times its longest token, in characters): such a prompt cannot fit, and is refused before
-    the tokenizer spends seconds on it."""
+    context, ``context_len`` tokens, times its longest token, in characters): such a prompt cannot fit,
+    and is refused before the tokenizer spends seconds on it."""
     if not max_chars:
         return
     if prompt is not None and len(prompt) > max_chars:
-        raise TooBig(f"prompt is {len(prompt)} characters; the model's context holds at most {max_chars}")
+        raise TooBig(f"prompt is {len(prompt)} characters; {chars_cap(max_chars, context_len)}")
     if messages is not None:
         total = text_chars(messages)
         if total > max_chars:
-            raise TooBig(f"messages hold {total} characters (roles, contents and every other field); the "
-                         f"model's context holds at most {max_chars}")
+            raise TooBig(f"messages hold {total} characters (roles, contents and every other field); "
+                         f"{chars_cap(max_chars, context_len)}")

@@ -62,3 +62,9 @@ def test_a_deeply_nested_message_is_counted_without_exhausting_the_stack():
         deep = [deep]
     with pytest.raises(TooBig):
         check_prompt_chars(None, [{"role": "user", "content": deep}], max_chars=5)
+
+
+def test_the_character_bound_is_said_in_the_models_tokens_as_well():
+    with pytest.raises(TooBig, match=r"prompt is 30000 characters; the model's context is 512 tokens, so at most "
+                                     r"16384 characters \(512 tokens of at most 32 characters\) could fit"):
+        check_prompt_chars("hello " * 5000, None, max_chars=16384, context_len=512)
