@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos.bench_run import Load, Record
+from llmos.bench_workload import describe_lengths
 
 QUANTILES = (50, 90, 99)
 TIMING_NOTE = ("TTFT and TPOT are measured by this client from the stream: TTFT from sending spawn to the first "
@@ -105,8 +106,8 @@ def format_table(report: dict[str, Any]) -> str:
     """The human table: a line on the workload, then one row per measure and one column per load point."""
     w = report["workload"]
     head = (f"model {report['model']}; {w['requests_per_point'] or 'for ' + str(w['duration_s']) + ' s'}"
-            f"{' requests' if w['requests_per_point'] else ''} per point; prompts {w['prompt_len']} tokens "
-            f"({w['prompts']}), outputs {w['output_len']} tokens (EOS ignored); temperature {w['temperature']}, "
+            f"{' requests' if w['requests_per_point'] else ''} per point; prompts {describe_lengths(w['prompt_len'])} tokens "
+            f"({w['prompts']}), outputs {describe_lengths(w['output_len'])} tokens (EOS ignored); temperature {w['temperature']}, "
             f"priority {w['priority']}, seed {w['seed']}")
     points = report["points"]
     cols = [[load_label(p["load"])] + [v for _, v in _rows(p)] for p in points]
@@ -161,8 +162,8 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
         ax.set_xticks(xs)
         ax.set_xticklabels([_value(v) for v in values])
         ax.grid(alpha=0.3)
-    fig.suptitle(f"llmos bench: {Path(str(report['model'])).name} ({report['workload']['prompt_len']} prompt / "
-                 f"{report['workload']['output_len']} output tokens)")
+    fig.suptitle(f"llmos bench: {Path(str(report['model'])).name} ({describe_lengths(report['workload']['prompt_len'])} prompt / "
+                 f"{describe_lengths(report['workload']['output_len'])} output tokens)")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)

@@ -76,7 +76,16 @@ class Lengths:
         return min(self.max, max(1, round(rng.gauss(self.mean, self.mean * self.spread))))
 
     def describe(self) -> str:
-        return f"{self.mean}" if self.spread == 0 else f"{self.mean} +-{self.spread:.0%} {self.dist}"
+        return describe_lengths(self.to_json())
+
+    def to_json(self) -> dict:
+        """{mean (tokens), spread (a fraction of the mean), dist}: numbers for programs (bench --json)."""
+        return {"mean": self.mean, "spread": self.spread, "dist": self.dist}
+
+
+def describe_lengths(d: dict) -> str:
+    """A Lengths' JSON for people: '128', or '128 +-50% uniform'."""
+    return f"{d['mean']}" if d["spread"] == 0 else f"{d['mean']} +-{d['spread']:.0%} {d['dist']}"
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             points.append(_run(client, load, pool, prompt, output, params, args, pids))
     report = {"model": model, "workload": {
         "requests_per_point": None if args.duration else (args.requests or 32), "duration_s": args.duration,
-        "prompt_len": prompt.describe(), "output_len": output.describe(),
+        "prompt_len": prompt.to_json(), "output_len": output.to_json(),
         "prompts": f"data set {args.data}" if args.data else "seeded random English text",
         "temperature": args.temperature, "priority": args.priority, "seed": args.seed,
         "ignore_eos": True}, "points": points, "timing": TIMING_NOTE}

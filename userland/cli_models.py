@@ -28,10 +28,14 @@ def format_models(models: list[dict[str, Any]]) -> str:
         used = sum(e.get("kv_used", 0) for e in exs)
         total = sum(e.get("kv_total", 0) for e in exs)
         batch = max((e.get("batch_last", 0) for e in exs), default=0)
+        if exs and not all(e.get("ready") for e in exs):  # no pool yet: say so, not 0/0
+            used_total, batch = "loading", "-"
+        else:
+            used_total = f"{used}/{total}"
         keep = "pinned" if d.get("keep_alive") == -1 else f"{d.get('keep_alive', 0):.0f}s"
         each = d["estimate"]["total_bytes"]
         lines.append(f"{d['model'][-48:]:<48} {d.get('device', ''):<7} {len(exs):>4} {keep:>6} "
-                     f"{f'{used}/{total}':>14} {batch:>6} {_mib(each):>9} {_mib(each * len(exs)):>10}")
+                     f"{used_total:>14} {batch:>6} {_mib(each):>9} {_mib(each * len(exs)):>10}")
     return "\n".join(lines)
 
 

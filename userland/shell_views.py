@@ -72,7 +72,8 @@ def format_metrics(m: dict[str, Any]) -> str:
     for ex in m.get("models") or []:
         kv = f"{ex.get('kv_used', 0)}/{ex.get('kv_total', 0)}"
         swaps = f"{ex.get('swaps_out', 0)}/{ex.get('swaps_in', 0)}"
-        lines.append(f"{str(ex.get('model', ''))[-40:]:<40} {ex.get('steps', 0):>7} {ex.get('batch_mean', 0.0):>5.1f} "
+        name = f"{model_name(str(ex.get('model', '')))} #{ex.get('executor', '?')}"  # one row per instance
+        lines.append(f"{name[-40:]:<40} {ex.get('steps', 0):>7} {ex.get('batch_mean', 0.0):>5.1f} "
                      f"{ex.get('tokens_out', 0):>8} {kv:>14} {ex.get('preemptions', 0):>7} {swaps:>11} "
                      f"{_ms(ex.get('step_time_mean_s')):>8}")
     if not m.get("models"):

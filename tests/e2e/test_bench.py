@@ -107,6 +107,8 @@ def test_a_tiny_closed_loop_run_reports_consistent_counts_percentiles_and_resour
     assert code == 0, err
     report = json.loads(out)
     assert report["model"] == tiny_model and report["workload"]["seed"] == 3
+    assert report["workload"]["prompt_len"] == {"mean": 12, "spread": 0.5, "dist": "uniform"}  # numbers, not text
+    assert report["workload"]["output_len"] == {"mean": 4, "spread": 0.0, "dist": "uniform"}
     (p,) = report["points"]
     assert p["load"] == {"kind": "concurrency", "value": 2}
     assert (p["requests"], p["completed"], p["errors"], p["error_kinds"]) == (4, 4, 0, {})

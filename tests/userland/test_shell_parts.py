@@ -146,7 +146,7 @@ METRICS = {
                  "ttft_s": {"mean": 0.0104, "p50": 0.01, "p95": 0.02, "max": 0.03},
                  "tpot_s": {"mean": 0.0045, "p50": 0.004, "p95": 0.005, "max": 0.006},
                  "total_time_s": {"mean": 0.03, "p50": 0.03, "p95": 0.04, "max": 0.05}},
-    "models": [{"model": "/models/tiny", "steps": 9, "batch_mean": 1.5, "tokens_out": 50, "kv_used": 3,
+    "models": [{"model": "/models/tiny", "executor": 1, "steps": 9, "batch_mean": 1.5, "tokens_out": 50, "kv_used": 3,
                 "kv_total": 512, "preemptions": 1, "swaps_out": 2, "swaps_in": 2, "step_time_mean_s": 0.005}],
 }
 
@@ -158,7 +158,7 @@ def test_metrics_for_people_show_counts_reasons_latency_in_ms_and_each_model():
     ttft = next(ln for ln in text.splitlines() if ln.startswith("ttft"))
     assert ttft.split() == ["ttft", "10.4", "10.0", "20.0", "30.0"]  # milliseconds
     row = next(ln for ln in text.splitlines() if ln.startswith("/models/tiny"))
-    assert row.split() == ["/models/tiny", "9", "1.5", "50", "3/512", "1", "2/2", "5.0"]
+    assert row.split() == ["/models/tiny", "#1", "9", "1.5", "50", "3/512", "1", "2/2", "5.0"]  # one row per instance
     assert "(no model loaded)" in format_metrics({"counts": {}, "finished": {}, "models": []})
 
 
