@@ -82,7 +82,7 @@ class Executor(Actor):
         self.stats: dict[str, Any] = {}
         self.batch_sum = 0
         self.batch_max = 0
-        self.stage = "starting the worker"  # the load stage the worker reported last, until Ready
+        self.stage = wp.LOAD_STAGES[0]  # the load stage the worker reported last, until Ready
         self.step_count = 0
         self.step_time = 0.0
         self.tokens_out = 0

@@ -11,7 +11,7 @@ from typing import Any
 from llmos._args import syscall_arg
 from llmos._command import address_of, connect
 from llmos.client import Client
-from llmos.progress import Spinner, Stages, model_name
+from llmos.progress import LoadBar, Stages, model_name
 from llmos.shell_views import format_devices, format_metrics
 
 
@@ -52,7 +52,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     address = address_of(args)
     stages = Stages(lambda: Client(address), args.model, spawning=True, ready="ready")
     try:
-        with connect(args) as c, Spinner(f"loading model {model_name(args.model)}", poll=stages):
+        with connect(args) as c, LoadBar(f"loading model {model_name(args.model)}", poll=stages.load):
             d = c.model_load(args.model, **{k: v for k, v in opts.items() if v is not None})
     finally:
         stages.close()

@@ -137,6 +137,81 @@ class Spinner:
         self.stop()
 
 
+class LoadBar:
+    """A rich progress bar of a model load on ``stream`` (default stderr), in load stages: every instance
+    passes LOAD_STAGES (drivers/model/protocol.py) and is done once ready, so ``llmos load`` of N instances
+    counts 4N stages. ``poll()`` (a thread calls it every POLL_S seconds) returns (stages done, stages in all,
+    the text to show) or None (nothing known yet: the bar pulses). Like the Spinner: nothing is drawn and
+    ``poll`` is never called unless the stream is a terminal, and ``stop()`` erases the bar."""
+
+    def __init__(self, what: str, poll: Callable[[], tuple[int, int, str] | None],
+                 stream: TextIO | None = None) -> None:
+        import sys
+
+        self.stream = stream if stream is not None else sys.stderr
+        self.on = on_terminal(self.stream)
+        self.what, self.poll = what, poll
+        self._bar: Any = None
+        self._task: Any = None
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "LoadBar":
+        if not self.on or self._bar is not None:
+            return self
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn)
+
+        self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("stages"), TimeElapsedColumn(), console=_console(self.stream),
+                             transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task(self.what, total=None)
+        self._thread = threading.Thread(target=self._watch, name="llmos-load-bar", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(POLL_S):
+            try:
+                said = self.poll()
+            except Exception:  # a failed look is not the command's failure: the load call reports that
+                said = None
+            if said and not self._stopped.is_set():
+                done, total, text = said
+                self._bar.update(self._task, completed=done, total=total, description=text)
+
+    def stop(self) -> None:
+        """Erase the bar and end its thread (safe to call twice, or on one never started)."""
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def __enter__(self) -> "LoadBar":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def load_progress(info: dict[str, Any], fallback: str | None = None) -> tuple[int, int, str] | None:
+    """A model_info reply as LoadBar's (stages done, stages in all, text); None before the model has
+    instances (the load has not reached the kernel's model table yet)."""
+    from llmos.drivers.model.protocol import LOAD_STAGES
+
+    exs = info.get("executors") or []
+    if not exs:
+        return None
+    n = len(LOAD_STAGES)
+    done = sum(n if ex.get("ready") else LOAD_STAGES.index(ex["stage"]) if ex.get("stage") in LOAD_STAGES else 0
+               for ex in exs)
+    return done, n * len(exs), model_stage(info, fallback, ready="ready")
+
+
 # -- what a command waits for, as a stage -------------------------------------------------------------------
 def model_name(model: str | None) -> str:
     """A model as people name it: a store model's name, a directory's last part, 'default' for None."""
@@ -194,6 +269,13 @@ class Stages:
                 return model_stage(self._client.model_info(self.model), self.model, self.ready)
             p = self._client.stat(self.pid)
             return process_stage(p.state, p.prompt_tokens, p.output_tokens, self.pid)
+
+    def load(self) -> tuple[int, int, str] | None:
+        """``poll`` for a LoadBar: the model's load stages (load_progress), on this object's connection."""
+        with self._lock:
+            if self._client is None:
+                self._client = self.connect()
+            return load_progress(self._client.model_info(self.model), self.model)
 
     def close(self) -> None:
         with self._lock:

@@ -646,12 +646,13 @@ def load_engine(path: str | Path, device: str | None = None, engine: str = "auto
     best engine that supports its architecture. ``on_stage`` is told each stage as it starts ("reading
     weights", "building the KV pool"): the worker reports them, and ``llmos run`` shows them while it waits."""
     from llmos.drivers.model.paged import PagedEngine
+    from llmos.drivers.model.protocol import LOAD_STAGES
     from llmos.drivers.model.sequential import SequentialEngine
 
     stage = on_stage or (lambda _: None)
-    stage("reading weights")
+    stage(LOAD_STAGES[2])
     model, tokenizer, dev = (loader or load_model)(path, device)
-    stage("building the KV pool")
+    stage(LOAD_STAGES[3])
     if engine == "paged" or (engine == "auto" and PagedEngine.supports(model)):
         return PagedEngine(model, tokenizer, dev, name=str(path), **kw)
     return SequentialEngine(model, tokenizer, dev, name=str(path), **kw)

@@ -285,6 +285,11 @@ class Step(_Message):
     stats: dict[str, Any] | None = None
 
 
+# A model load's stages in order, as a worker reports them (Heartbeat stats {"stage": ...} before Ready) and
+# model_info shows them (executors[].stage); the kernel says the first until the worker speaks.
+LOAD_STAGES = ("starting the worker", "importing torch and transformers", "reading weights", "building the KV pool")
+
+
 @dataclass
 class Heartbeat(_Message):
     op: ClassVar[str] = "hb"

@@ -90,7 +90,7 @@ class Worker:
 
     def serve(self) -> int:
         try:
-            self._stage("importing torch and transformers")
+            self._stage(p.LOAD_STAGES[1])
             from transformers.utils import logging as hf_logging
 
             from llmos.drivers.model import from_store

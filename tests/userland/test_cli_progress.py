@@ -106,3 +106,50 @@ def test_on_a_terminal_the_bar_draws_its_count(tty):
     with progress_bar("eval m on d", unit="records", stream=stream) as update:
         update(3, 4)
     assert "eval m on d" in read()
+
+
+def test_a_load_counts_its_stages_over_every_instance_and_says_the_current_one():
+    from llmos.progress import load_progress
+
+    info = {"model": "/m/tiny", "loaded": True,
+            "executors": [{"ready": False, "stage": "reading weights"}, {"ready": True}]}
+    assert load_progress(info) == (2 + 4, 8, "loading model tiny: reading weights")
+    assert load_progress({"model": "/m/tiny", "loaded": False}) is None  # not in the model table yet: pulse
+    assert load_progress({"model": "/m/tiny", "loaded": True, "executors": [{"ready": True}]})[:2] == (4, 4)
+
+
+def test_a_load_bar_piped_draws_nothing_and_never_asks_the_kernel():
+    import io
+
+    from llmos.progress import LoadBar
+
+    asked = []
+    out = io.StringIO()
+    with LoadBar("loading model x", poll=lambda: asked.append(1), stream=out):
+        pass
+    assert out.getvalue() == "" and asked == []
+
+
+def test_a_load_bar_on_a_terminal_shows_the_stages_done_and_the_current_one_then_erases_itself():
+    import io
+    import time
+
+    from llmos.progress import LoadBar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    asked = []
+
+    def poll():
+        asked.append(1)
+        return 1, 4, "loading model x: reading weights"
+
+    with LoadBar("loading model x", poll=poll, stream=out):
+        deadline = time.monotonic() + 10
+        while "reading weights" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    shown = out.getvalue()
+    assert asked and "loading model x: reading weights" in shown and "1/4" in shown and "stages" in shown
