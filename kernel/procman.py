@@ -63,6 +63,7 @@ class ProcessManager(SessionsMixin, RecoveryMixin, Actor):
         self.timers = Timers()
         self.finished = FinishedStats()
         self.turn_pending: set[int] = set()  # sessions whose write is being encoded
+        self.turn_writes: dict[int, dict] = {}  # those writes ({role, content}), joined to the history at StartTurn
         # STOPPED processes that CONT returns to a run queue: they count against --max-queue, so that
         # STOP, spawn, CONT cannot grow the queue past its bound
         self.stopped_runnable = 0
@@ -128,6 +129,7 @@ class ProcessManager(SessionsMixin, RecoveryMixin, Actor):
                 return self.start_turn(msg)
             case m.CancelTurn():
                 self.turn_pending.discard(msg.pid)
+                self.turn_writes.pop(msg.pid, None)
                 return None
             case m.Close():
                 return self.close(msg.pid, msg.user)
@@ -567,6 +569,7 @@ class ProcessManager(SessionsMixin, RecoveryMixin, Actor):
             proc.final_text = final_text
         self.timers.cancel(proc.pid)
         self.turn_pending.discard(proc.pid)
+        self.turn_writes.pop(proc.pid, None)
         inst = self.where.pop(proc.pid, None)
         if proc.model in self.orphans:
             self.orphans[proc.model].discard(proc.pid)

@@ -42,6 +42,7 @@ class SessionsMixin:
         if inst is None or inst.dead:
             raise DeviceError(f"the model instance of session {proc.pid} has stopped")
         self.turn_pending.add(proc.pid)
+        self.turn_writes[proc.pid] = {"role": msg.role, "content": msg.content}
         if proc.messages is not None:
             return inst.ref, m.Encode(None, [*proc.messages, {"role": msg.role, "content": msg.content}])
         # a plain-text session's turn is its text's tokens after the context it holds (never re-tokenised)
@@ -49,6 +50,7 @@ class SessionsMixin:
 
     def start_turn(self, msg: m.StartTurn) -> asyncio.Queue:
         self.turn_pending.discard(msg.pid)
+        write = self.turn_writes.pop(msg.pid, None)
         proc = self._owned(msg.pid, msg.user)
         if proc.state is not State.BLOCKED:
             raise Busy(f"session {proc.pid} is {proc.state.value}; it can take a turn only when BLOCKED")
@@ -64,6 +66,11 @@ class SessionsMixin:
             raise TooBig(f"session {proc.pid} would hold {len(ids)} tokens; the model's context holds "
                          f"{context_len(inst.info)}: close it and start a new one")
         proc.prompt_ids = ids
+        if write is not None:  # the history the next turn is rendered from holds this write, then the reply
+            if proc.messages is not None:
+                proc.messages.append(write)
+            else:
+                proc.transcript = (proc.transcript or "") + write["content"]
         proc.limit_output(context_len(inst.info))
         self._begin_turn(proc, now)
         if proc.in_engine:

@@ -86,6 +86,25 @@ def test_a_session_keeps_its_context_and_its_second_turn_prefills_only_the_new_t
         client.stat(pid)  # closed and reaped when the with ended
 
 
+def test_every_write_joins_a_chat_sessions_history_so_each_turn_prefills_only_its_new_tokens(client, tiny_model):
+    """A chat session begun with no message: each turn is rendered from the whole conversation, every earlier
+    write included, and the KV of what is unchanged is kept (the writes were left out of the history: every
+    turn recomputed it all, and the model never saw the earlier questions)."""
+    from transformers import AutoTokenizer
+
+    pid = client.spawn(model=tiny_model, session=True, max_new_tokens=3, **GREEDY)
+    try:
+        turns = [client.write(pid, text) for text in ("alpha one", "beta two", "gamma three")]
+        rendered = AutoTokenizer.from_pretrained(tiny_model).decode(
+            json.loads(client.fs.get(f"/proc/{pid}/prompt_ids")))
+    finally:
+        client.close(pid)
+    assert rendered.index("alpha one") < rendered.index("beta two") < rendered.index("gamma three")
+    for before, turn in zip(turns, turns[1:]):
+        new = turn.stats.context_tokens - turn.stats.output_tokens - before.stats.context_tokens
+        assert turn.stats.prefill_tokens <= new + 1, (before.stats, turn.stats)  # + the reply's last token
+
+
 def test_a_session_on_a_model_without_a_chat_template_starts_with_no_prompt(client, tmp_path):
     path = make_tiny_llama(tmp_path / "plain-llama")
     config = path / "tokenizer_config.json"
