@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import posixpath
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -28,7 +29,7 @@ from llmos.aclient import AsyncClient
 from llmos.gateway.apikeys import KeyRing, KeysUnreadable
 from llmos.gateway.errors import HTTPError, invalid
 from llmos.gateway.link import KernelLink
-from llmos.gateway.metrics import GatewayMetrics, MetricsMiddleware, without_process_families
+from llmos.gateway.metrics import CLIENT_CLOSED, GatewayMetrics, MetricsMiddleware, without_process_families
 from llmos.gateway.responses import DONE, Shape, sse
 from llmos.gateway.runs import Failed, Outcome, Run
 from llmos.gateway.schema import (ChatRequest, CompletionRequest, completion_prompts, refuse_unsupported,
@@ -37,12 +38,27 @@ from llmos.gateway.sessions import SessionOwners
 from llmos.syscalls.errors import Errno, KernelGone, LLMOSError
 
 log = logging.getLogger("llmos.gateway")
-CLIENT_CLOSED = 499  # the status nginx logs for a request whose client went away
 SESSION_HEADER = "x-llmos-session"  # a session's pid, on every response of a session's turn (streamed too)
 
 
 ANONYMOUS = "anonymous"  # whom keyless requests act for when the gateway's own user is the kernel's admin
-DEFAULT_MAX_CHOICES = 64
+DEFAULT_MAX_CHOICES = 64  # llmos.cli_serve copies it (its --help must not import FastAPI): a test keeps them equal
+DEFAULT_MODEL = "default"  # the kernel's shipped model: every request may name it, loaded or not
+STORE_MODELS, STORE_PREFIX = "/models", "store:"  # the store's models: store:/models/NAME
+
+
+def model_names(model_id: str) -> list[str]:
+    """The ids GET /v1/models may list ``model_id`` under, as the kernel resolves a request's model: itself; a
+    store model's ``NAME`` and ``/models/NAME`` as ``store:/models/NAME``; a path as written or normalised
+    (``/a/b/`` is ``/a/b``)."""
+    names = [model_id]
+    if model_id.startswith(STORE_MODELS + "/"):
+        names.append(STORE_PREFIX + model_id)
+    elif "/" not in model_id and ":" not in model_id:
+        names.append(f"{STORE_PREFIX}{STORE_MODELS}/{model_id}")
+    if model_id.startswith("/"):
+        names.append(posixpath.normpath(model_id))
+    return names
 
 
 @dataclass
@@ -383,32 +399,40 @@ def create_app(config: GatewayConfig) -> FastAPI:
             log.warning("the kernel's metrics are not available: %s", exc)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def model_list(user: str | None) -> list[dict[str, Any]]:
+    async def model_ids(user: str | None) -> list[str]:
+        """``default`` (always runnable: the kernel loads it on first use), the loaded models as the kernel
+        names them (a directory's path, ``store:/models/NAME``), then the store's (loaded on first use)."""
+        ids: dict[str, None] = {DEFAULT_MODEL: None}
         async with gw.kernel(user) as client:
-            ids: dict[str, None] = {}
             for m in await client.models():
                 ids[m["model"]] = None
-            try:  # the store's models too (loaded on first use); a kernel without a store has none
-                listing = await client.fs_list("/models")
-                for e in listing["entries"]:
-                    ids.setdefault("store:" + e["path"], None)
+            try:  # a kernel without a store has none
+                listing = await client.fs_list(STORE_MODELS, limit=10_000)
             except KernelGone:
                 raise
             except LLMOSError:
-                pass
-        return [{"id": i, "object": "model", "created": 0, "owned_by": "llmos"} for i in ids]
+                listing = {"entries": []}
+        for e in listing["entries"]:
+            if e.get("kind") == "dir" and not e["path"].rsplit("/", 1)[-1].startswith("."):  # "." : an import's staging
+                ids.setdefault(STORE_PREFIX + e["path"], None)
+        return list(ids)
+
+    def model_object(model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "llmos"}
 
     @app.get("/v1/models")
     async def list_models(user: str | None = Depends(caller)) -> dict[str, Any]:
-        return {"object": "list", "data": await model_list(user)}
+        return {"object": "list", "data": [model_object(i) for i in await model_ids(user)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, user: str | None = Depends(caller)) -> dict[str, Any]:
-        for m in await model_list(user):
-            if m["id"] == model_id:
-                return m
-        raise HTTPError(404, f"no model {model_id!r} is loaded or in the store", "invalid_request_error", "model",
-                        "model_not_found")
+        """The model by any name a request takes for it (its ``id`` is the name asked for): ``default``, a
+        loaded path, and a store model as ``NAME``, ``/models/NAME`` or ``store:/models/NAME``."""
+        ids = set(await model_ids(user))
+        if any(name in ids for name in model_names(model_id)):
+            return model_object(model_id)
+        raise HTTPError(404, f"no model {model_id!r}: not 'default', not loaded, and not in the store (GET "
+                        f"/v1/models lists them)", "invalid_request_error", "model", "model_not_found")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, user: str | None = Depends(caller)) -> Response:

@@ -10,7 +10,9 @@ import time
 from typing import Any, Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from starlette.requests import ClientDisconnect
 
+CLIENT_CLOSED = 499  # the status nginx logs for a request whose client went away first
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/sessions", "/health", "/metrics")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -61,8 +63,9 @@ ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
 
 
 class MetricsMiddleware:
-    """Counts each HTTP request once its response ended (or its client went away: status 499, as nginx
-    names a request closed by the client)."""
+    """Counts each HTTP request once its response ended, by its status; a client that went away before the
+    response's last byte is 499 (as nginx names a request closed by the client), whether the response was
+    not begun (a non-streamed request) or under way (a cut stream: its 200 was sent already)."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app, self.metrics = app, metrics
@@ -71,21 +74,38 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         endpoint = endpoint_of(scope.get("path", ""))
-        status = {"code": 499}
+        state = {"code": CLIENT_CLOSED, "complete": False, "gone": False}
         started = time.monotonic()
+
+        async def watching_receive() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not state["complete"]:
+                state["gone"] = True
+            return message
 
         async def counting_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
+                state["code"] = message["status"]
+            try:
+                await send(message)
+            except OSError:  # an ASGI 2.4 server says a gone client so (starlette: ClientDisconnect)
+                state["gone"] = True
+                raise
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["complete"] = True
 
         self.metrics.in_flight.labels(endpoint).inc()
         try:
-            await self.app(scope, receive, counting_send)
-        except Exception:  # answered 500 by the server-error middleware outside this one, unless under way
-            status["code"] = 500 if status["code"] == 499 else status["code"]
+            await self.app(scope, watching_receive, counting_send)
+        except Exception as exc:  # answered 500 by the server-error middleware outside this one, unless under way
+            if isinstance(exc, ClientDisconnect):
+                state["gone"] = True
+            elif state["code"] == CLIENT_CLOSED:
+                state["code"] = 500
             raise
         finally:
             self.metrics.in_flight.labels(endpoint).dec()
-            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            # gone is decided when the disconnect arrives: what is sent after it reaches nobody (uvicorn drops it)
+            code = CLIENT_CLOSED if state["gone"] else state["code"]
+            self.metrics.requests.labels(endpoint, str(code)).inc()
             self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)

@@ -2,32 +2,43 @@
 
 Fields OpenAI clients send that LLMOS has no use for (``user``, ``metadata``, ``store``...) are accepted and
 ignored; fields whose meaning LLMOS cannot honour (tools, penalties, logit bias, top-k alternatives) are
-refused with a 400 that says so (:func:`refuse_unsupported`), never silently dropped.
+refused with a 400 that says so (:func:`refuse_unsupported`), never silently dropped. Every known field takes
+its JSON type strictly, as OpenAI does: ``true`` is no integer (pydantic's lax mode read it as 1), ``"5"`` no
+number; numbers are finite (NaN and Infinity are refused, not compared with a range).
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from llmos.gateway.errors import invalid
 from llmos.syscalls.table import PRIORITY_MAX, PRIORITY_MIN
 
 MAX_N = 16  # most choices (processes) per prompt; a request's total is bounded by llmos serve --max-choices
 ROLES = {"developer": "system"}  # OpenAI's role names that chat templates know by another
+Role = Literal["system", "user", "assistant", "developer", "tool"]  # OpenAI's; another is a 400 (param messages.I.role)
+MAX_STOP, MAX_STOP_CHARS = 16, 256  # the spawn syscall's bounds on stop (syscalls/table.py), checked here to name it
+# strict: each field takes its JSON type only (no bool for an int, no string for a number); finite numbers only
+STRICT = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)  # extra: fields of newer API versions, unused
 OPENAI_TEMPERATURE, OPENAI_TOP_P = 1.0, 1.0  # OpenAI's defaults (the kernel's own are 0.8 and 0.95)
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
+
+
+TokenId = Annotated[int, Field(ge=0)]  # the top of the range is the model's vocabulary: the kernel checks it
 
 
 class _Request(BaseModel):
     """The fields completions and chat share; extensions: ``priority``, ``session``, ``top_k``,
     ``repetition_penalty``, ``ignore_eos``."""
 
-    model_config = ConfigDict(extra="allow")  # clients send fields of newer API versions: accepted, unused
+    model_config = STRICT
 
     model: str = Field(min_length=1, max_length=4096)
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
@@ -49,6 +60,20 @@ class _Request(BaseModel):
     repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
     ignore_eos: bool = False
 
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        """At most 16 stop strings of 1..256 characters (an empty one would match at once: OpenAI refuses it)."""
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise PydanticCustomError("stop", f"stop has {len(stop)} items, at most {MAX_STOP}")
+        for i, s in enumerate([stop] if isinstance(stop, str) else stop or []):
+            where = "stop" if isinstance(stop, str) else f"stop[{i}]"
+            if not s:
+                raise PydanticCustomError("stop", f"{where} is empty: a stop string needs at least one character")
+            if len(s) > MAX_STOP_CHARS:
+                raise PydanticCustomError("stop", f"{where} has {len(s)} characters, at most {MAX_STOP_CHARS}")
+        return stop
+
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -69,7 +94,7 @@ class CompletionRequest(_Request):
     """POST /v1/completions. ``prompt``: a string, a list of strings, token ids, or a list of token-id lists
     (each prompt gets ``n`` choices). ``logprobs``: 0 only (the chosen tokens' log-probabilities)."""
 
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)
@@ -77,14 +102,14 @@ class CompletionRequest(_Request):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     type: str
     text: str | None = None
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id...: accepted, unused
-    role: str = Field(min_length=1, max_length=64)
+    model_config = STRICT  # name, tool_call_id...: accepted, unused
+    role: Role
     content: Union[str, list[TextPart], None] = None
 
     def text(self, i: int) -> str:
