@@ -19,6 +19,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import openai
@@ -26,8 +27,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmos import NoSuchProcess
+from llmos import store_models
 from llmos.cli import main as cli_main
+from llmos.cli_serve import DEFAULT_MAX_CHOICES as CLI_MAX_CHOICES
 from llmos.gateway import apikeys, errors
+from llmos.gateway.app import DEFAULT_MAX_CHOICES
 from llmos.syscalls.errors import Errno
 from tests.conftest import free_port, wait_for
 
@@ -120,12 +124,22 @@ def post(gateway: Gateway, path: str, body: dict | bytes, headers: dict | None =
     return conn
 
 
-def test_models_lists_the_loaded_model_and_one_by_id(gateway, tiny_model):
-    oc = gateway.openai()
-    assert tiny_model in [m.id for m in oc.models.list()]
-    assert oc.models.retrieve(tiny_model).id == tiny_model
-    with pytest.raises(openai.NotFoundError):
-        oc.models.retrieve("/no/such/model")
+def test_models_lists_default_the_loaded_and_the_stores_and_finds_every_name_a_request_takes(gateway, client,
+                                                                                            tiny_model):
+    name = f"gw{uuid.uuid4().hex[:10]}"  # the shared kernel's store outlives the test: a name of its own
+    store_models.import_model(client, tiny_model, name)
+    try:
+        oc = gateway.openai()
+        ids = [m.id for m in oc.models.list()]
+        assert ids[0] == "default" and tiny_model in ids and f"store:/models/{name}" in ids
+        for asked in ("default", tiny_model, tiny_model + "/", name, f"/models/{name}", f"store:/models/{name}"):
+            assert oc.models.retrieve(asked).id == asked
+        for unknown in ("/no/such/model", "nosuchmodel", "store:/models/nosuchmodel"):
+            with pytest.raises(openai.NotFoundError) as nf:
+                oc.models.retrieve(unknown)
+            assert nf.value.body["code"] == "model_not_found"
+    finally:
+        client.fs.rm(f"/models/{name}", recursive=True)
 
 
 def test_completion_and_chat_with_the_sync_client_are_the_kernels_text_with_usage(gateway, client, tiny_model):
@@ -239,6 +253,39 @@ def test_errors_come_in_openais_shape_with_the_right_status(gateway, tiny_model)
     assert status == 404 and "error" in json.loads(raw)
 
 
+def _refusal(gateway: Gateway, path: str, body: bytes) -> tuple[int, dict]:
+    conn = post(gateway, path, body)
+    resp = conn.getresponse()
+    answer = json.loads(resp.read())
+    conn.close()
+    return resp.status, answer.get("error") or answer
+
+
+def test_what_openai_refuses_is_a_400_naming_the_field(gateway, client, tiny_model):
+    chat = '{"model": "%s", "messages": [{"role": "%s", "content": "x"}]%s}'
+    comp = '{"model": "%s", "prompt": %s, "max_tokens": 1%s}'
+    cases = [  # (path, body, param, words the message has)
+        ("chat", chat % (tiny_model, "wizard", ""), "messages.0.role", "'developer' or 'tool'"),
+        ("completions", comp % (tiny_model, '"x"', ', "max_tokens": true'), "max_tokens", "integer"),
+        ("completions", comp % (tiny_model, '"x"', ', "n": true'), "n", "integer"),
+        ("completions", comp % (tiny_model, '"x"', ', "seed": false'), "seed", "integer"),
+        ("chat", chat % (tiny_model, "user", ', "top_logprobs": true'), "top_logprobs", "integer"),
+        ("completions", comp % (tiny_model, "[true]", ""), "prompt", "forms"),
+        ("completions", comp % (tiny_model, "[-1]", ""), "prompt", "greater than or equal to 0"),
+        ("completions", comp % (tiny_model, '"x"', ', "stop": ""'), "stop", "empty"),
+        ("completions", comp % (tiny_model, '"x"', ', "stop": ["a", ""]'), "stop", "stop[1] is empty"),
+        ("completions", comp % (tiny_model, '"x"', ', "stop": ' + json.dumps(list("abcdefghijklmnopq"))), "stop",
+         "17 items"),
+        ("completions", comp % (tiny_model, '"x"', ', "temperature": NaN'), "temperature", "finite"),
+        ("completions", comp % (tiny_model, "[1000000000]", ""), "prompt", "token ids"),  # the kernel's EINVAL
+    ]
+    before = {p.pid for p in client.ps()}
+    for path, body, param, words in cases:
+        status, error = _refusal(gateway, f"/v1/{path.replace('chat', 'chat/completions')}", body.encode())
+        assert (status, error.get("param")) == (400, param) and words in error["message"], (body, error)
+    assert {p.pid for p in client.ps()} <= before  # none ran
+
+
 def _new_pid(client, before: set[int]) -> int:
     [pid] = wait_for(lambda: [p.pid for p in client.ps() if p.pid not in before and p.output_tokens > 0], 30,
                      "the gateway's process to generate")
@@ -256,8 +303,22 @@ def _killed_and_reaped(client, pid: int) -> None:
     assert signals == ["TERM"]  # ended once (not by two clean-ups racing)
 
 
+def _served(gateway: Gateway, endpoint: str) -> dict[str, float]:
+    """llmos_gateway_requests_total of ``endpoint`` by status, from /metrics."""
+    families = {f.name: f for f in text_string_to_metric_families(gateway.get("/metrics")[1].decode())}
+    return {s.labels["status"]: s.value for s in families["llmos_gateway_requests"].samples
+            if s.name.endswith("_total") and s.labels["endpoint"] == endpoint}
+
+
+def _counted_since(gateway: Gateway, counted: dict[str, float]) -> dict[str, float] | None:
+    now = _served(gateway, "/v1/completions")
+    return now if sum(now.values()) > sum(counted.values()) else None
+
+
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_client_that_goes_away_has_its_process_killed_and_reaped(gateway, client, long_model, stream):
+def test_a_client_that_goes_away_has_its_process_killed_and_reaped_and_counted_499(gateway, client, long_model,
+                                                                                  stream):
+    counted = _served(gateway, "/v1/completions")
     before = {p.pid for p in client.ps()}
     conn = post(gateway, "/v1/completions", {"model": long_model, "prompt": "on and on", "max_tokens": 100000,
                                              "stream": stream, **LONG})
@@ -268,6 +329,9 @@ def test_a_client_that_goes_away_has_its_process_killed_and_reaped(gateway, clie
     conn.sock.shutdown(2)
     conn.close()
     _killed_and_reaped(client, pid)
+    # counted once its response ended (a cut stream too, though its 200 was sent): as the client gone first
+    now = wait_for(lambda: _counted_since(gateway, counted), 30, "the request to be counted")
+    assert {k: v - counted.get(k, 0) for k, v in now.items() if v != counted.get(k, 0)} == {"499": 1}
 
 
 def test_a_session_keeps_its_context_between_requests_until_deleted(gateway, client, tiny_model):
@@ -442,6 +506,10 @@ def test_the_developer_role_is_the_system_role(gateway, client, tiny_model):
     want = greedy(client, tiny_model, 5, messages=[{"role": "system", "content": "be brief"},
                                                    {"role": "user", "content": "hi"}])
     assert r.choices[0].message.content == want
+
+
+def test_llmos_serves_default_max_choices_is_the_gateways():
+    assert CLI_MAX_CHOICES == DEFAULT_MAX_CHOICES  # a copy, so that `llmos serve --help` needs no FastAPI
 
 
 def test_a_choice_that_ended_in_error_fails_the_request_even_without_an_errno():
