@@ -19,7 +19,7 @@ from llmos._command import address_of, home_of
 from llmos.gateway import apikeys
 
 EXIT_USAGE = 2
-DEFAULT_MAX_CHOICES = 64  # as llmos.gateway.app's (not imported here: `llmos --help` stays free of FastAPI)
+DEFAULT_MAX_CHOICES = 64  # llmos.gateway.app's, copied: `llmos --help` stays free of FastAPI (a test: equal)
 
 
 def is_loopback(host: str) -> bool:
