@@ -48,8 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from llmos.cli import Terminated
     from llmos.gateway.app import GatewayConfig, create_app
 
-    app = create_app(GatewayConfig(address_of(args), keys_file, args.max_tokens, require_keys=has_keys or not is_loopback(args.host),
-                                   max_choices=args.max_choices))
+    app = create_app(GatewayConfig(address_of(args), keys_file, args.max_tokens,
+                                   require_keys=has_keys or not is_loopback(args.host), max_choices=args.max_choices))
     who = f"API keys from {keys_file}" if has_keys else "no API keys: loopback only"
     print(f"llmos serve: http://{args.host}:{args.port}/v1 ({who}); kernel at {address_of(args)}", file=sys.stderr,
           flush=True)
