@@ -4,8 +4,9 @@ benchmark on CUDA beside the CPU, in one run: ``python -m benchmarks.gpu [--out 
 1. Devices: ``llmos devices`` lists exactly the GPUs NVML reports, with their memory (tests use a FakeGPU).
 2. Placement: a model loaded with ``device="cuda:0"`` runs on the GPU (its worker holds GPU memory, which
    NVML shows), beside a copy of it loaded on the CPU.
-3. Correctness: the same random-weight model (float32 on both) gives the same greedy tokens on CUDA as on
-   the CPU (the count of identical sequences, and where others first differ).
+3. Correctness: the same random-weight model gives the same greedy tokens on CUDA (bfloat16, as the loader
+   puts weights on a GPU) as on the CPU (float32): the count of identical sequences, and where others first
+   differ.
 4. Speed: ``llmos bench`` (closed loop at several concurrencies, 128-token prompts and outputs) against the
    CUDA model and against the CPU copy: output tok/s, TTFT and TPOT p50/p99.
 5. Metrics: the Prometheus text has the GPU's device memory gauges.
@@ -173,7 +174,8 @@ def render(report: dict, args: argparse.Namespace) -> str:
     lines = [f"## On a GPU: `python -m benchmarks.gpu --shape {args.shape} --concurrency {args.concurrency} "
              f"--requests {args.requests}`", "",
              f"{report['date']}; {gpus}; driver {(report.get('nvml') or {}).get('driver')}; torch {report['torch']} "
-             f"(CUDA {report['cuda']}); a random-weight {args.shape} Llama, float32, 128-token prompts and outputs.",
+             f"(CUDA {report['cuda']}); a random-weight {args.shape} Llama (bfloat16 on the GPU, float32 on the CPU), "
+             "128-token prompts and outputs.",
              "", "| check | result |", "|---|---|"]
     for name, step in report["steps"].items():
         lines.append(f"| {name} | {'ok' if step['ok'] else 'FAILED: ' + step['error'][:200]} ({step['seconds']} s) |")

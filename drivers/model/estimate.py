@@ -14,6 +14,10 @@ from llmos.syscalls.errors import InvalidArgument, NotFound, quote
 
 MAX_ESTIMATE_BYTES = 2**63 - 1
 WORKER_OVERHEAD_BYTES = 350 * 2**20  # a worker with torch and transformers imported: the RSS ps showed for one on the tiny test model
+# what a worker holds on a GPU besides its weights and KV pool: the CUDA context, cuBLAS's workspace and the
+# caching allocator's slack. Measured by benchmarks/gpu.py on an H200 (torch 2.11, CUDA 13): NVML showed a
+# worker of a 40M model holding 1,044 MiB for 268 MiB of weights and KV (2026-11-30).
+GPU_OVERHEAD_BYTES = 800 * 2**20
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -45,7 +49,8 @@ def kv_bytes_per_token(config: dict[str, Any], elem_bytes: int) -> int:
 
 def estimate(path: str | Path, device: str = "cpu", kv_tokens: int | None = None,
              max_batch: int = 64) -> dict[str, Any]:
-    """Bytes for weights, KV pool and process overhead of one instance on ``device``.
+    """Bytes for weights, KV pool and process overhead of one instance on ``device`` (on a GPU: what the GPU
+    will hold, the CUDA context included; on the CPU: the worker process's memory).
 
     InvalidArgument (or NotFound) when config.json fails :func:`registry.check_config` or a file cannot
     be read, and when a number would not fit a signed 64-bit integer (MessagePack's, and any
@@ -78,10 +83,11 @@ def estimate(path: str | Path, device: str = "cpu", kv_tokens: int | None = None
     if device == "cpu" and config.get("model_type") in PAGED_MODEL_TYPES and weights <= PACK_LIMIT_BYTES:
         weights *= 2
     kv = per_token * kv_tokens
-    if max(weights, kv, weights + kv + WORKER_OVERHEAD_BYTES) > MAX_ESTIMATE_BYTES:
+    overhead = WORKER_OVERHEAD_BYTES if device == "cpu" else GPU_OVERHEAD_BYTES  # what the device itself holds
+    if max(weights, kv, weights + kv + overhead) > MAX_ESTIMATE_BYTES:
         raise InvalidArgument(f"model {quote(str(path))}: config.json gives {per_token} bytes of KV cache per token "
                               f"and {context} tokens of context, {weights + kv} bytes for {kv_tokens} tokens; "
                               "that is no real model's shape (more than 2**63 bytes cannot even be counted)")
     return {"parameters": params, "weight_bytes": weights, "kv_bytes": kv, "kv_bytes_per_token": per_token,
-            "kv_tokens": kv_tokens, "overhead_bytes": WORKER_OVERHEAD_BYTES,
-            "total_bytes": weights + kv + WORKER_OVERHEAD_BYTES, "context_len": context}
+            "kv_tokens": kv_tokens, "overhead_bytes": overhead,
+            "total_bytes": weights + kv + overhead, "context_len": context}

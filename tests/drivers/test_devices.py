@@ -69,3 +69,14 @@ def test_the_estimate_counts_weights_kv_and_worker_overhead(tiny_model):
     assert est["parameters"] == sum(p.numel() for p in model.parameters())
     assert est["weight_bytes"] == 2 * 4 * est["parameters"]  # float32, plus the oneDNN-packed copy
     assert est["kv_bytes"] == 1000 * est["kv_bytes_per_token"] == 1000 * 2 * 2 * 32 * 4
+
+
+def test_on_a_gpu_the_estimate_is_bfloat16_weights_and_kv_plus_the_cuda_context(tiny_model):
+    """What a GPU worker holds besides its weights and KV (measured on an H200 by benchmarks/gpu.py), not the
+    host process's memory: the reservation must cover what NVML will show."""
+    from llmos.drivers.model.estimate import GPU_OVERHEAD_BYTES
+
+    cpu, gpu = estimate(tiny_model, "cpu", kv_tokens=1000), estimate(tiny_model, "cuda:0", kv_tokens=1000)
+    assert gpu["weight_bytes"] == 2 * gpu["parameters"] and gpu["kv_bytes"] == cpu["kv_bytes"] // 2  # bfloat16
+    assert gpu["overhead_bytes"] == GPU_OVERHEAD_BYTES >= 768 * 2**20
+    assert gpu["total_bytes"] == gpu["weight_bytes"] + gpu["kv_bytes"] + GPU_OVERHEAD_BYTES
