@@ -81,13 +81,33 @@ def read_key_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
 
 def make_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
     """Create ``directory/NAME.key`` and the 0600 ``NAME.key_secret`` (the directory 0700) unless the
-    secret file exists; return (public file, secret file)."""
+    secret file exists; return (public file, secret file).
+
+    Atomic: the pair is made in a private directory beside them and the secret file appears whole, by a
+    link that never replaces one (a reader racing the maker, as ``kernel start``'s launcher does the new
+    kernel, never sees half a file; of two makers the first one's pair stands), then the public file is
+    written from the secret file that stands, through a rename."""
     public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
     old = os.umask(0o077)  # the directories made on the way ($LLMOS_HOME itself, maybe) are owner-only too
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not secret.exists():
-            zmq.auth.create_certificates(directory, name)
+            import shutil
+            import tempfile
+
+            staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=directory))
+            try:
+                _, made = zmq.auth.create_certificates(staging, name)
+                os.chmod(made, 0o600)
+                try:
+                    os.link(made, secret)
+                except FileExistsError:
+                    pass  # another maker's pair stands
+                staged_public = staging / "public"
+                write_public_key(staged_public, read_key_pair(secret)[0], f"{name}: made by llmos")
+                os.replace(staged_public, public)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     finally:
         os.umask(old)
     os.chmod(secret, 0o600)

@@ -153,3 +153,38 @@ def test_a_missing_key_named_by_the_environment_is_an_error_not_a_fallback_to_th
     monkeypatch.setenv("LLMOS_SERVER_KEY", str(tmp / "gone.key"))
     with pytest.raises(NotFound):
         server_key()
+
+
+def _make(directory: str, start, out) -> None:
+    from llmos.syscalls.keys import make_key_pair, read_key_pair
+
+    start.wait()
+    try:
+        out.put(read_key_pair(make_key_pair(Path(directory), "client")[1])[0])
+    except Exception as exc:  # a maker that read another's half-written file
+        out.put(repr(exc))
+
+
+def test_a_key_pair_appears_whole_and_racing_makers_agree_on_one_pair(tmp_path):
+    """kernel start's launcher reads the client key while the new kernel makes it: a reader sees no file or
+    the whole file, never half of one, and of makers racing the first one's pair stands for all."""
+    import multiprocessing
+
+    from llmos.syscalls.keys import read_key_pair, read_public_key
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(20):
+        directory = tmp_path / f"k{round_}"
+        secret = directory / "client.key_secret"
+        start, out = ctx.Barrier(4), ctx.Queue()
+        makers = [ctx.Process(target=_make, args=(str(directory), start, out)) for _ in range(3)]
+        for m in makers:
+            m.start()
+        start.wait()
+        while any(m.is_alive() for m in makers):
+            if secret.exists():
+                read_key_pair(secret)  # raises on half a file
+        publics = [out.get(timeout=30) for _ in makers]
+        assert len(set(publics)) == 1 and isinstance(publics[0], bytes), publics
+        assert read_public_key(directory / "client.key") == publics[0]
+        assert sorted(p.name for p in directory.iterdir()) == ["client.key", "client.key_secret"]
