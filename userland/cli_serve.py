@@ -15,6 +15,7 @@ import socket
 import sys
 from typing import Any
 
+from llmos._args import int_in
 from llmos._command import address_of, home_of
 from llmos.gateway import apikeys
 
@@ -96,24 +97,8 @@ def cmd_api_key_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if not 0 < port < 65536:
-        raise argparse.ArgumentTypeError(f"must be 1..65535, got {text!r}")
-    return port
-
-
-def _max_choices(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
-    return n
+_port = int_in(1, 65535, "a port number")
+_max_choices = int_in(1)
 
 
 def _max_tokens(text: str) -> int:
