@@ -24,7 +24,7 @@ from llmos.kernel.config import home_dir
 from llmos.llmos import LLMOS
 from llmos.shell_chat import COMMANDS as CHAT_COMMANDS, SETTING_HELP, Chat, ChatSettings
 from llmos.shell_complete import ChatCompleter, ShellCompleter
-from llmos.shell_views import format_devices, format_metrics, model_name, printable
+from llmos.shell_views import format_devices, format_metrics, printable, typed_name
 from llmos.syscalls.address import llmos_home
 from llmos.syscalls.errors import InvalidArgument, LLMOSError
 from llmos.top import format_ps, run_top
@@ -301,7 +301,7 @@ class Shell:
         chat = Chat(self.os.client, ChatSettings(a.model or self.os.model, a.system, params), self.read_line,
                     lambda t: self.say(t, end=""), self.shown, self.loading)
         pid = chat.start()
-        name = model_name(chat.settings.model) if chat.settings.model else "the default model"
+        name = typed_name(chat.settings.model) if chat.settings.model else "the default model"
         self.say(f"[chat with session pid {pid} on {name}: /? for help, /bye to leave]")
         turns = chat.run()
         self.say(f"[chat ended after {turns} turns; session {chat.last_pid} closed]")
@@ -326,7 +326,7 @@ class Shell:
             self.say(json.dumps(models))
             return
         self.say(format_models(models) if models else "(no model loaded)")
-        loaded = {model_name(m["model"]) for m in models}
+        loaded = {typed_name(m["model"]) for m in models}
         stored = [name for name, _ in self._store_models() if name not in loaded]
         if stored:
             self.say(f"in the store, not loaded: {', '.join(stored)} (chat NAME or load NAME)")
@@ -381,7 +381,7 @@ class Shell:
 
     # -- what Tab completes from (llmos.shell_complete) --------------------------------------------
     def _pids(self) -> list[tuple[int, str]]:
-        return [(p.pid, f"{p.state} {p.owner} {model_name(p.model)[-24:]}") for p in self.os.ps()]
+        return [(p.pid, f"{p.state} {p.owner} {typed_name(p.model)[-24:]}") for p in self.os.ps()]
 
     def _store_models(self) -> list[tuple[str, str]]:
         try:
@@ -390,7 +390,7 @@ class Shell:
             return []
 
     def _models(self) -> list[tuple[str, str]]:
-        names = {model_name(m["model"]): "loaded" for m in self.os.client.models()}
+        names = {typed_name(m["model"]): "loaded" for m in self.os.client.models()}
         for name, what in [*self._store_models(), ("default", "the shipped default model")]:
             names.setdefault(name, what)
         return list(names.items())

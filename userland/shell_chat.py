@@ -25,7 +25,7 @@ from typing import Any, Callable, ContextManager
 from llmos._args import syscall_arg
 from llmos._wire import no_chat_template
 from llmos.client import Client
-from llmos.shell_views import model_name
+from llmos.shell_views import typed_name
 from llmos.syscalls.errors import InvalidArgument, LLMOSError, NoSuchProcess, error_from_errno
 from llmos.syscalls.schema import check
 from llmos.syscalls.table import lookup
@@ -324,7 +324,7 @@ class Chat:
             raise InvalidArgument(f"/show takes parameters, system or model, got {what!r}")
         s, lines = self.settings, []
         if what in ("", "model"):
-            lines.append(f"model:    {model_name(s.model) if s.model else 'default (the shipped default model)'}")
+            lines.append(f"model:    {typed_name(s.model) if s.model else 'default (the shipped default model)'}")
             session = f"pid {self.pid}" if self.pid is not None and not self.stale else \
                 "a new one starts with the next message"
             lines.append(f"session:  {session}; {len(self.messages) // 2} turns in the conversation")

@@ -72,7 +72,7 @@ def format_metrics(m: dict[str, Any]) -> str:
     for ex in m.get("models") or []:
         kv = f"{ex.get('kv_used', 0)}/{ex.get('kv_total', 0)}"
         swaps = f"{ex.get('swaps_out', 0)}/{ex.get('swaps_in', 0)}"
-        name = f"{model_name(str(ex.get('model', '')))} #{ex.get('executor', '?')}"  # one row per instance
+        name = f"{typed_name(str(ex.get('model', '')))} #{ex.get('executor', '?')}"  # one row per instance
         lines.append(f"{name[-40:]:<40} {ex.get('steps', 0):>7} {ex.get('batch_mean', 0.0):>5.1f} "
                      f"{ex.get('tokens_out', 0):>8} {kv:>14} {ex.get('preemptions', 0):>7} {swaps:>11} "
                      f"{_ms(ex.get('step_time_mean_s')):>8}")
@@ -81,6 +81,6 @@ def format_metrics(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def model_name(model: str) -> str:
+def typed_name(model: str) -> str:
     """A model as a user types it: a store model by its name (``store:/models/x`` -> ``x``), a directory as is."""
     return model.removeprefix("store:/models/")
