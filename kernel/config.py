@@ -48,6 +48,8 @@ class KernelConfig:
     delegate: str | None = None  # accounts that may act for other users: "gateway;svc=alice,bob" (kernel/delegation.py)
     metrics_port: int | None = None  # serve Prometheus metrics over HTTP on this port (0: any free one)
     metrics_host: str = "127.0.0.1"  # the interface the metrics port listens on
+    ray: str | None = None  # run model instances on Ray too: "local" (start one here), "auto" or the head's HOST:PORT
+    ray_placement_s: float = 60.0  # how long a Ray instance may wait to be placed before its load fails (ENOMEM)
 
     def __post_init__(self) -> None:
         for f in FLAGS:
@@ -60,7 +62,7 @@ class KernelConfig:
                 raise ValueError(f"{f.option}: {exc}") from None
 
 
-NULLABLE = {"listen", "group", "delegate", "metrics_port", "memory_limit", "max_batch", "max_procs_per_user", "max_kv_blocks_per_user", "max_tokens_per_minute",
+NULLABLE = {"ray", "listen", "group", "delegate", "metrics_port", "memory_limit", "max_batch", "max_procs_per_user", "max_kv_blocks_per_user", "max_tokens_per_minute",
             "user_quotas"}
 QUOTA_KEYS = {"procs": "max_procs", "kv_blocks": "max_kv_blocks", "tpm": "tokens_per_minute"}
 
@@ -158,6 +160,21 @@ class _SizeIn(_Parser):
         if isinstance(value, bool) or not isinstance(value, int) or not self.lo <= value <= self.hi:
             raise argparse.ArgumentTypeError(f"must be between {_size(self.lo)} and {_size(self.hi)}, "
                                              f"got {value!r}{' bytes' if isinstance(value, int) else ''}")
+        return value
+
+
+class _RayAddress(_Parser):
+    """local, auto, or a Ray head's HOST:PORT (``ray start --head`` prints it) or ray://HOST:PORT."""
+
+    def convert(self, text: str) -> str:
+        return text.strip()
+
+    def check(self, value: Any) -> str:
+        import re
+
+        if not isinstance(value, str) or not (value in ("local", "auto") or re.fullmatch(
+                r"(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):\d{1,5}", value)):
+            raise argparse.ArgumentTypeError(f"must be local, auto or the Ray head's HOST:PORT, got {value!r}")
         return value
 
 
@@ -290,6 +307,7 @@ class Flag:
     metavar: str
     help: str
     name: str = ""  # the option's name when it is not the field's
+    const: str | None = None  # the value of the flag given without one (``--ray``: local)
 
     @property
     def option(self) -> str:
@@ -356,6 +374,13 @@ FLAGS: tuple[Flag, ...] = (
          "text) on http://HOST:PORT/metrics; 0 picks a free port, said in the log (default: off)"),
     Flag("metrics_host", _Host(), "HOST", "the interface --metrics-port listens on; the metrics hold no "
          "process text or owner names (default 127.0.0.1; 0.0.0.0 for every interface)"),
+    Flag("ray", _RayAddress(), "ADDRESS", "run model instances on Ray as well (model_load backend='ray'): without "
+         "ADDRESS a Ray instance is started on this machine for the kernel's lifetime; 'auto' joins the cluster "
+         "running here (ray start --head), HOST:PORT the head at that address; needs pip install 'llmos[ray]' "
+         "(default: off, local worker processes only)", const="local"),
+    Flag("ray_placement_s", _FloatIn(1.0, 86400.0), "SECONDS", "how long a Ray model instance may wait for Ray to "
+         "place it (a node with its CPUs, GPUs and memory free) before its load fails with ENOMEM (default 60)",
+         "ray-placement-timeout"),
     Flag("max_capture_bytes_per_user", _SizeIn(0, 2**48), "SIZE", "bytes of captured intermediates one user's "
          "processes may keep in the store, in all (stored, plus what captures under way may still write); "
          "beyond it a capture stops, or captures nothing, with a warning (default 256M)"),
@@ -380,6 +405,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     for f in FLAGS:
         if isinstance(f.parse, _Switch):
             parser.add_argument(f.option, dest=f.field, action="store_const", const=True, default=None, help=f.help)
+        elif f.const is not None:
+            parser.add_argument(f.option, dest=f.field, type=f.parse, nargs="?", const=f.const, default=None,
+                                metavar=f.metavar, help=f.help)
         else:
             parser.add_argument(f.option, dest=f.field, type=f.parse, default=None, metavar=f.metavar, help=f.help)
 

@@ -66,6 +66,8 @@ class TokenBucket:
 class Executor(Actor):
     """One model instance in one worker process. ``ready`` resolves once the model is loaded."""
 
+    backend = "local"  # a worker process of the kernel's (kernel/ray_executor.py: a Ray actor)
+
     def __init__(self, ctx: zmq.asyncio.Context, run_dir: Path, model_path: str, procman: Actor,
                  on_gone: Any, log_dir: Path, options: dict[str, Any], device: str = "cpu",
                  silence_s: float = WORKER_SILENCE_S, frames_per_s: float = FRAMES_PER_S,
@@ -180,7 +182,7 @@ class Executor(Actor):
             case m.FromWorker():
                 return self._from_worker(msg.msg)
             case m.Died():
-                return self._died(msg.message)
+                return self._died(msg.message, msg.errno)
             case m.Retire():
                 if not self.dead:
                     self.dead = msg.reason
@@ -368,7 +370,7 @@ class Executor(Actor):
 
     def describe(self) -> dict[str, Any]:
         s = self.stats
-        return {"model": self.model_path, "executor": self.id,
+        return {"model": self.model_path, "executor": self.id, "backend": self.backend, "node": "local",
                 "worker_pid": self.proc.pid if self.proc else None,
                 "running": self.running, "device": self.device, "engine": self.info.get("engine"),
                 "parameters": self.info.get("parameters"), "context_len": self.info.get("context_len"),

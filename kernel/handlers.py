@@ -94,7 +94,7 @@ class Handlers:
                 "version": __version__, "home": str(self.k.home), "processes": counts, "models": models,
                 "listeners": [{"address": a, "transport": t} for a, t in self.k.plan], "owner": self.k.owner,
                 "group": self.k.config.group, "delegates": self.k.config.delegate,
-                "metrics_url": self.k.metrics_url}
+                "metrics_url": self.k.metrics_url, "ray": self.k.ray.describe() if self.k.ray else None}
 
     async def sys_shutdown(self, caller: Caller, args: dict, emit: Emit) -> dict:
         self.k.request_shutdown(f"shutdown syscall from {caller.user}")
@@ -218,7 +218,8 @@ class Handlers:
                 "max_blocks": args["kv_max_blocks"] + 1 if args["kv_max_blocks"] else None,
                 "user_cap_blocks": args["user_cap_blocks"], "max_batch": args["max_batch"],
                 "keep_alive": args["keep_alive"], "engine": args["engine"], "spill_bytes": args["spill_bytes"],
-                "spill_below_bytes": args["spill_below_bytes"]}
+                "spill_below_bytes": args["spill_below_bytes"], "backend": args["backend"],
+                "num_cpus": args["num_cpus"], "num_gpus": args["num_gpus"], "placement": args["placement"]}
         await ready_executors(await self.k.models.ask(m.Load(model, opts)))
         return await self.k.models.ask(m.Describe(model))
 

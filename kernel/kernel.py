@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from llmos.drivers.devices import DeviceTable
 from llmos.drivers.model.from_store import use_store
@@ -31,6 +32,7 @@ from llmos.kernel.journal import Journal
 from llmos.kernel.log import LogRing, get_logger
 from llmos.kernel.models import ModelManager
 from llmos.kernel.procman import ProcessManager
+from llmos.kernel.ray_backend import WORKER_ZAP_DOMAIN, RayBackend
 from llmos.kernel.sharing import ensure_keys, listen_plan, share_socket
 
 
@@ -46,7 +48,7 @@ class Kernel:
         self.admins = frozenset({"root", self.owner})
         self.delegation = Delegation(parse_delegates(self.config.delegate), self.admins)  # who may act for whom
         self.plan = listen_plan(address, self.config)  # [(address, transport)]; InvalidArgument for a bad one
-        self.auth: KeyAuthenticator | None = None
+        self.auth: AsyncioAuthenticator | None = None
         self.log = get_logger("kernel")
         self._stop = asyncio.Event()
         self._stop_reason = ""
@@ -71,8 +73,13 @@ class Kernel:
         self.capture = Captures(self.writer, self.fs, self.procman, max_bytes=self.config.max_capture_bytes,
                                 max_bytes_per_user=self.config.max_capture_bytes_per_user).install()
         self.devices = DeviceTable(self.config.memory_limit)
+        self.ray: RayBackend | None = None
+        if self.config.ray:  # before the model manager: it places Ray instances (DeviceError: Ray is not there)
+            self.ray = RayBackend(self.config.ray)
+            await asyncio.to_thread(self.ray.connect)
+            self.log.info("ray_connected", **self.ray.describe())
         self.models = ModelManager(self.ctx, self.run_dir, self.log_dir, self.procman, self.devices,
-                                   self.config).start()
+                                   self.config, ray=self.ray).start()
         self.handlers = Handlers(self)
         self.exporter = Exporter(self._metrics_snapshot, asyncio.get_running_loop())
         self.metrics_url: str | None = None
@@ -86,6 +93,11 @@ class Kernel:
         listeners = [Listener(a, t, self.public_key, secret_key) for a, t in self.plan]
         if any(t == CURVE for _, t in self.plan):  # the ZAP handler first: it checks each CURVE handshake
             self.auth = KeyAuthenticator(self.ctx, self.keyring, on_refused=self._key_refused)
+        elif self.ray is not None:
+            self.auth = AsyncioAuthenticator(self.ctx)
+        if self.ray is not None:  # the Ray actors' tcp sockets let in only the keys handed to them
+            self.auth.configure_curve_callback(WORKER_ZAP_DOMAIN, self.ray.keys)
+        if self.auth is not None:
             self.auth.start()
         self.bus = Bus(self.ctx, listeners, self.handlers, self.config, admins=self.admins, keyring=self.keyring)
         self.bus.bind()
@@ -154,6 +166,8 @@ class Kernel:
         await self.logring.stop()
         await asyncio.to_thread(self.writer.stop)  # commits what is queued, then ends its thread
         self.store.close()
+        if self.ray is not None:  # its actors are gone with the models; a Ray started here stops
+            await asyncio.to_thread(self.ray.shutdown)
         if self.auth is not None:
             self.auth.stop()
         self.ctx.destroy(linger=200)

@@ -39,12 +39,13 @@ from llmos.kernel.kernel import Kernel
 from llmos.kernel.log import get_logger
 from llmos.kernel.sharing import check_group, listen_plan
 from llmos.syscalls.address import ipc_path, llmos_home
-from llmos.syscalls.errors import Busy, InvalidArgument
+from llmos.syscalls.errors import Busy, DeviceError, InvalidArgument
 
 EXIT_INTERNAL = 1
 EXIT_CONFIG = 2
 EXIT_BUSY = 3
 EXIT_ADDRINUSE = 4
+EXIT_UNAVAILABLE = 5  # a service the kernel needs (--ray's cluster) cannot be reached
 HOME_ENTRIES = {"run", "log", "shell_history", "keys", "store"}  # what LLMOS itself puts in a home
 _WORKER_SOCKET = re.compile(r"^worker-(\d+)-.*\.sock$")
 
@@ -213,6 +214,8 @@ def _serve(args: argparse.Namespace, config: KernelConfig) -> int:
         uvloop.run(_run(kernel, args.parent_pid))
     except Busy as exc:  # the metrics port is taken
         return _refuse(exc.message, EXIT_ADDRINUSE)
+    except DeviceError as exc:  # --ray: Ray could not be started or joined
+        return _refuse(exc.message, EXIT_UNAVAILABLE)
     except zmq.ZMQError as exc:
         if exc.errno == zmq.EADDRINUSE:
             return _refuse(f"{' or '.join(a for a, _ in listen_plan(address, config))} is in use by another "

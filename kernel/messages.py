@@ -203,6 +203,7 @@ class FromWorker:
 @dataclass
 class Died:
     message: str
+    errno: int = 5  # EIO; ENOMEM (12) for an instance Ray could not place
 
 
 @dataclass

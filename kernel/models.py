@@ -26,6 +26,7 @@ from llmos.kernel import messages as m
 from llmos.kernel.actor import Actor
 from llmos.kernel.config import KernelConfig
 from llmos.kernel.executor import Executor
+from llmos.kernel.ray_backend import RayBackend, RaySpec
 from llmos.syscalls.errors import Busy, InvalidArgument, NotFound, OutOfMemory
 
 DEFAULT_KEEP_ALIVE_S = 300.0
@@ -49,9 +50,12 @@ class ModelEntry:
     pending: int = 0  # spawns that acquired this model and have not reached the process table yet
     loaded_at: float = field(default_factory=time.time)
     restarts: list[float] = field(default_factory=list)  # monotonic times of recent worker restarts
+    ray: RaySpec | None = None  # backend "ray": how its instances are placed
+    pg: Any = None  # backend "ray": its placement group (one bundle per instance)
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.path, "device": self.device, "instances": len(self.executors),
+                "backend": "ray" if self.ray else "local", **({"ray": self.ray.describe()} if self.ray else {}),
                 "keep_alive": self.keep_alive, "idle_s": round(time.monotonic() - self.last_used, 3),
                 "kv_policy": self.options.get("kv_policy", "static"), "estimate": self.estimate,
                 "executors": [ex.describe() for ex in self.executors]}
@@ -59,8 +63,9 @@ class ModelEntry:
 
 class ModelManager(Actor):
     def __init__(self, ctx: zmq.asyncio.Context, run_dir: Path, log_dir: Path, procman: Actor,
-                 devices: DeviceTable, config: KernelConfig | None = None) -> None:
+                 devices: DeviceTable, config: KernelConfig | None = None, ray: RayBackend | None = None) -> None:
         super().__init__("models")
+        self.ray = ray  # the kernel's Ray connection (--ray), else None
         self.config = config or KernelConfig()
         self.ctx = ctx
         self.run_dir = run_dir
@@ -110,8 +115,8 @@ class ModelManager(Actor):
             case m.ListModels():
                 return [e.describe() for e in self.models.values()]
             case m.Devices():
-                return {"devices": [{**inv, **use} for inv, use in zip(self.devices.inventory(),
-                                                                       self.devices.usage())]}
+                local = [{**inv, **use} for inv, use in zip(self.devices.inventory(), self.devices.usage())]
+                return {"devices": local + (await self._ray_nodes() if self.ray else [])}
             case m.Tick():
                 return await self._reap_idle()
             case m.ExecutorGone():
@@ -137,7 +142,8 @@ class ModelManager(Actor):
         return path, [ex.ready for ex in entry.executors], entry
 
     # load options a loaded model cannot change without a reload, as (request key, user-facing name)
-    _FIXED = (("device", "device"), ("instances", "instances"), ("kv_policy", "kv_policy"),
+    _FIXED = (("backend", "backend"), ("num_cpus", "num_cpus"), ("num_gpus", "num_gpus"), ("placement", "placement"),
+              ("device", "device"), ("instances", "instances"), ("kv_policy", "kv_policy"),
               ("num_blocks", "kv_blocks"), ("max_blocks", "kv_max_blocks"), ("user_cap_blocks", "user_cap_blocks"),
               ("max_batch", "max_batch"), ("engine", "engine"), ("spill_bytes", "spill_bytes"),
               ("spill_below_bytes", "spill_below_bytes"))
@@ -145,13 +151,14 @@ class ModelManager(Actor):
     def _check_same(self, entry: ModelEntry, req: dict[str, Any]) -> None:
         """EBUSY naming each option asked for that differs from how the model is loaded, and what to do."""
         engines = {ex.info.get("engine") for ex in entry.executors} - {None}  # what "auto" chose, once ready
-        have = {"device": entry.device, "instances": len(entry.executors),
+        have = {"device": entry.device, "instances": len(entry.executors), "backend": "ray" if entry.ray else "local",
+                **(entry.ray.describe() if entry.ray else {}),
                 "kv_policy": entry.options.get("kv_policy", "static"),
                 "engine": engines.pop() if len(engines) == 1 else entry.options.get("engine", "auto")}
         differ = []
         for key, name in self._FIXED:
             asked = req.get(key)
-            if asked is None or (key in ("device", "engine") and asked == "auto"):
+            if asked is None or (key in ("device", "engine", "backend") and asked == "auto"):
                 continue
             loaded = have[key] if key in have else entry.options.get(key)
             if asked != loaded:
@@ -167,18 +174,49 @@ class ModelManager(Actor):
     def _options(self, path: str, req: dict[str, Any]) -> tuple[dict[str, Any], str, int, float]:
         opts = {**self.defaults, **{k: v for k, v in req.items() if v is not None}}
         device = opts.pop("device", None) or "auto"
-        if device != "auto":
+        backend = self._backend(opts)
+        if device != "auto" and backend == "local":
             self.devices.get(device)  # EINVAL for a device that does not exist
+        elif device not in ("auto", "cpu", "cuda") and backend == "ray":
+            raise InvalidArgument(f"device {device!r} names a device of this machine; a Ray instance is placed by "
+                                  f"Ray: give num_gpus=1 for a GPU (device cpu, cuda or auto)")
         instances = int(opts.pop("instances", 1))
         keep_alive = float(opts.pop("keep_alive", DEFAULT_KEEP_ALIVE_S))
         if opts.get("kv_policy", "static") not in POLICIES:
             raise InvalidArgument(f"kv_policy must be one of {', '.join(POLICIES)}")
         return opts, device, instances, keep_alive
 
+    def _backend(self, opts: dict[str, Any]) -> str:
+        """Pop the backend options from ``opts`` (they are not the engine's): "local" or "ray", the Ray ones
+        checked and kept under ``opts["_ray"]`` (a RaySpec) for the ray backend."""
+        backend = opts.pop("backend", None) or "local"
+        ray_keys = {k: opts.pop(k) for k in ("num_cpus", "num_gpus", "placement") if opts.get(k) is not None}
+        for k in ("num_cpus", "num_gpus", "placement"):
+            opts.pop(k, None)
+        if backend == "auto":
+            backend = "ray" if self.ray is not None else "local"
+        if backend == "ray" and self.ray is None:
+            raise InvalidArgument("backend 'ray' needs a kernel started with --ray (llmos kernel start --ray [ADDRESS])")
+        if backend == "local":
+            if ray_keys:
+                raise InvalidArgument(f"{', '.join(ray_keys)} place Ray instances: give backend='ray' too")
+            return backend
+        spec = RaySpec(**ray_keys)
+        if spec.num_gpus > 1:
+            raise InvalidArgument(f"num_gpus {spec.num_gpus:g}: an instance runs on one device (the engine has no "
+                                  f"tensor parallelism); load more instances instead")
+        if spec.num_gpus and opts.get("device") == "cpu":
+            raise InvalidArgument("device cpu with num_gpus > 0: give one or the other")
+        opts["_ray"] = spec
+        return backend
+
     async def _load(self, path: str, req: dict[str, Any]) -> ModelEntry:
         if path in self.models:
             return self.models[path]
         opts, want, instances, keep_alive = self._options(path, req)
+        spec = opts.pop("_ray", None)
+        if spec is not None:
+            return await self._load_ray(path, opts, spec, want, instances, keep_alive)
         await self._refresh_live()
         est = self._estimate(path, want, opts)
         if not opts.get("num_blocks"):
@@ -209,15 +247,69 @@ class ModelManager(Actor):
                       estimate_mib=round(need / 2**20), keep_alive=keep_alive)
         return entry
 
-    def _estimate(self, path: str, want: str, opts: dict[str, Any]) -> dict[str, Any]:
-        """What an instance of ``path`` will take, with the KV pool the options (or the defaults) give it."""
+    async def _load_ray(self, path: str, opts: dict[str, Any], spec: RaySpec, want: str, instances: int,
+                        keep_alive: float) -> ModelEntry:
+        """Place ``instances`` Ray actors for ``path`` (one placement group, a bundle each) and start them; does
+        not wait for Ray to place them (an executor whose actor is not placed in time fails its load)."""
+        from llmos.kernel.ray_executor import RayExecutor
+
+        nodes = await self._ray_nodes()
+        kind = "gpu" if spec.num_gpus else "cpu"
+        free = max((n["memory_free_bytes"] for n in nodes), default=0)
+        est = self._estimate(path, "cuda" if kind == "gpu" else "cpu", opts, free=free or None)
+        if not opts.get("num_blocks"):
+            opts["num_blocks"] = est["kv_tokens"] // int(opts.get("block_size", BLOCK_SIZE)) + 1
+        # host memory: the whole instance on a CPU; its process on a GPU node (the weights and KV are the GPU's)
+        spec.memory_bytes = int(est["total_bytes"] if kind == "cpu" else est["overhead_bytes"])
+        await asyncio.to_thread(self.ray.check_fits, spec, instances)
+        pg = await asyncio.to_thread(self.ray.placement_group, spec, instances, f"llmos:{path}")
+        entry = ModelEntry(path, "ray", opts, est, keep_alive, ray=spec, pg=pg)
+        try:
+            for i in range(instances):
+                ex = RayExecutor(self.ctx, self.run_dir, path, self.procman, self._gone, self.log_dir, opts,
+                                 silence_s=self.config.worker_silence_s, ray=self.ray, pg=pg, bundle=i, spec=spec,
+                                 placement_s=self.config.ray_placement_s)
+                ex.holder = f"{path}#{i}"
+                entry.executors.append(ex.launch())
+        except BaseException:
+            await self._release(entry, "load failed")
+            raise
+        self.models[path] = entry
+        self.log.info("model_loading", model=path, backend="ray", instances=instances,
+                      estimate_mib=round(est["total_bytes"] / 2**20), keep_alive=keep_alive, **spec.describe())
+        return entry
+
+    async def _ray_nodes(self) -> list[dict[str, Any]]:
+        """The Ray cluster's live nodes as device entries, each with the instances placed on it."""
+        nodes = await asyncio.to_thread(self.ray.nodes)
+        by_id = {n["node_id"]: n for n in nodes}
+        for entry in self.models.values():
+            for ex in entry.executors:
+                node = by_id.get(getattr(ex, "where", {}).get("node_id"))
+                if node is not None:
+                    node.setdefault("holders", {})[ex.holder] = entry.ray.memory_bytes if entry.ray else 0
+        return nodes
+
+    async def _release(self, entry: ModelEntry, reason: str) -> None:
+        """Retire and stop an entry's executors; free what it reserved (local devices, its placement group)."""
+        for ex in entry.executors:
+            self.devices.free(ex.holder)
+            await _retire(ex, reason)
+        await asyncio.gather(*(ex.stop() for ex in entry.executors), return_exceptions=True)
+        if entry.pg is not None:
+            await asyncio.to_thread(self.ray.remove, entry.pg)
+
+    def _estimate(self, path: str, want: str, opts: dict[str, Any], free: int | None = None) -> dict[str, Any]:
+        """What an instance of ``path`` will take, with the KV pool the options (or the defaults) give it
+        (``free``: the memory the pool's default size is bounded by; default: the most any local device has)."""
         kind = "gpu" if want.startswith("cuda") or (want == "auto" and self.devices.gpus) else "cpu"
         if opts.get("num_blocks"):
             kv_tokens = int(opts["num_blocks"]) * int(opts.get("block_size", BLOCK_SIZE))
         else:
             # a full batch of full contexts, but never more than half of the memory left after the weights
             bare = estimate(path, kind, 0)
-            free = max(d.res.budget - d.res.reserved for d in [self.devices.cpu, *self.devices.gpus])
+            if free is None:
+                free = max(d.res.budget - d.res.reserved for d in [self.devices.cpu, *self.devices.gpus])
             room = (free - bare["weight_bytes"] - bare["overhead_bytes"]) // 2 // max(1, bare["kv_bytes_per_token"])
             contexts = int(opts.get("max_batch") or POOL_CONTEXTS)
             kv_tokens = max(bare["context_len"], min(contexts * bare["context_len"], room))
@@ -242,7 +334,7 @@ class ModelManager(Actor):
 
     def _lru_idle(self, device: str | None = None) -> ModelEntry | None:
         """The least recently used model that may be evicted (on ``device``, when one is asked for)."""
-        idle = [e for e in self.models.values() if e.keep_alive >= 0 and not self._busy(e)
+        idle = [e for e in self.models.values() if e.keep_alive >= 0 and not self._busy(e) and e.ray is None
                 and (device is None or e.device == device)]
         return min(idle, key=lambda e: e.last_used, default=None)
 
@@ -285,6 +377,8 @@ class ModelManager(Actor):
         # processes waiting for a restarted instance of it wait no more
         self.procman.tell(m.ModelGone(path, reason))
         await asyncio.gather(*(ex.stop() for ex in entry.executors), return_exceptions=True)
+        if entry.pg is not None:  # Ray frees the bundles' CPUs, GPUs and memory for other placements
+            await asyncio.to_thread(self.ray.remove, entry.pg)
 
     async def _reap_idle(self) -> None:
         if not self.models:
@@ -308,8 +402,7 @@ class ModelManager(Actor):
         # processes resume there; a first load that fails, or too many crashes, unloads the model
         if (ex.info or entry.restarts) and len(entry.restarts) < MAX_RESTARTS:
             entry.restarts.append(now)
-            new = Executor(self.ctx, self.run_dir, entry.path, self.procman, self._gone, self.log_dir, entry.options,
-                           ex.device, silence_s=self.config.worker_silence_s)
+            new = self._replacement(entry, ex)
             new.holder = ex.holder
             entry.executors[entry.executors.index(ex)] = new.launch()
             self.log.warning("worker_restarting", model=entry.path, dead=ex.id, new=new.id,
@@ -318,6 +411,18 @@ class ModelManager(Actor):
             return
         await self._unload(ex.model_path, f"its worker failed {len(entry.restarts) + 1} times in "
                                           f"{RESTART_WINDOW_S:.0f} s: {ex.dead}" if entry.restarts else ex.dead)
+
+    def _replacement(self, entry: ModelEntry, ex: Executor) -> Executor:
+        """A new executor in a dead one's place: on the same device, or in the same bundle of the model's placement
+        group (Ray places the bundle again on another node when its node died)."""
+        if entry.ray is not None:
+            from llmos.kernel.ray_executor import RayExecutor
+
+            return RayExecutor(self.ctx, self.run_dir, entry.path, self.procman, self._gone, self.log_dir,
+                               entry.options, silence_s=self.config.worker_silence_s, ray=self.ray, pg=entry.pg,
+                               bundle=ex.bundle, spec=entry.ray, placement_s=self.config.ray_placement_s)
+        return Executor(self.ctx, self.run_dir, entry.path, self.procman, self._gone, self.log_dir, entry.options,
+                        ex.device, silence_s=self.config.worker_silence_s)
 
     def _gone(self, ex: Executor) -> None:
         try:

@@ -1,7 +1,8 @@
 """Recovery: processes that outlive their worker or their kernel (the ProcessManager's part that handles them).
 
-A crashed worker's processes become *orphans*: off the dead instance, their tokens kept, waiting unplaced
-until the model manager's replacement instance reports ready; it adopts them and each resumes with its
+A crashed worker's processes become *orphans*: off the dead instance, their tokens kept; another live instance
+of the same model adopts them at once, else they wait unplaced until the model manager's replacement instance
+reports ready, which adopts them and each resumes with its
 output so far re-prefilled (``protocol.Add.output_ids``): greedy output is token-identical to an
 uninterrupted run. The same path restores a kernel's processes from the journal after a crash or a stop:
 they wait for their model to load. A model that will not come back (``ModelGone``) ends its orphans with EIO.
@@ -44,6 +45,11 @@ class RecoveryMixin:
                 self._finish(proc, "error", error=err)
         if msg.crashed:
             self.log.info("worker_crashed", executor=msg.executor, waiting=waiting)
+            # another live instance of the model takes them now (the replacement takes what arrives later)
+            model = getattr(inst.ref, "model_path", None)
+            others = [i for i in self.instances.values() if not i.dead and getattr(i.ref, "model_path", None) == model]
+            if others and not self.suspended:
+                self._adopt(min(others, key=lambda i: len(i.placed)), model)
 
     def model_gone(self, msg: m.ModelGone) -> None:
         if self.suspended:  # the kernel is stopping: they resume at the next start

@@ -67,7 +67,7 @@ DELEGATION = ("A request whose envelope says `\"for\": USER` is made as USER, ch
               "gets EPERM (audited). For a delegated call, model directories are as for a tcp caller: models "
               "in the store, `default`, or what the admin loaded")
 LOAD_OPTIONS = ("device", "instances", "kv_policy", "kv_blocks", "kv_max_blocks", "user_cap_blocks", "max_batch",
-                "keep_alive", "engine", "spill_bytes", "spill_below_bytes")
+                "keep_alive", "engine", "spill_bytes", "spill_below_bytes", "backend", "num_cpus", "num_gpus", "placement")
 FS_RULES = ("/home/<user>: its user and the admin read and write; /models: everyone reads, the admin writes; "
             "/data: everyone reads and creates, a file's owner or the admin replaces or removes it; "
             "/proc/<pid>: the process's owner and the admin read, nobody writes; /var/log: everyone reads, "
@@ -159,10 +159,13 @@ MODEL_DESCRIPTION = (
     Field("instances", "int", nullable=True),
     Field("keep_alive", "float", nullable=True),
     Field("kv_policy", "str", nullable=True),
+    Field("backend", "str", "local (worker processes of the kernel) or ray (Ray actors)", nullable=True),
+    Field("ray", "map", "backend ray: num_cpus, num_gpus, placement", nullable=True),
     Field("estimate", "map", "parameters, weight_bytes, kv_bytes, kv_bytes_per_token, overhead_bytes, total_bytes"),
     Field("executors", "list[map]", "per instance: worker_pid, engine, ready, stage (while it loads: starting "
           "the worker, importing torch and transformers, reading weights, building the KV pool; null once "
-          "ready), running, kv_used/free/total, steps, batch_mean/max, tokens_out, preemptions", nullable=True),
+          "ready), running, kv_used/free/total, steps, batch_mean/max, tokens_out, preemptions; backend, node "
+          "(local, or ray:<node id> where its Ray actor runs), node_id, node_ip", nullable=True),
 )
 
 SYSCALLS: tuple[Syscall, ...] = (
@@ -321,6 +324,16 @@ SYSCALLS: tuple[Syscall, ...] = (
             Field("spill_below_bytes", "int", "host memory available (bytes) below which swapped-out KV goes to disk "
                   "instead of the host swap area (default: the smaller of RAM/10 and 1 GiB)", nullable=True, min=0,
                   max=2**50),
+            Field("backend", "str", "local: worker processes of the kernel (the default); ray: Ray actors placed "
+                  "by Ray on the cluster's nodes (a kernel started with --ray); auto: ray when the kernel has Ray",
+                  nullable=True, choices=("local", "ray", "auto")),
+            Field("num_cpus", "float", "backend ray: CPUs (and torch threads) per instance (default 1)",
+                  nullable=True, min=0.01, max=1024.0),
+            Field("num_gpus", "float", "backend ray: GPUs per instance, 0 or a fraction up to 1 (default 0: a CPU "
+                  "instance)", nullable=True, min=0.0, max=1.0),
+            Field("placement", "str", "backend ray: spread the instances over nodes, or pack them onto as few as "
+                  "fit (Ray placement group SPREAD or PACK; default spread)", nullable=True,
+                  choices=("spread", "pack")),
         ),
         reply=MODEL_DESCRIPTION,
         errors=(E.ENOENT, E.ENOMEM, E.EIO, E.EINVAL, E.EPERM),

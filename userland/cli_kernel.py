@@ -106,9 +106,15 @@ def cmd_kernel_status(args: argparse.Namespace) -> int:
         print(f"  may act for other users: {info['delegates']} (--delegate)")
     if info.get("metrics_url"):
         print(f"  Prometheus metrics: {info['metrics_url']}")
+    if info.get("ray"):
+        ray = info["ray"]
+        print(f"  Ray: {ray['address']} ({'started by the kernel' if ray.get('started_local') else 'joined'}; "
+              f"actors reach the kernel at {ray.get('kernel_ip')})")
     print(f"  processes: {procs}")
     for mdl in info["models"]:
-        print(f"  model {mdl['model']}: worker pid {mdl['worker_pid']}, {mdl['device']}, running {mdl['running']}")
+        where = f"node {mdl['node']}, " if mdl.get("backend") == "ray" else ""
+        print(f"  model {mdl['model']}: {mdl.get('backend', 'local')} worker pid {mdl['worker_pid']}, {where}"
+              f"{mdl['device']}, running {mdl['running']}")
     return 0
 
 

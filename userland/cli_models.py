@@ -48,7 +48,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     opts = {k: getattr(args, k) for k in ("device", "instances", "kv_policy", "kv_blocks", "kv_max_blocks",
-                                          "user_cap_blocks", "max_batch", "keep_alive", "engine")}
+                                          "user_cap_blocks", "max_batch", "keep_alive", "engine", "backend",
+                                          "num_cpus", "num_gpus", "placement")}
     address = address_of(args)
     stages = Stages(lambda: Client(address), args.model, spawning=True, ready="ready")
     try:
@@ -137,6 +138,15 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     ld.add_argument("--keep-alive", type=syscall_arg("model_load", "keep_alive"), default=None, help="seconds it stays loaded once idle; -1 pins, 0 unloads after use (default 300)")
     ld.add_argument("--engine", choices=("auto", "paged", "sequential"), default=None,
                     help="the engine: paged (continuous batching, paged KV), sequential, or auto (default)")
+    ld.add_argument("--backend", choices=("local", "ray", "auto"), default=None,
+                    help="local: worker processes of the kernel; ray: Ray actors on the cluster's nodes (a kernel "
+                    "started with --ray); auto: ray when the kernel has Ray (default local)")
+    ld.add_argument("--num-cpus", type=syscall_arg("model_load", "num_cpus"), default=None,
+                    help="--backend ray: CPUs (and torch threads) per instance (default 1)")
+    ld.add_argument("--num-gpus", type=syscall_arg("model_load", "num_gpus"), default=None,
+                    help="--backend ray: GPUs per instance, 0 to 1 (default 0: a CPU instance)")
+    ld.add_argument("--placement", choices=("spread", "pack"), default=None,
+                    help="--backend ray: spread instances over nodes or pack them onto few (default spread)")
     ld.add_argument("--json", action="store_true")
     ld.set_defaults(fn=cmd_load)
     ul = sub.add_parser("unload", parents=[common], help="unload a model")

@@ -26,21 +26,25 @@ def _mib(n: Any) -> str:
 def format_devices(devices: list[dict[str, Any]]) -> str:
     """The ``devices`` reply as a table: one row per device (memory in MiB: total, free, held by loaded models)
     and, under it, which model instance holds how much."""
-    lines = [f"{'DEVICE':<10} {'KIND':<4} {'MEMORY':>12} {'AVAILABLE':>12} {'MODELS HOLD':>12} {'BUDGET':>12}  LOAD"]
+    lines = [f"{'DEVICE':<12} {'KIND':<4} {'MEMORY':>12} {'AVAILABLE':>12} {'MODELS HOLD':>12} {'BUDGET':>12}  LOAD"]
     for d in devices:
-        if d.get("kind") == "cpu":
+        if d.get("kind") == "node":  # a Ray node: Ray's logical resources (what placement counts)
+            load = (f"{d.get('cpus_free', 0):g}/{d.get('cpus', 0):g} CPU free, {d.get('gpus_free', 0):g}/"
+                    f"{d.get('gpus', 0):g} GPU free, {d.get('ip')}{' (head)' if d.get('head') else ''}")
+            avail = d.get("memory_free_bytes")
+        elif d.get("kind") == "cpu":
             load = f"{d.get('cores_logical', '?')} cores, load {(d.get('load_avg') or [0.0])[0]:.2f}"
             avail = d.get("memory_available_bytes")
         else:
             util = d.get("utilization_pct")
             load = f"{d.get('model', '')}" + (f", {util:.0f}% busy" if util is not None else "")
             avail = d.get("memory_free_bytes", d.get("free_bytes"))
-        lines.append(f"{str(d.get('name', '?'))[:10]:<10} {d.get('kind', '?'):<4} "
+        lines.append(f"{str(d.get('name', '?'))[:12]:<12} {d.get('kind', '?'):<4} "
                      f"{_mib(d.get('memory_total_bytes')):>12} {_mib(avail):>12} {_mib(d.get('reserved_bytes')):>12} "
                      f"{_mib(d.get('budget_bytes')):>12}  {load}")
         for holder, size in sorted((d.get("holders") or {}).items()):
             lines.append(f"  {_mib(size):>12}  {holder}")
-    if not any(d.get("kind") == "gpu" for d in devices):
+    if not any(d.get("kind") == "gpu" or d.get("gpus") for d in devices):
         lines.append("(no GPU)")
     return "\n".join(lines)
 

@@ -35,6 +35,7 @@ from llmos.syscalls import codec
 from llmos.syscalls.errors import Errno, InvalidArgument, LLMOSError, quote, wire_error
 
 HEARTBEAT_S = 1.0
+KERNEL_LOST_S = 10.0  # a worker watching its kernel's connection exits once it has been down this long
 ENCODE_THREADS = 2  # a long prompt being tokenised leaves a thread for everyone else's
 _pipes = itertools.count()  # inproc endpoints are released asynchronously: never reuse a name
 
@@ -56,10 +57,24 @@ class Worker:
     socket thread through an inproc pipe, and each encoder thread's replies through an inproc PUSH
     socket of its own."""
 
-    def __init__(self, address: str, model_path: str, device: str | None, options: dict) -> None:
+    def __init__(self, address: str, model_path: str, device: str | None, options: dict,
+                 curve: dict[str, str] | None = None, watch_kernel: bool = False) -> None:
+        """``curve``: {server_key, public_key, secret_key} (Z85) for a tcp connection (a Ray actor's);
+        ``watch_kernel``: exit once the kernel's connection has been down KERNEL_LOST_S (a worker that is not
+        the kernel's child: no parent-death signal reaches it)."""
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 1000)
+        if curve:
+            self.sock.curve_serverkey = curve["server_key"].encode()
+            self.sock.curve_publickey = curve["public_key"].encode()
+            self.sock.curve_secretkey = curve["secret_key"].encode()
+        # a peer gone without a FIN (a node cut off) is noticed by ZMTP heartbeats
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        self.monitor = (self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                        if watch_kernel else None)
+        self.kernel_lost_at: float | None = None  # when the kernel's connection went down (watch_kernel)
         self.sock.connect(address)
         self.model_path = model_path
         self.device = device
@@ -180,6 +195,9 @@ class Worker:
                 last_sent = time.monotonic()
             if os.getppid() != self.parent:
                 return 2  # the kernel is gone
+            if self.kernel_lost_at is not None and time.monotonic() - self.kernel_lost_at > KERNEL_LOST_S:
+                print("llmos-worker: the kernel's connection is gone: exiting", file=sys.stderr)
+                return 2
         return 0
 
     # -- the socket thread -----------------------------------------------------------------
@@ -203,9 +221,13 @@ class Worker:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(pipe, zmq.POLLIN)
         poller.register(encoded, zmq.POLLIN)
+        if self.monitor is not None:
+            poller.register(self.monitor, zmq.POLLIN)
         try:
             while True:
                 ready = dict(poller.poll())
+                if self.monitor is not None and self.monitor in ready:
+                    self._connection_event()
                 if pipe in ready:
                     frame = pipe.recv()
                     if not frame:
@@ -227,6 +249,19 @@ class Worker:
         finally:
             pipe.close(linger=0)
             encoded.close(linger=0)
+            if self.monitor is not None:
+                self.sock.disable_monitor()
+                self.monitor.close(linger=0)
+
+    def _connection_event(self) -> None:
+        """On the socket thread: note when the kernel's connection went down (None again once it is back)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        event = recv_monitor_message(self.monitor)["event"]
+        if event == zmq.EVENT_DISCONNECTED:
+            self.kernel_lost_at = self.kernel_lost_at or time.monotonic()
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.kernel_lost_at = None
 
     @staticmethod
     def _decode(frame: bytes) -> Any:

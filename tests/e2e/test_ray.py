@@ -1,0 +1,203 @@
+"""The Ray backend on a real local Ray: model instances as Ray actors, placed by Ray, behind the same executor contract.
+
+One kernel started with ``--ray`` (it starts a local Ray) serves the single-node tests; a two-node
+``ray.cluster_utils.Cluster`` (two simulated nodes: two raylets on this machine) serves placement and node
+failure, with a kernel that joins it. Marked ``ray`` (its own step of .ci/run): Ray and its actors take tens of
+seconds to start on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import KernelProc, wait_for
+from tests.tinymodel import make_tiny_llama
+
+ray = pytest.importorskip("ray", reason="the Ray backend's tests need ray: pip install 'llmos[ray]'")
+pytestmark = pytest.mark.ray
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+PROMPTS = ("the kernel", "x", "once upon a time", "ray actors")
+
+
+def model_actors() -> list[psutil.Process]:
+    """The Ray worker processes running a ModelActor on this machine (Ray names them ``ray::ModelActor...``)."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any("ray::ModelActor" in part for part in (p.info["cmdline"] or [])):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+def no_model_actors(timeout: float) -> None:
+    wait_for(lambda: not model_actors(), timeout=timeout, what="every ModelActor process to end")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two copies of one tiny long-context model (the same weights at two paths: one loaded on each backend)."""
+    base = tmp_path_factory.mktemp("ray-models")
+    first = make_tiny_llama(base / "on-local", seed=7, context=100_000)
+    second = base / "on-ray"
+    shutil.copytree(first, second)
+    return str(first), str(second)
+
+
+@pytest.fixture(scope="module")
+def ray_kernel(models):
+    k = KernelProc(max_batch=8, extra=["--ray"])
+    local, on_ray = models
+    with k.client() as c:
+        c.model_load(local, kv_blocks=4096, keep_alive=-1)
+        c.model_load(on_ray, backend="ray", instances=2, num_cpus=1, kv_blocks=4096, keep_alive=-1)
+    yield k
+    k.stop()
+    assert k.proc.returncode == 0, k.logs()
+    no_model_actors(timeout=20)
+
+
+def run_all(c, model: str, n: int) -> dict[str, list[int]]:
+    pids = {p: c.spawn(prompt=p, model=model, max_new_tokens=n, **GREEDY) for p in PROMPTS}
+    return {p: c.wait(pid, timeout=120).token_ids for p, pid in pids.items()}
+
+
+def test_a_model_on_the_ray_backend_runs_in_ray_actors_and_generates_what_the_local_backend_does(ray_kernel, models):
+    local, on_ray = models
+    with ray_kernel.client() as c:
+        info = c.model_info(on_ray)
+        assert info["backend"] == "ray" and info["ray"] == {"num_cpus": 1.0, "num_gpus": 0.0, "placement": "spread"}
+        exs = info["executors"]
+        assert len(exs) == 2 and all(e["backend"] == "ray" and e["ready"] for e in exs)
+        assert all(e["node"].startswith("ray:") and e["node_id"] for e in exs)
+        # the actors are Ray's worker processes (a raylet's children), not worker processes of the kernel's
+        assert {e["worker_pid"] for e in exs} <= {p.pid for p in model_actors()}
+        assert all("raylet" in psutil.Process(e["worker_pid"]).parent().name() for e in exs)
+        assert c.model_info(local)["executors"][0]["backend"] == "local"
+        assert run_all(c, on_ray, 40) == run_all(c, local, 40)
+        # the cluster's node is a device, from Ray's view
+        [node] = [d for d in c.devices() if d["kind"] == "node"]
+        assert node["node_id"] == exs[0]["node_id"] and node["cpus"] >= 2 and node["memory_total_bytes"] > 0
+        assert set(node["holders"]) == {f"{on_ray}#0", f"{on_ray}#1"}
+        assert c.kernel_info()["ray"]["started_local"] is True
+
+
+def test_an_actor_killed_mid_run_loses_nothing_its_processes_resume_greedy_identical(ray_kernel, models):
+    local, on_ray = models
+    n = 1500
+    with ray_kernel.client() as c:
+        want = run_all(c, local, n)
+        pids = {p: c.spawn(prompt=p, model=on_ray, max_new_tokens=n, **GREEDY) for p in PROMPTS}
+        wait_for(lambda: all(c.stat(pid).output_tokens > 20 for pid in pids.values()), timeout=60,
+                 what="every process to generate")
+        victim = c.model_info(on_ray)["executors"][0]
+        os.kill(victim["worker_pid"], signal.SIGKILL)
+        assert all(c.stat(pid).output_tokens < n for pid in pids.values()), "the kill came after the run"
+        got = {p: c.wait(pid, timeout=120) for p, pid in pids.items()}
+        assert all(r.finish_reason == "length" for r in got.values())
+        assert {p: r.token_ids for p, r in got.items()} == want
+        # the dead actor was replaced: two ready Ray instances again, and the kernel kept serving
+        wait_for(lambda: [e["ready"] for e in c.model_info(on_ray)["executors"]] == [True, True], timeout=60,
+                 what="a new instance in the dead one's place")
+        assert victim["worker_pid"] not in {e["worker_pid"] for e in c.model_info(on_ray)["executors"]}
+        c.ping()
+
+
+def test_ray_load_errors_are_named_at_once(ray_kernel, models):
+    from llmos.syscalls.errors import InvalidArgument, OutOfMemory
+
+    _, on_ray = models
+    with ray_kernel.client() as c:
+        # no node has a GPU: refused at once, not left waiting for Ray
+        t = time.monotonic()
+        with pytest.raises(OutOfMemory, match="no Ray node can hold one instance"):
+            c.model_load(str(make_tiny_llama(ray_kernel.home / "gpu-model")), backend="ray", num_gpus=1)
+        assert time.monotonic() - t < 10
+        with pytest.raises(InvalidArgument, match="backend='ray'"):
+            c.model_load(str(ray_kernel.home / "gpu-model"), num_cpus=2)
+        c.ping()
+
+
+def test_a_kernel_killed_with_9_leaves_no_actor(models, tmp_path):
+    k = KernelProc(extra=["--ray"])
+    try:
+        with k.client() as c:
+            c.model_load(str(make_tiny_llama(tmp_path / "m")), backend="ray", num_cpus=1)
+            [ex] = c.model_info(str(tmp_path / "m"))["executors"]
+        assert psutil.pid_exists(ex["worker_pid"])
+        k.crash()
+        # the kernel was the driver that owned the actor (and the Ray it started): Ray ends both
+        wait_for(lambda: not psutil.pid_exists(ex["worker_pid"]), timeout=30, what="the actor to end")
+    finally:
+        k.stop()
+
+
+# -- two simulated nodes ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    c.worker = c.add_node(num_cpus=2)
+    c.wait_for_nodes()
+    yield c
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster_kernel(cluster):
+    k = KernelProc(max_batch=8, extra=["--ray", cluster.address])
+    yield k
+    k.stop()
+    assert k.proc.returncode == 0, k.logs()
+
+
+def nodes_of(c, model: str) -> list[str]:
+    return [e["node_id"] for e in c.model_info(model)["executors"]]
+
+
+def test_spread_places_one_instance_per_node_and_pack_puts_both_on_one(cluster_kernel, models):
+    _, on_ray = models
+    with cluster_kernel.client() as c:
+        nodes = [d for d in c.devices() if d["kind"] == "node"]
+        assert len(nodes) == 2 and sum(1 for n in nodes if n["head"]) == 1
+        assert c.kernel_info()["ray"]["started_local"] is False
+        for placement, distinct in (("spread", 2), ("pack", 1)):
+            c.model_load(on_ray, backend="ray", instances=2, num_cpus=1, placement=placement, kv_blocks=512)
+            assert len(set(nodes_of(c, on_ray))) == distinct, placement
+            c.model_unload(on_ray)
+
+
+def test_a_node_that_dies_mid_run_loses_nothing(cluster, cluster_kernel, models):
+    local, on_ray = models
+    n = 1500
+    with cluster_kernel.client() as c:
+        c.model_load(local, kv_blocks=4096)
+        want = run_all(c, local, n)
+        c.model_load(on_ray, backend="ray", instances=2, num_cpus=1, placement="spread", kv_blocks=4096)
+        head = next(d["node_id"] for d in c.devices() if d["kind"] == "node" and d["head"])
+        assert head in nodes_of(c, on_ray) and len(set(nodes_of(c, on_ray))) == 2
+        pids = {p: c.spawn(prompt=p, model=on_ray, max_new_tokens=n, **GREEDY) for p in PROMPTS}
+        wait_for(lambda: all(c.stat(pid).output_tokens > 20 for pid in pids.values()), timeout=60,
+                 what="every process to generate")
+        cluster.remove_node(cluster.worker, allow_graceful=False)
+        t = time.monotonic()
+        c.ping()
+        assert time.monotonic() - t < 1.0, "the kernel blocked on the dead node"
+        got = {p: c.wait(pid, timeout=180) for p, pid in pids.items()}
+        assert all(r.finish_reason == "length" for r in got.values())
+        assert {p: r.token_ids for p, r in got.items()} == want
+        # Ray placed the dead node's bundle again, on the node left: two instances, both there
+        wait_for(lambda: [e["ready"] for e in c.model_info(on_ray)["executors"]] == [True, True], timeout=90,
+                 what="the lost instance back, on the remaining node")
+        assert set(nodes_of(c, on_ray)) == {head}
+        c.model_unload(on_ray)
+        c.model_unload(local)
