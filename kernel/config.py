@@ -167,7 +167,7 @@ class _RayAddress(_Parser):
     """local, auto, or a Ray head's HOST:PORT (``ray start --head`` prints it) or ray://HOST:PORT."""
 
     def convert(self, text: str) -> str:
-        return text.strip()
+        return text
 
     def check(self, value: Any) -> str:
         import re

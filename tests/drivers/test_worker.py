@@ -271,3 +271,36 @@ def test_a_worker_process_runs_add_preempt_resume_append_and_abort_over_its_sock
             proc.kill()
             proc.wait()
         kernel.close()
+
+
+def test_a_worker_watching_its_kernel_over_curve_tcp_exits_once_the_kernel_is_gone(tiny_model, monkeypatch):
+    """A Ray actor's worker (tcp, CURVE, no parent-death signal): it serves while the kernel's socket is there and
+    exits once the connection has been down KERNEL_LOST_S."""
+    from llmos.drivers.model import worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "KERNEL_LOST_S", 1.0)
+    ctx = zmq.Context.instance()
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    kernel_end = ctx.socket(zmq.DEALER)
+    kernel_end.setsockopt(zmq.LINGER, 0)
+    kernel_end.setsockopt(zmq.RCVTIMEO, 30_000)
+    kernel_end.curve_secretkey, kernel_end.curve_publickey, kernel_end.curve_server = server_secret, server_public, True
+    port = kernel_end.bind_to_random_port("tcp://127.0.0.1")
+    w = Worker(f"tcp://127.0.0.1:{port}", tiny_model, "cpu", {"max_batch": 4}, watch_kernel=True,
+               curve={"server_key": server_public.decode(), "public_key": client_public.decode(),
+                      "secret_key": client_secret.decode()})
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", w.serve()), daemon=True)
+    thread.start()
+    ops = []
+    while "ready" not in ops:
+        ops.append(codec.decode(kernel_end.recv())["op"])
+    time.sleep(2.5)  # connected: past KERNEL_LOST_S it still serves (heartbeats come through)
+    assert thread.is_alive() and codec.decode(kernel_end.recv())["op"] == "hb"
+    kernel_end.close()
+    t = time.monotonic()
+    thread.join(15)
+    assert not thread.is_alive() and result["rc"] == 2
+    assert 1.0 <= time.monotonic() - t < 5.0
+    w.sock.close(linger=0)

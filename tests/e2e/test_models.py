@@ -205,3 +205,16 @@ def test_bad_load_options_are_refused_and_ebusy_says_what_differs_and_what_to_ru
     assert "kv_policy (asked dynamic, loaded static)" in exc.value.message
     assert "kv_blocks (asked 7, loaded " in exc.value.message and f"llmos unload {tiny_model}" in exc.value.message
     assert client.model_load(tiny_model)["loaded"] is True  # same options: it is just returned
+
+
+def test_the_ray_backend_on_a_kernel_without_ray_and_ray_options_without_it_are_einval(client, tiny_model):
+    from llmos.syscalls.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="--ray"):
+        client.model_load(tiny_model + "/", backend="ray")
+    for opts in ({"num_cpus": 2}, {"placement": "pack"}, {"backend": "local", "num_gpus": 1}):
+        with pytest.raises(InvalidArgument, match="backend='ray'"):
+            client.model_load(tiny_model, **opts)
+    # auto is the local backend here: the loaded model, as it is
+    assert client.model_load(tiny_model, backend="auto")["backend"] == "local"
+    assert {e["backend"] for e in client.model_info(tiny_model)["executors"]} == {"local"}

@@ -8,9 +8,12 @@ seconds to start on two cores.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -24,6 +27,7 @@ pytestmark = pytest.mark.ray
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 PROMPTS = ("the kernel", "x", "once upon a time", "ray actors")
+PLACEMENT_S = 15
 
 
 def model_actors() -> list[psutil.Process]:
@@ -54,11 +58,12 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_kernel(models):
-    k = KernelProc(max_batch=8, extra=["--ray"])
+    # the local Ray has this machine's CPUs (2 here): the module's model takes one of them in two instances
+    k = KernelProc(max_batch=8, extra=["--ray", "--ray-placement-timeout", str(PLACEMENT_S)])
     local, on_ray = models
     with k.client() as c:
         c.model_load(local, kv_blocks=4096, keep_alive=-1)
-        c.model_load(on_ray, backend="ray", instances=2, num_cpus=1, kv_blocks=4096, keep_alive=-1)
+        c.model_load(on_ray, backend="ray", instances=2, num_cpus=0.5, kv_blocks=4096, keep_alive=-1)
     yield k
     k.stop()
     assert k.proc.returncode == 0, k.logs()
@@ -74,7 +79,7 @@ def test_a_model_on_the_ray_backend_runs_in_ray_actors_and_generates_what_the_lo
     local, on_ray = models
     with ray_kernel.client() as c:
         info = c.model_info(on_ray)
-        assert info["backend"] == "ray" and info["ray"] == {"num_cpus": 1.0, "num_gpus": 0.0, "placement": "spread"}
+        assert info["backend"] == "ray" and info["ray"] == {"num_cpus": 0.5, "num_gpus": 0.0, "placement": "spread"}
         exs = info["executors"]
         assert len(exs) == 2 and all(e["backend"] == "ray" and e["ready"] for e in exs)
         assert all(e["node"].startswith("ray:") and e["node_id"] for e in exs)
@@ -92,7 +97,7 @@ def test_a_model_on_the_ray_backend_runs_in_ray_actors_and_generates_what_the_lo
 
 def test_an_actor_killed_mid_run_loses_nothing_its_processes_resume_greedy_identical(ray_kernel, models):
     local, on_ray = models
-    n = 1500
+    n = 1000
     with ray_kernel.client() as c:
         want = run_all(c, local, n)
         pids = {p: c.spawn(prompt=p, model=on_ray, max_new_tokens=n, **GREEDY) for p in PROMPTS}
@@ -111,6 +116,30 @@ def test_an_actor_killed_mid_run_loses_nothing_its_processes_resume_greedy_ident
         c.ping()
 
 
+def llmos(k: KernelProc, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmos", *argv], env=k.env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_cli_loads_on_ray_and_shows_the_nodes_and_where_each_instance_runs(ray_kernel, tmp_path):
+    model = str(make_tiny_llama(tmp_path / "cli-model", seed=3))
+    out = llmos(ray_kernel, "load", model, "--backend", "ray", "--num-cpus", "1", "--placement", "pack", "--json")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["backend"] == "ray" and d["ray"]["placement"] == "pack" and d["executors"][0]["node"].startswith("ray:")
+    node = d["executors"][0]["node"]
+    devices = llmos(ray_kernel, "devices")
+    assert devices.returncode == 0 and node in devices.stdout and "(head)" in devices.stdout
+    assert f"{model}#0" in devices.stdout  # the instance is listed under its node
+    status = llmos(ray_kernel, "kernel", "status")
+    assert "Ray: " in status.stdout and f"ray worker pid {d['executors'][0]['worker_pid']}, node {node}" in status.stdout
+    run = llmos(ray_kernel, "run", "--model", model, "--temperature", "0", "--max-new-tokens", "5", "hello")
+    assert run.returncode == 0, run.stderr
+    bad = llmos(ray_kernel, "load", model, "--backend", "ray", "--num-gpus", "1")
+    assert bad.returncode == 1 and bad.stderr.startswith("llmos: [EBUSY]") and "Traceback" not in bad.stderr
+    assert llmos(ray_kernel, "unload", model).returncode == 0
+
+
 def test_ray_load_errors_are_named_at_once(ray_kernel, models):
     from llmos.syscalls.errors import InvalidArgument, OutOfMemory
 
@@ -123,6 +152,12 @@ def test_ray_load_errors_are_named_at_once(ray_kernel, models):
         assert time.monotonic() - t < 10
         with pytest.raises(InvalidArgument, match="backend='ray'"):
             c.model_load(str(ray_kernel.home / "gpu-model"), num_cpus=2)
+        # a node could hold it, but its CPUs are taken: Ray waits; the load fails once --ray-placement-timeout passes
+        t = time.monotonic()
+        with pytest.raises(OutOfMemory, match=f"Ray placed no instance .* in {PLACEMENT_S} s: no node has 2 CPU"):
+            c.model_load(str(ray_kernel.home / "gpu-model"), backend="ray", num_cpus=2)
+        assert PLACEMENT_S <= time.monotonic() - t < PLACEMENT_S + 10
+        assert str(ray_kernel.home / "gpu-model") not in [m["model"] for m in c.models()]
         c.ping()
 
 
@@ -171,6 +206,9 @@ def test_spread_places_one_instance_per_node_and_pack_puts_both_on_one(cluster_k
         assert len(nodes) == 2 and sum(1 for n in nodes if n["head"]) == 1
         assert c.kernel_info()["ray"]["started_local"] is False
         for placement, distinct in (("spread", 2), ("pack", 1)):
+            # Ray frees a removed placement group's resources a moment later: pack only once they are back
+            wait_for(lambda: all(n["cpus_free"] == n["cpus"] for n in c.devices() if n["kind"] == "node"),
+                     timeout=30, what="every node's CPUs free")
             c.model_load(on_ray, backend="ray", instances=2, num_cpus=1, placement=placement, kv_blocks=512)
             assert len(set(nodes_of(c, on_ray))) == distinct, placement
             c.model_unload(on_ray)
@@ -201,3 +239,17 @@ def test_a_node_that_dies_mid_run_loses_nothing(cluster, cluster_kernel, models)
         assert set(nodes_of(c, on_ray)) == {head}
         c.model_unload(on_ray)
         c.model_unload(local)
+
+
+def test_a_kernel_killed_with_9_leaves_no_actor_on_the_cluster_it_joined(cluster, tmp_path):
+    k = KernelProc(extra=["--ray", cluster.address])
+    try:
+        model = str(make_tiny_llama(tmp_path / "m"))
+        with k.client() as c:
+            c.model_load(model, backend="ray", num_cpus=1)
+            [ex] = c.model_info(model)["executors"]
+        k.crash()
+        # the cluster lives on; the kernel's job ended, and Ray ends the actors it owned
+        wait_for(lambda: not psutil.pid_exists(ex["worker_pid"]), timeout=60, what="the actor to end")
+    finally:
+        k.stop()

@@ -21,6 +21,7 @@ BAD_TEXT = {
     config._Group: ["", "no-such-group-llmos", "root "],
     config._Delegates: ["=alice", "gw=", "g w", "gw=al ice", ".gw"],
     config._Host: ["", "http://h", "h:80", "-h", "a b", "h..x"],
+    config._RayAddress: ["", "x", "LOCAL", "local ", "head", "head:", "http://head:6379", "a b:1", "h:123456"],
 }
 VALUED = [f for f in FLAGS if not isinstance(f.parse, config._Switch)]  # --insecure takes no value
 
@@ -71,6 +72,8 @@ def test_every_flag_accepts_its_bounds_and_the_default_round_trips(flag):
         values = ["127.0.0.1", "::1", "0.0.0.0", "metrics.example.org", "localhost"]
     elif isinstance(p, config._Delegates):
         values = ["gateway", "gateway;svc=alice,bob"]
+    elif isinstance(p, config._RayAddress):
+        values = ["local", "auto", "10.0.0.5:6379", "head-1.example.org:6379", "ray://head:10001", "[::1]:6379"]
     else:
         values = [p.lo, p.hi]
     for v in values:
@@ -97,6 +100,13 @@ def test_flags_parse_into_a_config_and_back_into_the_same_argv():
     assert config.from_args(parse(config.to_argv(ns))) == cfg
 
 
+def test_ray_without_an_address_is_a_local_ray_and_every_form_round_trips_through_the_argv():
+    assert config.from_args(parse([])).ray is None
+    for argv, want in ((["--ray"], "local"), (["--ray", "auto"], "auto"), (["--ray", "10.0.0.5:6379"], "10.0.0.5:6379")):
+        ns = parse(argv)
+        assert config.from_args(ns).ray == want and config.from_args(parse(config.to_argv(ns))).ray == want
+
+
 def test_insecure_is_a_switch_that_round_trips_through_the_argv():
     assert config.from_args(parse([])).insecure is False
     ns = parse(["--insecure", "--listen", "tcp://127.0.0.1:5556", "--group", "root"])
@@ -110,6 +120,7 @@ def test_insecure_is_a_switch_that_round_trips_through_the_argv():
     ("kv_policy", "greedy"), ("memory_limit", 0), ("memory_limit", "8G"), ("zombie_ttl_s", -1.0),
     ("zombie_ttl_s", math.nan), ("max_zombies", -1), ("worker_silence_s", 0.0), ("worker_silence_s", math.inf),
     ("client_buffer_bytes", 10), ("insecure", "yes"), ("group", "no-such-group-llmos"), ("listen", "tcp://h"),
+    ("ray", "somewhere"), ("ray_placement_s", 0.0),
 ])
 def test_a_config_made_in_code_is_held_to_the_same_ranges(field, value):
     option = next(f.option for f in FLAGS if f.field == field)
