@@ -54,7 +54,8 @@ HELP = """commands:
   status              the kernel's pid, address, uptime and models
   models [--json]     the loaded models (instances, KV blocks, memory) and the store's
   load [MODEL] [--device D] [--instances N] [--keep-alive S] [--max-batch N] [--engine E]
-                      load a model (default: the shipped default model)
+       [--backend local|ray] [--num-cpus N] [--num-gpus N] [--placement spread|pack]
+                      load a model (default: the shipped default model; --backend ray: Ray actors)
   unload [MODEL] [--force]
                       unload a model (--force also ends its processes)
   devices [--json]    cpu and gpus: memory, what the models hold, load
@@ -124,11 +125,13 @@ def _load_parser() -> _Parser:
     p = _Parser(prog="load", add_help=False)
     p.add_argument("model", nargs="?", default=None, metavar="MODEL")
     p.add_argument("--device", default=None, metavar="D")
-    for flag in ("instances", "keep_alive", "kv_blocks", "max_batch"):
+    for flag in ("instances", "keep_alive", "kv_blocks", "max_batch", "num_cpus", "num_gpus"):
         p.add_argument("--" + flag.replace("_", "-"), type=syscall_arg("model_load", flag), default=None,
                        metavar="N" if flag != "keep_alive" else "S")
     p.add_argument("--kv-policy", choices=("static", "dynamic", "isolated"), default=None)
     p.add_argument("--engine", choices=("auto", "paged", "sequential"), default=None)
+    p.add_argument("--backend", choices=("local", "ray", "auto"), default=None)
+    p.add_argument("--placement", choices=("spread", "pack"), default=None)
     p.add_argument(*_JSON[:1], **_JSON[1])
     return p
 
@@ -333,7 +336,8 @@ class Shell:
 
     def do_load(self, a: argparse.Namespace) -> None:
         opts = {k: getattr(a, k) for k in ("device", "instances", "keep_alive", "kv_blocks", "max_batch",
-                                           "kv_policy", "engine") if getattr(a, k) is not None}
+                                           "kv_policy", "engine", "backend", "num_cpus", "num_gpus", "placement")
+                if getattr(a, k) is not None}
         with self.loading(a.model):
             d = self.os.client.model_load(a.model, **opts)
         self.say(json.dumps(d) if a.json else format_models([d]))
