@@ -27,7 +27,7 @@ from llmos.kernel.actor import Actor
 from llmos.kernel.config import KernelConfig
 from llmos.kernel.executor import Executor
 from llmos.kernel.ray_backend import RayBackend, RaySpec
-from llmos.syscalls.errors import Busy, InvalidArgument, NotFound, OutOfMemory
+from llmos.syscalls.errors import Busy, DeviceError, InvalidArgument, NotFound, OutOfMemory
 
 DEFAULT_KEEP_ALIVE_S = 300.0
 POLICIES = ("static", "dynamic", "isolated")
@@ -36,6 +36,7 @@ MAX_RESTARTS, RESTART_WINDOW_S = 3, 60.0
 # With no max_batch, the KV pool holds this many full contexts and the batch is whatever fits it (and the
 # engine's per-step token budget): short contexts make a wide batch, long ones a narrow one.
 POOL_CONTEXTS = 16
+RAY_ANSWER_S = 10.0  # the longest the model manager waits for Ray's view of the nodes
 
 
 @dataclass
@@ -281,7 +282,10 @@ class ModelManager(Actor):
 
     async def _ray_nodes(self) -> list[dict[str, Any]]:
         """The Ray cluster's live nodes as device entries, each with the instances placed on it."""
-        nodes = await asyncio.to_thread(self.ray.nodes)
+        try:  # a head that stopped answering must not hold the model manager's mailbox
+            nodes = await asyncio.wait_for(asyncio.to_thread(self.ray.nodes), RAY_ANSWER_S)
+        except asyncio.TimeoutError:
+            raise DeviceError(f"the Ray cluster ({self.ray.gcs_address}) did not answer in {RAY_ANSWER_S:.0f} s") from None
         by_id = {n["node_id"]: n for n in nodes}
         for entry in self.models.values():
             for ex in entry.executors:
