@@ -57,8 +57,9 @@ class RayExecutor(Executor):
         host = f"[{self.ray.ip}]" if ":" in self.ray.ip else self.ray.ip
         port = self.sock.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
+        # Ray starts its workers at nice 15: a model instance would give its cores to anything else on the node
         env = {"LLMOS_HOME": str(self.home), "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-               "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
+               "MALLOC_TRIM_THRESHOLD_": str(4 << 30), "RAY_worker_niceness": "0"}
         self.actor = self.ray.actor(self.pg, self.bundle, self.spec, env)
         self._where_ref = self.actor.where.remote()
         self._serve_ref = self.actor.serve.remote(self.address, self.model_path, self.device, self.options,

@@ -6,7 +6,7 @@ The kernel (kernel/ray_executor.py) creates one actor per model instance, placed
 <-> worker protocol (``protocol.py``) exactly as a local worker does over its ipc socket: the kernel's
 executor, the scheduler, signals, sessions and the journal do not know the difference. Why a ZeroMQ socket
 and not Ray actor calls for the steps: docs/architecture.md, "Ray executors" (the per-step cost of each,
-measured by ``python -m benchmarks.ray_transport``).
+measured by ``python -m benchmarks.ray``).
 
 The connection is CURVE-encrypted: the kernel makes a server key pair and a client key pair per actor,
 passes the actor its client pair and the server's public key as ``serve``'s arguments, and lets in only

@@ -30,6 +30,23 @@ PROMPTS = ("the kernel", "x", "once upon a time", "ray actors")
 PLACEMENT_S = 15
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ray_tmpdir():
+    """Every Ray these tests start (the kernels', the cluster's) keeps its session files in a directory removed after
+    them, instead of leaving /tmp/ray/session_* behind (a short path: Ray's unix sockets live under it)."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="llmos-ray-", dir="/tmp")
+    old = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = path
+    yield path
+    if old is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = old
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def model_actors() -> list[psutil.Process]:
     """The Ray worker processes running a ModelActor on this machine (Ray names them ``ray::ModelActor...``)."""
     out = []
