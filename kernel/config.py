@@ -164,7 +164,8 @@ class _SizeIn(_Parser):
 
 
 class _RayAddress(_Parser):
-    """local, auto, or a Ray head's HOST:PORT (``ray start --head`` prints it) or ray://HOST:PORT."""
+    """local, auto, or a Ray head's HOST:PORT (``ray start --head`` prints it). Not ray://: a Ray Client
+    connection gives no per-node resources and other ownership rules (the kernel must run on a Ray node)."""
 
     def convert(self, text: str) -> str:
         return text
@@ -172,8 +173,11 @@ class _RayAddress(_Parser):
     def check(self, value: Any) -> str:
         import re
 
+        if isinstance(value, str) and value.startswith("ray://"):
+            raise argparse.ArgumentTypeError("ray:// (Ray Client) is not supported: run the kernel on a node of the "
+                                             "cluster (ray start --address HEAD) and give --ray auto or HEAD:PORT")
         if not isinstance(value, str) or not (value in ("local", "auto") or re.fullmatch(
-                r"(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):\d{1,5}", value)):
+                r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):\d{1,5}", value)):
             raise argparse.ArgumentTypeError(f"must be local, auto or the Ray head's HOST:PORT, got {value!r}")
         return value
 

@@ -252,8 +252,15 @@ class Executor(Actor):
             raise error_from_errno(errno, f"cannot deliver '{msg.op}' to the model worker: "
                                           f"{getattr(exc, 'message', exc)}") from None
         try:
-            self.sock.send(frame, zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
+            # an asyncio socket answers a send with a future, failed at once (EAGAIN) when the worker's queue is full
+            sent = self.sock.send(frame, zmq.NOBLOCK)
+            exc = sent.exception() if sent is not None and sent.done() else None
+        except zmq.ZMQError as err:
+            exc = err
+        if exc is not None and not self.ready.done():  # its worker has not connected yet
+            raise error_from_errno(Errno.EAGAIN, f"the model worker for {self.model_path} is still starting: "
+                                                 f"retry in a moment")
+        if exc is not None:
             self._died(f"model worker for {self.model_path} stopped taking messages ({exc})")
 
     def _from_worker(self, frame: dict) -> None:

@@ -114,7 +114,7 @@ class Handlers:
         await self.may_use_model(caller, model)
         path, ready, token = await self.k.models.ask(m.Acquire(model, keep_alive))
         try:
-            executors = await ready_executors(ready)
+            executors = await ready_executors(ready, any_ready=True)
             if capture is not None:  # checked against the model; its spec travels in the params to the worker
                 ticket = await self.k.capture.admit(caller.user, capture, executors[0].info, session)
                 if ticket.params is not None:
@@ -252,7 +252,7 @@ class Handlers:
         await self.may_use_model(caller, args["model"])
         path, ready, token = await self.k.models.ask(m.Acquire(args["model"], None))
         try:  # held until the reply: a model in use is not unloaded under its score
-            executors = await ready_executors(ready)
+            executors = await ready_executors(ready, any_ready=True)
             out = await (await executors[0].ask(wp.Score(0, args["text"], args["prompt_ids"],
                                                          args["add_special_tokens"])))
         finally:
@@ -303,11 +303,28 @@ class Handlers:
         return held
 
 
-async def ready_executors(ready: list[asyncio.Future]) -> list:
+async def ready_executors(ready: list[asyncio.Future], any_ready: bool = False) -> list:
     """The executors of a model once it is loaded. ``ready`` are the model's own futures, shared by every call
     waiting for the load: each is shielded, so a caller that goes away (its call cancelled) cancels only its
-    own wait, never the load that the others wait for."""
-    return await asyncio.gather(*(asyncio.shield(f) for f in ready))
+    own wait, never the load that the others wait for. ``any_ready``: the ones ready as soon as one is (a spawn
+    need not wait for an instance still loading, or one Ray has yet to place again); the first error only when
+    every one failed."""
+    waits = [asyncio.shield(f) for f in ready]
+    if not any_ready:
+        return await asyncio.gather(*waits)
+    pending, ok, error = set(waits), [], None
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for f in done:
+            if f.exception() is None:
+                ok.append(f.result())
+            else:
+                error = error or f.exception()
+        if ok:
+            for f in pending:
+                f.cancel()  # the shields only: the loads go on
+            return ok
+    raise error
 
 
 def handler_for(handlers: Handlers, name: str) -> Callable | None:

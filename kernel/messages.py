@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llmos.syscalls.errors import Errno
+
 END = object()  # put on a stream queue (stream, write) after the final chunk, with the result
 
 
@@ -203,7 +205,7 @@ class FromWorker:
 @dataclass
 class Died:
     message: str
-    errno: int = 5  # EIO; ENOMEM (12) for an instance Ray could not place
+    errno: int = Errno.EIO  # ENOMEM for an instance Ray could not place
 
 
 @dataclass

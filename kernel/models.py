@@ -27,7 +27,7 @@ from llmos.kernel.actor import Actor
 from llmos.kernel.config import KernelConfig
 from llmos.kernel.executor import Executor
 from llmos.kernel.ray_backend import RayBackend, RaySpec
-from llmos.syscalls.errors import Busy, DeviceError, InvalidArgument, NotFound, OutOfMemory
+from llmos.syscalls.errors import Busy, InvalidArgument, NotFound, OutOfMemory
 
 DEFAULT_KEEP_ALIVE_S = 300.0
 POLICIES = ("static", "dynamic", "isolated")
@@ -36,7 +36,6 @@ MAX_RESTARTS, RESTART_WINDOW_S = 3, 60.0
 # With no max_batch, the KV pool holds this many full contexts and the batch is whatever fits it (and the
 # engine's per-step token budget): short contexts make a wide batch, long ones a narrow one.
 POOL_CONTEXTS = 16
-RAY_ANSWER_S = 10.0  # the longest the model manager waits for Ray's view of the nodes
 
 
 @dataclass
@@ -152,7 +151,8 @@ class ModelManager(Actor):
     def _check_same(self, entry: ModelEntry, req: dict[str, Any]) -> None:
         """EBUSY naming each option asked for that differs from how the model is loaded, and what to do."""
         engines = {ex.info.get("engine") for ex in entry.executors} - {None}  # what "auto" chose, once ready
-        have = {"device": entry.device, "instances": len(entry.executors), "backend": "ray" if entry.ray else "local",
+        device = ("cuda" if entry.ray.num_gpus else "cpu") if entry.ray else entry.device
+        have = {"device": device, "instances": len(entry.executors), "backend": "ray" if entry.ray else "local",
                 **(entry.ray.describe() if entry.ray else {}),
                 "kv_policy": entry.options.get("kv_policy", "static"),
                 "engine": engines.pop() if len(engines) == 1 else entry.options.get("engine", "auto")}
@@ -175,7 +175,7 @@ class ModelManager(Actor):
     def _options(self, path: str, req: dict[str, Any]) -> tuple[dict[str, Any], str, int, float]:
         opts = {**self.defaults, **{k: v for k, v in req.items() if v is not None}}
         device = opts.pop("device", None) or "auto"
-        backend = self._backend(opts)
+        backend = self._backend(opts, device)
         if device != "auto" and backend == "local":
             self.devices.get(device)  # EINVAL for a device that does not exist
         elif device not in ("auto", "cpu", "cuda") and backend == "ray":
@@ -187,7 +187,7 @@ class ModelManager(Actor):
             raise InvalidArgument(f"kv_policy must be one of {', '.join(POLICIES)}")
         return opts, device, instances, keep_alive
 
-    def _backend(self, opts: dict[str, Any]) -> str:
+    def _backend(self, opts: dict[str, Any], device: str) -> str:
         """Pop the backend options from ``opts`` (they are not the engine's): "local" or "ray", the Ray ones
         checked and kept under ``opts["_ray"]`` (a RaySpec) for the ray backend."""
         backend = opts.pop("backend", None) or "local"
@@ -203,11 +203,13 @@ class ModelManager(Actor):
                 raise InvalidArgument(f"{', '.join(ray_keys)} place Ray instances: give backend='ray' too")
             return backend
         spec = RaySpec(**ray_keys)
+        if device == "cuda" and "num_gpus" not in ray_keys:
+            spec.num_gpus = 1.0  # a GPU asked for by device: one GPU per instance
         if spec.num_gpus > 1:
             raise InvalidArgument(f"num_gpus {spec.num_gpus:g}: an instance runs on one device (the engine has no "
                                   f"tensor parallelism); load more instances instead")
-        if spec.num_gpus and opts.get("device") == "cpu":
-            raise InvalidArgument("device cpu with num_gpus > 0: give one or the other")
+        if (spec.num_gpus and device == "cpu") or (not spec.num_gpus and device == "cuda"):
+            raise InvalidArgument(f"device {device} with num_gpus {spec.num_gpus:g}: give one or the other")
         opts["_ray"] = spec
         return backend
 
@@ -262,8 +264,8 @@ class ModelManager(Actor):
             opts["num_blocks"] = est["kv_tokens"] // int(opts.get("block_size", BLOCK_SIZE)) + 1
         # host memory: the whole instance on a CPU; its process on a GPU node (the weights and KV are the GPU's)
         spec.memory_bytes = int(est["total_bytes"] if kind == "cpu" else est["overhead_bytes"])
-        await asyncio.to_thread(self.ray.check_fits, spec, instances)
-        pg = await asyncio.to_thread(self.ray.placement_group, spec, instances, f"llmos:{path}")
+        self.ray.check_fits(spec, nodes)
+        pg = await self.ray.call(self.ray.placement_group, spec, instances, f"llmos:{path}")
         entry = ModelEntry(path, "ray", opts, est, keep_alive, ray=spec, pg=pg)
         try:
             for i in range(instances):
@@ -282,10 +284,7 @@ class ModelManager(Actor):
 
     async def _ray_nodes(self) -> list[dict[str, Any]]:
         """The Ray cluster's live nodes as device entries, each with the instances placed on it."""
-        try:  # a head that stopped answering must not hold the model manager's mailbox
-            nodes = await asyncio.wait_for(asyncio.to_thread(self.ray.nodes), RAY_ANSWER_S)
-        except asyncio.TimeoutError:
-            raise DeviceError(f"the Ray cluster ({self.ray.gcs_address}) did not answer in {RAY_ANSWER_S:.0f} s") from None
+        nodes = await self.ray.call(self.ray.nodes)  # bounded: a head that stopped answering is EIO
         by_id = {n["node_id"]: n for n in nodes}
         for entry in self.models.values():
             for ex in entry.executors:
@@ -300,8 +299,14 @@ class ModelManager(Actor):
             self.devices.free(ex.holder)
             await _retire(ex, reason)
         await asyncio.gather(*(ex.stop() for ex in entry.executors), return_exceptions=True)
+        await self._remove_pg(entry)
+
+    async def _remove_pg(self, entry: ModelEntry) -> None:
         if entry.pg is not None:
-            await asyncio.to_thread(self.ray.remove, entry.pg)
+            try:
+                await self.ray.call(self.ray.remove, entry.pg)
+            except Exception as exc:  # Ray is gone: its placement groups with it
+                self.log.error("ray_remove_failed", model=entry.path, error=getattr(exc, "message", repr(exc)))
 
     def _estimate(self, path: str, want: str, opts: dict[str, Any], free: int | None = None) -> dict[str, Any]:
         """What an instance of ``path`` will take, with the KV pool the options (or the defaults) give it
@@ -363,7 +368,9 @@ class ModelManager(Actor):
         if entry is None:
             raise NotFound(f"model {path} is not loaded")
         await self._refresh_live()
-        if self._busy(entry) and not force:
+        # an instance still loading (or waiting for Ray to place it again) does not hold the model: its waiters learn
+        live = entry.pending > 0 or any(self._live.get(ex.id, 0) > 0 for ex in entry.executors)
+        if live and not force:
             raise Busy(f"model {path} has live processes; unload with force to end them")
         await self._unload(path)
         return {"model": path, "unloaded": True}
@@ -381,8 +388,7 @@ class ModelManager(Actor):
         # processes waiting for a restarted instance of it wait no more
         self.procman.tell(m.ModelGone(path, reason))
         await asyncio.gather(*(ex.stop() for ex in entry.executors), return_exceptions=True)
-        if entry.pg is not None:  # Ray frees the bundles' CPUs, GPUs and memory for other placements
-            await asyncio.to_thread(self.ray.remove, entry.pg)
+        await self._remove_pg(entry)  # Ray frees the bundles' CPUs, GPUs and memory for other placements
 
     async def _reap_idle(self) -> None:
         if not self.models:
@@ -404,11 +410,22 @@ class ModelManager(Actor):
         entry.restarts = [t for t in entry.restarts if now - t < RESTART_WINDOW_S]
         # a worker that crashed after loading (or a restarted one) is replaced on the same device, and its
         # processes resume there; a first load that fails, or too many crashes, unloads the model
-        if (ex.info or entry.restarts) and len(entry.restarts) < MAX_RESTARTS:
-            entry.restarts.append(now)
+        # a Ray instance that could not be placed again (its node died, the rest are full) while others of the model
+        # serve is a bundle still waiting: try again, without counting it, instead of unloading the survivors
+        waiting_bundle = entry.ray is not None and not ex.info and any(
+            o is not ex and o.ready.done() and not o.dead for o in entry.executors)
+        if waiting_bundle or ((ex.info or entry.restarts) and len(entry.restarts) < MAX_RESTARTS):
+            if not waiting_bundle:
+                entry.restarts.append(now)
             new = self._replacement(entry, ex)
             new.holder = ex.holder
-            entry.executors[entry.executors.index(ex)] = new.launch()
+            try:
+                entry.executors[entry.executors.index(ex)] = new.launch()
+            except Exception as exc:  # Ray refused the actor: nothing of the model can come back
+                self.log.error("worker_restart_failed", model=entry.path, error=repr(exc))
+                await ex.stop()
+                await self._unload(entry.path, f"its instance could not be started again: {exc!r}")
+                return
             self.log.warning("worker_restarting", model=entry.path, dead=ex.id, new=new.id,
                              restarts=len(entry.restarts), reason=ex.dead)
             asyncio.get_running_loop().create_task(ex.stop())

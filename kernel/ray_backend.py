@@ -7,7 +7,8 @@ scheduler, journal, identity); Ray only places and runs the model instances (``b
 ``drivers/model/ray_actor.ModelActor`` in a bundle of the model's placement group (Ray's resource model:
 ``CPU``, ``GPU`` and ``memory``; strategy ``SPREAD`` or ``PACK``; https://docs.ray.io/en/latest/ray-core/
 scheduling/placement-group.html). Every call into Ray here blocks (a GCS round trip, milliseconds; ``connect``
-seconds): the kernel's actors call them through ``asyncio.to_thread``.
+seconds): the kernel's actors make them through ``call``, on one thread of their own and bounded in time, so
+a head that stops answering holds neither the event loop nor the threads other syscalls use.
 
 Errors: ``connect`` raises DeviceError (ENODEV-like: EIO) when Ray cannot be started or reached, or when the
 ``ray`` package is missing; ``check_fits`` raises OutOfMemory (ENOMEM) when no live node could ever hold one
@@ -16,14 +17,20 @@ instance, InvalidArgument for an impossible request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from llmos.syscalls.errors import DeviceError, InvalidArgument, OutOfMemory
 
 WORKER_ZAP_DOMAIN = "llmos-worker"  # the ZAP domain of the tcp sockets Ray actors connect to
 PLACEMENTS = {"spread": "SPREAD", "pack": "PACK"}
+RAY_ANSWER_S = 10.0  # the longest the kernel waits for one call into Ray
+# a driver whose GCS is unreachable this long exits (Ray's default: 60 s): the kernel outlives a head restart
+GCS_RECONNECT_S = str(7 * 24 * 3600)
 
 
 class WorkerKeys:
@@ -67,6 +74,17 @@ class RayBackend:
     ip: str = ""  # this node's address as Ray sees it: where the kernel binds its actors' sockets
     gcs_address: str = ""
     started_local: bool = False
+    actor_class: Any = None  # ModelActor as a Ray actor class (made once: each ray.remote() exports it anew)
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="llmos-ray"))
+
+    async def call(self, fn: Callable[..., Any], *args: Any, timeout: float = RAY_ANSWER_S) -> Any:
+        """``fn(*args)`` on the Ray thread; DeviceError (EIO) when Ray has not answered in ``timeout`` seconds."""
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise DeviceError(f"the Ray cluster ({self.gcs_address or self.address}) did not answer in "
+                              f"{timeout:.0f} s") from None
 
     def connect(self) -> None:
         try:
@@ -78,22 +96,27 @@ class RayBackend:
         kw: dict[str, Any] = {"namespace": "llmos", "log_to_driver": False, "logging_level": logging.WARNING,
                               "configure_logging": True}
         try:
-            if self.address == "local":
-                ray.init(include_dashboard=False, **kw)
+            if self.address == "local":  # a new Ray, never one found through RAY_ADDRESS or a running cluster
+                ray.init(address="local", include_dashboard=False, **kw)
                 self.started_local = True
             else:
+                os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", GCS_RECONNECT_S)
                 ray.init(address=self.address, **kw)
         except Exception as exc:  # ConnectionError, a timeout, a bad address: one line for the operator
             raise DeviceError(f"--ray {self.address}: cannot {'start' if self.address == 'local' else 'join'} Ray: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         self.ip = ray.util.get_node_ip_address()
         self.gcs_address = ray.get_runtime_context().gcs_address
+        from llmos.drivers.model.ray_actor import ModelActor
+
+        self.actor_class = ray.remote(ModelActor)
 
     def shutdown(self) -> None:
         import ray
 
         if ray.is_initialized():
             ray.shutdown()
+        self.pool.shutdown(wait=False)
 
     def describe(self) -> dict[str, Any]:
         return {"address": self.gcs_address, "asked": self.address, "started_local": self.started_local,
@@ -125,16 +148,16 @@ class RayBackend:
                         "budget_bytes": mem, "reserved_bytes": mem - mem_free, "free_bytes": mem_free})
         return out
 
-    def check_fits(self, spec: RaySpec, instances: int) -> None:
-        """Refuse at once what no live node could ever hold (Ray would wait for such a bundle forever): ENOMEM
-        naming what one instance needs and what the largest node has."""
-        nodes = self.nodes()
+    @staticmethod
+    def check_fits(spec: RaySpec, nodes: list[dict[str, Any]]) -> None:
+        """Refuse at once what no live node (of ``nodes()``) could ever hold (Ray would wait for such a bundle
+        forever): ENOMEM naming what one instance needs and what each node has."""
         need = spec.bundle()
         keys = {"CPU": "cpus", "GPU": "gpus", "memory": "memory_total_bytes"}
         if not any(all(n[keys[k]] >= v for k, v in need.items()) for n in nodes):
             have = "; ".join(f"{n['name']}: {n['cpus']:g} CPU, {n['gpus']:g} GPU, {n['memory_total_bytes'] / 2**20:.0f} "
                              f"MiB" for n in nodes) or "no live node"
-            raise OutOfMemory(f"no Ray node can hold one instance ({_bundle_text(need)}); nodes: {have}")
+            raise OutOfMemory(f"no Ray node can hold one instance ({bundle_text(need)}); nodes: {have}")
         if spec.placement not in PLACEMENTS:
             raise InvalidArgument(f"placement must be one of {', '.join(PLACEMENTS)}")
 
@@ -154,19 +177,15 @@ class RayBackend:
 
     def actor(self, pg: Any, index: int, spec: RaySpec, env: dict[str, str]) -> Any:
         """A ModelActor in bundle ``index`` of ``pg``, not restarted by Ray (the kernel restarts instances)."""
-        import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from llmos.drivers.model.ray_actor import ModelActor
-
-        cls = ray.remote(ModelActor)
         opts: dict[str, Any] = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "max_restarts": 0,
                                 "scheduling_strategy": PlacementGroupSchedulingStrategy(
                                     pg, placement_group_bundle_index=index),
                                 "runtime_env": {"env_vars": env}}
         if spec.memory_bytes:
             opts["memory"] = spec.memory_bytes
-        return cls.options(**opts).remote()
+        return self.actor_class.options(**opts).remote()
 
     @staticmethod
     def kill(actor: Any) -> None:
@@ -195,5 +214,5 @@ def node_name(node_id: str) -> str:
     return f"ray:{node_id[:8]}"
 
 
-def _bundle_text(bundle: dict[str, float]) -> str:
+def bundle_text(bundle: dict[str, float]) -> str:
     return ", ".join(f"{v / 2**20:.0f} MiB memory" if k == "memory" else f"{v:g} {k}" for k, v in bundle.items())

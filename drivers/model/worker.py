@@ -24,6 +24,7 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -148,12 +149,13 @@ class Worker:
 
     @staticmethod
     def _spill_dir() -> str:
-        """This worker's spill area, ``$LLMOS_HOME/store/spill/<pid>`` (created at the first spill), after removing
-        those of dead workers (one killed with -9 could not remove its own)."""
+        """This worker's spill area, ``$LLMOS_HOME/store/spill/<pid>`` or ``$LLMOS_SPILL_ROOT/<pid>`` (created at the
+        first spill), after removing those of dead workers (one killed with -9 could not remove its own)."""
         from llmos.drivers.model.spill import remove_stale, spill_root
         from llmos.syscalls.address import llmos_home
 
-        root = spill_root(llmos_home())
+        # a Ray actor's is node-local (LLMOS_SPILL_ROOT): a home shared between nodes must not mix their pids
+        root = Path(os.environ["LLMOS_SPILL_ROOT"]) if os.environ.get("LLMOS_SPILL_ROOT") else spill_root(llmos_home())
         remove_stale(root)
         return str(root / str(os.getpid()))
 
