@@ -213,7 +213,9 @@ SYSCALLS: tuple[Syscall, ...] = (
                Field("delegates", "str", "who may act for other users (--delegate), besides the admin",
                      nullable=True),
                Field("metrics_url", "str", "where the Prometheus metrics are served (--metrics-port)",
-                     nullable=True)),
+                     nullable=True),
+               Field("ray", "map", "with --ray: address (the cluster's GCS), started_local (the kernel started it), "
+                     "kernel_ip (where its actors reach it)", nullable=True)),
         errors=(),
     ),
     Syscall(
@@ -356,7 +358,9 @@ SYSCALLS: tuple[Syscall, ...] = (
         access=ANY_USER,
         request=(),
         reply=(Field("devices", "list[map]", "kind, name, capacity, budget_bytes, reserved_bytes, free_bytes, "
-                     "holders, and what the driver reports (load, utilisation, memory)"),),
+                     "holders, and what the driver reports (load, utilisation, memory); with --ray, one of kind "
+                     "node per live Ray node: name ray:<id>, node_id, ip, hostname, head, cpus, cpus_free, gpus, "
+                     "gpus_free, memory_total_bytes, memory_free_bytes (Ray's logical resources)"),),
         errors=(),
     ),
     Syscall(

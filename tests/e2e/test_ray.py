@@ -60,10 +60,6 @@ def model_actors() -> list[psutil.Process]:
     return out
 
 
-def no_model_actors(timeout: float) -> None:
-    wait_for(lambda: not model_actors(), timeout=timeout, what="every ModelActor process to end")
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Two copies of one tiny long-context model (the same weights at two paths: one loaded on each backend)."""
