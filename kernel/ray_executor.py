@@ -103,7 +103,7 @@ class RayExecutor(Executor):
                     return
                 if located.done() and located.exception() is not None:  # the actor died before it said where
                     self.tell(m.Died(f"Ray actor for {self.model_path} died before it started: "
-                                     f"{str(located.exception()).strip().splitlines()[0][:300]}"))
+                                     f"{_first_line(located.exception())}"))
                     return
                 waited = time.monotonic() - start
                 if not self.where and waited > self.placement_s + (START_S if placed.done() else 0.0):
@@ -144,8 +144,7 @@ class RayExecutor(Executor):
         exc = served.exception()
         if exc is None:
             return f"Ray actor for {self.model_path}{where} exited with code {served.result()}"
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        return f"Ray actor for {self.model_path}{where} died ({type(exc).__name__}): {first[:300]}"
+        return f"Ray actor for {self.model_path}{where} died ({type(exc).__name__}): {_first_line(exc)}"
 
     async def on_stop(self) -> None:
         for t in self._tasks:
@@ -177,3 +176,8 @@ class RayExecutor(Executor):
                   "node_id": node, "node_ip": self.where.get("ip"), "hostname": self.where.get("hostname"),
                   "device": self.device if node else "pending", **self.spec.describe()})
         return d
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line, at most 300 characters (Ray's errors run to pages)."""
+    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)[:300]

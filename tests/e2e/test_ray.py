@@ -73,7 +73,8 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_kernel(models):
     # the local Ray has this machine's CPUs (2 here): the module's model takes one of them in two instances
-    k = KernelProc(max_batch=8, extra=["--ray", "--ray-placement-timeout", str(PLACEMENT_S)])
+    # with a CURVE tcp listener too: the bus's ZAP domain and the actors' share one ZAP handler
+    k = KernelProc(max_batch=8, tcp=True, extra=["--ray", "--ray-placement-timeout", str(PLACEMENT_S)])
     local, on_ray = models
     with k.client() as c:
         c.model_load(local, kv_blocks=4096, keep_alive=-1)
@@ -105,6 +106,9 @@ def test_a_model_on_the_ray_backend_runs_in_ray_actors_and_generates_what_the_lo
         assert all("raylet" in psutil.Process(e["worker_pid"]).parent().name() for e in exs)
         assert c.model_info(local)["executors"][0]["backend"] == "local"
         assert run_all(c, on_ray, 40) == run_all(c, local, 40)
+        with ray_kernel.client_as("ray-tcp-user") as u:  # a user over CURVE tcp, on the Ray instances
+            assert u.kernel["user"] == "ray-tcp-user"
+            assert u.wait(u.spawn(prompt="x", model=on_ray, max_new_tokens=5, **GREEDY)).finish_reason == "length"
         # the cluster's node is a device, from Ray's view
         [node] = [d for d in c.devices() if d["kind"] == "node"]
         assert node["node_id"] == exs[0]["node_id"] and node["cpus"] >= 2 and node["memory_total_bytes"] > 0
