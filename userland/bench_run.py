@@ -78,8 +78,16 @@ async def one_request(client: Any, req: BenchRequest, params: dict[str, Any], t0
     first = last = None
     pid = None
     try:
-        pid = await client.spawn(prompt_ids=req.prompt_ids, max_new_tokens=req.max_new_tokens, ignore_eos=True,
-                                 **params)
+        spawning = asyncio.ensure_future(client.spawn(prompt_ids=req.prompt_ids, max_new_tokens=req.max_new_tokens,
+                                                      ignore_eos=True, **params))
+        try:
+            pid = await asyncio.shield(spawning)
+        except asyncio.CancelledError:  # Ctrl-C while the spawn was on its way: its process is ours to end too
+            try:
+                live.add(await asyncio.wait_for(spawning, 10))
+            except (LLMOSError, asyncio.TimeoutError, asyncio.CancelledError):
+                pass
+            raise
         live.add(pid)
         result = None
         # frames, not AsyncClient.stream's text: a first token may decode to no text yet (a character split

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import math
+import socket
 from pathlib import Path
 from typing import Any, Callable
 
@@ -167,7 +168,9 @@ def _prepare(client: Any, args: argparse.Namespace) -> tuple[str, int, list[int]
     context = min((ex.get("context_len") or math.inf for ex in executors), default=math.inf)
     host = client.address.split("://", 1)[-1]
     local = client.address.startswith("ipc://") or host.startswith(("127.", "localhost", "[::1]"))
-    pids = [client.kernel["pid"], *(ex["worker_pid"] for ex in executors if ex.get("worker_pid"))] if local else None
+    # a Ray instance on another node is not this machine's process to sample
+    here = [ex for ex in executors if ex.get("backend", "local") == "local" or ex.get("hostname") == socket.gethostname()]
+    pids = [client.kernel["pid"], *(ex["worker_pid"] for ex in here if ex.get("worker_pid"))] if local else None
     return info["model"], context, pids
 
 

@@ -199,4 +199,5 @@ def test_ctrl_c_ends_every_request_in_flight_and_exits_130(kernel, tiny_model, c
             proc.kill()
             proc.wait()
     assert proc.returncode == 130 and "Traceback" not in err, err
-    assert not {p.pid for p in client.ps()} & set(ours)  # ended and reaped: nothing left behind
+    left = {p.pid for p in client.ps()} & set(ours)  # ended and reaped: nothing left behind
+    assert not left, [(p.pid, p.state, p.output_tokens) for p in client.ps() if p.pid in left]
