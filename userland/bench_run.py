@@ -69,9 +69,11 @@ async def _end_one(client: Any, pid: int, live: set[int]) -> None:
 
 
 async def one_request(client: Any, req: BenchRequest, params: dict[str, Any], t0: float,
-                      live: set[int] | None = None) -> Record:
+                      live: set[int] | None = None, spawns: set[asyncio.Future] | None = None) -> Record:
     """Spawn ``req``, stream it to its end, reap it; never raises an LLMOSError (it is the record's ``error``).
-    ``live``: the pids spawned and not yet reaped are kept in it (for whoever must end them on Ctrl-C)."""
+    ``live``: the pids spawned and not yet reaped are kept in it (for whoever must end them on Ctrl-C);
+    ``spawns``: the spawn calls still on their way (their pids are not known yet: the kernel answers a spawn once
+    its journal has it, and the process may already run)."""
     live = set() if live is None else live
     sent = time.perf_counter()
     rec = Record(sent - t0, len(req.prompt_ids), req.max_new_tokens)
@@ -80,14 +82,10 @@ async def one_request(client: Any, req: BenchRequest, params: dict[str, Any], t0
     try:
         spawning = asyncio.ensure_future(client.spawn(prompt_ids=req.prompt_ids, max_new_tokens=req.max_new_tokens,
                                                       ignore_eos=True, **params))
-        try:
-            pid = await asyncio.shield(spawning)
-        except asyncio.CancelledError:  # Ctrl-C while the spawn was on its way: its process is ours to end too
-            try:
-                live.add(await asyncio.wait_for(spawning, 10))
-            except (LLMOSError, asyncio.TimeoutError, asyncio.CancelledError):
-                pass
-            raise
+        if spawns is not None:
+            spawns.add(spawning)
+            spawning.add_done_callback(spawns.discard)
+        pid = await asyncio.shield(spawning)  # a Ctrl-C's cancel leaves the call to whoever collects its pid
         live.add(pid)
         result = None
         # frames, not AsyncClient.stream's text: a first token may decode to no text yet (a character split
@@ -129,17 +127,18 @@ async def one_request(client: Any, req: BenchRequest, params: dict[str, Any], t0
 async def run_point(client: Any, workload: Iterator[BenchRequest], load: Load, params: dict[str, Any], *,
                     requests: int | None = None, duration: float | None = None, seed: int = 0,
                     on_done: Callable[[Record], None] | None = None,
-                    live: set[int] | None = None) -> tuple[list[Record], float]:
+                    live: set[int] | None = None,
+                    spawns: set[asyncio.Future] | None = None) -> tuple[list[Record], float]:
     """Offer ``workload`` at ``load`` until ``requests`` were sent or ``duration`` seconds passed (exactly one
     of them), then wait for those in flight. Returns (records in the order sent, wall seconds from the first
-    send to the last end). ``params``: spawn's other arguments (model, priority, temperature...); ``live``:
-    as one_request's."""
+    send to the last end). ``params``: spawn's other arguments (model, priority, temperature...); ``live`` and
+    ``spawns``: as one_request's."""
     assert (requests is None) != (duration is None), "a point is bounded by requests or by duration"
     t0 = time.perf_counter()
     records: list[Record] = []
 
     async def send(req: BenchRequest) -> None:
-        rec = await one_request(client, req, params, t0, live)
+        rec = await one_request(client, req, params, t0, live, spawns)
         records.append(rec)
         if on_done is not None:
             on_done(rec)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import math
+import signal
 import socket
 from pathlib import Path
 from typing import Any, Callable
@@ -186,9 +187,30 @@ def _run(client: Any, load: Any, pool: list[int], prompt: Lengths, output: Lengt
     live: set[int] = set()
 
     async def go(progress: Callable[..., None]) -> tuple[list, float]:
+        spawns: set[asyncio.Future] = set()
         async with AsyncClient(client.address) as ac:
-            return await run_point(ac, requests(pool, prompt, output, args.seed), load, params, requests=n,
-                                   duration=args.duration, seed=args.seed, on_done=progress, live=live)
+            point = asyncio.ensure_future(run_point(ac, requests(pool, prompt, output, args.seed), load, params,
+                                                    requests=n, duration=args.duration, seed=args.seed,
+                                                    on_done=progress, live=live, spawns=spawns))
+            # Ctrl-C is handled here, not by cancelling at a random await: the spawns on their way are waited for
+            # (their pids join the live ones), and only then is the point stopped and everything live ended
+            interrupted = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGINT, interrupted.set)
+            try:
+                stop = asyncio.ensure_future(interrupted.wait())
+                await asyncio.wait({point, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if point.done():
+                    stop.cancel()
+                    return point.result()
+                for pid in await asyncio.gather(*spawns, return_exceptions=True):
+                    if isinstance(pid, int):
+                        live.add(pid)
+                point.cancel()
+                await asyncio.gather(point, return_exceptions=True)
+                raise KeyboardInterrupt
+            finally:
+                loop.remove_signal_handler(signal.SIGINT)
 
     sampler = Sampler(pids, args.sample_interval).start()
     try:
