@@ -76,9 +76,13 @@ def ray_kernel(models):
     # with a CURVE tcp listener too: the bus's ZAP domain and the actors' share one ZAP handler
     k = KernelProc(max_batch=8, tcp=True, extra=["--ray", "--ray-placement-timeout", str(PLACEMENT_S)])
     local, on_ray = models
-    with k.client() as c:
-        c.model_load(local, kv_blocks=4096, keep_alive=-1)
-        c.model_load(on_ray, backend="ray", instances=2, num_cpus=0.5, kv_blocks=4096, keep_alive=-1)
+    try:
+        with k.client() as c:
+            c.model_load(local, kv_blocks=4096, keep_alive=-1)
+            c.model_load(on_ray, backend="ray", instances=2, num_cpus=0.5, kv_blocks=4096, keep_alive=-1)
+    except BaseException:  # a setup that fails leaves no kernel (nor its home) behind
+        k.stop()
+        raise
     yield k
     with k.client() as c:  # llmos kernel stop leaves none of its actors
         actors = [e["worker_pid"] for d in c.models() for e in d["executors"] if e["backend"] == "ray"]
