@@ -197,11 +197,10 @@ def _run(client: Any, load: Any, pool: list[int], prompt: Lengths, output: Lengt
             interrupted = asyncio.Event()
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGINT, interrupted.set)
+            stop = asyncio.ensure_future(interrupted.wait())
             try:
-                stop = asyncio.ensure_future(interrupted.wait())
                 await asyncio.wait({point, stop}, return_when=asyncio.FIRST_COMPLETED)
                 if point.done():
-                    stop.cancel()
                     return point.result()
                 for pid in await asyncio.gather(*spawns, return_exceptions=True):
                     if isinstance(pid, int):
@@ -210,6 +209,7 @@ def _run(client: Any, load: Any, pool: list[int], prompt: Lengths, output: Lengt
                 await asyncio.gather(point, return_exceptions=True)
                 raise KeyboardInterrupt
             finally:
+                stop.cancel()
                 loop.remove_signal_handler(signal.SIGINT)
 
     sampler = Sampler(pids, args.sample_interval).start()
