@@ -191,9 +191,7 @@ class ModelManager(Actor):
         """Pop the backend options from ``opts`` (they are not the engine's): "local" or "ray", the Ray ones
         checked and kept under ``opts["_ray"]`` (a RaySpec) for the ray backend."""
         backend = opts.pop("backend", None) or "local"
-        ray_keys = {k: opts.pop(k) for k in ("num_cpus", "num_gpus", "placement") if opts.get(k) is not None}
-        for k in ("num_cpus", "num_gpus", "placement"):
-            opts.pop(k, None)
+        ray_keys = {k: v for k in ("num_cpus", "num_gpus", "placement") if (v := opts.pop(k, None)) is not None}
         if backend == "auto":
             backend = "ray" if self.ray is not None else "local"
         if backend == "ray" and self.ray is None:
@@ -205,9 +203,6 @@ class ModelManager(Actor):
         spec = RaySpec(**ray_keys)
         if device == "cuda" and "num_gpus" not in ray_keys:
             spec.num_gpus = 1.0  # a GPU asked for by device: one GPU per instance
-        if spec.num_gpus > 1:
-            raise InvalidArgument(f"num_gpus {spec.num_gpus:g}: an instance runs on one device (the engine has no "
-                                  f"tensor parallelism); load more instances instead")
         if (spec.num_gpus and device == "cpu") or (not spec.num_gpus and device == "cuda"):
             raise InvalidArgument(f"device {device} with num_gpus {spec.num_gpus:g}: give one or the other")
         opts["_ray"] = spec
@@ -219,7 +214,7 @@ class ModelManager(Actor):
         opts, want, instances, keep_alive = self._options(path, req)
         spec = opts.pop("_ray", None)
         if spec is not None:
-            return await self._load_ray(path, opts, spec, want, instances, keep_alive)
+            return await self._load_ray(path, opts, spec, instances, keep_alive)
         await self._refresh_live()
         est = self._estimate(path, want, opts)
         if not opts.get("num_blocks"):
@@ -250,7 +245,7 @@ class ModelManager(Actor):
                       estimate_mib=round(need / 2**20), keep_alive=keep_alive)
         return entry
 
-    async def _load_ray(self, path: str, opts: dict[str, Any], spec: RaySpec, want: str, instances: int,
+    async def _load_ray(self, path: str, opts: dict[str, Any], spec: RaySpec, instances: int,
                         keep_alive: float) -> ModelEntry:
         """Place ``instances`` Ray actors for ``path`` (one placement group, a bundle each) and start them; does
         not wait for Ray to place them (an executor whose actor is not placed in time fails its load)."""

@@ -10,9 +10,9 @@ scheduling/placement-group.html). Every call into Ray here blocks (a GCS round t
 seconds): the kernel's actors make them through ``call``, on one thread of their own and bounded in time, so
 a head that stops answering holds neither the event loop nor the threads other syscalls use.
 
-Errors: ``connect`` raises DeviceError (ENODEV-like: EIO) when Ray cannot be started or reached, or when the
+Errors: ``connect`` raises DeviceError (EIO) when Ray cannot be started or reached, or when the
 ``ray`` package is missing; ``check_fits`` raises OutOfMemory (ENOMEM) when no live node could ever hold one
-instance, InvalidArgument for an impossible request.
+instance; ``call`` raises DeviceError when Ray does not answer in time.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from llmos.syscalls.errors import DeviceError, InvalidArgument, OutOfMemory
+from llmos.syscalls.errors import DeviceError, OutOfMemory
 
 WORKER_ZAP_DOMAIN = "llmos-worker"  # the ZAP domain of the tcp sockets Ray actors connect to
 PLACEMENTS = {"spread": "SPREAD", "pack": "PACK"}
@@ -151,15 +151,14 @@ class RayBackend:
     @staticmethod
     def check_fits(spec: RaySpec, nodes: list[dict[str, Any]]) -> None:
         """Refuse at once what no live node (of ``nodes()``) could ever hold (Ray would wait for such a bundle
-        forever): ENOMEM naming what one instance needs and what each node has."""
+        forever): ENOMEM naming what one instance needs and what each node has (the table bounds the rest: placement
+        spread|pack, num_gpus 0..1, as the engine runs an instance on one device)."""
         need = spec.bundle()
         keys = {"CPU": "cpus", "GPU": "gpus", "memory": "memory_total_bytes"}
         if not any(all(n[keys[k]] >= v for k, v in need.items()) for n in nodes):
             have = "; ".join(f"{n['name']}: {n['cpus']:g} CPU, {n['gpus']:g} GPU, {n['memory_total_bytes'] / 2**20:.0f} "
                              f"MiB" for n in nodes) or "no live node"
             raise OutOfMemory(f"no Ray node can hold one instance ({bundle_text(need)}); nodes: {have}")
-        if spec.placement not in PLACEMENTS:
-            raise InvalidArgument(f"placement must be one of {', '.join(PLACEMENTS)}")
 
     # -- placement and actors ---------------------------------------------------------------------
     def placement_group(self, spec: RaySpec, instances: int, name: str) -> Any:
