@@ -72,8 +72,8 @@ async def one_request(client: Any, req: BenchRequest, params: dict[str, Any], t0
                       live: set[int] | None = None, spawns: set[asyncio.Future] | None = None) -> Record:
     """Spawn ``req``, stream it to its end, reap it; never raises an LLMOSError (it is the record's ``error``).
     ``live``: the pids spawned and not yet reaped are kept in it (for whoever must end them on Ctrl-C);
-    ``spawns``: the spawn calls still on their way (their pids are not known yet: the kernel answers a spawn once
-    its journal has it, and the process may already run)."""
+    ``spawns``: the spawn calls whose pid is not in ``live`` yet (on their way, or answered but not collected: the
+    kernel answers a spawn once its journal has it, and the process may already run)."""
     live = set() if live is None else live
     sent = time.perf_counter()
     rec = Record(sent - t0, len(req.prompt_ids), req.max_new_tokens)
@@ -84,9 +84,12 @@ async def one_request(client: Any, req: BenchRequest, params: dict[str, Any], t0
                                                       ignore_eos=True, **params))
         if spawns is not None:
             spawns.add(spawning)
-            spawning.add_done_callback(spawns.discard)
         pid = await asyncio.shield(spawning)  # a Ctrl-C's cancel leaves the call to whoever collects its pid
+        # in one step, with no await between: a call leaves ``spawns`` only as its pid joins ``live`` (a done
+        # callback would leave it in neither for a loop turn, where a Ctrl-C's cancel loses the process)
         live.add(pid)
+        if spawns is not None:
+            spawns.discard(spawning)
         result = None
         # frames, not AsyncClient.stream's text: a first token may decode to no text yet (a character split
         # over tokens), and the result comes last
