@@ -219,7 +219,8 @@ class Handlers:
                 "user_cap_blocks": args["user_cap_blocks"], "max_batch": args["max_batch"],
                 "keep_alive": args["keep_alive"], "engine": args["engine"], "spill_bytes": args["spill_bytes"],
                 "spill_below_bytes": args["spill_below_bytes"], "backend": args["backend"],
-                "num_cpus": args["num_cpus"], "num_gpus": args["num_gpus"], "placement": args["placement"]}
+                "num_cpus": args["num_cpus"], "num_gpus": args["num_gpus"], "placement": args["placement"],
+                "dtype": args["dtype"], "prefix_cache": args["prefix_cache"]}
         await ready_executors(await self.k.models.ask(m.Load(model, opts)))
         return await self.k.models.ask(m.Describe(model))
 

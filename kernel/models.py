@@ -146,20 +146,23 @@ class ModelManager(Actor):
               ("device", "device"), ("instances", "instances"), ("kv_policy", "kv_policy"),
               ("num_blocks", "kv_blocks"), ("max_blocks", "kv_max_blocks"), ("user_cap_blocks", "user_cap_blocks"),
               ("max_batch", "max_batch"), ("engine", "engine"), ("spill_bytes", "spill_bytes"),
-              ("spill_below_bytes", "spill_below_bytes"))
+              ("spill_below_bytes", "spill_below_bytes"), ("dtype", "dtype"), ("prefix_cache", "prefix_cache"))
 
     def _check_same(self, entry: ModelEntry, req: dict[str, Any]) -> None:
         """EBUSY naming each option asked for that differs from how the model is loaded, and what to do."""
         engines = {ex.info.get("engine") for ex in entry.executors} - {None}  # what "auto" chose, once ready
+        dtypes = {ex.info.get("dtype") for ex in entry.executors} - {None}
         device = ("cuda" if entry.ray.num_gpus else "cpu") if entry.ray else entry.device
         have = {"device": device, "instances": len(entry.executors), "backend": "ray" if entry.ray else "local",
                 **(entry.ray.describe() if entry.ray else {}),
                 "kv_policy": entry.options.get("kv_policy", "static"),
-                "engine": engines.pop() if len(engines) == 1 else entry.options.get("engine", "auto")}
+                "engine": engines.pop() if len(engines) == 1 else entry.options.get("engine", "auto"),
+                "dtype": dtypes.pop() if len(dtypes) == 1 else entry.options.get("dtype", "auto"),
+                "prefix_cache": entry.options.get("prefix_cache", True)}
         differ = []
         for key, name in self._FIXED:
             asked = req.get(key)
-            if asked is None or (key in ("device", "engine", "backend") and asked == "auto"):
+            if asked is None or (key in ("device", "engine", "backend", "dtype") and asked == "auto"):
                 continue
             loaded = have[key] if key in have else entry.options.get(key)
             if asked != loaded:
@@ -311,13 +314,13 @@ class ModelManager(Actor):
             kv_tokens = int(opts["num_blocks"]) * int(opts.get("block_size", BLOCK_SIZE))
         else:
             # a full batch of full contexts, but never more than half of the memory left after the weights
-            bare = estimate(path, kind, 0)
+            bare = estimate(path, kind, 0, dtype=opts.get("dtype"))
             if free is None:
                 free = max(d.res.budget - d.res.reserved for d in [self.devices.cpu, *self.devices.gpus])
             room = (free - bare["weight_bytes"] - bare["overhead_bytes"]) // 2 // max(1, bare["kv_bytes_per_token"])
             contexts = int(opts.get("max_batch") or POOL_CONTEXTS)
             kv_tokens = max(bare["context_len"], min(contexts * bare["context_len"], room))
-        return estimate(path, kind, kv_tokens, int(opts.get("max_batch") or POOL_CONTEXTS))
+        return estimate(path, kind, kv_tokens, int(opts.get("max_batch") or POOL_CONTEXTS), opts.get("dtype"))
 
     def _place(self, need: int, want: str):
         try:

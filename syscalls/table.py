@@ -67,7 +67,8 @@ DELEGATION = ("A request whose envelope says `\"for\": USER` is made as USER, ch
               "gets EPERM (audited). For a delegated call, model directories are as for a tcp caller: models "
               "in the store, `default`, or what the admin loaded")
 LOAD_OPTIONS = ("device", "instances", "kv_policy", "kv_blocks", "kv_max_blocks", "user_cap_blocks", "max_batch",
-                "keep_alive", "engine", "spill_bytes", "spill_below_bytes", "backend", "num_cpus", "num_gpus", "placement")
+                "keep_alive", "engine", "spill_bytes", "spill_below_bytes", "backend", "num_cpus", "num_gpus", "placement",
+                "dtype", "prefix_cache")
 FS_RULES = ("/home/<user>: its user and the admin read and write; /models: everyone reads, the admin writes; "
             "/data: everyone reads and creates, a file's owner or the admin replaces or removes it; "
             "/proc/<pid>: the process's owner and the admin read, nobody writes; /var/log: everyone reads, "
@@ -336,6 +337,13 @@ SYSCALLS: tuple[Syscall, ...] = (
             Field("placement", "str", "backend ray: spread the instances over nodes, or pack them onto as few as "
                   "fit (Ray placement group SPREAD or PACK; default spread)", nullable=True,
                   choices=("spread", "pack")),
+            Field("dtype", "str", "weights' and KV cache's precision: auto (bfloat16 on CPUs with AMX or "
+                  "AVX512-BF16 and on GPUs that have it, else float32 on a CPU, float16 on a GPU), float32, bfloat16 "
+                  "or float16; logits and sampling stay float32. model_info's executors say which it took "
+                  "(dtype) and the kernel path (kernels)", nullable=True, choices=("auto", "float32", "bfloat16", "float16")),
+            Field("prefix_cache", "bool", "share the KV blocks of identical token prefixes between processes "
+                  "(a shared system prompt, a few-shot template, a session's earlier turns are prefilled once; "
+                  "default true; false for comparison)", nullable=True),
         ),
         reply=MODEL_DESCRIPTION,
         errors=(E.ENOENT, E.ENOMEM, E.EIO, E.EINVAL, E.EPERM),

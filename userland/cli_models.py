@@ -49,7 +49,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     opts = {k: getattr(args, k) for k in ("device", "instances", "kv_policy", "kv_blocks", "kv_max_blocks",
                                           "user_cap_blocks", "max_batch", "keep_alive", "engine", "backend",
-                                          "num_cpus", "num_gpus", "placement")}
+                                          "num_cpus", "num_gpus", "placement", "dtype", "prefix_cache")}
     address = address_of(args)
     stages = Stages(lambda: Client(address), args.model, spawning=True, ready="ready")
     try:
@@ -83,7 +83,8 @@ def format_model_info(d: dict[str, Any]) -> str:
         for ex in d.get("executors") or []:
             state = "ready" if ex.get("ready") else f"loading{': ' + ex['stage'] if ex.get('stage') else ''}"
             lines.append(f"  instance {ex.get('executor')}: worker pid {ex.get('worker_pid')}, {state}, engine "
-                         f"{ex.get('engine')}, context {ex.get('context_len')} tokens, KV {ex.get('kv_used', 0)}/"
+                         f"{ex.get('engine')}, {ex.get('dtype') or 'dtype ?'}, kernels {ex.get('kernels') or '?'}, "
+                         f"context {ex.get('context_len')} tokens, KV {ex.get('kv_used', 0)}/"
                          f"{ex.get('kv_total', 0)} blocks, running {ex.get('running', 0)}")
     return "\n".join(lines)
 
@@ -147,6 +148,12 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                     help="--backend ray: GPUs per instance, 0 to 1 (default 0: a CPU instance)")
     ld.add_argument("--placement", choices=("spread", "pack"), default=None,
                     help="--backend ray: spread instances over nodes or pack them onto few (default spread)")
+    ld.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None,
+                    help="weights' and KV cache's precision: auto (default: bfloat16 where the CPU has AMX or "
+                         "AVX512-BF16 or the GPU has bfloat16, else float32 on a CPU), float32, bfloat16, float16")
+    ld.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_const", const=False, default=None,
+                    help="do not share the KV blocks of identical prompt prefixes between processes (default: "
+                         "shared; off is for comparison)")
     ld.add_argument("--json", action="store_true")
     ld.set_defaults(fn=cmd_load)
     ul = sub.add_parser("unload", parents=[common], help="unload a model")

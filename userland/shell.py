@@ -55,6 +55,7 @@ HELP = """commands:
   models [--json]     the loaded models (instances, KV blocks, memory) and the store's
   load [MODEL] [--device D] [--instances N] [--keep-alive S] [--max-batch N] [--engine E]
        [--backend local|ray] [--num-cpus N] [--num-gpus N] [--placement spread|pack]
+       [--dtype auto|float32|bfloat16|float16] [--no-prefix-cache]
                       load a model (default: the shipped default model; --backend ray: Ray actors)
   unload [MODEL] [--force]
                       unload a model (--force also ends its processes)
@@ -132,6 +133,8 @@ def _load_parser() -> _Parser:
     p.add_argument("--engine", choices=("auto", "paged", "sequential"), default=None)
     p.add_argument("--backend", choices=("local", "ray", "auto"), default=None)
     p.add_argument("--placement", choices=("spread", "pack"), default=None)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_const", const=False, default=None)
     p.add_argument(*_JSON[:1], **_JSON[1])
     return p
 
@@ -336,7 +339,8 @@ class Shell:
 
     def do_load(self, a: argparse.Namespace) -> None:
         opts = {k: getattr(a, k) for k in ("device", "instances", "keep_alive", "kv_blocks", "max_batch",
-                                           "kv_policy", "engine", "backend", "num_cpus", "num_gpus", "placement")
+                                           "kv_policy", "engine", "backend", "num_cpus", "num_gpus", "placement",
+                                           "dtype", "prefix_cache")
                 if getattr(a, k) is not None}
         with self.loading(a.model):
             d = self.os.client.model_load(a.model, **opts)

@@ -125,6 +125,9 @@ class BaseEngine(MemoryContract):
     worker gives ``$LLMOS_HOME/store/spill/<pid>``), ``spill_bytes`` its bound in bytes (default 8 GiB; 0: no
     spill area), ``spill_below_bytes`` the host memory available below which the host swap area is passed
     over (default: a tenth of RAM or 1 GiB, whichever is smaller). :meth:`close` removes the area.
+
+    ``prefix_cache``: engines that can (the paged engine) share the KV blocks of identical token prefixes
+    between sequences; False turns it off (for comparison).
     """
 
     kind = "base"
@@ -136,9 +139,11 @@ class BaseEngine(MemoryContract):
                  kv_policy: str = "static", max_blocks: int | None = None, user_cap_blocks: int | None = None,
                  user_caps: dict[str, int] | None = None, max_tokens_per_step: int = DEFAULT_TOKENS_PER_STEP,
                  swap_blocks: int | None = None, measure: bool = True, spill_dir: str | Path | None = None,
-                 spill_bytes: int | None = None, spill_below_bytes: int | None = None) -> None:
+                 spill_bytes: int | None = None, spill_below_bytes: int | None = None,
+                 prefix_cache: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.prefix_cache = bool(prefix_cache)  # engines that can share prefix KV blocks do when True
         self.device = device
         self.name = name
         if max_batch is not None and max_batch < 1:
@@ -273,6 +278,7 @@ class BaseEngine(MemoryContract):
             "layers": self.shape.layers,
             "heads": self.shape.heads,
             "capture": list(self.capture_kinds),
+            "prefix_cache": self.prefix_cache,
         }
 
     def stats(self) -> dict[str, Any]:
@@ -611,13 +617,16 @@ class BaseEngine(MemoryContract):
 
 
 
-def load_model(path: str | Path, device: str | None = None) -> tuple[Any, Any, torch.device]:
-    """(model, tokenizer, device) from a model directory; InvalidArgument when its tokenizer is not one
-    (:func:`check_tokenizer`), before the weights are read."""
+def load_model(path: str | Path, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any, torch.device]:
+    """(model, tokenizer, device) from a model directory, its weights in ``dtype`` (precision.py: None or "auto"
+    picks bfloat16 where the hardware has bfloat16 units, else float32 on a CPU); InvalidArgument when its
+    tokenizer is not one (:func:`check_tokenizer`), before the weights are read, or for an unknown dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from llmos.drivers.model.precision import resolve
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    dtype = getattr(torch, resolve(dtype, dev.type))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     check_tokenizer(tokenizer, int(getattr(AutoConfig.from_pretrained(str(path)), "vocab_size", 0) or 0))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(dev)
@@ -651,7 +660,7 @@ def load_engine(path: str | Path, device: str | None = None, engine: str = "auto
 
     stage = on_stage or (lambda _: None)
     stage(LOAD_STAGES[2])
-    model, tokenizer, dev = (loader or load_model)(path, device)
+    model, tokenizer, dev = (loader or load_model)(path, device, kw.pop("dtype", None))
     stage(LOAD_STAGES[3])
     if engine == "paged" or (engine == "auto" and PagedEngine.supports(model)):
         return PagedEngine(model, tokenizer, dev, name=str(path), **kw)

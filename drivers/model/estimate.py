@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos.drivers.model import from_store
+from llmos.drivers.model.precision import element_bytes
 from llmos.drivers.model.registry import check_config, path_error
 from llmos.drivers.model.shape import PACK_LIMIT_BYTES, PAGED_MODEL_TYPES, model_shape
 from llmos.syscalls.errors import InvalidArgument, NotFound, quote
@@ -48,16 +49,17 @@ def kv_bytes_per_token(config: dict[str, Any], elem_bytes: int) -> int:
 
 
 def estimate(path: str | Path, device: str = "cpu", kv_tokens: int | None = None,
-             max_batch: int = 64) -> dict[str, Any]:
+             max_batch: int = 64, dtype: str | None = None) -> dict[str, Any]:
     """Bytes for weights, KV pool and process overhead of one instance on ``device`` (on a GPU: what the GPU
     will hold, the CUDA context included; on the CPU: the worker process's memory).
 
+    ``dtype``: the load option (precision.py; None or "auto" as the hardware decides).
     InvalidArgument (or NotFound) when config.json fails :func:`registry.check_config` or a file cannot
     be read, and when a number would not fit a signed 64-bit integer (MessagePack's, and any
     memory budget's, range): the config states a shape no real model has.
     """
     where = f"model {quote(str(path))}"
-    elem = 4 if device == "cpu" else 2  # the loader uses float32 on CPU, bfloat16 on GPUs
+    elem = element_bytes(dtype, "cpu" if device == "cpu" else "cuda")  # weights and KV in the load's dtype
     stored = from_store.ref_name(str(path))
     if stored is not None:  # a model in the store (store:/models/<name>): its config and headers from there
         fs = from_store.process_store()

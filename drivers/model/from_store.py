@@ -305,9 +305,10 @@ def _map_range(store: Any) -> tuple[int, int]:
     return 0, 0
 
 
-def load_model(model: str, device: str | None = None, home: Path | str | None = None) -> tuple[Any, Any, Any]:
+def load_model(model: str, device: str | None = None, dtype: str | None = None,
+               home: Path | str | None = None) -> tuple[Any, Any, Any]:
     """(model, tokenizer, device) for a store reference ``store:/models/<name>``, as ``engine.load_model`` gives
-    for a directory: float32 on a CPU (bfloat16 on a GPU), tied weights tied, generation_config.json honoured.
+    for a directory: in ``dtype`` (precision.py's ``resolve``), tied weights tied, generation_config.json honoured.
 
     The store is opened read-only at ``home``/store (default $LLMOS_HOME); the small files (config,
     tokenizer, chat template) go through a private temporary directory removed before returning; the
@@ -317,6 +318,7 @@ def load_model(model: str, device: str | None = None, home: Path | str | None = 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from llmos.drivers.model.engine import check_tokenizer
+    from llmos.drivers.model.precision import resolve
     from llmos.drivers.storage import FS, Store, store_dir
     from llmos.syscalls.address import llmos_home
 
@@ -325,7 +327,7 @@ def load_model(model: str, device: str | None = None, home: Path | str | None = 
         raise InvalidArgument(f"{quote(model)} is not a store model reference (store:/models/<name>)")
     where = f"model {quote(name)} in the store"
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    target = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    target = getattr(torch, resolve(dtype, dev.type))
     store = Store(store_dir(Path(home) if home is not None else llmos_home()), readonly=True).open()
     hold = StoreHold(store, None)
     tmp = Path(tempfile.mkdtemp(prefix="llmos-model-"))  # 0700: the files are the admin's model
