@@ -36,6 +36,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 ABI = {"llmos_paged_decode_abi": 6, "llmos_fused_ops_abi": 1}
 
 _p, _i, _l, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+DTYPES = (torch.float32,)  # the storage dtypes the kernels take (they accumulate in float32)
 
 
 def cache_dir() -> Path:

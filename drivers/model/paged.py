@@ -91,7 +91,7 @@ class PagedEngine(BaseEngine):
         self._vbuf = torch.empty(0, row, dtype=dtype, device=device)
         # decode attention straight from the block tables and fused element-wise steps, when the native
         # CPU kernels build here; None keeps the pure-torch forward
-        self.ops = cpu_kernels.load() if device.type == "cpu" and dtype == torch.float32 else None
+        self.ops = cpu_kernels.load() if device.type == "cpu" and dtype in cpu_kernels.DTYPES else None
         self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
         self._taps: list[Tap] = []  # the step in flight's captures (capture.py), kept if it completes
         self._fuse_projections()
@@ -225,7 +225,20 @@ class PagedEngine(BaseEngine):
         return self._kbuf, self._vbuf
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "kernels": "native" if self.ops is not None else "torch"}
+        return {**super().info(), "kernels": "native" if self.ops is not None else "torch",
+                "kernel_path": self.kernel_path()}
+
+    def kernel_path(self) -> str:
+        """How a step runs, for model_info: the attention and element-wise kernels (native C or torch) and
+        their precision, the GEMM path, and the CPU's vector unit as torch sees it."""
+        dtype = str(self.k_cache[0].dtype).replace("torch.", "")
+        packed = self.linear is not F.linear
+        if self.device.type != "cpu":
+            return f"torch on {self.device.type}, {dtype}"
+        acc = "" if dtype == "float32" else ", float32 accumulation"
+        ops = f"native C ({dtype}{acc})" if self.ops is not None else f"torch ({dtype})"
+        isa = torch.backends.cpu.get_cpu_capability()
+        return f"attention+norm+rotary+SiLU: {ops}; linear: {'oneDNN packed' if packed else 'torch'} ({isa})"
 
     @staticmethod
     def supports(model: Any) -> bool:
