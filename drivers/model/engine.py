@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from llmos.drivers.memory import KVBlockPool
+from llmos.drivers.memory import KVBlockPool, chain_hashes
 from llmos.drivers.model.capture import start_capture
 from llmos.drivers.model.memory_contract import MemoryContract
 from llmos.drivers.model.protocol import BLOCK_SIZE, PREEMPT_MODES, StepEvent, blocks_for
@@ -31,7 +31,7 @@ from llmos.drivers.model.prompt import chars_cap, check_length, check_prompt_cha
 from llmos.drivers.model.sampling import SamplingParams
 from llmos.drivers.model.shape import model_shape
 from llmos.drivers.model.text import TextTracker, silent_tokens, split_stops
-from llmos.syscalls.errors import Errno, InvalidArgument, TooBig, quote, wire_error
+from llmos.syscalls.errors import Errno, InvalidArgument, OutOfMemory, TooBig, quote, wire_error
 
 __all__ = ["BaseEngine", "Sequence", "StepEvent", "load_engine", "load_model"]  # StepEvent: protocol's
 
@@ -91,6 +91,8 @@ class Sequence:
     swap_blocks: int = 0  # swap-area blocks that holds
     spilled: int = 0  # or: its KV's blocks in the engine's spill area on disk (spill.py), covering ``computed``
     capture: Any = None  # its captured intermediates (capture.SequenceCapture), when it asked for them
+    keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its tokens' first full blocks
+    registered: int = 0  # leading blocks of its table offered to the prefix index (prefix caching)
 
     @property
     def generated(self) -> list[int]:
@@ -203,6 +205,10 @@ class BaseEngine(MemoryContract):
         self.load_prefill_tokens_per_s = 0.0
         self._measure = measure
         self.captured: list[tuple[int, Any]] = []  # (pid, SequenceCapture) of ended sequences, for the worker
+        self.prefix_lookups = 0  # prompts (new, recomputed, turns whose KV was dropped) looked up in the index
+        self.prefix_hits = 0  # of which started from cached blocks
+        self.prefix_hit_tokens = 0  # tokens those started with, not computed
+        self.prefix_cow_copies = 0  # shared blocks copied before a write (copy-on-write)
 
     def measure(self) -> None:
         """Measure the two costs of a context switch on this instance: bytes per second through the swap
@@ -218,6 +224,7 @@ class BaseEngine(MemoryContract):
             return
         ids = [i % int(self.model.config.vocab_size) for i in range(n)]
         best = float("inf")
+        sharing, self.prefix_cache = self.prefix_cache, False  # the second run must compute, not hit the first's
         for _ in range(2):  # the first run pays one-time costs (allocator, kernels)
             self.add(-1, ids, {"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True})
             t = time.perf_counter()
@@ -228,6 +235,7 @@ class BaseEngine(MemoryContract):
             else:
                 best = min(best, time.perf_counter() - t)
         self._drop(-1)
+        self.prefix_cache = sharing
         self.prefill_tokens_per_s = self.load_prefill_tokens_per_s = n / best if best < float("inf") else 0.0
         self.steps = self.preemptions = self.last_batch = self.last_step_tokens = 0
         self._step_prefill.clear()
@@ -291,6 +299,9 @@ class BaseEngine(MemoryContract):
                 "kv_policy": self.kv_policy, "swap_used": self.swap_used, "swap_total": self.swap_total,
                 "swaps_out": self.swaps_out, "swaps_in": self.swaps_in, "recomputed_tokens": self.recomputed_tokens,
                 "prefill_tokens_per_s": self.prefill_tokens_per_s,
+                "prefix_lookups": self.prefix_lookups, "prefix_hits": self.prefix_hits,
+                "prefix_hit_tokens": self.prefix_hit_tokens, "prefix_cached_blocks": self.pool.cached_blocks,
+                "prefix_evictions": self.pool.evictions, "prefix_cow_copies": self.prefix_cow_copies,
                 **(self.spill.stats() if self.spill is not None else
                    {"spills": 0, "spilled_blocks": 0, "spill_bytes_used": 0, "spill_failures": 0})}
 
@@ -430,10 +441,12 @@ class BaseEngine(MemoryContract):
             if need:
                 self.swaps_out += 1
                 self.pool.free(seq.pid)
+                seq.registered = 0
                 seq.cache = None
                 return StepEvent(seq.pid, preempted="swap")
         dropped = seq.computed
         self.pool.free(seq.pid)
+        seq.registered = 0
         seq.computed = 0
         seq.cache = None
         self.recomputed_tokens += dropped
@@ -478,16 +491,18 @@ class BaseEngine(MemoryContract):
                 break
             lcp += 1
         keep = min(seq.computed, lcp, len(prompt_ids) - 1)  # one token at least is fed to sample the reply
-        self._truncate_kv(seq, keep)
-        seq.computed = keep
+        seq.computed = self._truncate_kv(seq, keep)
+        del seq.keys[lcp // self.pool.block_size:]  # a key names every token up to its block's end
         seq.tokens = list(prompt_ids)
         seq.prompt_len = len(prompt_ids)
         strings, special = split_stops(seq.params.stop, self._silent)
         seq.text = TextTracker(self.tokenizer, strings, seq.tokens)
         seq.stop_ids = frozenset([*seq.params.stop_token_ids, *special])
 
-    def _truncate_kv(self, seq: Sequence, tokens: int) -> None:
-        """Keep the KV of the first ``tokens`` tokens only, wherever it is."""
+    def _truncate_kv(self, seq: Sequence, tokens: int) -> int:
+        """Keep the KV of the first ``tokens`` tokens only, wherever it is; returns the tokens kept: ``tokens``,
+        or fewer (down to the last block boundary) when the block the next write goes into is shared with another
+        table or the prefix index and no block is free for its private copy (the rest is recomputed)."""
         keep = blocks_for(tokens, self.pool.block_size)
         if seq.spilled and tokens < seq.computed:
             if tokens == 0:
@@ -503,8 +518,80 @@ class BaseEngine(MemoryContract):
                 self.swap_used -= seq.swap_blocks - keep
                 seq.swap_blocks = keep
         self.pool.truncate(seq.pid, keep)
+        seq.registered = min(seq.registered, tokens // self.pool.block_size)
+        if tokens % self.pool.block_size and len(self.pool.tables.get(seq.pid, ())) == keep:
+            # the next turn writes into block keep - 1 from slot ``tokens`` on: never into one others read
+            if not self._make_private(seq, keep - 1):
+                tokens -= tokens % self.pool.block_size
+                self.pool.truncate(seq.pid, keep - 1)
         if seq.cache is not None and tokens < seq.computed:
             self._cache_truncate(seq, tokens)
+        return tokens
+
+    # -- prefix caching (blocks shared by the hash chain of their tokens: memory.py) ------------------------
+    def _copy_block(self, src: int, dst: int) -> None:
+        """Engines that hold the KV tensors copy block ``src``'s slots (every layer's keys and values) to ``dst``."""
+        raise NotImplementedError
+
+    def _make_private(self, seq: Sequence, i: int) -> bool:
+        """Copy-on-write: give ``seq`` a private copy of block ``i`` of its table when the block is shared;
+        False when no block is free for the copy."""
+        try:
+            pair = self.pool.make_private(seq.pid, i)
+        except OutOfMemory:
+            return False
+        if pair is not None:
+            self._copy_block(*pair)
+            self.prefix_cow_copies += 1
+        return True
+
+    def _keys(self, seq: Sequence) -> list[bytes]:
+        """The prefix keys of ``seq``'s full blocks; the isolated policy salts them with the user: users whose
+        memory is isolated share no KV (a shared block would also tell one user, by timing, another's prompt)."""
+        salt = seq.user.encode() if self.kv_policy == "isolated" else b""
+        return chain_hashes(seq.tokens, self.pool.block_size, seq.keys, salt)
+
+    def _reuse_prefix(self, seq: Sequence) -> int:
+        """Start a sequence that computes from position 0 with the longest run of cached blocks matching its
+        tokens (prefix caching): its table starts with them and ``computed`` with their tokens, which are not
+        computed again (nor counted in ``prefilled``). One token at least is left to compute, since the step
+        that samples needs its logits; a capturing sequence reuses only positions it has already captured.
+        Returns the tokens reused (0: no hit, or the cache is off, or the sequence already has KV)."""
+        if not self.prefix_cache or seq.computed or seq.swap is not None or seq.spilled:
+            return 0
+        bs = self.pool.block_size
+        limit = (len(seq.tokens) - 1) // bs
+        if seq.capture is not None:
+            limit = min(limit, seq.capture.tokens // bs)
+        self.prefix_lookups += 1
+        blocks = self.pool.lookup(self._keys(seq)[:limit])
+        if not blocks:
+            return 0
+        self.pool.free(seq.pid)  # blocks from a step that never completed hold nothing of use
+        seq.registered = self.pool.attach(seq.pid, blocks, seq.user)  # fewer at the user's cap
+        seq.computed = seq.registered * bs
+        if seq.computed:
+            self.prefix_hits += 1
+            self.prefix_hit_tokens += seq.computed
+        return seq.computed
+
+    def _unshare(self, seq: Sequence) -> None:
+        """Give back the cached blocks :meth:`_reuse_prefix` just took, when the rest of the prompt must wait for
+        memory: a waiting prompt holds no blocks (two waiting prompts could otherwise hold each other's room)."""
+        self.prefix_hits -= 1
+        self.prefix_hit_tokens -= seq.computed
+        self.pool.free(seq.pid)
+        seq.computed = seq.registered = 0
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        """Offer the prefix index every block of ``seq``'s table that became full (all its slots computed)."""
+        full = seq.computed // self.pool.block_size
+        if not self.prefix_cache or full <= seq.registered or seq.pid not in self.pool.tables:
+            return
+        keys = self._keys(seq)
+        for i in range(seq.registered, full):
+            self.pool.register(seq.pid, i, keys[i])
+        seq.registered = full
 
     def _drop_swap(self, seq: Sequence) -> None:
         """Forget ``seq``'s swapped-out KV, in the host area or the spill area."""

@@ -110,6 +110,11 @@ class PagedEngine(BaseEngine):
             kc.index_copy_(0, idx, k.to(self.device))
             vc.index_copy_(0, idx, v.to(self.device))
 
+    def _copy_block(self, src: int, dst: int) -> None:
+        for kc, vc in zip(self.k_cache, self.v_cache):
+            kc[dst].copy_(kc[src])
+            vc[dst].copy_(vc[src])
+
     def _swap_out(self, seq: Sequence) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self._copy_out(self.pool.tables[seq.pid][:blocks_for(seq.computed, self.pool.block_size)])
 
@@ -317,12 +322,15 @@ class PagedEngine(BaseEngine):
             if failed is not None:
                 events.append(failed)
                 continue
+            reused = self._reuse_prefix(seq)  # from position 0: cached blocks of the same prefix start its table
             n = min(len(seq.tokens) - seq.computed, budget)
             room = self._make_room(seq, seq.computed + n, planned, active_victims=False)
             if isinstance(room, StepEvent):
                 events.append(room)
                 continue
             if not room:
+                if reused:
+                    self._unshare(seq)
                 if self._capped(seq, seq.computed + n):
                     continue  # this user waits for its own blocks; others go on
                 break  # keep arrival order: later prompts wait for memory too
@@ -373,6 +381,7 @@ class PagedEngine(BaseEngine):
         for seq, start, n in plan:
             seq.computed = start + n
             self._prefilled(seq, start, n)
+            self._register_blocks(seq)  # before _accept: a sequence that ends leaves its blocks cached
             if seq.computed == len(seq.tokens):
                 sampled_seqs.append(seq)
         tokens = sample_batch(logits, [s.params for s in sampled_seqs], [s.generator for s in sampled_seqs],

@@ -64,6 +64,7 @@ class SequentialEngine(BaseEngine):
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
+        self.prefix_cache = False  # one transformers cache per sequence: nothing to share
         params = inspect.signature(self.model.forward).parameters
         # transformers 5 renamed the cache argument and output field from past_key_values to cache
         self._cache_kw = "cache" if "cache" in params else "past_key_values"

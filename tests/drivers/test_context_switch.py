@@ -17,7 +17,8 @@ def engines(tiny_model, tmp_path_factory):
     from tests.tinymodel import make_tiny_gpt2
 
     gpt2 = make_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2")
-    made = {kind: load_engine(tiny_model, engine=kind, block_size=4) for kind in KINDS}
+    # the prefix cache off: these tests count what a switch recomputes (test_prefix_cache.py: the same paths with it on)
+    made = {kind: load_engine(tiny_model, engine=kind, block_size=4, prefix_cache=False) for kind in KINDS}
     made["gpt2"] = load_engine(gpt2, block_size=4)
     assert made["gpt2"].kind == "sequential"
     yield made
