@@ -11,10 +11,11 @@ import torch
 from benchmarks.workload import Request
 
 
-def load(path) -> Any:
+def load(path, dtype: str = "float32") -> Any:
+    """The HF model at ``path`` with its weights in ``dtype`` (a torch dtype's name), for inference."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
 
 
 @torch.inference_mode()
@@ -44,6 +45,12 @@ def static_batch(model: Any, reqs: list[Request]) -> float:
     model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
                    pad_token_id=0)
     return time.perf_counter() - t
+
+
+@torch.inference_mode()
+def static_prefill(model: Any, reqs: list[Request]) -> float:
+    """Seconds to the static batch's first token: the same left-padded ``generate`` with one new token."""
+    return static_batch(model, [Request(r.prompt_ids, 1) for r in reqs])
 
 
 @torch.inference_mode()
