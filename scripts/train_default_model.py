@@ -472,6 +472,9 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed, "lr": args.lr, "weight_decay": args.weight_decay, "batch_size": args.batch_size,
     }
     write_model_card(out, config, n_params, stats, corpus_info, samples, command, args.seq_len)
+    # the held-out docstrings as text (each followed by EOT, as the model saw them): the quality tests'
+    # validation text (the bfloat16 perplexity is checked against float32's on it)
+    (out / "validation.txt").write_text("".join(d + EOT for d in val_docs), encoding="utf-8")
     (out / "training_summary.json").write_text(
         json.dumps({**corpus_info, "params": n_params, "steps": stats.steps, "minutes": stats.seconds / 60,
                     "tokens_seen": stats.tokens_seen, "train_loss": stats.train_loss,

@@ -4,7 +4,9 @@ Only what torch does slowly at decode sizes lives here: decode attention that re
 values in place through block tables (``paged_attention.c``), and fused element-wise steps of
 the forward, residual add + RMSNorm, SiLU-gate multiply and rotary embedding
 (``fused_ops.c``), whose chains of small torch operators cost more in dispatch than in
-arithmetic. The shared object is compiled once per source and machine (``-march=native``)
+arithmetic. Each comes in float32 and in bfloat16 (a bfloat16 KV cache is read and widened in place,
+everything is accumulated in float32, and the element-wise kernels round where transformers' bfloat16
+Llama rounds, so greedy tokens match it). The shared object is compiled once per source and machine (``-march=native``)
 into a cache directory and loaded with ctypes; it uses OpenMP through the runtime torch
 already loaded, so it shares torch's threads instead of adding its own. Anything that goes
 wrong (no compiler, a failed build, a result that disagrees with torch on a self-check)
@@ -31,12 +33,12 @@ import torch.nn.functional as F
 log = logging.getLogger("llmos.kernels")
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("paged_attention.c", "fused_ops.c")
-HEADERS = ("simd.h",)
+HEADERS = ("simd.h", "paged_kv.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
-ABI = {"llmos_paged_decode_abi": 6, "llmos_fused_ops_abi": 1}
+ABI = {"llmos_paged_decode_abi": 7, "llmos_fused_ops_abi": 2}
 
 _p, _i, _l, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-DTYPES = (torch.float32,)  # the storage dtypes the kernels take (they accumulate in float32)
+DTYPES = (torch.float32, torch.bfloat16)  # the storage dtypes the kernels take (they accumulate in float32)
 
 
 def cache_dir() -> Path:
@@ -127,8 +129,10 @@ def _openmp_runtimes() -> set[str]:
             if any(name in line for name in ("libgomp", "libiomp", "libomp"))}
 
 
-def _f32(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype is torch.float32 and t.is_cpu for t in tensors)  # is_cpu: t.device costs ~1 us a call
+def _one_dtype(*tensors: torch.Tensor) -> bool:
+    """All CPU tensors of one of the kernels' dtypes (DTYPES)."""
+    dtype = tensors[0].dtype
+    return dtype in DTYPES and all(t.dtype is dtype and t.is_cpu for t in tensors)  # is_cpu: t.device costs ~1 us
 
 
 def _require(ok: bool, op: str, what: str) -> None:
@@ -146,18 +150,24 @@ class CpuKernels:
             fn.restype, fn.argtypes = restype, list(argtypes)
             return fn
 
-        self._decode = bind("llmos_paged_decode", _i, _p, _l, _p, _p, _i, _p, _i, _p, _p, _i, _i, _i, _i, _i, _f)
-        self._norm = bind("llmos_add_rms_norm", None, _p, _p, _p, _p, _i, _i, _f)
-        self._silu_mul = bind("llmos_silu_mul", None, _p, _p, _i, _i)
-        self._rope = bind("llmos_rope", None, _p, _l, _p, _p, _i, _i, _i)
+        # per storage dtype: float32 and bfloat16 entry points of the same kernels
+        suffix = {torch.float32: "", torch.bfloat16: "_bf16"}
+        self._decode = {dt: bind("llmos_paged_decode" + (sfx or "_f32"), _i, _p, _l, _p, _p, _i, _p, _i, _p, _p, _i,
+                                 _i, _i, _i, _i, _f) for dt, sfx in suffix.items()}
+        self._norm = {dt: bind("llmos_add_rms_norm" + sfx, None, _p, _p, _p, _p, _i, _i, _f) for dt, sfx in suffix.items()}
+        self._silu_mul = {dt: bind("llmos_silu_mul" + sfx, None, _p, _p, _i, _i) for dt, sfx in suffix.items()}
+        self._rope = {dt: bind("llmos_rope" + sfx, None, _p, _l, _p, _p, _i, _i, _i) for dt, sfx in suffix.items()}
 
     def paged_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                      ctx: torch.Tensor, out: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
         """q: [B, H, D] with contiguous heads (rows may be strided); k/v_cache: [blocks, block_size * KV * D];
         tables: [B, W] int32 block ids; ctx: [B] int32 context lengths; out: [B, H, D] contiguous. Fills and
-        returns out. The kernel itself refuses context lengths and block ids outside the tables and the pool."""
+        returns out. q, the caches and out are all float32 or all bfloat16 (then q is widened to float32 first,
+        the caches as they are read, and out is rounded once at the end). The kernel itself refuses context
+        lengths and block ids outside the tables and the pool."""
         op = "paged_decode"
-        _require(_f32(q, k_cache, v_cache, out), op, "q, caches and out must be float32 CPU tensors")
+        _require(_one_dtype(q, k_cache, v_cache, out), op, "q, caches and out must be CPU tensors of one dtype, "
+                 "float32 or bfloat16")
         _require(q.dim() == 3 and q.stride(2) == 1 and q.stride(1) == q.shape[2] and q.stride(0) >= q.shape[1]
                  * q.shape[2], op, "q must be [batch, heads, dim] with contiguous heads")
         batch, heads, dim = q.shape
@@ -171,9 +181,14 @@ class CpuKernels:
         _require(tables.dtype == ctx.dtype == torch.int32 and tables.dim() == 2 and tables.is_contiguous()
                  and ctx.is_contiguous() and tables.shape[0] == ctx.numel() == batch, op,
                  "tables must be contiguous int32 [batch, width] and ctx int32 [batch]")
-        failed = self._decode(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
-                              tables.data_ptr(), tables.shape[1], ctx.data_ptr(), out.data_ptr(), batch, heads,
-                              kv_heads, dim, block_size, float(scale))
+        dtype = k_cache.dtype
+        q32 = q if dtype is torch.float32 else q.float()  # [B, H, D] contiguous: a copy of B * H * D values
+        o32 = out if dtype is torch.float32 else torch.empty(out.shape, dtype=torch.float32)
+        failed = self._decode[dtype](q32.data_ptr(), q32.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                                     k_cache.shape[0], tables.data_ptr(), tables.shape[1], ctx.data_ptr(),
+                                     o32.data_ptr(), batch, heads, kv_heads, dim, block_size, float(scale))
+        if o32 is not out:
+            out.copy_(o32)
         if failed:
             raise ValueError(f"{op}: {failed} of {batch} sequences have a context length outside their block table, "
                              "a block id outside the pool, or no memory for scratch space")
@@ -181,39 +196,41 @@ class CpuKernels:
 
     def add_rms_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> torch.Tensor:
-        """``h += delta`` in place (when given), then RMSNorm of h times weight, as a new tensor."""
+        """``h += delta`` in place (when given), then RMSNorm of h times weight, as a new tensor. h: [rows, dim];
+        all float32 or all bfloat16."""
         op = "add_rms_norm"
-        _require(_f32(h, weight) and (delta is None or _f32(delta)), op, "tensors must be float32 CPU tensors")
+        _require(_one_dtype(h, weight, *(() if delta is None else (delta,))), op,
+                 "tensors must be CPU tensors of one dtype, float32 or bfloat16")
         _require(h.dim() == 2 and h.is_contiguous(), op, "h must be a contiguous [rows, dim] tensor")
         _require(weight.is_contiguous() and weight.numel() == h.shape[1], op, "weight must be contiguous [dim]")
         _require(delta is None or (delta.shape == h.shape and delta.is_contiguous()), op,
                  "delta must be contiguous and shaped like h")
         out = torch.empty_like(h)
-        self._norm(h.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
-                   h.shape[0], h.shape[1], float(eps))
+        self._norm[h.dtype](h.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+                            out.data_ptr(), h.shape[0], h.shape[1], float(eps))
         return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[rows, 2 * inter] (gate | up) -> silu(gate) * up, [rows, inter]."""
-        _require(_f32(gate_up) and gate_up.dim() == 2 and gate_up.is_contiguous() and gate_up.shape[1] % 2 == 0,
-                 "silu_mul", "gate_up must be a contiguous float32 [rows, 2 * inter] tensor")
+        _require(_one_dtype(gate_up) and gate_up.dim() == 2 and gate_up.is_contiguous() and gate_up.shape[1] % 2 == 0,
+                 "silu_mul", "gate_up must be a contiguous float32 or bfloat16 [rows, 2 * inter] tensor")
         rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
         out = torch.empty(rows, inter, dtype=gate_up.dtype)
-        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter)
+        self._silu_mul[gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), rows, inter)
         return out
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
         """Rotary embedding in place on the first ``heads`` heads of ``head_dim`` floats in each row of x
         ([tokens, >= heads * head_dim], unit stride); cos, sin: [tokens, head_dim] contiguous. Returns x."""
         op = "rope"
-        _require(_f32(x, cos, sin), op, "tensors must be float32 CPU tensors")
+        _require(_one_dtype(x, cos, sin), op, "tensors must be CPU tensors of one dtype, float32 or bfloat16")
         _require(x.dim() == 2 and x.stride(1) == 1 and x.shape[1] >= heads * head_dim
                  and x.stride(0) >= heads * head_dim and heads > 0, op,
                  "x must be [tokens, >= heads * head_dim] with unit-stride, non-overlapping rows")
         _require(cos.shape == sin.shape == (x.shape[0], head_dim) and head_dim % 2 == 0 and cos.is_contiguous()
                  and sin.is_contiguous(), op, "cos and sin must be contiguous [tokens, head_dim], head_dim even "
                  "(a rotary embedding over part of the head is not supported)")
-        self._rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), x.shape[0], heads, head_dim)
+        self._rope[x.dtype](x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), x.shape[0], heads, head_dim)
         return x
 
 
@@ -244,6 +261,13 @@ def reference_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads:
     return y
 
 
+def reference_rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' LlamaRMSNorm computes it: float32 statistics, the normalised row rounded to
+    h's dtype, then times the weight in that dtype."""
+    x = h.float()
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
 def _self_check(k: CpuKernels) -> str | None:
     """The name of the first kernel that disagrees with torch on a small random case, or None."""
     g = torch.Generator().manual_seed(0)
@@ -266,6 +290,24 @@ def _self_check(k: CpuKernels) -> str | None:
     x, cos, sin = torch.randn(3, 5 * 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
     if not torch.allclose(k.rope(x.clone(), cos, sin, 4, 8), reference_rope(x, cos, sin, 4), atol=1e-5, rtol=1e-4):
         return "rope"
+    # bfloat16: against torch's bfloat16 operators, within a unit in the last place of bfloat16
+    bf = torch.bfloat16
+    kb, vb, qb = kc.to(bf), vc.to(bf), q.to(bf)
+    out = k.paged_decode(qb, kb, vb, tables, ctx, torch.empty(3, heads, dim, dtype=bf), bs, 0.25)
+    if not torch.allclose(out.float(), reference_decode(qb.float(), kb.float(), vb.float(), tables, ctx, bs, 0.25),
+                          atol=1e-2, rtol=1e-2):
+        return "paged_decode (bfloat16)"
+    hb, db, wb = h.to(bf), d.to(bf), w[0].to(bf).contiguous()
+    if not torch.allclose(k.add_rms_norm(hb.clone(), db, wb, 1e-6).float(),
+                          reference_rms_norm(hb + db, wb, 1e-6).float(), atol=1e-2, rtol=1e-2):
+        return "add_rms_norm (bfloat16)"
+    gb = gu.to(bf)
+    if not torch.allclose(k.silu_mul(gb).float(), (F.silu(gb[:, :21]) * gb[:, 21:]).float(), atol=1e-2, rtol=1e-2):
+        return "silu_mul (bfloat16)"
+    xb, cb, sb = x.to(bf), cos.to(bf), sin.to(bf)
+    if not torch.allclose(k.rope(xb.clone(), cb, sb, 4, 8).float(), reference_rope(xb, cb, sb, 4).float(),
+                          atol=1e-2, rtol=1e-2):
+        return "rope (bfloat16)"
     return None
 
 
