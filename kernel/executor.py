@@ -385,7 +385,8 @@ class Executor(Actor):
                 "has_chat_template": self.info.get("has_chat_template"),
                 "ready": self.ready.done() and not self.dead, "max_batch": self.max_batch,
                 "stage": None if self.ready.done() else self.stage,
-                "kernels": self.info.get("kernels"),
+                "kernels": self.info.get("kernels"), "kernel_path": self.info.get("kernel_path"),
+                "dtype": self.info.get("dtype"), "prefix_cache": self.info.get("prefix_cache"),
                 "kv_policy": self.info.get("kv_policy"), "kv_block_size": self.info.get("kv_block_size"),
                 "kv_used": s.get("kv_used", 0), "kv_free": s.get("kv_free", self.info.get("kv_blocks", 0)),
                 "kv_total": self.kv_total, "kv_bytes": s.get("kv_bytes"), "kv_per_user": s.get("kv_per_user", {}),
@@ -398,7 +399,9 @@ class Executor(Actor):
                 "swaps_out": s.get("swaps_out", 0), "swaps_in": s.get("swaps_in", 0),
                 "recomputed_tokens": s.get("recomputed_tokens", 0), "spills": s.get("spills", 0),
                 "spilled_blocks": s.get("spilled_blocks", 0), "spill_bytes_used": s.get("spill_bytes_used", 0),
-                "spill_failures": s.get("spill_failures", 0)}
+                "spill_failures": s.get("spill_failures", 0),
+                **{k: s.get(k, 0) for k in ("prefix_lookups", "prefix_hits", "prefix_hit_tokens",
+                                            "prefix_cached_blocks", "prefix_evictions", "prefix_cow_copies")}}
 
 
 def _tail(path: Path, limit: int = 400) -> str:

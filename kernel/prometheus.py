@@ -36,6 +36,10 @@ INSTANCE_COUNTERS = {  # executor description key -> (family, help)
     "tokens_out": ("llmos_engine_generated_tokens", "tokens the engine generated, live processes included "
                    "(per executor; llmos_generation_tokens counts processes once they end)"),
     "steps": ("llmos_engine_steps", "engine steps (one batch forward each)"),
+    "prefix_lookups": ("llmos_prefix_cache_lookups", "prompts looked up in the prefix cache"),
+    "prefix_hits": ("llmos_prefix_cache_hits", "prompts that started from cached KV blocks"),
+    "prefix_hit_tokens": ("llmos_prefix_cache_hit_tokens", "prompt tokens taken from the prefix cache, not computed"),
+    "prefix_evictions": ("llmos_prefix_cache_evictions", "cached KV blocks evicted (least recently used) for room"),
 }
 INSTANCE_GAUGES = {  # executor description key -> (family, help)
     "kv_used": ("llmos_kv_blocks_used", "KV cache blocks in use"),
@@ -44,6 +48,8 @@ INSTANCE_GAUGES = {  # executor description key -> (family, help)
     "swap_used": ("llmos_swap_blocks_used", "swapped-out KV blocks held in host memory"),
     "batch_last": ("llmos_batch_size", "processes in the last engine step"),
     "running": ("llmos_executor_running_processes", "processes placed on the model instance"),
+    "prefix_cached_blocks": ("llmos_prefix_cache_blocks", "KV blocks held by no process, kept for their prefix "
+                             "(free for allocation)"),
 }
 DEVICE_GAUGES = {
     "budget_bytes": ("llmos_device_memory_budget_bytes", "memory the kernel may reserve on the device"),

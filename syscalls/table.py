@@ -166,7 +166,10 @@ MODEL_DESCRIPTION = (
     Field("executors", "list[map]", "per instance: worker_pid, engine, ready, stage (while it loads: starting "
           "the worker, importing torch and transformers, reading weights, building the KV pool; null once "
           "ready), running, kv_used/free/total, steps, batch_mean/max, tokens_out, preemptions; backend, node "
-          "(local, or ray:<node id> where its Ray actor runs), node_id, node_ip", nullable=True),
+          "(local, or ray:<node id> where its Ray actor runs), node_id, node_ip; dtype (the precision it runs "
+          "in), kernels and kernel_path (native or torch, their precision, the GEMM path, the CPU's vector unit); "
+          "prefix_cache (on or off) with prefix_lookups, prefix_hits, prefix_hit_tokens, prefix_cached_blocks, "
+          "prefix_evictions, prefix_cow_copies", nullable=True),
 )
 
 SYSCALLS: tuple[Syscall, ...] = (

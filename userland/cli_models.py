@@ -83,9 +83,15 @@ def format_model_info(d: dict[str, Any]) -> str:
         for ex in d.get("executors") or []:
             state = "ready" if ex.get("ready") else f"loading{': ' + ex['stage'] if ex.get('stage') else ''}"
             lines.append(f"  instance {ex.get('executor')}: worker pid {ex.get('worker_pid')}, {state}, engine "
-                         f"{ex.get('engine')}, {ex.get('dtype') or 'dtype ?'}, kernels {ex.get('kernels') or '?'}, "
-                         f"context {ex.get('context_len')} tokens, KV {ex.get('kv_used', 0)}/"
-                         f"{ex.get('kv_total', 0)} blocks, running {ex.get('running', 0)}")
+                         f"{ex.get('engine')}, {ex.get('dtype') or 'dtype ?'}, context {ex.get('context_len')} tokens, "
+                         f"KV {ex.get('kv_used', 0)}/{ex.get('kv_total', 0)} blocks, running {ex.get('running', 0)}")
+            if ex.get("kernel_path"):
+                lines.append(f"    kernels: {ex['kernel_path']}")
+            if ex.get("prefix_cache") is not None:
+                lines.append("    prefix cache: " + (
+                    f"on, {ex.get('prefix_hits', 0)} hits of {ex.get('prefix_lookups', 0)} prompts, "
+                    f"{ex.get('prefix_hit_tokens', 0)} tokens not recomputed, {ex.get('prefix_cached_blocks', 0)} "
+                    f"blocks cached, {ex.get('prefix_evictions', 0)} evicted" if ex["prefix_cache"] else "off"))
     return "\n".join(lines)
 
 
