@@ -64,10 +64,10 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------- llama.cpp
 
 
-def llama_source(cache: Path = CACHE) -> tuple[Path, str]:
+def llama_source(cache: Path | None = None) -> tuple[Path, str]:
     """(the vendored llama.cpp directory, the sdist's version), downloading and unpacking the newest
     ``llama-cpp-python`` sdist with pip once. Raises RuntimeError when pip cannot fetch it."""
-    src = cache / "src"
+    src = (cache or CACHE) / "src"
     sdists = sorted(src.glob("llama_cpp_python-*.tar.gz")) if src.exists() else []
     if not sdists:
         src.mkdir(parents=True, exist_ok=True)
@@ -82,8 +82,9 @@ def llama_source(cache: Path = CACHE) -> tuple[Path, str]:
     return sdist, version
 
 
-def llama_dir(cache: Path = CACHE) -> tuple[Path, str]:
+def llama_dir(cache: Path | None = None) -> tuple[Path, str]:
     """(the cache directory for this sdist version on this CPU, version); unpacks the sdist there."""
+    cache = cache or CACHE
     sdist, version = llama_source(cache)
     key = f"llama.cpp-{version}-{platform.machine()}-{hashlib.sha1(' '.join(cpu_flags()).encode()).hexdigest()[:10]}"
     d = cache / key
@@ -95,7 +96,7 @@ def llama_dir(cache: Path = CACHE) -> tuple[Path, str]:
     return d, version
 
 
-def llama_server(cache: Path = CACHE, jobs: int = 2) -> tuple[Path, Path, str]:
+def llama_server(cache: Path | None = None, jobs: int = 2) -> tuple[Path, Path, str]:
     """(llama-server binary, vendored llama.cpp source, version), building the server once (CMake,
     ``-DGGML_NATIVE=ON -DLLAMA_CURL=OFF``, target llama-server; ~30-40 min on 2 cores) and reusing it after.
     Raises RuntimeError with the build log's tail when the build fails."""
