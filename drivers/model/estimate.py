@@ -84,6 +84,8 @@ def estimate(path: str | Path, device: str = "cpu", kv_tokens: int | None = None
     # the paged engine on a CPU keeps a oneDNN-packed copy of the weights of models up to the limit
     if device == "cpu" and config.get("model_type") in PAGED_MODEL_TYPES and weights <= PACK_LIMIT_BYTES:
         weights *= 2
+    if elem < 4 and config.get("model_type") in PAGED_MODEL_TYPES:  # the paged engine's float32 copy of the LM head
+        weights += 4 * int(config.get("vocab_size") or 0) * int(config.get("hidden_size") or 0)
     kv = per_token * kv_tokens
     overhead = WORKER_OVERHEAD_BYTES if device == "cpu" else GPU_OVERHEAD_BYTES  # what the device itself holds
     if max(weights, kv, weights + kv + overhead) > MAX_ESTIMATE_BYTES:

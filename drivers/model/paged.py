@@ -95,6 +95,11 @@ class PagedEngine(BaseEngine):
         self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
         self._taps: list[Tap] = []  # the step in flight's captures (capture.py), kept if it completes
         self._fuse_projections()
+        # a reduced-precision model's LM head also as float32 (vocab x hidden x 4 bytes, in the memory estimate):
+        # logits, sampling and log-probabilities are float32 in every dtype
+        head = self.model.lm_head
+        self.lm_head32 = None if dtype == torch.float32 else (
+            head.weight.detach().float(), None if head.bias is None else head.bias.detach().float())
         self.measure()
 
     # -- the swap area -----------------------------------------------------------------------
@@ -566,4 +571,6 @@ class PagedEngine(BaseEngine):
         norm = self.inner.norm
         hl = h.index_select(0, torch.tensor(last, device=dev))
         hl = F.rms_norm(hl, (hl.shape[-1],), norm.weight, norm.variance_epsilon)
+        if self.lm_head32 is not None:  # logits in float32 whatever the model's dtype: no ties from rounding
+            return F.linear(hl.float(), *self.lm_head32)
         return self.linear(hl, *self.lm_head).float()
