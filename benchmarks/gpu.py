@@ -4,11 +4,12 @@ benchmark on CUDA beside the CPU, in one run: ``python -m benchmarks.gpu [--out 
 1. Devices: ``llmos devices`` lists exactly the GPUs NVML reports, with their memory (tests use a FakeGPU).
 2. Placement: a model loaded with ``device="cuda:0"`` runs on the GPU (its worker holds GPU memory, which
    NVML shows), beside a copy of it loaded on the CPU.
-3. Correctness: the same random-weight model gives the same greedy tokens on CUDA (bfloat16, as the loader
-   puts weights on a GPU) as on the CPU (float32): the count of identical sequences, and where others first
-   differ.
+3. Correctness: the same random-weight model gives the same greedy tokens on CUDA (``--dtype``, default
+   auto: bfloat16 where the GPU has it) as on the CPU (float32): the count of identical sequences, and where
+   others first differ; and HF ``generate`` on the same GPU in the same dtype against LLMOS.
 4. Speed: ``llmos bench`` (closed loop at several concurrencies, 128-token prompts and outputs) against the
-   CUDA model and against the CPU copy: output tok/s, TTFT and TPOT p50/p99.
+   CUDA model and against the CPU copy: output tok/s, TTFT and TPOT p50/p99; HF's padded static batch on the
+   same GPU in the same dtype (the same request count and lengths).
 5. Metrics: the Prometheus text has the GPU's device memory gauges.
 
 Prints a report in Markdown and writes it, with the raw numbers, to DIR (gpu.md, gpu.json).
@@ -61,6 +62,45 @@ def _bench(address: str, model: Path, concurrency: str, n: int) -> dict[str, Any
     return json.loads(out.stdout)
 
 
+def _hf_static(model_dir: Path, args: argparse.Namespace, report: dict) -> dict[str, Any]:
+    """HF's padded static batch on the GPU model's device and dtype: the bench's request count, 128-token
+    prompts and outputs (llmos bench's shape), greedy; useful output tokens per second, and HF's greedy
+    tokens for the first sequences against LLMOS's in the same dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmos.client import Client
+    from llmos.drivers.model.precision import resolve
+
+    dev = torch.device(args.gpu_device)
+    dtype = getattr(torch, resolve(args.dtype, dev.type))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(dev).eval()
+    vocab = model.config.vocab_size
+    reqs = workload(vocab, n=args.requests, seed=2, prompt=(128, 128), output=(128, 128))
+    ids = torch.tensor([r.prompt_ids for r in reqs], device=dev)
+    with torch.inference_mode():
+        model.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), max_new_tokens=4, do_sample=False,
+                       pad_token_id=0)  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=128, min_new_tokens=128,
+                             do_sample=False, pad_token_id=0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        dt = time.perf_counter() - t
+    hf = out[:, ids.shape[1]:].tolist()
+    c = Client(report.get("address") or "")
+    same = 0
+    for r, ref in list(zip(reqs, hf))[:args.greedy]:
+        pid = c.spawn(prompt_ids=r.prompt_ids, model=str(model_dir), max_new_tokens=128, temperature=0,
+                      ignore_eos=True)
+        same += c.wait(pid, timeout=300).token_ids == ref
+    c.close()
+    return {"dtype": str(dtype).replace("torch.", ""), "requests": len(reqs), "tok_per_s": len(reqs) * 128 / dt,
+            "greedy_same_as_llmos": f"{same}/{min(args.greedy, len(reqs))}"}
+
+
 def _step(report: dict, name: str, fn: Any) -> Any:
     t0 = time.time()
     try:
@@ -83,6 +123,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=32, help="requests per bench point (default 32)")
     ap.add_argument("--gpu-device", default="cuda:0", help="the device of the 'GPU' model (cpu: a dry run of "
                     "this script where there is no GPU; default cuda:0)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                    help="the GPU model's precision (model_load's dtype; auto: bfloat16 where the GPU has it, "
+                         "else float16); HF's static batch runs in the same one (default auto)")
     args = ap.parse_args()
     import torch
 
@@ -97,6 +140,7 @@ def main() -> int:
         cpu_model = root / f"{gpu_model.name}-cpu"
         shutil.copytree(gpu_model, cpu_model)
         proc, address = start_kernel(root / "home")
+        report["address"] = address
         c = Client(address)
         nv = _nvml()
         report["nvml"] = {"driver": nv["driver"], "gpus": [{k: g[k] for k in ("index", "name", "memory_total_bytes")}
@@ -111,7 +155,7 @@ def main() -> int:
 
         def load() -> dict:
             t0 = time.time()
-            g = c.model_load(str(gpu_model), device=args.gpu_device, keep_alive=-1)
+            g = c.model_load(str(gpu_model), device=args.gpu_device, keep_alive=-1, dtype=args.dtype)
             t1 = time.time()
             k = c.model_load(str(cpu_model), device="cpu", keep_alive=-1)
             t2 = time.time()
@@ -120,7 +164,8 @@ def main() -> int:
             return {"gpu_load_s": t1 - t0, "cpu_load_s": t2 - t1, "gpu_device": g["device"],
                     "cpu_device": k["device"], "estimate_bytes": g["estimate"]["total_bytes"],
                     "worker_pid": worker, "worker_gpu_bytes_nvml": held.get(worker),
-                    "kv_blocks_gpu": g["executors"][0]["kv_total"], "kv_blocks_cpu": k["executors"][0]["kv_total"]}
+                    "kv_blocks_gpu": g["executors"][0]["kv_total"], "kv_blocks_cpu": k["executors"][0]["kv_total"],
+                    "gpu_dtype": g["executors"][0].get("dtype"), "gpu_kernel_path": g["executors"][0].get("kernel_path")}
         report["load"] = _step(report, "load", load)
 
         def greedy() -> dict:
@@ -141,6 +186,7 @@ def main() -> int:
         report["greedy"] = _step(report, "greedy", greedy)
 
         report["bench_gpu"] = _step(report, "bench_gpu", lambda: _bench(address, gpu_model, args.concurrency, args.requests))
+        report["hf_gpu"] = _step(report, "hf_gpu", lambda: _hf_static(gpu_model, args, report))
         report["bench_cpu"] = _step(report, "bench_cpu", lambda: _bench(address, cpu_model, args.concurrency, args.requests))
 
         def metrics() -> list[str]:
@@ -174,7 +220,8 @@ def render(report: dict, args: argparse.Namespace) -> str:
     lines = [f"## On a GPU: `python -m benchmarks.gpu --shape {args.shape} --concurrency {args.concurrency} "
              f"--requests {args.requests}`", "",
              f"{report['date']}; {gpus}; driver {(report.get('nvml') or {}).get('driver')}; torch {report['torch']} "
-             f"(CUDA {report['cuda']}); a random-weight {args.shape} Llama (bfloat16 on the GPU, float32 on the CPU), "
+             f"(CUDA {report['cuda']}); a random-weight {args.shape} Llama ({(report.get('load') or {}).get('gpu_dtype')} "
+             "on the GPU, float32 on the CPU), "
              "128-token prompts and outputs.",
              "", "| check | result |", "|---|---|"]
     for name, step in report["steps"].items():
@@ -201,6 +248,11 @@ def render(report: dict, args: argparse.Namespace) -> str:
     if rows:
         lines += ["", "| device | concurrency | done | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |",
                   "|---|---:|---:|---:|---:|---:|", *rows]
+    hf = report.get("hf_gpu")
+    if hf:
+        lines += ["", f"HF padded static batch on the same GPU, {hf['dtype']}, {hf['requests']} requests of 128 + 128 "
+                      f"tokens: {hf['tok_per_s']:.0f} tok/s; greedy tokens identical to LLMOS's (same dtype): "
+                      f"{hf['greedy_same_as_llmos']}."]
     return "\n".join(lines) + "\n"
 
 
