@@ -25,6 +25,8 @@ class KernelConfig:
 
     max_batch: int | None = None  # most processes per model instance per step; None: sized by the KV pool
     kv_policy: str = "static"  # KV memory policy for models loaded on demand
+    dtype: str = "auto"  # precision of models loaded without one (drivers/model/precision.py)
+    prefix_cache: str = "on"  # "off": models loaded without the option do not share prefix KV blocks
     memory_limit: int | None = None  # host bytes for models; None: 3/4 of what is free at start
     zombie_ttl_s: float = 600.0  # a ZOMBIE nobody waited for is reaped this long after it finished
     max_zombies: int = 256  # most unreaped ZOMBIEs per owner; the oldest are reaped beyond it
@@ -323,6 +325,13 @@ FLAGS: tuple[Flag, ...] = (
          "KV pool and the per-step token budget allow)"),
     Flag("kv_policy", _Choice(KV_POLICIES), "POLICY",
          "KV memory policy for models loaded on demand: static, dynamic or isolated (default static)"),
+    Flag("dtype", _Choice(("auto", "float32", "bfloat16", "float16")), "DTYPE",
+         "precision of models loaded without one (on demand, or llmos load without --dtype): auto (bfloat16 on "
+         "CPUs with AMX or AVX512-BF16 and on GPUs that have it, else float32 on a CPU), float32, bfloat16, "
+         "float16 (default auto)"),
+    Flag("prefix_cache", _Choice(("on", "off")), "on|off",
+         "whether models loaded without the option share the KV blocks of identical prompt prefixes between "
+         "processes (default on)"),
     Flag("memory_limit", _SizeIn(2**20, 2**50), "SIZE",
          "host memory the kernel may give to models, e.g. 8G or 512M (default: 3/4 of what is free)"),
     Flag("zombie_ttl_s", _FloatIn(0.0, 365 * 86400.0), "SECONDS",

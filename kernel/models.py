@@ -72,7 +72,8 @@ class ModelManager(Actor):
         self.log_dir = log_dir
         self.procman = procman
         self.devices = devices
-        self.defaults = {"max_batch": self.config.max_batch, "kv_policy": self.config.kv_policy}
+        self.defaults = {"max_batch": self.config.max_batch, "kv_policy": self.config.kv_policy,
+                         "dtype": self.config.dtype, "prefix_cache": self.config.prefix_cache == "on"}
         self.models: dict[str, ModelEntry] = {}
         self._live: dict[str, int] = {}  # executor id -> live processes, refreshed from the procman
         self._ticker: asyncio.Task | None = None
