@@ -241,6 +241,17 @@ def test_a_session_turn_that_keeps_part_of_a_shared_block_writes_into_a_private_
     all_back(e)
 
 
+
+def test_a_process_resumed_from_the_journal_reuses_the_cached_prefix_of_its_prompt_and_output(model_dir):
+    e = engine(model_dir)
+    ids = e.encode(SYSTEM + "resumed")
+    e.add(1, ids, {"max_new_tokens": 12, **GREEDY})
+    ref = run(e)[1]
+    e.add(2, ids, {"max_new_tokens": 12, **GREEDY}, output_ids=ref[:5])  # the kernel's journal had 5 tokens
+    rest = run(e)[2]
+    assert ref[:5] + rest == ref and e.stats()["prefix_hit_tokens"] == (len(ids) + 5 - 1) // BS * BS
+    all_back(e)
+
 def test_a_failed_step_returns_every_block(model_dir):
     e = engine(model_dir)
     ids = e.encode(SYSTEM + "fine")
