@@ -105,7 +105,12 @@ class KVBlockPool:
 
     @property
     def cached_blocks(self) -> int:
-        """Blocks in the prefix index (held or not)."""
+        """Registered blocks no table holds, kept for a later prefix hit (counted in ``free_blocks``)."""
+        return len(self._cached)
+
+    @property
+    def indexed_blocks(self) -> int:
+        """Blocks in the prefix index, held or cached."""
         return len(self._index)
 
     def can_allocate(self, n: int, user: str = "") -> bool:

@@ -96,7 +96,7 @@ def test_a_key_already_indexed_leaves_a_second_block_private_and_copy_on_write_r
     pool.free(2)
     pool.free(3)
     pool.reset(6)  # a reset (the dynamic pool shrinking) drops the index: the slots go
-    assert pool.cached_blocks == 0 and pool.free_blocks == 5
+    assert pool.indexed_blocks == 0 and pool.free_blocks == 5
     pool.check()
 
 
@@ -274,7 +274,7 @@ def test_the_dynamic_pool_drops_the_index_when_it_shrinks(model_dir):
     e.step()
     e.add(2, ids[2], {"max_new_tokens": 6, **GREEDY})  # shares 1's blocks while the pool is grown
     toks = run(e)
-    assert e.stats()["prefix_hits"] == 1 and e.pool.num_blocks == 5 and e.pool.cached_blocks == 0
+    assert e.stats()["prefix_hits"] == 1 and e.pool.num_blocks == 5 and e.pool.indexed_blocks == 0
     e.add(3, ids[3], {"max_new_tokens": 6, **GREEDY})
     toks.update(run(e))
     assert e.stats()["prefix_hits"] == 1  # nothing left to hit: the slots went with the shrink
