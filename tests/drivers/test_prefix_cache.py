@@ -386,6 +386,7 @@ def test_a_prompt_that_hits_but_must_wait_for_memory_holds_no_blocks_meanwhile(m
 
 def test_through_the_kernel_a_second_process_prefills_only_what_follows_the_common_prefix(client, tiny_model):
     prefix = "a system prompt every process of this test shares, word for word, to be prefilled once. " * 2
+    before = client.model_info(tiny_model)["executors"][0]
     first = client.wait(client.spawn(prompt=prefix + "first?", model=tiny_model, max_new_tokens=3,
                                      temperature=0.0), timeout=120)
     second = client.wait(client.spawn(prompt=prefix + "and the second?", model=tiny_model, max_new_tokens=3,
@@ -394,3 +395,6 @@ def test_through_the_kernel_a_second_process_prefills_only_what_follows_the_comm
     assert first.sched["prefill_tokens"] >= first.stats.prompt_tokens - 1  # nothing cached before it
     # the kernel's blocks are 8 tokens: all the full blocks of the shared prefix come from the cache
     assert second.sched["prefill_tokens"] <= second.stats.prompt_tokens - (len(prefix) // 2) // 8 * 8
+    after = client.model_info(tiny_model)["executors"][0]  # other tests may share the kernel meanwhile: at least
+    assert after["prefix_hits"] >= before["prefix_hits"] + 1
+    assert after["prefix_hit_tokens"] >= before["prefix_hit_tokens"] + (len(prefix) // 2) // 8 * 8
