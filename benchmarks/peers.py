@@ -124,6 +124,19 @@ def llama_server(cache: Path | None = None, jobs: int = 2) -> tuple[Path, Path, 
     return binary, vendor, version
 
 
+def converter_libs(cache: Path | None = None) -> Path:
+    """A directory with what the converter imports beyond the venv (sentencepiece), installed there once by
+    ``pip install --target``: kept out of the venv because transformers imports sentencepiece whenever it is
+    installed, and its wheel brings a second OpenMP runtime into every LLMOS worker."""
+    d = (cache or CACHE) / "converter-libs"
+    if not (d / "sentencepiece").exists():
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(d),
+                            "sentencepiece>=0.1.98,<0.3"], capture_output=True, text=True, timeout=900)
+        if r.returncode:
+            raise RuntimeError(f"pip install sentencepiece (for convert_hf_to_gguf.py) failed: {r.stderr[-300:]}")
+    return d
+
+
 def convert_gguf(vendor: Path, model: Path, outtype: str, out: Path) -> tuple[Path, str]:
     """(the GGUF file, a note) of the HF model directory ``model`` in ``outtype`` (f32, bf16, q8_0...) by the
     vendored ``convert_hf_to_gguf.py`` with its vendored gguf-py. When the converter does not recognise the
@@ -145,7 +158,8 @@ def convert_gguf(vendor: Path, model: Path, outtype: str, out: Path) -> tuple[Pa
         "base.TextModel.get_vocab_base_pre = pre\n"
         f"sys.argv = ['convert_hf_to_gguf.py', {str(model)!r}, '--outtype', {outtype!r}, '--outfile', {str(out)!r}]\n"
         f"runpy.run_path({str(vendor / 'convert_hf_to_gguf.py')!r}, run_name='__main__')\n")
-    env = {**os.environ, "PYTHONPATH": str(vendor / "gguf-py"), "NO_LOCAL_GGUF": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(vendor / "gguf-py"), str(converter_libs())]),
+           "NO_LOCAL_GGUF": "1"}
     r = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, env=env, timeout=1800)
     if r.returncode or not out.exists():
         raise RuntimeError(f"convert_hf_to_gguf.py --outtype {outtype} failed: "
@@ -209,7 +223,7 @@ def llama_workload(port: int, reqs: list[Request]) -> tuple[float, list[dict]]:
 
 def run_llama(binary: Path, gguf: Path, reqs: list[Request], context: int, repeats: int) -> dict:
     """One llama-server on ``gguf`` with 32 slots, continuous batching, 32 x ``context`` tokens of KV and
-    threads = cores: an untimed warm-up pass of the workload, then ``repeats`` timed passes. Returns
+    threads = cores: an untimed warm-up (two requests, 4 tokens), then ``repeats`` timed passes. Returns
     {tok_s (median), runs, ttft_p50_s, tokens, outputs, flags}."""
     port, slots, threads = _free_port(), 32, cores()
     flags = ["-np", str(slots), "-c", str(slots * context), "-t", str(threads), "-tb", str(threads), "-cb",
@@ -224,7 +238,7 @@ def run_llama(binary: Path, gguf: Path, reqs: list[Request], context: int, repea
         proc = subprocess.Popen([str(binary), "-m", str(gguf), *flags], stdout=f, stderr=subprocess.STDOUT)
     try:
         _wait_healthy(port, proc, log)
-        llama_workload(port, reqs)  # warm-up, untimed
+        llama_workload(port, [Request(r.prompt_ids, 4) for r in reqs[:2]])  # warm-up, untimed
         dts, outs = [], []
         for _ in range(repeats):
             dt, outs = llama_workload(port, reqs)
@@ -244,7 +258,7 @@ def run_llama(binary: Path, gguf: Path, reqs: list[Request], context: int, repea
     dt = sorted(dts)[len(dts) // 2]
     return {"tok_s": useful / dt, "runs": [round(useful / d) for d in dts], "tokens": useful,
             "prefill_p50_s": ttfts[len(ttfts) // 2], "outputs": [o.get("tokens") or [] for o in outs],
-            "flags": " ".join(f for f in flags if not f.isdigit() and f not in ("127.0.0.1",))}
+            "flags": " ".join(flags[:flags.index("--host")] + flags[flags.index("--port") + 2:])}
 
 
 def llama_rows(model: Path, reqs: list[Request], context: int, repeats: int, work: Path,
@@ -287,9 +301,9 @@ def ct2_types() -> list[str]:
     return ["float32"] + ([reduced] if reduced else [])
 
 
-def ct2_rows(model: Path, reqs: list[Request], repeats: int, work: Path) -> list[dict]:
-    """A row per compute type (:func:`ct2_types`): the requests in one ``generate_batch``, greedy,
-    EOS ignored (min_length = max_length = the request's output), after an untimed warm-up batch."""
+def ct2_rows(model: Path, reqs: list[Request], repeats: int, work: Path, types: list[str] | None = None) -> list[dict]:
+    """A row per compute type (``types``, or :func:`ct2_types`): the requests in one ``generate_batch``, greedy,
+    EOS ignored (min_length = max_length = the longest output), after an untimed 4-token warm-up batch."""
     try:
         import ctranslate2
     except ImportError as exc:
@@ -306,7 +320,7 @@ def ct2_rows(model: Path, reqs: list[Request], repeats: int, work: Path) -> list
         return [{"peer": f"CTranslate2 {ctranslate2.__version__}", "dtype": "float32", "error": f"convert: {exc}"}]
     rows = []
     try:
-        for ct in ct2_types():
+        for ct in types or ct2_types():
             row: dict[str, Any] = {"peer": f"CTranslate2 {ctranslate2.__version__}", "dtype": ct,
                                    "convert_s": convert_s}
             try:
@@ -319,7 +333,7 @@ def ct2_rows(model: Path, reqs: list[Request], repeats: int, work: Path) -> list
                 longest = max(r.max_new_tokens for r in reqs)
                 kw = dict(max_length=longest, min_length=longest, sampling_topk=1, include_prompt_in_result=False,
                           max_batch_size=len(reqs), end_token=[])
-                gen.generate_batch(prompts, **kw)  # warm-up, untimed
+                gen.generate_batch(prompts[:2], **{**kw, "max_length": 4, "min_length": 4})  # warm-up, untimed
                 dts, res = [], []
                 for _ in range(repeats):
                     t = time.perf_counter()
@@ -341,7 +355,7 @@ def ct2_rows(model: Path, reqs: list[Request], repeats: int, work: Path) -> list
 
 
 def run_peers(model: Path, reqs: list[Request], context: int, repeats: int, which=("llama.cpp", "ctranslate2"),
-              gguf_types: tuple[str, ...] = GGUF_TYPES) -> list[dict]:
+              gguf_types: tuple[str, ...] = GGUF_TYPES, ct2: list[str] | None = None) -> list[dict]:
     """Every peer on ``reqs`` (token ids) for the HF model directory ``model`` with a ``context``-token window.
     Never raises: a peer that failed is a row with ``error``."""
     work = Path(tempfile.mkdtemp(prefix="llmos-peers-", dir="/tmp"))
@@ -350,7 +364,7 @@ def run_peers(model: Path, reqs: list[Request], context: int, repeats: int, whic
         if "llama.cpp" in which:
             rows += llama_rows(model, reqs, context, repeats, work, gguf_types)
         if "ctranslate2" in which:
-            rows += ct2_rows(model, reqs, repeats, work)
+            rows += ct2_rows(model, reqs, repeats, work, ct2)
     except Exception as exc:  # noqa: BLE001 - the benchmark goes on without the peers
         rows.append({"peer": "peers", "dtype": "-", "error": f"{type(exc).__name__}: {exc}"})
     finally:
