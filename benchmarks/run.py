@@ -223,7 +223,9 @@ def bench_shape(shape: str, root: Path, skip_sequential: bool, repeats: int, dty
     if peers:
         from benchmarks import peers as peer_mod
 
-        row["peers"] = peer_mod.run_peers(path, reqs, 512, 1 if big else peer_repeats)
+        # ~350M: one pass each, and llama.cpp in f32 and bf16 only (q8_0 is shown on the smaller shapes)
+        row["peers"] = peer_mod.run_peers(path, reqs, 512, 1 if big else peer_repeats,
+                                          gguf_types=("f32", "bf16") if big else peer_mod.GGUF_TYPES)
         for p in row["peers"]:
             if p.get("outputs") and p["dtype"] in ("f32", "float32"):
                 p["greedy_match"] = sum(a == b for a, b in zip(outs, p["outputs"]))
