@@ -1,5 +1,8 @@
 """Device drivers. GPUs cannot exist on this machine: FakeGPU stands in for an NVML-reported device."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from llmos.drivers.devices import DeviceTable
@@ -76,7 +79,9 @@ def test_on_a_gpu_the_estimate_is_bfloat16_weights_and_kv_plus_the_cuda_context(
     host process's memory: the reservation must cover what NVML will show."""
     from llmos.drivers.model.estimate import GPU_OVERHEAD_BYTES
 
+    cfg = json.loads((Path(tiny_model) / "config.json").read_text())
     cpu, gpu = estimate(tiny_model, "cpu", kv_tokens=1000), estimate(tiny_model, "cuda:0", kv_tokens=1000)
-    assert gpu["weight_bytes"] == 2 * gpu["parameters"] and gpu["kv_bytes"] == cpu["kv_bytes"] // 2  # bfloat16
+    head32 = 4 * cfg["vocab_size"] * cfg["hidden_size"]  # the paged engine's float32 LM head (float32 logits)
+    assert gpu["weight_bytes"] == 2 * gpu["parameters"] + head32 and gpu["kv_bytes"] == cpu["kv_bytes"] // 2  # bf16
     assert gpu["overhead_bytes"] == GPU_OVERHEAD_BYTES >= 768 * 2**20
     assert gpu["total_bytes"] == gpu["weight_bytes"] + gpu["kv_bytes"] + GPU_OVERHEAD_BYTES
