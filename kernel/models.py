@@ -258,7 +258,9 @@ class ModelManager(Actor):
         nodes = await self._ray_nodes()
         kind = "gpu" if spec.num_gpus else "cpu"
         free = max((n["memory_free_bytes"] for n in nodes), default=0)
-        est = self._estimate(path, "cuda" if kind == "gpu" else "cpu", opts, free=free or None)
+        # "auto" resolves on the node the actor lands on, whose CPU this kernel does not know: size for float32
+        sized = {**opts, "dtype": "float32"} if kind == "cpu" and opts.get("dtype") in (None, "auto") else opts
+        est = self._estimate(path, "cuda" if kind == "gpu" else "cpu", sized, free=free or None)
         if not opts.get("num_blocks"):
             opts["num_blocks"] = est["kv_tokens"] // int(opts.get("block_size", BLOCK_SIZE)) + 1
         # host memory: the whole instance on a CPU; its process on a GPU node (the weights and KV are the GPU's)

@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # subprocesses inherit it), not into the user's ~/.cache
 _KERNEL_CACHE = tempfile.mkdtemp(prefix="llmos-test-kernels-")
 os.environ["LLMOS_KERNEL_CACHE"] = _KERNEL_CACHE
+# models loaded without a dtype run in float32 on every machine (auto would be bfloat16 on one with AMX or
+# AVX512-BF16, and the greedy comparisons with transformers' float32 would meet bfloat16's ties); the
+# precision tests ask for bfloat16 by name
+os.environ["LLMOS_AUTO_DTYPE"] = "float32"
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -89,7 +89,7 @@ def format_model_info(d: dict[str, Any]) -> str:
                 lines.append(f"    kernels: {ex['kernel_path']}")
             if ex.get("prefix_cache") is not None:
                 lines.append("    prefix cache: " + (
-                    f"on, {ex.get('prefix_hits', 0)} hits of {ex.get('prefix_lookups', 0)} prompts, "
+                    f"on, {ex.get('prefix_hits', 0)} hits ({ex.get('prefix_lookups', 0)} lookups), "
                     f"{ex.get('prefix_hit_tokens', 0)} tokens not recomputed, {ex.get('prefix_cached_blocks', 0)} "
                     f"blocks cached, {ex.get('prefix_evictions', 0)} evicted" if ex["prefix_cache"] else "off"))
     return "\n".join(lines)

@@ -100,6 +100,8 @@ class PagedEngine(BaseEngine):
         head = self.model.lm_head
         self.lm_head32 = None if dtype == torch.float32 else (
             head.weight.detach().float(), None if head.bias is None else head.bias.detach().float())
+        if self.lm_head32 is not None:
+            self.lm_head = None  # a packed reduced-precision copy would never be used
         self.measure()
 
     # -- the swap area -----------------------------------------------------------------------
@@ -334,9 +336,10 @@ class PagedEngine(BaseEngine):
                 events.append(room)
                 continue
             if not room:
+                capped = self._capped(seq, seq.computed + n)  # before _unshare gives the user's hit blocks back
                 if reused:
                     self._unshare(seq)
-                if self._capped(seq, seq.computed + n):
+                if capped:
                     continue  # this user waits for its own blocks; others go on
                 break  # keep arrival order: later prompts wait for memory too
             plan.append((seq, seq.computed, n))
@@ -570,7 +573,10 @@ class PagedEngine(BaseEngine):
             return torch.empty(0, device=dev)
         norm = self.inner.norm
         hl = h.index_select(0, torch.tensor(last, device=dev))
-        hl = F.rms_norm(hl, (hl.shape[-1],), norm.weight, norm.variance_epsilon)
+        if hl.dtype == torch.float32:
+            hl = F.rms_norm(hl, (hl.shape[-1],), norm.weight, norm.variance_epsilon)
+        else:  # rounded twice, as LlamaRMSNorm rounds in a reduced precision
+            hl = cpu_kernels.reference_rms_norm(hl, norm.weight, norm.variance_epsilon)
         if self.lm_head32 is not None:  # logits in float32 whatever the model's dtype: no ties from rounding
             return F.linear(hl.float(), *self.lm_head32)
         return self.linear(hl, *self.lm_head).float()

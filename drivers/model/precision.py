@@ -5,11 +5,15 @@
 ``torch.cuda.is_bf16_supported()`` (else float16). Without those units bfloat16 still runs (by conversion),
 only slower: it is never picked by ``auto`` there. Logits and sampling stay float32 in every dtype.
 
+``LLMOS_AUTO_DTYPE`` (float32, bfloat16 or float16), when set, is what ``auto`` means on every device: runs
+that must not depend on the machine (the test suite pins float32) set it.
+
 No torch import at module level: the kernel resolves dtypes for its memory estimate without torch.
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 from llmos.syscalls.errors import InvalidArgument
@@ -41,11 +45,20 @@ def resolve(dtype: str | None, device_type: str) -> str:
     """The concrete dtype name for ``dtype`` (None or "auto" decided by the hardware) on a device of
     ``device_type`` ("cpu" or "cuda"). InvalidArgument for a name not in DTYPES."""
     if dtype in (None, "auto"):
+        pinned = os.environ.get("LLMOS_AUTO_DTYPE")
+        if pinned:
+            if pinned not in ELEMENT_BYTES:
+                raise InvalidArgument(f"LLMOS_AUTO_DTYPE={pinned!r}: one of {', '.join(ELEMENT_BYTES)}")
+            return pinned
         if device_type == "cpu":
             return "bfloat16" if cpu_bf16_units() else "float32"
         import torch
 
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        try:  # a GPU that only emulates bfloat16 (compute capability < 8) takes float16
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # an older torch: no emulation to tell apart
+            native = torch.cuda.is_bf16_supported()
+        return "bfloat16" if native else "float16"
     if dtype not in DTYPES:
         raise InvalidArgument(f"unknown dtype {dtype!r}: one of {', '.join(DTYPES)}")
     return dtype
@@ -54,6 +67,6 @@ def resolve(dtype: str | None, device_type: str) -> str:
 def element_bytes(dtype: str | None, device_type: str) -> int:
     """Bytes per weight or KV element for ``dtype`` on ``device_type``, without importing torch for a CPU.
     On a GPU "auto" is one of the 2-byte types whichever it resolves to."""
-    if dtype in (None, "auto") and device_type != "cpu":
+    if dtype in (None, "auto") and device_type != "cpu" and not os.environ.get("LLMOS_AUTO_DTYPE"):
         return 2
     return ELEMENT_BYTES[resolve(dtype, device_type)]

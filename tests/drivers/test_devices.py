@@ -80,7 +80,8 @@ def test_on_a_gpu_the_estimate_is_bfloat16_weights_and_kv_plus_the_cuda_context(
     from llmos.drivers.model.estimate import GPU_OVERHEAD_BYTES
 
     cfg = json.loads((Path(tiny_model) / "config.json").read_text())
-    cpu, gpu = estimate(tiny_model, "cpu", kv_tokens=1000), estimate(tiny_model, "cuda:0", kv_tokens=1000)
+    cpu = estimate(tiny_model, "cpu", kv_tokens=1000, dtype="float32")
+    gpu = estimate(tiny_model, "cuda:0", kv_tokens=1000, dtype="bfloat16")  # what auto takes on a recent GPU
     head32 = 4 * cfg["vocab_size"] * cfg["hidden_size"]  # the paged engine's float32 LM head (float32 logits)
     assert gpu["weight_bytes"] == 2 * gpu["parameters"] + head32 and gpu["kv_bytes"] == cpu["kv_bytes"] // 2  # bf16
     assert gpu["overhead_bytes"] == GPU_OVERHEAD_BYTES >= 768 * 2**20

@@ -25,9 +25,20 @@ DEFAULT_MODEL = Path(precision.__file__).resolve().parents[1] / "models" / "defa
 @pytest.mark.parametrize("flags,picked", [({"avx2", "fma"}, "float32"), ({"avx2", "avx512f", "avx512_bf16"}, "bfloat16"),
                                           ({"avx512f", "amx_bf16", "amx_tile"}, "bfloat16")])
 def test_auto_picks_bfloat16_only_on_a_cpu_with_bfloat16_units(monkeypatch, flags, picked):
+    monkeypatch.delenv("LLMOS_AUTO_DTYPE")  # the suite pins auto to float32 (conftest)
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
     assert precision.resolve("auto", "cpu") == precision.resolve(None, "cpu") == picked
     assert precision.element_bytes("auto", "cpu") == (2 if picked == "bfloat16" else 4)
+
+
+def test_llmos_auto_dtype_pins_what_auto_means_and_a_bad_value_is_einval(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    monkeypatch.setenv("LLMOS_AUTO_DTYPE", "float32")
+    assert precision.resolve("auto", "cpu") == precision.resolve("auto", "cuda") == "float32"
+    assert precision.element_bytes("auto", "cuda") == 4
+    monkeypatch.setenv("LLMOS_AUTO_DTYPE", "int8")
+    with pytest.raises(InvalidArgument, match="LLMOS_AUTO_DTYPE"):
+        precision.resolve(None, "cpu")
 
 
 def test_a_named_dtype_is_taken_as_it_is_and_an_unknown_one_is_einval():
@@ -124,6 +135,19 @@ def test_a_bfloat16_model_runs_bfloat16_kernels_and_gives_transformers_greedy_to
         assert toks[pid][:upto] == ref[:upto], pid
         compared += upto
     assert compared >= 32  # at least half of the 64 tokens were compared: the test can fail
+
+
+def test_a_float16_model_runs_on_the_cpu_on_the_torch_path(tmp_path):
+    path = make_tiny_llama(tmp_path / "m")
+    e = load_engine(path, engine="paged", dtype="float16", measure=False)
+    assert e.info()["dtype"] == "float16" and e.info()["kernels"] == "torch"  # the native kernels take f32, bf16
+    e.add(1, e.encode("abc"), {"max_new_tokens": 4, "temperature": 0.0, "ignore_eos": True})
+    toks = []
+    while e.has_work():
+        for ev in e.step():
+            assert ev.finish_reason != "error", ev
+            toks += ev.token_ids
+    assert len(toks) == 4
 
 
 def perplexity(dtype: str, tokens: int | None) -> float:
