@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import msgpack
 import psutil
+import pytest
 import zmq
 import zmq.auth
 
@@ -394,6 +395,7 @@ def run_fuzz(kernel: KernelProc, model: str, frames: int, seed: int, progress: b
     return report
 
 
+@pytest.mark.slow  # a private kernel and 1,200 frames: ~25 s; the soak step runs 100,000
 def test_the_bus_survives_a_seeded_fuzz_and_answers_every_well_formed_request_once(tiny_model):
     k = KernelProc(extra=["--zombie-ttl", "30", "--max-zombies", "8"], tcp=True)
     try:
