@@ -36,6 +36,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rms_norm(x: torch.Tensor, ln: Any) -> torch.Tensor:
+    """RMSNorm of x's rows with ``ln``'s weight and epsilon: one fused op in float32; in a reduced precision
+    rounded twice, as transformers' LlamaRMSNorm rounds (the normalised row, then its product with the weight)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), ln.weight, ln.variance_epsilon)
+    return cpu_kernels.reference_rms_norm(x, ln.weight, ln.variance_epsilon)
+
+
 GROUP_OVERHEAD_SLOTS = 256  # a decode group's fixed cost (two gathers and one attention call), in slot-rows
 
 
@@ -432,7 +440,7 @@ class PagedEngine(BaseEngine):
             return self.ops.add_rms_norm(h, delta, ln.weight, ln.variance_epsilon)
         if delta is not None:
             h.add_(delta)
-        return F.rms_norm(h, (h.shape[-1],), ln.weight, ln.variance_epsilon)
+        return _rms_norm(h, ln)
 
     def _rotary(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rotary embedding on the queries and keys of the fused projection; returns views q, k, v."""
@@ -573,10 +581,7 @@ class PagedEngine(BaseEngine):
             return torch.empty(0, device=dev)
         norm = self.inner.norm
         hl = h.index_select(0, torch.tensor(last, device=dev))
-        if hl.dtype == torch.float32:
-            hl = F.rms_norm(hl, (hl.shape[-1],), norm.weight, norm.variance_epsilon)
-        else:  # rounded twice, as LlamaRMSNorm rounds in a reduced precision
-            hl = cpu_kernels.reference_rms_norm(hl, norm.weight, norm.variance_epsilon)
+        hl = _rms_norm(hl, norm)
         if self.lm_head32 is not None:  # logits in float32 whatever the model's dtype: no ties from rounding
             return F.linear(hl.float(), *self.lm_head32)
         return self.linear(hl, *self.lm_head).float()
